@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny data made in the test, and the real params.yaml shrunk to fit it."""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Before any library is imported: no telemetry, and tool state in a throw-away folder.
+_STATE = Path(tempfile.mkdtemp(prefix="pipeline-tests-"))
+os.environ.update(
+    DO_NOT_TRACK="1",
+    DVC_NO_ANALYTICS="1",
+    BENTOML_DO_NOT_TRACK="True",
+    PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    GX_ANALYTICS_ENABLED="False",
+)
+os.environ.setdefault("BENTOML_HOME", str(_STATE / "bentoml"))
+os.environ.setdefault("PREFECT_HOME", str(_STATE / "prefect"))
+
+from components.config import parse_params, read_params_file  # noqa: E402
+from components.dataset import ImageSet  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_CLASSES = ("circle", "square", "cross")
+
+# The repository's own params.yaml, shrunk: tiny network, 3 epochs, CPU, one process.
+TINY_OVERRIDES = {
+    "ingest": {"test_fraction": 0.25, "val_fraction": 0.25},
+    "validate": {"min_rows_per_class": 3},
+    "train": {
+        "max_epochs": 3,
+        "batch_size": 16,
+        "learning_rate": 0.01,
+        "channels": [4, 8],
+        "hidden_units": 16,
+        "dropout": 0.0,
+        "accelerator": "cpu",
+        "devices": 1,
+    },
+    "evaluate": {"min_accuracy": 0.5, "min_macro_f1": 0.4},
+    "compress": {"calibration_samples": 16, "max_accuracy_drop": 0.2},
+}
+
+
+def make_images(per_class: int = 20, size: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Grayscale images whose class is a bright pattern at a class-specific place, plus noise."""
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for label in range(len(TINY_CLASSES)):
+        for _ in range(per_class):
+            img = rng.integers(0, 60, (size, size))
+            if label == 0:
+                img[: size // 2, : size // 2] += 180
+            elif label == 1:
+                img[size // 2 :, size // 2 :] += 180
+            else:
+                img[:, size // 2 - 1 : size // 2 + 1] += 180
+            xs.append(np.clip(img, 0, 255))
+            ys.append(label)
+    return np.stack(xs).astype(np.uint8), np.array(ys, dtype=np.int64)
+
+
+def tiny_params_dict(root: Path, source: str) -> dict:
+    raw = copy.deepcopy(read_params_file(REPO_ROOT / "params.yaml"))
+    for section, values in TINY_OVERRIDES.items():
+        raw[section].update(values)
+    raw["ingest"]["source"] = source
+    raw["paths"] = {k: str(root / v) for k, v in raw["paths"].items()}
+    return raw
+
+
+@pytest.fixture
+def tiny_npz(tmp_path: Path) -> Path:
+    x, y = make_images()
+    path = tmp_path / "data" / "external" / "tiny.npz"
+    path.parent.mkdir(parents=True)
+    np.savez(path, x=x, y=y, class_names=np.array(TINY_CLASSES))
+    return path
+
+
+@pytest.fixture
+def tiny_params(tmp_path: Path, tiny_npz: Path):
+    return parse_params(tiny_params_dict(tmp_path, str(tiny_npz)))
+
+
+@pytest.fixture
+def tiny_images() -> ImageSet:
+    x, y = make_images()
+    return ImageSet(x[:, None], y)

@@ -1,0 +1,118 @@
+"""params.yaml, its typed schema and dvc.yaml must agree; overrides behave like `dvc exp run -S`."""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.config import (
+    Params,
+    ParamsError,
+    apply_overrides,
+    check_overrides,
+    load_params,
+    parse_params,
+    read_params_file,
+)
+from tests.conftest import REPO_ROOT
+
+
+def _dvc_stages() -> dict:
+    return yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def test_repository_params_validate():
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert params.train.max_epochs >= 1
+
+
+def test_every_dvc_param_key_exists_in_the_schema():
+    raw = read_params_file(REPO_ROOT / "params.yaml")
+    for name, stage in _dvc_stages().items():
+        for key in stage.get("params", []):
+            node = raw
+            for part in key.split("."):
+                assert part in node, f"stage {name}: params key {key!r} not in params.yaml"
+                node = node[part]
+            section = key.split(".")[0]
+            field = "validate_" if section == "validate" else section
+            assert field in Params.model_fields, f"{key!r} has no typed section"
+
+
+def test_every_stage_runs_its_own_module_and_lists_it_as_a_dep():
+    for name, stage in _dvc_stages().items():
+        assert stage["cmd"] == f"python -m components.{name}"
+        assert f"components/{name}.py" in stage["deps"]
+        module = importlib.import_module(f"components.{name}")
+        assert callable(module.run), f"components.{name} has no run(params)"
+
+
+def test_every_templated_path_is_a_paths_key():
+    raw = read_params_file(REPO_ROOT / "params.yaml")
+    text = (REPO_ROOT / "dvc.yaml").read_text()
+    import re
+
+    for key in re.findall(r"\$\{paths\.(\w+)\}", text):
+        assert key in raw["paths"], f"dvc.yaml uses ${{paths.{key}}}, not in params.yaml"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "fragment"),
+    [
+        ("train", "optimizer", "rmsprop", "train.optimizer"),
+        ("train", "max_epochs", 0, "train.max_epochs"),
+        ("train", "learning_rate", "fast", "train.learning_rate"),
+        ("ingest", "test_fraction", 1.5, "ingest.test_fraction"),
+        ("train", "unknown_knob", 1, "train.unknown_knob"),
+    ],
+)
+def test_bad_values_are_named(section, key, value, fragment):
+    raw = read_params_file(REPO_ROOT / "params.yaml")
+    raw[section][key] = value
+    with pytest.raises(ParamsError, match=fragment.replace(".", r"\.")):
+        parse_params(raw)
+
+
+def test_missing_section_is_named():
+    raw = read_params_file(REPO_ROOT / "params.yaml")
+    del raw["evaluate"]
+    with pytest.raises(ParamsError, match="evaluate"):
+        parse_params(raw)
+
+
+@pytest.fixture
+def params_copy(tmp_path: Path) -> Path:
+    path = tmp_path / "params.yaml"
+    shutil.copy(REPO_ROOT / "params.yaml", path)
+    return path
+
+
+def test_override_is_applied_and_comments_kept(params_copy: Path):
+    applied = apply_overrides(["train.max_epochs=2", "train.channels=[8, 8]"], params_copy)
+    assert applied == {"train.max_epochs": 2, "train.channels": [8, 8]}
+    params = load_params(params_copy)
+    assert params.train.max_epochs == 2 and params.train.channels == (8, 8)
+    assert "# Every tunable of the pipeline" in params_copy.read_text()
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("train.nope=1", "no such parameter"),
+        ("nosection.key=1", "no section"),
+        ("train.max_epochs=two", "train.max_epochs"),
+        ("train", "must look like"),
+        ("train=1", "no such parameter"),
+    ],
+)
+def test_bad_override_leaves_params_untouched(params_copy: Path, override: str, fragment: str):
+    before = params_copy.read_bytes()
+    with pytest.raises(ParamsError, match=fragment):
+        check_overrides([override], params_copy)
+    with pytest.raises(ParamsError, match=fragment):
+        apply_overrides(["train.max_epochs=3", override], params_copy)
+    assert params_copy.read_bytes() == before
