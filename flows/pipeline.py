@@ -24,15 +24,11 @@ from components.stage import FAILURE_PREFIX, set_quiet_env
 set_quiet_env()  # before Prefect is imported: it reads PREFECT_HOME at import
 
 from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.states import Completed  # noqa: E402
+from prefect.states import Completed, Failed  # noqa: E402
 
 from components.config import ParamsError, apply_overrides, check_overrides, load_params  # noqa: E402
 
 STAGES = ("ingest", "validate", "train", "evaluate", "compress", "package")
-
-
-class StageFailed(RuntimeError):
-    """A stage exited non-zero; the message is the stage's own one-line reason."""
 
 
 def stage_is_up_to_date(root: Path, stage: str) -> bool:
@@ -63,12 +59,13 @@ def run_stage(stage: str, root: str):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    reason, restored = None, False
+    reason, restored, last = None, False, ""
     for line in process.stdout:
         line = line.rstrip()
         if not line:
             continue
         logger.info(line)
+        last = line
         if line.startswith(FAILURE_PREFIX):
             reason = line.removeprefix(FAILURE_PREFIX).strip()
         elif "Unable to acquire lock" in line:
@@ -79,7 +76,8 @@ def run_stage(stage: str, root: str):
         elif "is cached - skipping run" in line:
             restored = True
     if process.wait() != 0:
-        raise StageFailed(reason or f"{stage}: `dvc repro` exited with {process.returncode}")
+        # A failed state with the stage's own reason, not a traceback: the reason is the story.
+        return Failed(message=reason or f"{stage}: {last or 'dvc repro exited non-zero'}")
     if restored:
         return Completed(
             name="Skipped", message=f"{stage} restored from DVC's run-cache", data="restored"
@@ -141,10 +139,11 @@ def format_summary(summary: dict, outcomes: dict[str, str]) -> str:
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline(overrides: list[str] | None = None, root: str = ".") -> dict[str, str]:
+def pipeline(overrides: list[str] | None = None, root: str = "."):
     """Apply parameter overrides, then run every stage through DVC in graph order.
 
     A failing stage fails the flow with that stage's reason; later stages do not run.
+    Returns each stage's outcome ("ran" or "skipped").
     """
     logger = get_run_logger()
     root_path = Path(root).resolve()
@@ -159,8 +158,8 @@ def pipeline(overrides: list[str] | None = None, root: str = ".") -> dict[str, s
         state = run_stage.with_options(name=stage, task_run_name=stage)(
             stage, str(root_path), return_state=True
         )
-        if state.is_failed():
-            state.result()  # re-raises the stage's StageFailed: the flow fails with its reason
+        if not state.is_completed():
+            return Failed(message=state.message or f"{stage} did not complete")
         outcomes[stage] = "skipped" if state.name == "Skipped" else "ran"
     print(format_summary(read_summary(root_path), outcomes))
     return outcomes
@@ -181,9 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Bad overrides fail here, in a second, before Prefect starts and before any stage.
         check_overrides(args.overrides, Path(args.root) / "params.yaml")
-        pipeline(overrides=args.overrides, root=args.root)
-    except (StageFailed, ParamsError) as exc:
-        print(f"\nPipeline failed: {exc}", file=sys.stderr)
+    except ParamsError as exc:
+        print(f"Pipeline not started: {exc}", file=sys.stderr)
+        return 2
+    state = pipeline(overrides=args.overrides, root=args.root, return_state=True)
+    if not state.is_completed():
+        print(f"\nPipeline failed: {state.message}", file=sys.stderr)
         return 1
     return 0
 

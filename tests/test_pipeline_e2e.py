@@ -1,0 +1,190 @@
+"""End to end: the real Prefect flow over the real DVC stages, in a fresh git + DVC repository,
+ending with a real bento served by `bentoml serve` and answering over HTTP."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from components.config import apply_overrides
+from tests.conftest import REPO_ROOT, TINY_CLASSES, TINY_OVERRIDES, make_images
+
+pytestmark = pytest.mark.slow
+
+PROJECT_FILES = ("components", "flows", "deploy", "dvc.yaml", "params.yaml", "pyproject.toml")
+
+
+def _flatten(overrides: dict) -> list[str]:
+    return [
+        f"{section}.{key}={json.dumps(value)}"
+        for section, values in overrides.items()
+        for key, value in values.items()
+    ]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A fresh clone-like repository: our code, git, DVC, and a tiny .npz as the source."""
+    root = tmp_path_factory.mktemp("repo")
+    for name in PROJECT_FILES:
+        src = REPO_ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, root / name)
+    x, y = make_images(per_class=20)
+    (root / "data" / "external").mkdir(parents=True)
+    np.savez(root / "data" / "external" / "tiny.npz", x=x, y=y, class_names=np.array(TINY_CLASSES))
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    subprocess.run([*git, "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    apply_overrides(
+        [*_flatten(TINY_OVERRIDES), "ingest.source=data/external/tiny.npz"],
+        root / "params.yaml",
+    )
+    subprocess.run([*git, "add", "-A"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], cwd=root, check=True)
+    return root
+
+
+def _run_flow(root: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """Start the flow the way a user does: `python -m flows.pipeline --set ...`."""
+    args = [a for o in overrides for a in ("--set", o)]
+    return subprocess.run(
+        [sys.executable, "-m", "flows.pipeline", *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def first_run(workspace: Path) -> subprocess.CompletedProcess:
+    result = _run_flow(workspace)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_flow_runs_every_stage_and_prints_a_summary(workspace, first_run):
+    out = first_run.stdout + first_run.stderr
+    assert "Pipeline summary" in out
+    assert (
+        "stages: ingest ran, validate ran, train ran, evaluate ran, compress ran, package ran"
+        in out
+    )
+    assert "gate accuracy: PASS" in out
+    bento = json.loads((workspace / "artefacts" / "bento.json").read_text())
+    assert f"bentoml serve {bento['tag']}" in out
+    assert ":latest" not in bento["tag"]
+    assert Path(bento["archive"]).is_file()
+    lock = (workspace / "dvc.lock").read_text()
+    for stage in ("ingest", "validate", "train", "evaluate", "compress", "package"):
+        assert f"  {stage}:" in lock
+
+
+def test_bento_serves_over_http(workspace, first_run):
+    bento = json.loads((workspace / "artefacts" / "bento.json").read_text())
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "serve",
+            bento["tag"],
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=workspace,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, "bentoml serve exited early"
+            time.sleep(0.5)
+        else:
+            pytest.fail("bentoml serve did not become ready in 90 s")
+
+        x, y = make_images(per_class=3, seed=7)  # fresh images the model never saw
+        correct = 0
+        for image, label in zip(x, y, strict=True):
+            reply = httpx.post(f"{base}/predict", json={"image": image.tolist()}, timeout=10)
+            assert reply.status_code == 200, reply.text
+            body = reply.json()
+            assert set(body["probabilities"]) == set(TINY_CLASSES)
+            assert abs(sum(body["probabilities"].values()) - 1) < 1e-3
+            assert body["model_version"] == bento["tag"].split(":")[1]
+            correct += body["label"] == TINY_CLASSES[label]
+        assert correct >= 6, f"only {correct}/9 right"
+
+        bad = httpx.post(f"{base}/predict", json={"image": [[1, 2], [3, 4]]}, timeout=10)
+        assert 400 <= bad.status_code < 500
+        assert "shape" in bad.text.lower()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_second_run_with_nothing_changed_runs_no_stage(workspace, first_run):
+    started = time.monotonic()
+    result = _run_flow(workspace)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        "stages: ingest skipped, validate skipped, train skipped, evaluate skipped, "
+        "compress skipped, package skipped" in result.stdout
+    )
+    assert time.monotonic() - started < 60
+
+
+def test_changing_one_param_reruns_that_stage_and_later_ones_only(workspace, first_run):
+    result = _run_flow(workspace, "evaluate.min_accuracy=0.55")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ingest skipped, validate skipped, train skipped, evaluate ran" in result.stdout
+
+
+def test_failed_validation_stops_the_flow_and_keeps_earlier_artefacts(workspace, first_run):
+    bento_before = (workspace / "artefacts" / "bento.json").read_text()
+    model_before = (workspace / "models" / "model.pt").read_bytes()
+    result = _run_flow(workspace, "validate.min_rows_per_class=1000")
+    assert result.returncode == 1
+    assert "Pipeline failed: validate:" in result.stderr
+    assert "1000" in result.stderr
+    # Nothing downstream ran: the trained model and the packaged bento are as they were.
+    assert (workspace / "models" / "model.pt").read_bytes() == model_before
+    assert (workspace / "artefacts" / "bento.json").read_text() == bento_before
+
+
+def test_bad_override_fails_before_any_stage(workspace, first_run):
+    before = (workspace / "params.yaml").read_text()
+    result = _run_flow(workspace, "train.max_epochs=zero")
+    assert result.returncode == 2
+    assert "Pipeline not started" in result.stderr
+    assert "train.max_epochs" in result.stderr
+    assert (workspace / "params.yaml").read_text() == before
+    assert "Pipeline summary" not in result.stdout
