@@ -47,7 +47,10 @@ serve: setup ## serve the newest bento on http://127.0.0.1:3000
 	@test -f artefacts/bento.json || (echo "no bento yet: run 'make pipeline' first" && exit 1)
 	$(VENV)/bin/bentoml serve "$$($(PY) -c 'import json;print(json.load(open("artefacts/bento.json"))["tag"])')" --host 127.0.0.1 --port 3000
 
+bench: setup ## benchmarks on the last pipeline run (int8 vs fp32: size, latency, accuracy)
+	$(PY) -m bench.onnx_variants
+
 clean: ## remove tool state and build scratch (keeps data, models and the DVC cache)
 	rm -rf build .pytest_cache .ruff_cache
 
-.PHONY: help setup repo-init pipeline repro test lint serve clean
+.PHONY: help setup repo-init pipeline repro test lint serve bench clean

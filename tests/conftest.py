@@ -19,8 +19,9 @@ os.environ.update(
     PREFECT_SERVER_ANALYTICS_ENABLED="false",
     GX_ANALYTICS_ENABLED="False",
 )
-os.environ.setdefault("BENTOML_HOME", str(_STATE / "bentoml"))
-os.environ.setdefault("PREFECT_HOME", str(_STATE / "prefect"))
+# Always a fresh store: tests must not build bentos into the project's own .bentoml.
+os.environ["BENTOML_HOME"] = str(_STATE / "bentoml")
+os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
 
 from components.config import parse_params, read_params_file  # noqa: E402
 from components.dataset import ImageSet  # noqa: E402

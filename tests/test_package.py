@@ -1,0 +1,307 @@
+"""The package stage builds a real bento (in the tests' throw-away BENTOML_HOME) and exports it.
+
+The model is a tiny ONNX classifier made here (x/255 -> flatten -> linear, 3 classes of 1x8x8
+images), so these tests need no trained model and run in a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+from pathlib import Path
+
+# tests/conftest.py already does this; repeated so the module also runs on its own. Must come
+# before bentoml is first used: it reads BENTOML_HOME once.
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+if "BENTOML_HOME" not in os.environ:
+    import tempfile
+
+    os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="bentoml-tests-")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from components.config import parse_params  # noqa: E402
+from components.dataset import DatasetMeta  # noqa: E402
+from components.package import (  # noqa: E402
+    SERVICE_FILE,
+    PackageResult,
+    content_version,
+    package,
+    run,
+    summarise_metrics,
+)
+from components.stage import StageError  # noqa: E402
+
+CLASS_NAMES = ("a", "b", "c")
+IMAGE_SHAPE = (1, 8, 8)
+TAG_RE = re.compile(r"^[a-z0-9-]+:r[0-9a-f]{12}$")
+
+
+def make_tiny_onnx(path: Path, seed: int = 0, n_classes: int = len(CLASS_NAMES)) -> Path:
+    """A classifier shaped like the pipeline's: raw pixels in ("images", any batch), logits."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    features = int(np.prod(IMAGE_SHAPE))
+    weight = rng.normal(0, 1, (features, n_classes)).astype(np.float32)
+    bias = rng.normal(0, 0.1, n_classes).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["images", "scale"], ["scaled"]),
+            helper.make_node("Flatten", ["scaled"], ["flat"], axis=1),
+            helper.make_node("Gemm", ["flat", "weight", "bias"], ["logits"]),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", *IMAGE_SHAPE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_classes])],
+        initializer=[
+            numpy_helper.from_array(np.array(1 / 255, dtype=np.float32), "scale"),
+            numpy_helper.from_array(weight, "weight"),
+            numpy_helper.from_array(bias, "bias"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9  # what every onnxruntime of the last years reads
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def write_meta(path: Path, class_names=CLASS_NAMES) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    DatasetMeta(tuple(class_names), IMAGE_SHAPE, "test", {"train": 3}).save(path)
+    return path
+
+
+def package_tiny(root: Path, seed: int = 0, name: str = "tiny-classifier", **kw) -> PackageResult:
+    """Package a tiny model under ``root`` (model, meta, staging, artefacts all inside)."""
+    onnx_file = root / "models" / "onnx" / "int8.onnx"
+    if not onnx_file.exists():
+        make_tiny_onnx(onnx_file, seed)
+    meta_file = root / "data" / "meta.json"
+    if not meta_file.exists():
+        write_meta(meta_file)
+    options = {
+        "bento_name": name,
+        "model_name": "tiny",
+        "served_variant": "int8",
+        "max_batch_size": 4,
+        "staging_dir": root / "build" / "bento",
+        "artefacts_dir": root / "artefacts",
+        "metrics": {"accuracy": 0.75},
+    } | kw
+    return package(onnx_file, meta_file, **options)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, PackageResult]:
+    root = tmp_path_factory.mktemp("package")
+    return root, package_tiny(root)
+
+
+def test_package_builds_a_versioned_bento_into_the_store(built):
+    import bentoml
+
+    root, result = built
+    assert TAG_RE.match(result.tag), result.tag
+    assert result.tag.startswith("tiny-classifier:")
+    assert not result.reused
+    bento = bentoml.bentos.get(result.tag)
+    assert bento.info.labels["served_variant"] == "int8"
+    assert bento.info.labels["accuracy"] == "0.75"
+    src = Path(bento.path) / "src" / "deploy"
+    assert (src / "service.py").read_bytes() == SERVICE_FILE.read_bytes()
+    card = json.loads((src / "model" / "model.json").read_text())
+    assert card["class_names"] == list(CLASS_NAMES)
+    assert card["image_shape"] == list(IMAGE_SHAPE)
+    assert card["max_batch_size"] == 4
+    assert card["model_version"] == result.model_version == result.tag.split(":")[1]
+    assert re.fullmatch(r"tiny:int8-[0-9a-f]{12}", card["model"])
+    assert card["metrics"] == {"accuracy": 0.75}
+    assert (src / "model" / "model.onnx").stat().st_size == result.model_bytes
+    assert not list(Path(bento.path).rglob("__pycache__"))
+    requirements = (Path(bento.path) / "env" / "python" / "requirements.txt").read_text()
+    for pkg in ("onnxruntime==", "numpy==", "bentoml=="):
+        assert pkg in requirements
+
+
+def test_package_exports_an_archive_and_bento_json(built):
+    root, result = built
+    expected = (root / "artefacts").resolve() / f"{result.tag.replace(':', '-')}.bento"
+    assert result.archive == expected
+    with tarfile.open(result.archive) as tar:
+        names = tar.getnames()
+    assert any(n.endswith("src/deploy/model/model.onnx") for n in names)
+    assert any(n.endswith("bento.yaml") for n in names)
+    info = json.loads((root / "artefacts" / "bento.json").read_text())
+    assert info["tag"] == result.tag
+    assert info["archive"] == str(result.archive)
+    assert info["served_variant"] == "int8"
+    assert info["model_bytes"] == result.model_bytes
+
+
+def test_rerun_gives_the_same_tag_and_reuses_the_bento(built):
+    root, first = built
+    again = package_tiny(root)
+    assert again.tag == first.tag
+    assert again.reused
+    assert again.archive.is_file()
+    assert sorted(p.name for p in (root / "artefacts").glob("*.bento")) == [again.archive.name]
+
+
+def test_a_different_model_gives_a_new_tag_and_replaces_the_archive(tmp_path):
+    first = package_tiny(tmp_path, name="tiny-other")
+    make_tiny_onnx(tmp_path / "models" / "onnx" / "int8.onnx", seed=1)
+    second = package_tiny(tmp_path, name="tiny-other")
+    assert second.tag != first.tag
+    assert not second.reused
+    assert [p.name for p in (tmp_path / "artefacts").glob("*.bento")] == [second.archive.name]
+
+
+def test_a_tampered_store_entry_is_rebuilt(tmp_path):
+    import bentoml
+
+    first = package_tiny(tmp_path, name="tiny-tamper")
+    stored = Path(bentoml.bentos.get(first.tag).path) / "src" / "deploy" / "model" / "model.onnx"
+    stored.write_bytes(b"garbage")
+    again = package_tiny(tmp_path, name="tiny-tamper")
+    assert again.tag == first.tag and not again.reused
+    stored = Path(bentoml.bentos.get(first.tag).path) / "src" / "deploy" / "model" / "model.onnx"
+    assert stored.read_bytes() == (tmp_path / "models" / "onnx" / "int8.onnx").read_bytes()
+
+
+def test_the_archive_imports_back(tmp_path):
+    import bentoml
+
+    result = package_tiny(tmp_path, seed=2, name="tiny-roundtrip")
+    bentoml.bentos.delete(result.tag)
+    bentoml.bentos.import_bento(str(result.archive))
+    assert str(bentoml.bentos.get(result.tag).tag) == result.tag
+
+
+def test_version_is_a_content_hash(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    v1 = content_version(tmp_path, {"k": 1})
+    assert v1 == content_version(tmp_path, {"k": 1})
+    assert v1 != content_version(tmp_path, {"k": 2})
+    (tmp_path / "a.txt").write_text("y")
+    assert v1 != content_version(tmp_path, {"k": 1})
+    assert re.fullmatch(r"r[0-9a-f]{12}", v1)
+
+
+def test_missing_model_is_a_clear_stage_error(tmp_path):
+    write_meta(tmp_path / "data" / "meta.json")
+    with pytest.raises(StageError, match=r"int8\.onnx not found: run the compress stage"):
+        package(
+            tmp_path / "nope" / "int8.onnx",
+            tmp_path / "data" / "meta.json",
+            bento_name="tiny",
+            model_name="tiny",
+            served_variant="int8",
+            max_batch_size=4,
+            staging_dir=tmp_path / "staging",
+            artefacts_dir=tmp_path / "artefacts",
+        )
+    assert not (tmp_path / "artefacts").exists()
+
+
+def test_missing_meta_is_a_clear_stage_error(tmp_path):
+    onnx_file = make_tiny_onnx(tmp_path / "int8.onnx")
+    with pytest.raises(StageError, match=r"meta\.json"):
+        package(
+            onnx_file,
+            tmp_path / "missing" / "meta.json",
+            bento_name="tiny",
+            model_name="tiny",
+            served_variant="int8",
+            max_batch_size=4,
+            staging_dir=tmp_path / "staging",
+            artefacts_dir=tmp_path / "artefacts",
+        )
+
+
+def test_model_that_does_not_fit_the_classes_is_refused(tmp_path):
+    onnx_file = make_tiny_onnx(tmp_path / "int8.onnx", n_classes=2)
+    meta_file = write_meta(tmp_path / "meta.json")
+    with pytest.raises(StageError, match=r"3 classes"):
+        package(
+            onnx_file,
+            meta_file,
+            bento_name="tiny",
+            model_name="tiny",
+            served_variant="int8",
+            max_batch_size=4,
+            staging_dir=tmp_path / "staging",
+            artefacts_dir=tmp_path / "artefacts",
+        )
+
+
+def test_broken_model_file_is_refused(tmp_path):
+    onnx_file = tmp_path / "int8.onnx"
+    onnx_file.write_bytes(b"not an onnx model")
+    meta_file = write_meta(tmp_path / "meta.json")
+    with pytest.raises(StageError, match=r"not a loadable ONNX model"):
+        package(
+            onnx_file,
+            meta_file,
+            bento_name="tiny",
+            model_name="tiny",
+            served_variant="int8",
+            max_batch_size=4,
+            staging_dir=tmp_path / "staging",
+            artefacts_dir=tmp_path / "artefacts",
+        )
+
+
+def test_summarise_metrics_prefers_the_served_variant():
+    evaluate = {"accuracy": 0.9, "macro_f1": 0.89, "per_class": {}, "passed": True}
+    compress = {"variants": {"int8": {"accuracy": 0.91, "size_bytes": 10}, "fp32": {}}}
+    assert summarise_metrics(evaluate, compress, "int8") == {
+        "accuracy": 0.91,
+        "macro_f1": 0.89,
+        "pytorch_accuracy": 0.9,
+        "pytorch_macro_f1": 0.89,
+    }
+    assert summarise_metrics(None, None, "int8") == {}
+    assert summarise_metrics(None, {"variants": {"int8": {"accuracy": True}}}, "int8") == {}
+
+
+def test_run_uses_params_paths_and_metrics(tmp_path, monkeypatch):
+    from tests.conftest import tiny_params_dict
+
+    monkeypatch.chdir(tmp_path)  # run() stages under ./build/bento
+    params = parse_params(tiny_params_dict(tmp_path, "unused"))
+    paths = params.paths
+    variant = params.compress.serve_variant
+    make_tiny_onnx(Path(paths.model_dir) / "onnx" / f"{variant}.onnx")
+    write_meta(Path(paths.prepared_dir) / "meta.json")
+    Path(paths.metrics_dir).mkdir(parents=True)
+    (Path(paths.metrics_dir) / "evaluate.json").write_text('{"accuracy": 0.5}')
+    (Path(paths.metrics_dir) / "compress.json").write_text(
+        json.dumps({"variants": {variant: {"accuracy": 0.625, "macro_f1": 0.5}}})
+    )
+
+    result = run(params)
+
+    assert result.tag.startswith(params.package.bento_name + ":")
+    assert result.served_variant == variant
+    info = json.loads((Path(paths.artefacts_dir) / "bento.json").read_text())
+    assert info["metrics"] == {"accuracy": 0.625, "macro_f1": 0.5, "pytorch_accuracy": 0.5}
+    assert (tmp_path / "build" / "bento" / params.package.bento_name / "deploy").is_dir()
+
+
+def test_run_with_broken_metrics_file_fails_clearly(tmp_path, monkeypatch):
+    from tests.conftest import tiny_params_dict
+
+    monkeypatch.chdir(tmp_path)
+    params = parse_params(tiny_params_dict(tmp_path, "unused"))
+    Path(params.paths.metrics_dir).mkdir(parents=True)
+    (Path(params.paths.metrics_dir) / "evaluate.json").write_text("{not json")
+    with pytest.raises(StageError, match=r"evaluate\.json is not valid JSON"):
+        run(params)
