@@ -56,15 +56,20 @@ def main() -> None:
         "speedup_batch64_int8": fp32["latency_ms_batch64"] / int8["latency_ms_batch64"],
         "accuracy_drop_points": 100 * (fp32["test_accuracy"] - int8["test_accuracy"]),
     }
-    report = {"machine": platform.processor() or platform.machine(), "variants": rows,
-              "ratios": ratios}
+    report = {
+        "machine": platform.processor() or platform.machine(),
+        "variants": rows,
+        "ratios": ratios,
+    }
     out = Path("bench/results/onnx_variants.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{'variant':8} {'size KiB':>9} {'b1 ms':>8} {'b64 ms':>8} {'accuracy':>9}")
     for name, r in rows.items():
-        print(f"{name:8} {r['size_bytes'] / 1024:9.1f} {r['latency_ms_batch1']:8.3f} "
-              f"{r['latency_ms_batch64']:8.3f} {r['test_accuracy']:9.4f}")
+        print(
+            f"{name:8} {r['size_bytes'] / 1024:9.1f} {r['latency_ms_batch1']:8.3f} "
+            f"{r['latency_ms_batch64']:8.3f} {r['test_accuracy']:9.4f}"
+        )
     for key, value in ratios.items():
         print(f"{key:24} {value:.3f}")
 
