@@ -28,7 +28,15 @@ from prefect.states import Completed, Failed  # noqa: E402
 
 from components.config import ParamsError, apply_overrides, check_overrides, load_params  # noqa: E402
 
-STAGES = ("ingest", "validate", "train", "evaluate", "compress", "package")
+
+def stage_order(root: Path) -> list[str]:
+    """The stages of dvc.yaml in graph order (DVC's own topological sort of its stage graph)."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        return [stage.addressing for stage in reversed(list(nx.topological_sort(graph)))]
 
 
 def stage_is_up_to_date(root: Path, stage: str) -> bool:
@@ -154,7 +162,7 @@ def pipeline(overrides: list[str] | None = None, root: str = "."):
         load_params(root_path / "params.yaml")  # bad params fail here, before any stage
 
     outcomes: dict[str, str] = {}
-    for stage in STAGES:
+    for stage in stage_order(root_path):
         state = run_stage.with_options(name=stage, task_run_name=stage)(
             stage, str(root_path), return_state=True
         )
