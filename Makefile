@@ -37,20 +37,63 @@ pipeline: setup repo-init ## run the whole pipeline (Prefect flow over the DVC s
 repro: setup ## the same stages with plain `dvc repro` (no Prefect)
 	$(VENV)/bin/dvc repro
 
-test: setup ## run the test suite (fast tests and the end-to-end test)
+test: setup browser ## run the test suite (fast tests and the end-to-end test)
 	$(PY) -m pytest
+
+# The report test renders reports/report.html in a real headless Chromium: Debian's, since no
+# test tool may download its own browser here. Installed when missing and we are root; the
+# test skips (and says why) when no Chromium can be had at all.
+browser: ## Chromium for the report's browser test (apt-get, when missing and root)
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the report's browser test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+	      || echo "could not install chromium: the browser test will skip"; \
+	  else echo "no chromium and not root: the report's browser test will skip"; fi
 
 lint: setup ## ruff lint and format check
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-serve: setup ## serve the newest bento on http://127.0.0.1:3000
-	@test -f artefacts/bento.json || (echo "no bento yet: run 'make pipeline' first" && exit 1)
-	$(VENV)/bin/bentoml serve "$$($(PY) -c 'import json;print(json.load(open("artefacts/bento.json"))["tag"])')" --host 127.0.0.1 --port 3000
+serve: setup ## serve the champion's bento on http://127.0.0.1:3000
+	@tag="$$($(PY) -m components.promote tag)" && \
+	  echo "serving the champion $$tag" && \
+	  $(VENV)/bin/bentoml serve "$$tag" --host 127.0.0.1 --port 3000
 
-bench: setup ## benchmarks on the last pipeline run (int8 vs fp32: size, latency, accuracy)
+champion: setup ## show the champion, its lineage and every packaged run
+	@$(PY) -m components.promote show
+
+promote: setup ## make a packaged run the champion: make promote RUN=<version, tag or prefix>
+	@test -n "$(RUN)" || (echo "usage: make promote RUN=<run> (see: make champion)" && exit 2)
+	@$(PY) -m components.promote promote "$(RUN)"
+
+rollback: setup ## give the champion title back to the previous champion
+	@$(PY) -m components.promote rollback
+
+bench: setup ## benchmarks on the last pipeline run: int8 vs fp32; compression goals; Lightning vs a plain loop
 	$(PY) -m bench.onnx_variants
+	$(PY) -m bench.compression
+	$(PY) -m bench.train_vs_loop
+
+bench-serve: setup ## the served bento vs a hand-written FastAPI server vs ONNX Runtime in-process (~2 min)
+	$(PY) -m bench.serve
+
+serve-edge: setup ## serve the newest edge bento on :3001 (CLOUD_URL=http://host:3000 forwards unsure images)
+	@test -f artefacts/bento.json || (echo "no bento yet: run 'make pipeline' first" && exit 1)
+	$(VENV)/bin/bentoml serve "$$($(PY) -c 'import json;print(json.load(open("artefacts/bento.json"))["edge"]["tag"])')" --host 127.0.0.1 --port 3001
+
+# Schedules and the Prefect UI (README: "Schedules, triggers, and reproducing any run").
+PREFECT_PORT ?= 4200
+
+prefect-server: setup ## the Prefect server and its UI on http://127.0.0.1:4200 (SQLite in .prefect/)
+	$(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+schedule: setup repo-init ## serve the nightly + by-hand deployments (make prefect-server first; SCHEDULE_POOL=gpu: a work pool)
+	PREFECT_API_URL="$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api}" \
+	  $(PY) -m flows.deploy $(if $(SCHEDULE_POOL),--pool $(SCHEDULE_POOL),)
+
+.PHONY: prefect-server schedule
 
 clean: ## remove tool state and build scratch (keeps data, models and the DVC cache)
 	rm -rf build .pytest_cache .ruff_cache
 
-.PHONY: help setup repo-init pipeline repro test lint serve bench clean
+.PHONY: help setup repo-init pipeline repro test browser lint serve champion promote rollback bench bench-serve serve-edge clean

@@ -1,31 +1,74 @@
-"""Compress: export the trained network to ONNX (fp32), quantize it to int8, re-evaluate both.
+"""Compress: make smaller and faster variants of the trained network, measure each, pick one.
 
-Int8 uses ONNX Runtime's static QDQ quantization, calibrated on training images (never the
-test split). Every export is checked against its PyTorch source before it is used, and the
-int8 model must keep test accuracy within ``compress.max_accuracy_drop`` of fp32.
+Every variant is a pipeline of steps declared in ``compress.variants`` and applied in order to
+the trained network (the teacher):
+
+- ``distil``: as a first step, a new smaller student learns the teacher's soft targets; as a
+  later step, the network so far does; ``student_alone``: the same new student on the labels
+  alone, the baseline (:mod:`components.distill`);
+- ``prune_structured`` / ``prune_unstructured``: channels removed / weights zeroed, then a
+  short fine-tune (:mod:`components.prune`);
+- ``quantize_static`` / ``quantize_dynamic``: int8 with ONNX Runtime (:mod:`components.quantize`).
+
+Prefixes that variants share (``distil`` in ``student`` and ``student_pruned_int8``) are
+computed once. ``fp32`` is the trained network exported unchanged: the reference every drop is
+measured from. Each ONNX file is checked against its PyTorch source before it is measured:
+fp32 exports within ``compress.onnx_tolerance`` on the logits, quantized ones by agreeing on
+the top class for at least ``compress.quantization.min_agreement`` of sample images.
+
+Each variant is then measured: parameters, file size (and gzip size), ONNX Runtime latency at
+batch 1 and 64 with fixed threads, test accuracy and macro F1, their drop from fp32. A variant
+passes when both drops are within ``compress.max_accuracy_drop``. ``compress.select.policy``
+picks the variant to package among those; the choice and its reason go to ``compress.json``
+(``selected``, ``selected_reason``). Bad params fail before any work.
 """
 
 from __future__ import annotations
 
+import gzip
 import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from components.config import CompressParams, Params
+from components.config import (
+    EDGE_INT8_VARIANT,
+    LAST_ONLY,
+    NEW_STUDENT,
+    REFERENCE_VARIANT,
+    CompressParams,
+    Params,
+    TrainParams,
+)
 from components.dataset import DatasetMeta, ImageSet, load_images, meta_path, split_path
 from components.metrics import classification_metrics
-from components.model import load_model, predict_logits
+from components.model import NetConfig, config_from_dict, load_model, predict_logits
 from components.stage import StageError, main, write_json
 
 log = logging.getLogger("pipeline.compress")
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
-VARIANTS = ("fp32", "int8")
+VARIANTS = (REFERENCE_VARIANT, EDGE_INT8_VARIANT)  # always written: other stages read them
+LATENCY_BATCHES = (1, 64)
+LATENCY_ROUNDS = 30  # rounds over all variants, interleaved so load changes hit all alike
+CALLS_PER_ROUND = {1: 20, 64: 3}
+CHECK_SAMPLES = 512  # images for the ONNX-vs-PyTorch check of quantized models
+EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class OnnxCheck:
+    """How an ONNX file was checked against the PyTorch network it came from."""
+
+    kind: str  # "max_abs_logit_diff" (fp32 exports) | "top1_agreement" (quantized)
+    value: float
+    threshold: float
+    samples: int
+    max_abs_logit_diff: float
 
 
 @dataclass(frozen=True)
@@ -35,17 +78,31 @@ class VariantReport:
     accuracy: float
     macro_f1: float
     latency_ms_batch1: float
+    steps: tuple[str, ...] = ()
+    params: int = 0  # of the PyTorch network it came from (quantization keeps the count)
+    nonzero_params: int = 0
+    size_gzip_bytes: int = 0
+    latency_ms_batch64: float = 0.0
+    accuracy_drop: float = 0.0  # vs fp32
+    macro_f1_drop: float = 0.0
+    passed: bool = True  # both drops within compress.max_accuracy_drop
+    check: OnnxCheck | None = None
 
 
 @dataclass(frozen=True)
 class CompressResult:
     variants: dict[str, VariantReport]
-    accuracy_drop: float
-    passed: bool
+    accuracy_drop: float  # int8's, vs fp32
+    passed: bool  # int8's verdict
+    selected: str = REFERENCE_VARIANT
+    selected_reason: str = ""
+    distillation: dict | None = None
 
 
-def export_onnx(model, image_shape: tuple[int, int, int], path: Path, tolerance: float) -> None:
-    """Export with a dynamic batch dimension and check it against PyTorch on sample inputs."""
+# ---------------------------------------------------------------- ONNX export, run, checks
+
+
+def _export(model, image_shape: tuple[int, ...], path: Path) -> None:
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,22 +119,45 @@ def export_onnx(model, image_shape: tuple[int, int, int], path: Path, tolerance:
     )
     program.save(str(path), external_data=False)
 
+
+def export_onnx(model, image_shape: tuple[int, ...], path: Path, tolerance: float) -> OnnxCheck:
+    """Export with a dynamic batch dimension and check it against PyTorch on sample inputs."""
+    import torch
+
+    _export(model, image_shape, path)
     probe = torch.randint(0, 256, (7, *image_shape)).float()  # another batch size than exported
     expected = predict_logits(model, probe).numpy()
-    got = run_onnx(path, probe.numpy())
-    worst = float(np.abs(expected - got).max())
-    if worst > tolerance:
+    worst = float(np.abs(expected - run_onnx(path, probe.numpy())).max())
+    if not worst <= tolerance:
         raise StageError(
             f"ONNX export of {path.name} differs from PyTorch by {worst:.2e} "
             f"(compress.onnx_tolerance is {tolerance:.0e})"
         )
+    return OnnxCheck("max_abs_logit_diff", worst, tolerance, len(probe), worst)
 
 
-def _session(path: Path):
+def check_quantized(source, path: Path, samples: np.ndarray, min_agreement: float) -> OnnxCheck:
+    """A quantized model must pick its PyTorch source's top class on ``min_agreement`` of
+    ``samples`` (real images: int8 ranges are calibrated on them, noise would saturate)."""
+    expected = predict_logits(source, samples).numpy()
+    got = run_onnx(path, samples)
+    agreement = float((expected.argmax(1) == got.argmax(1)).mean())
+    worst = float(np.abs(expected - got).max())
+    if agreement < min_agreement:
+        raise StageError(
+            f"{path.name} agrees with its PyTorch source on the top class for only "
+            f"{agreement:.1%} of {len(samples)} sample images (compress.quantization."
+            f"min_agreement is {min_agreement:.1%}; max logit difference {worst:.3g})"
+        )
+    return OnnxCheck("top1_agreement", agreement, min_agreement, len(samples), worst)
+
+
+def _session(path: Path, threads: int = 1):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 1  # fixed threads: comparable latencies across variants
+    options.intra_op_num_threads = threads  # fixed threads: comparable latencies across variants
+    options.inter_op_num_threads = 1
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
@@ -91,52 +171,36 @@ def run_onnx(path: Path, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
     return np.concatenate(outs)
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> None:
-    """Static int8 (QDQ, per-channel weights), calibrated on the given images."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+def measure_latencies(
+    paths: dict[str, Path], image_shape, threads: int, rounds: int = LATENCY_ROUNDS
+) -> dict[str, dict[int, float]]:
+    """Milliseconds per call, per variant and batch size (1 and 64): the fastest round.
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self._batches = iter(
-                {INPUT_NAME: calibration[i : i + 32].astype(np.float32)}
-                for i in range(0, len(calibration), 32)
-            )
-
-        def get_next(self):
-            return next(self._batches, None)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepared),
-            str(int8_path),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-        )
-
-
-def latency_ms(path: Path, image_shape, repeats: int = 200) -> float:
-    """Median wall time of one batch-1 inference (1 thread), in milliseconds."""
-    session = _session(path)
-    x = np.random.default_rng(0).integers(0, 256, (1, *image_shape)).astype(np.float32)
-    for _ in range(20):
-        session.run([OUTPUT_NAME], {INPUT_NAME: x})
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run([OUTPUT_NAME], {INPUT_NAME: x})
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1000)
+    The variants take turns within each round, so a burst of load from another process
+    slows them all alike instead of one of them; and of all rounds the fastest one counts
+    (the mean per call within it), as ``timeit`` advises: slower rounds measure the other
+    processes on a shared machine, not the model.
+    """
+    rng = np.random.default_rng(0)
+    inputs = {
+        b: {INPUT_NAME: rng.integers(0, 256, (b, *image_shape)).astype(np.float32)}
+        for b in LATENCY_BATCHES
+    }
+    sessions = {name: _session(path, threads) for name, path in paths.items()}
+    for session in sessions.values():
+        for feed in inputs.values():
+            for _ in range(3):
+                session.run([OUTPUT_NAME], feed)
+    times: dict[str, dict[int, list[float]]] = {n: {b: [] for b in inputs} for n in sessions}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            for b, feed in inputs.items():
+                calls = CALLS_PER_ROUND[b]
+                start = time.perf_counter()
+                for _ in range(calls):
+                    session.run([OUTPUT_NAME], feed)
+                times[name][b].append((time.perf_counter() - start) / calls)
+    return {n: {b: float(np.min(t) * 1000) for b, t in per.items()} for n, per in times.items()}
 
 
 def pick_calibration(train: ImageSet, n: int, seed: int = 0) -> np.ndarray:
@@ -149,34 +213,333 @@ def pick_calibration(train: ImageSet, n: int, seed: int = 0) -> np.ndarray:
     return train.x[np.sort(idx)]
 
 
-def compress(
-    model, meta: DatasetMeta, train: ImageSet, test: ImageSet, params: CompressParams, out_dir: Path
-) -> CompressResult:
-    """The core: export, quantize, re-evaluate each variant, apply the accuracy-drop gate."""
-    calibration = pick_calibration(train, params.calibration_samples)  # fail before any work
-    shape = tuple(meta.image_shape)
-    paths = {v: Path(out_dir) / f"{v}.onnx" for v in VARIANTS}
-    export_onnx(model, shape, paths["fp32"], params.onnx_tolerance)
-    quantize_int8(paths["fp32"], paths["int8"], calibration)
+def gzip_size(path: Path) -> int:
+    return len(gzip.compress(Path(path).read_bytes(), compresslevel=9, mtime=0))
 
-    reports = {}
-    for name, path in paths.items():
-        predicted = run_onnx(path, test.x).argmax(axis=1)
-        m = classification_metrics(test.y, predicted, meta.class_names)
-        reports[name] = VariantReport(
-            name, path.stat().st_size, m["accuracy"], m["macro_f1"], latency_ms(path, shape)
+
+# ---------------------------------------------------------------- the variants
+
+
+def _torch_steps(steps: tuple[str, ...]) -> tuple[str, ...]:
+    return steps[:-1] if steps and steps[-1] in LAST_ONLY else steps
+
+
+class _Networks:
+    """The PyTorch network after each prefix of steps, computed once and kept."""
+
+    def __init__(self, teacher, teacher_config, student_config, data, train_params, params):
+        self.nets: dict[tuple[str, ...], object] = {(): teacher}
+        self.teacher_config, self.student_config = teacher_config, student_config
+        self.train_set, self.val_set = data
+        self.train_params, self.params = train_params, params
+
+    def get(self, steps: tuple[str, ...]):
+        if steps not in self.nets:
+            *before, step = steps
+            source = self.get(tuple(before))
+            started = time.perf_counter()
+            net, report = self._apply(step, source)
+            self.nets[steps] = net
+            fitted = (
+                f"; fine-tuned {report.epochs} epochs, best val accuracy "
+                f"{report.best_val_accuracy:.4f} (epoch {report.best_epoch})"
+                if report
+                else ""
+            )
+            log.info("%s: %.1f s%s", " -> ".join(steps), time.perf_counter() - started, fitted)
+        return self.nets[steps]
+
+    def _apply(self, step: str, net):
+        from components import distill, prune
+
+        data = (self.train_set, self.val_set)
+        if step == "distil":  # the trained network teaches; a first step starts a new student
+            student = None if net is self.nets[()] else net
+            return distill.distil(
+                self.nets[()], self.student_config, *data, self.train_params,
+                self.params.distillation, student,
+            )  # fmt: skip
+        if step == "student_alone":
+            return distill.train_alone(
+                self.student_config, *data, self.train_params, self.params.distillation
+            )
+        if step in ("prune_structured", "prune_unstructured"):
+            shape = tuple(self.teacher_config.image_shape)
+            return prune.prune_and_finetune(
+                net, step, shape, *data, self.train_params, self.params.pruning
+            )
+        raise StageError(f"compress.variants: unknown step {step!r}")  # config refuses it first
+
+
+def build_variants(
+    teacher,
+    teacher_config: NetConfig,
+    train: ImageSet,
+    val: ImageSet,
+    params: CompressParams,
+    train_params: TrainParams,
+    out_dir: Path,
+    calibration: np.ndarray,
+    student_config: NetConfig | None,
+) -> dict[str, tuple[Path, object, OnnxCheck, tuple[str, ...]]]:
+    """Write ``<variant>.onnx`` for fp32 and every declared variant, each checked.
+
+    Returns, per variant, its file, its PyTorch source network, the check and its steps.
+    """
+    from components import quantize
+    from components.prune import make_permanent
+
+    shape = tuple(teacher_config.image_shape)
+    nets = _Networks(teacher, teacher_config, student_config, (train, val), train_params, params)
+    samples = np.concatenate([val.x, train.x])[:CHECK_SAMPLES]
+    fp32_exports: dict[tuple[str, ...], Path] = {}
+    scratch = Path(tempfile.mkdtemp(prefix="fp32-", dir=out_dir))
+
+    def fp32_of(steps: tuple[str, ...], path: Path | None = None) -> tuple[Path, OnnxCheck | None]:
+        """The checked fp32 export of the network after ``steps`` (exported once)."""
+        if steps in fp32_exports:
+            if path is not None:
+                shutil.copyfile(fp32_exports[steps], path)
+            return (path or fp32_exports[steps]), None
+        target = path or scratch / f"{len(fp32_exports)}.onnx"
+        check = export_onnx(make_permanent(nets.get(steps)), shape, target, params.onnx_tolerance)
+        fp32_exports[steps] = target
+        return target, check
+
+    built = {}
+    checks: dict[tuple[str, ...], OnnxCheck] = {}
+    declared = {REFERENCE_VARIANT: (), **params.variants}
+    try:
+        for name, steps in declared.items():
+            steps = tuple(steps)
+            path = Path(out_dir) / f"{name}.onnx"
+            source_steps = _torch_steps(steps)
+            if source_steps == steps:  # no quantization: the fp32 export is the variant
+                _, check = fp32_of(steps, path)
+                check = checks.setdefault(steps, check)
+            else:
+                fp32_path, check = fp32_of(source_steps)
+                if check is not None:
+                    checks[source_steps] = check
+                started = time.perf_counter()
+                if steps[-1] == "quantize_static":
+                    quantize.quantize_static(fp32_path, path, calibration, params.quantization)
+                else:
+                    quantize.quantize_dynamic(fp32_path, path, params.quantization)
+                check = check_quantized(
+                    nets.get(source_steps), path, samples, params.quantization.min_agreement
+                )
+                log.info(
+                    "%s: %s in %.1f s, agrees with its source on %.1f%% of %d images",
+                    name, steps[-1], time.perf_counter() - started, 100 * check.value,
+                    check.samples,
+                )  # fmt: skip
+            built[name] = (path, nets.get(source_steps), check, steps)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return built
+
+
+def select_variant(reports: dict[str, VariantReport], params: CompressParams) -> tuple[str, str]:
+    """The variant to package, and why, by ``compress.select.policy``.
+
+    The automatic policies choose among the variants that pass the drop gate (fp32 always
+    does); a named variant is returned even when it fails, and the stage then stops.
+    """
+    policy, gate = params.select.policy, params.max_accuracy_drop
+    passing = [r for r in reports.values() if r.passed]
+    failing = sorted(r.name for r in reports.values() if not r.passed)
+    rejected = f"; over the drop limit: {', '.join(failing)}" if failing else ""
+    if policy == "named":
+        chosen = reports[params.select.variant]
+        verdict = "within" if chosen.passed else "NOT within"
+        return chosen.name, (
+            f"policy named: {chosen.name}, as compress.select.variant says; its drops vs fp32 "
+            f"(accuracy {chosen.accuracy_drop:+.4f}, macro F1 {chosen.macro_f1_drop:+.4f}) are "
+            f"{verdict} compress.max_accuracy_drop {gate}"
         )
-    drop = reports["fp32"].accuracy - reports["int8"].accuracy
-    passed = drop <= params.max_accuracy_drop
-    return CompressResult(reports, drop, passed)
+    if policy == "smallest_passing":
+        key, what = (lambda r: (r.size_bytes, -r.accuracy, r.name)), "smallest file"
+    else:
+        key, what = (lambda r: (r.latency_ms_batch1, -r.accuracy, r.name)), "fastest at batch 1"
+    ranked = sorted(passing, key=key)  # fp32 always passes (drop 0): never empty
+    best = ranked[0]
+    runner_up = (
+        f"; next: {ranked[1].name} ({ranked[1].size_bytes / 1024:.1f} KiB, "
+        f"{ranked[1].latency_ms_batch1:.4f} ms)"
+        if len(ranked) > 1
+        else ""
+    )
+    return best.name, (
+        f"policy {policy}: {best.name} is the {what} ({best.size_bytes / 1024:.1f} KiB, "
+        f"{best.latency_ms_batch1:.4f} ms at batch 1, {best.params:,} parameters) among the "
+        f"{len(passing)} of {len(reports)} variants whose accuracy and macro F1 drops vs fp32 "
+        f"are within {gate} (its drop: {best.accuracy_drop:+.4f}){runner_up}{rejected}"
+    )
+
+
+def compress(
+    model,
+    config: NetConfig,
+    meta: DatasetMeta,
+    splits: dict[str, ImageSet],
+    params: CompressParams,
+    train_params: TrainParams,
+    out_dir: Path,
+) -> CompressResult:
+    """The core: build every variant, measure it, apply the drop gate, select one.
+
+    ``model`` is the trained network (the teacher), ``config`` its architecture; ``splits``
+    holds ``train`` (calibration, fine-tunes), ``val`` (the fine-tunes' best epoch) and
+    ``test`` (the measurements); ``train_params`` is the fine-tunes' recipe.
+    """
+    from components import distill, prune
+
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    # Everything that can be refused is refused here, before any work.
+    calibration = pick_calibration(train, params.calibration_samples)
+    student_cfg = None
+    if any(s[0] in NEW_STUDENT for s in params.variants.values()):
+        student_cfg = distill.check_student(model, config, params.distillation)
+
+    built = build_variants(
+        model, config, train, val, params, train_params, out_dir, calibration, student_cfg
+    )
+    latencies = measure_latencies(
+        {n: b[0] for n, b in built.items()}, tuple(meta.image_shape), params.latency_threads
+    )
+    measured = {}
+    for name, (path, *_) in built.items():
+        predicted = run_onnx(path, test.x).argmax(axis=1)
+        measured[name] = classification_metrics(test.y, predicted, meta.class_names)
+    ref = measured[REFERENCE_VARIANT]
+    reports = {}
+    for name, (path, source, check, steps) in built.items():
+        m = measured[name]
+        acc_drop, f1_drop = ref["accuracy"] - m["accuracy"], ref["macro_f1"] - m["macro_f1"]
+        reports[name] = VariantReport(
+            name=name,
+            size_bytes=path.stat().st_size,
+            accuracy=m["accuracy"],
+            macro_f1=m["macro_f1"],
+            latency_ms_batch1=latencies[name][1],
+            steps=steps,
+            params=distill.count_parameters(source),
+            nonzero_params=prune.count_nonzero(source),
+            size_gzip_bytes=gzip_size(path),
+            latency_ms_batch64=latencies[name][64],
+            accuracy_drop=acc_drop,
+            macro_f1_drop=f1_drop,
+            passed=acc_drop <= params.max_accuracy_drop + EPS
+            and f1_drop <= params.max_accuracy_drop + EPS,
+            check=check,
+        )
+    selected, reason = select_variant(reports, params)
+    int8 = reports[EDGE_INT8_VARIANT]
+    return CompressResult(
+        reports,
+        int8.accuracy_drop,
+        int8.passed,
+        selected,
+        reason,
+        _distillation_summary(model, student_cfg, reports, params) if student_cfg else None,
+    )
+
+
+def _distillation_summary(teacher, student_cfg, reports, params: CompressParams) -> dict:
+    """Student vs teacher, and distilled vs alone when both variants were built."""
+    from components.distill import count_parameters, new_student
+
+    d = params.distillation
+    n_teacher = count_parameters(teacher)
+    n_student = count_parameters(new_student(student_cfg, 0))
+    out = {
+        "student_channels": list(student_cfg.channels),
+        "student_hidden_units": list(student_cfg.hidden_units),
+        "teacher_params": n_teacher,
+        "student_params": n_student,
+        "param_ratio": round(n_teacher / n_student, 3),
+        "temperature": d.temperature,
+        "soft_loss_weight": d.soft_loss_weight,
+        "max_epochs": d.max_epochs,
+    }
+    by_steps = {r.steps: r for r in reports.values()}
+    distilled, alone = by_steps.get(("distil",)), by_steps.get(("student_alone",))
+    if distilled and alone:
+        out["distilled_accuracy"] = round(distilled.accuracy, 6)
+        out["alone_accuracy"] = round(alone.accuracy, 6)
+        out["gain_points"] = round(100 * (distilled.accuracy - alone.accuracy), 3)
+    return out
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _variant_json(v: VariantReport) -> dict:
+    return {
+        "steps": " -> ".join(v.steps) or "none",
+        "params": v.params,
+        "nonzero_params": v.nonzero_params,
+        "size_bytes": v.size_bytes,
+        "size_gzip_bytes": v.size_gzip_bytes,
+        "accuracy": round(v.accuracy, 6),
+        "macro_f1": round(v.macro_f1, 6),
+        "accuracy_drop": round(v.accuracy_drop, 6),
+        "macro_f1_drop": round(v.macro_f1_drop, 6),
+        "passed": v.passed,
+        "latency_ms_batch1": round(v.latency_ms_batch1, 4),
+        "latency_ms_batch64": round(v.latency_ms_batch64, 4),
+        "onnx_check": {k: round(x, 8) if isinstance(x, float) else x
+                       for k, x in asdict(v.check).items()} if v.check else None,
+    }  # fmt: skip
+
+
+def result_payload(result: CompressResult, params: CompressParams) -> dict:
+    fp32, int8 = result.variants[REFERENCE_VARIANT], result.variants[EDGE_INT8_VARIANT]
+    return {
+        "variants": {v.name: _variant_json(v) for v in result.variants.values()},
+        "reference": REFERENCE_VARIANT,
+        "int8_size_ratio": round(fp32.size_bytes / int8.size_bytes, 3),
+        "int8_accuracy_drop": round(result.accuracy_drop, 6),
+        "gate": {
+            "max_accuracy_drop": params.max_accuracy_drop,
+            "passed": result.passed,  # int8's; each variant has its own "passed"
+        },
+        "served_variant": result.selected,  # what gate and package read
+        "selected": result.selected,
+        "selected_reason": result.selected_reason,
+        "policy": params.select.policy,
+        "distillation": result.distillation,
+        "latency": {
+            "threads": params.latency_threads,
+            "batch_sizes": list(LATENCY_BATCHES),
+            "rounds": LATENCY_ROUNDS,
+            "calls_per_round": {str(b): c for b, c in CALLS_PER_ROUND.items()},
+            "statistic": "ms per call in the fastest round (ONNX Runtime, CPU)",
+        },
+    }
+
+
+def format_table(result: CompressResult) -> str:
+    lines = [
+        f"{'variant':20} {'params':>8} {'KiB':>7} {'gz KiB':>7} {'b1 ms':>7} {'b64 ms':>7} "
+        f"{'acc':>7} {'drop pt':>7} {'F1':>7}  gate"
+    ]
+    for v in result.variants.values():
+        lines.append(
+            f"{v.name:20} {v.params:8d} {v.size_bytes / 1024:7.1f} {v.size_gzip_bytes / 1024:7.1f} "
+            f"{v.latency_ms_batch1:7.4f} {v.latency_ms_batch64:7.3f} {v.accuracy:7.4f} "
+            f"{100 * v.accuracy_drop:+7.2f} {v.macro_f1:7.4f}  {'pass' if v.passed else 'FAIL'}"
+        )
+    return "\n".join(lines)
 
 
 def run(params: Params) -> CompressResult:
     paths, cfg = params.paths, params.compress
     meta = DatasetMeta.load(meta_path(paths.prepared_dir))
-    train = load_images(split_path(paths.prepared_dir, "train"))
-    test = load_images(split_path(paths.prepared_dir, "test"))
-    model, _ = load_model(paths.model_dir)
+    splits = {s: load_images(split_path(paths.prepared_dir, s)) for s in ("train", "val", "test")}
+    model, described = load_model(paths.model_dir)
+    config = config_from_dict(described["config"])
 
     # Build into a scratch folder and swap it in only when everything passed, so a failed
     # run leaves the previous good exports in place.
@@ -184,42 +547,16 @@ def run(params: Params) -> CompressResult:
     scratch = Path(tempfile.mkdtemp(prefix="onnx-", dir=paths.model_dir))
     scratch.chmod(0o755)
     try:
-        result = compress(model, meta, train, test, cfg, scratch)
-        fp32, int8 = result.variants["fp32"], result.variants["int8"]
-        write_json(
-            Path(paths.metrics_dir) / "compress.json",
-            {
-                "variants": {
-                    v.name: {
-                        "size_bytes": v.size_bytes,
-                        "accuracy": round(v.accuracy, 6),
-                        "macro_f1": round(v.macro_f1, 6),
-                        "latency_ms_batch1": round(v.latency_ms_batch1, 4),
-                    }
-                    for v in result.variants.values()
-                },
-                "int8_size_ratio": round(fp32.size_bytes / int8.size_bytes, 3),
-                "int8_accuracy_drop": round(result.accuracy_drop, 6),
-                "gate": {
-                    "max_accuracy_drop": cfg.max_accuracy_drop,
-                    "passed": result.passed,
-                },
-                "served_variant": cfg.serve_variant,
-            },
-        )
-        log.info(
-            "fp32 %d B acc %.4f %.3f ms | int8 %d B acc %.4f %.3f ms | drop %.4f",
-            fp32.size_bytes,
-            fp32.accuracy,
-            fp32.latency_ms_batch1,
-            int8.size_bytes,
-            int8.accuracy,
-            int8.latency_ms_batch1,
-            result.accuracy_drop,
-        )
-        if not result.passed and cfg.serve_variant == "int8":
+        result = compress(model, config, meta, splits, cfg, params.train, scratch)
+        write_json(Path(paths.metrics_dir) / "compress.json", result_payload(result, cfg))
+        for line in format_table(result).splitlines():
+            log.info("%s", line)
+        log.info("selected %s: %s", result.selected, result.selected_reason)
+        selected = result.variants[result.selected]
+        if not selected.passed:
             raise StageError(
-                f"int8 loses {result.accuracy_drop:.4f} test accuracy vs fp32, more than "
+                f"{selected.name} (compress.select.variant) loses {selected.accuracy_drop:.4f} "
+                f"test accuracy and {selected.macro_f1_drop:.4f} macro F1 vs fp32, more than "
                 f"compress.max_accuracy_drop {cfg.max_accuracy_drop}"
             )
         shutil.rmtree(out_dir, ignore_errors=True)

@@ -6,6 +6,7 @@ fails here with a message that names the key, before any stage does work.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +32,8 @@ class Paths(_Section):
     metrics_dir: Path
     reports_dir: Path
     artefacts_dir: Path
+    champion_file: Path
+    checkpoint_dir: Path
 
 
 class IngestParams(_Section):
@@ -51,48 +54,229 @@ class ValidateParams(_Section):
     max_missing_fraction: float = Field(ge=0, le=1)
 
 
+class AugmentParams(_Section):
+    """Random changes applied to training batches only (never to validation or test)."""
+
+    crop_padding: int = Field(ge=0)  # pad by this many pixels, then crop back at random
+    max_rotation_degrees: float = Field(ge=0, le=180)
+    horizontal_flip: bool  # digits must not be flipped; photos usually may
+
+
 class TrainParams(_Section):
+    model: Literal["cnn", "mlp"]
     seed: int
     max_epochs: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
-    optimizer: Literal["adam", "sgd"]
+    batch_size: int = Field(ge=1)  # global: split across processes under DDP
+    optimizer: Literal["sgd", "adam", "adamw"]
     learning_rate: float = Field(gt=0)
     momentum: float = Field(ge=0, lt=1)
+    nesterov: bool
     weight_decay: float = Field(ge=0)
+    l1_penalty: float = Field(ge=0)
+    lr_schedule: Literal["none", "step", "cosine", "onecycle"]
+    lr_step_epochs: int = Field(ge=1)
+    lr_step_gamma: float = Field(gt=0, le=1)
+    gradient_clip_norm: float = Field(ge=0)
     dropout: float = Field(ge=0, lt=1)
-    channels: tuple[int, ...] = Field(min_length=1)
-    hidden_units: int = Field(ge=1)
+    channels: tuple[int, ...]
+    hidden_units: tuple[int, ...]
+    batch_norm: bool
+    activation: Literal["relu", "tanh", "sigmoid"]
+    augment: AugmentParams
     early_stopping_patience: int = Field(ge=1)
+    resume: bool
+    init_from: str
+    freeze: tuple[str, ...]
     accelerator: Literal["auto", "cpu", "gpu"]
     devices: int | Literal["auto"]
+    num_nodes: int = Field(ge=1)
     strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp"]
     precision: Literal["32-true", "16-mixed", "bf16-mixed"]
     deterministic: bool
 
-    @field_validator("channels")
+    @field_validator("channels", "hidden_units")
     @classmethod
-    def _positive_channels(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+    def _positive_widths(cls, value: tuple[int, ...]) -> tuple[int, ...]:
         if any(c < 1 for c in value):
-            raise ValueError("every conv block needs at least 1 channel")
+            raise ValueError("every layer needs at least 1 unit or channel")
         return value
+
+    @model_validator(mode="after")
+    def _family_needs(self) -> TrainParams:
+        if self.model == "cnn" and not self.channels:
+            raise ValueError("model cnn needs at least one entry in train.channels")
+        if self.freeze and not self.init_from:
+            raise ValueError("train.freeze needs train.init_from: there is nothing to keep")
+        return self
 
 
 class EvaluateParams(_Section):
     min_accuracy: float = Field(ge=0, le=1)
     min_macro_f1: float = Field(ge=0, le=1)
+    min_class_recall: float = Field(ge=0, le=1)
+    max_regression: float = Field(ge=0, le=1)
+
+
+class PromoteParams(_Section):
+    auto: bool
+
+
+COMPRESS_METHODS = (
+    "distil",  # train on the teacher's soft targets: first, a new smaller student; later, the
+    # network so far (e.g. a pruned one) is trained further
+    "student_alone",  # the same new student trained on the labels alone: the baseline (first)
+    "prune_structured",  # remove whole channels / hidden units (DepGraph), then fine-tune
+    "prune_unstructured",  # zero the smallest weights, then fine-tune (the file stays dense)
+    "quantize_static",  # int8 weights and activations, calibrated on training images (last)
+    "quantize_dynamic",  # int8 weights, activations quantized at run time (last)
+)
+CompressMethod = Literal[COMPRESS_METHODS]
+FIRST_ONLY = ("student_alone",)
+NEW_STUDENT = ("distil", "student_alone")  # as a first step: a new, smaller network
+LAST_ONLY = ("quantize_static", "quantize_dynamic")
+REFERENCE_VARIANT = "fp32"  # the trained network exported as is: every drop is measured from it
+EDGE_INT8_VARIANT = "int8"  # other stages and the edge bundle read int8.onnx
+
+
+class PruningParams(_Section):
+    structured_amount: float = Field(gt=0, lt=1)  # share of channels / hidden units removed
+    unstructured_amount: float = Field(gt=0, lt=1)  # share of weights zeroed
+    finetune_epochs: int = Field(ge=0)
+    finetune_learning_rate: float = Field(gt=0)
+
+
+class DistillationParams(_Section):
+    width: float = Field(gt=0, lt=1)  # student widths = teacher's x width, unless given below
+    channels: tuple[int, ...] | None  # explicit student conv channels (None: from width)
+    hidden_units: tuple[int, ...] | None  # explicit student dense widths (None: from width)
+    temperature: float = Field(gt=0)
+    soft_loss_weight: float = Field(ge=0, le=1)  # the rest of the loss is on the labels
+    max_epochs: int = Field(ge=1)
+
+    @field_validator("channels", "hidden_units")
+    @classmethod
+    def _positive_widths(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is not None and any(c < 1 for c in value):
+            raise ValueError("every student layer needs at least 1 unit or channel")
+        return value
+
+
+class QuantizationParams(_Section):
+    format: Literal["qdq", "qoperator"]
+    per_channel: bool
+    reduce_range: bool
+    dynamic_op_types: tuple[Literal["Conv", "MatMul", "Gemm"], ...] = Field(min_length=1)
+    # The ONNX check of a quantized model: on sample images, the share whose top class is its
+    # PyTorch source's (int8 logits differ too much for an absolute tolerance).
+    min_agreement: float = Field(gt=0, le=1)
+
+
+class SelectParams(_Section):
+    policy: Literal["smallest_passing", "fastest_passing", "named"]
+    variant: str  # the variant policy `named` packages
 
 
 class CompressParams(_Section):
     calibration_samples: int = Field(ge=1)
     max_accuracy_drop: float = Field(ge=0, le=1)
     onnx_tolerance: float = Field(gt=0)
-    serve_variant: Literal["fp32", "int8"]
+    latency_threads: int = Field(ge=1)
+    pruning: PruningParams
+    distillation: DistillationParams
+    quantization: QuantizationParams
+    variants: dict[str, tuple[CompressMethod, ...]]
+    select: SelectParams
+
+    @field_validator("variants")
+    @classmethod
+    def _valid_pipelines(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        for name, steps in value.items():
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
+                raise ValueError(f"variant name {name!r}: use lower-case letters, digits, _ and -")
+            if name == REFERENCE_VARIANT:
+                raise ValueError(
+                    f"{name!r} is the uncompressed network; give the variant another name"
+                )
+            if not steps:
+                raise ValueError(f"variant {name!r} has no steps")
+            for i, step in enumerate(steps):
+                if step in FIRST_ONLY and i != 0:
+                    raise ValueError(f"variant {name!r}: {step} can only be the first step")
+                if step in LAST_ONLY and i != len(steps) - 1:
+                    raise ValueError(f"variant {name!r}: {step} can only be the last step")
+        int8 = value.get(EDGE_INT8_VARIANT)
+        if int8 is None or int8[-1] not in LAST_ONLY:
+            raise ValueError(
+                f"variant {EDGE_INT8_VARIANT!r} must be declared and end with a quantize step: "
+                "other stages and the edge bundle read int8.onnx"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _known_names(self) -> CompressParams:
+        known = [REFERENCE_VARIANT, *self.variants]
+        for key, name in (("select.variant", self.select.variant),):
+            if name not in known:
+                raise ValueError(f"{key} {name!r} is not a variant; known: {', '.join(known)}")
+        return self
+
+
+class EdgeParams(_Section):
+    bento_name: str = Field(pattern=r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
+    confidence_threshold: float = Field(ge=0, le=1)
+    cloud_url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/\S*)?$")
+    cloud_timeout_s: float = Field(gt=0)
+    cloud_retry_s: float = Field(ge=0)
 
 
 class PackageParams(_Section):
     bento_name: str = Field(pattern=r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
     model_name: str = Field(pattern=r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
     max_batch_size: int = Field(ge=1)
+    max_latency_ms: int = Field(ge=1)
+    max_request_bytes: int | None = Field(None, ge=1024)
+    max_image_bytes: int = Field(ge=1024)
+    edge: EdgeParams
+
+    @model_validator(mode="after")
+    def _edge_is_another_bento(self) -> PackageParams:
+        if self.edge.bento_name == self.bento_name:
+            raise ValueError("edge.bento_name must differ from bento_name")
+        return self
+
+
+class OrchestrateParams(_Section):
+    """How the Prefect flow runs the stages; never read by a stage, so no stage re-runs for it."""
+
+    retries: int = Field(ge=0, le=10)
+    retry_delay_seconds: float = Field(ge=0)
+    lock_wait_seconds: float = Field(ge=0)
+    save_experiment: bool
+    push: bool
+    remote: str
+    git_remote: str
+    schedule_cron: str
+    schedule_timezone: str
+    work_pool: str
+
+    @field_validator("schedule_cron")
+    @classmethod
+    def _five_cron_fields(cls, value: str) -> str:
+        # The full check is Prefect's, when the schedule is registered; this catches typos early.
+        if len(value.split()) != 5:
+            raise ValueError("a cron schedule has 5 fields: minute hour day month weekday")
+        return value
+
+    @field_validator("schedule_timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (e.g. UTC, Europe/Paris)") from None
+        return value
 
 
 class Params(_Section):
@@ -103,6 +287,8 @@ class Params(_Section):
     evaluate: EvaluateParams
     compress: CompressParams
     package: PackageParams
+    promote: PromoteParams
+    orchestrate: OrchestrateParams
 
 
 def parse_params(raw: dict) -> Params:

@@ -1,9 +1,16 @@
-"""Package: the chosen ONNX model + deploy/service.py -> a versioned bento and its archive.
+"""Package: the chosen ONNX model + deploy/ -> two versioned bentos (cloud, edge) and archives.
 
-The bento carries the model as plain files next to the service (``src/deploy/model/``), so
-serving needs neither a model store nor a floating ``:latest`` tag. Its version is a hash of
-everything that goes into it (model, model card, service code, build options): re-running
-on the same inputs gives the same tag and reuses the bento already in the store.
+- The **cloud** bento serves the model ``compress.select`` picks with adaptive
+  batching, JSON and PNG/JPEG input (``deploy/service.py``).
+- The **edge** bento serves the int8 model with ONNX Runtime and numpy only, and forwards
+  the images it is unsure about to the cloud (``deploy/edge_service.py``).
+
+Each bento carries its model as plain files next to its service (``src/deploy/model/``), so
+serving needs neither a model store nor a floating ``:latest`` tag, and pins every Python
+package it needs, transitively, to the version installed here (the build runs offline; the
+same list is what an edge box installs). Its version is a hash of everything that goes into
+it (model, model card, service code, build options): re-running on the same inputs gives the
+same tag and reuses the bento already in the store.
 
 BentoML keeps its store under ``$BENTOML_HOME``, read when bentoml is first used: call
 :func:`components.stage.set_quiet_env` (the ``__main__`` path does) or set it yourself before
@@ -16,51 +23,127 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from components.config import Params
+from components.config import PackageParams, Params
 from components.dataset import DatasetError, DatasetMeta, meta_path
 from components.stage import StageError, main, write_json
 
 log = logging.getLogger("pipeline.package")
 
-SERVICE_FILE = Path(__file__).resolve().parents[1] / "deploy" / "service.py"
-SERVICE_TARGET = "deploy.service:ImageClassifier"
-# Where service.py looks for the model, relative to the bento's src/ (and the staging dir).
+DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy"
+SERVICE_FILE = DEPLOY_DIR / "service.py"
+# Where the services look for the model, relative to the bento's src/ (and the staging dir).
 MODEL_SUBDIR = Path("deploy") / "model"
 INPUT_NAME = "images"
-# What service.py imports besides bentoml (which BentoML pins in the bento by itself).
-RUNTIME_PACKAGES = ("onnxruntime", "numpy")
+EDGE_VARIANT = "int8"
 # Bump when the bento layout changes in a way the hashed files do not show.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 
 @dataclass(frozen=True)
-class PackageResult:
+class BentoKind:
+    """What differs between the cloud and the edge bento."""
+
+    role: str
+    service_target: str
+    service_files: tuple[str, ...]  # files of deploy/ that go into the bento
+    # What the service imports; their dependencies are pinned too. BentoML adds itself.
+    packages: tuple[str, ...]
+
+
+# uvicorn serves faster with uvloop and httptools when they are installed (~15 % less CPU).
+SERVER_EXTRAS = ("uvloop", "httptools")
+CLOUD = BentoKind(
+    role="cloud",
+    service_target="deploy.service:ImageClassifier",
+    service_files=("service.py", "batching.py", "common.py"),
+    packages=("bentoml", "onnxruntime", "numpy", "pillow", *SERVER_EXTRAS),
+)
+EDGE = BentoKind(
+    role="edge",
+    service_target="deploy.edge_service:EdgeClassifier",
+    service_files=("edge_service.py", "common.py"),
+    packages=("bentoml", "onnxruntime", "numpy", "httpx", *SERVER_EXTRAS),
+)
+
+
+@dataclass(frozen=True)
+class BentoResult:
     tag: str  # name:version, the version being "r" + 12 hex digits of the content hash
     archive: Path  # the exported .bento file, absolute
     served_variant: str
     model_version: str  # what the service answers with: the bento's version
     model_bytes: int
+    archive_bytes: int
+    packages_bytes: int  # installed size of the pinned Python packages (measured here)
     reused: bool  # the store already held this exact bento
 
 
-def pinned_requirements(names: tuple[str, ...] = RUNTIME_PACKAGES) -> list[str]:
-    """``name==version`` for each package, as installed here (the bento is built offline)."""
-    pins = []
-    for name in names:
+@dataclass(frozen=True)
+class PackageResult(BentoResult):
+    """The cloud bento's figures, and the edge bento's (None when it was not asked for)."""
+
+    edge: BentoResult | None = None
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def dependency_closure(names: tuple[str, ...]) -> dict[str, metadata.Distribution]:
+    """Installed distributions ``names`` need, transitively, for this interpreter, no extras."""
+    from packaging.requirements import Requirement
+
+    found: dict[str, metadata.Distribution] = {}
+    todo = [(name, True) for name in names]
+    while todo:
+        name, direct = todo.pop()
+        key = _norm(name)
+        if key in found:
+            continue
         try:
-            pins.append(f"{name}=={metadata.version(name)}")
+            dist = metadata.distribution(name)
         except metadata.PackageNotFoundError:
-            raise StageError(f"package {name!r} is not installed; the service needs it") from None
-    return pins
+            if direct:
+                raise StageError(f"package {name!r} is not installed; a service needs it") from None
+            log.warning("%s is required but not installed here: left out of the pins", name)
+            continue
+        found[key] = dist
+        for line in dist.requires or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append((req.name, False))
+    return dict(sorted(found.items()))
+
+
+def pinned_requirements(names: tuple[str, ...]) -> list[str]:
+    """``name==version`` for ``names`` and everything they need, as installed here.
+
+    BentoML itself is left out: ``bentoml build`` adds its own pin.
+    """
+    closure = dependency_closure(names)
+    return [f"{d.metadata['Name']}=={d.version}" for k, d in closure.items() if k != "bentoml"]
+
+
+def installed_bytes(names: tuple[str, ...]) -> int:
+    """Disk space the installed packages ``names`` and their dependencies take here."""
+    total = 0
+    for dist in dependency_closure(names).values():
+        for file in dist.files or []:
+            path = Path(dist.locate_file(file))
+            if path.is_file():
+                total += path.stat().st_size
+    return total
 
 
 def read_optional_json(path: Path) -> dict | None:
@@ -135,15 +218,16 @@ def check_model(onnx_file: Path, image_shape: tuple[int, ...], n_classes: int) -
 
 
 def stage_source(
-    onnx_file: Path, card: dict, staging_dir: Path, service_file: Path = SERVICE_FILE
+    kind: BentoKind, onnx_file: Path, card: dict, staging_dir: Path, deploy_dir: Path = DEPLOY_DIR
 ) -> None:
-    """Lay out the bento's source in a clean ``staging_dir``: the service and its model."""
+    """Lay out the bento's source in a clean ``staging_dir``: its service files and model."""
     staging_dir = Path(staging_dir)
     shutil.rmtree(staging_dir, ignore_errors=True)
     model_dir = staging_dir / MODEL_SUBDIR
     model_dir.mkdir(parents=True)
     (staging_dir / "deploy" / "__init__.py").write_text('"""The served model and its service."""\n')
-    shutil.copyfile(service_file, staging_dir / "deploy" / "service.py")
+    for name in kind.service_files:
+        shutil.copyfile(Path(deploy_dir) / name, staging_dir / "deploy" / name)
     shutil.copyfile(onnx_file, model_dir / "model.onnx")
     write_card(card, staging_dir)
 
@@ -179,14 +263,11 @@ def _store_matches(bento_src: Path, staging_dir: Path) -> bool:
     return True
 
 
-def build_bento(
-    staging_dir: Path, name: str, version: str, labels: dict, description: str, packages: list
-) -> bool:
-    """Build ``name:version`` from ``staging_dir`` into the store; True when reused as is."""
+def build_bento(staging_dir: Path, tag: str, options: dict) -> bool:
+    """Build ``tag`` from ``staging_dir`` into the store; True when reused as is."""
     import bentoml
     from bentoml.exceptions import BentoMLException, NotFound
 
-    tag = f"{name}:{version}"
     try:
         existing = bentoml.bentos.get(tag)
     except NotFound:
@@ -197,34 +278,56 @@ def build_bento(
             return True
         log.warning("bento %s in the store differs from its sources: rebuilding it", tag)
         bentoml.bentos.delete(tag)
+    name, version = tag.split(":")
     try:
-        _build(staging_dir, name, version, labels, description, packages)
+        with _own_deploy_package():
+            _build(staging_dir, name, version, options)
     except BentoMLException as exc:  # e.g. no `uv` and no index to install it from
         raise StageError(f"bentoml could not build {tag}: {exc}") from exc
     return False
 
 
-def _build(
-    staging_dir: Path, name: str, version: str, labels: dict, description: str, packages: list
-) -> None:
+@contextmanager
+def _own_deploy_package():
+    """Let the build import ``deploy`` from its staging dir, not a ``deploy`` imported before.
+
+    ``bentoml.bentos.build`` imports the service by module path; a ``deploy`` package already
+    in ``sys.modules`` (the repository's, or the other bento's staging dir) would be used
+    instead, and would not hold ``edge_service``. What was there is put back afterwards.
+    """
+    saved = {k: v for k, v in sys.modules.items() if k == "deploy" or k.startswith("deploy.")}
+    for key in saved:
+        del sys.modules[key]
+    try:
+        yield
+    finally:
+        for key in [k for k in sys.modules if k == "deploy" or k.startswith("deploy.")]:
+            del sys.modules[key]
+        sys.modules.update(saved)
+
+
+def _build(staging_dir: Path, name: str, version: str, options: dict) -> None:
     import bentoml
 
     bentoml.bentos.build(
-        SERVICE_TARGET,
+        options["service"],
         name=name,
         version=version,
-        labels=labels,
-        description=description,
+        labels=options["labels"],
+        description=options["description"],
         include=["deploy/**"],
         exclude=["__pycache__/", "*.pyc"],
-        # Offline: pinned to what is installed here, and no `uv pip compile` lock step.
-        python={"packages": packages, "lock_packages": False},
+        # Offline: every package pinned to what is installed here, and no `uv pip
+        # compile` lock step (it needs an index).
+        python={"packages": options["packages"], "lock_packages": False},
+        # What `bentoml containerize` turns into an image (no Docker daemon here).
+        docker={"distro": "debian", "python_version": options["python"]},
         build_ctx=str(Path(staging_dir).resolve()),
     )
 
 
 def export_archive(tag: str, artefacts_dir: Path) -> Path:
-    """Export the bento to ``artefacts_dir/<name>-<version>.bento``; drop older archives."""
+    """Export the bento to ``artefacts_dir/<name>-<version>.bento``; drop its older archives."""
     import bentoml
 
     name, version = tag.split(":")
@@ -238,51 +341,153 @@ def export_archive(tag: str, artefacts_dir: Path) -> Path:
         os.replace(written, archive)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    # Exactly <name>-r<hash>.bento: "digits-classifier-*" would also match the edge bento's.
+    own = re.compile(re.escape(name) + r"-r[0-9a-f]{12}\.bento")
     for old in artefacts_dir.glob(f"{name}-*.bento"):
-        if old != archive:
+        if old != archive and own.fullmatch(old.name):
             old.unlink()
     return archive
 
 
-def describe(card: dict) -> str:
+def describe(card: dict, role: str) -> str:
     shape = "x".join(str(d) for d in card["image_shape"])
     accuracy = card["metrics"].get("accuracy")
     lines = [
-        f"# {card['model']}",
+        f"# {card['model']} ({role})",
         "",
         f"Classifies {shape} images (C x H x W, raw pixel values 0-255) into "
         f"{len(card['class_names'])} classes with the {card['served_variant']} ONNX model.",
     ]
     if accuracy is not None:
         lines.append(f"Test accuracy: {accuracy:.4f}.")
-    lines += [
-        "",
-        '`POST /predict {"image": [[...]]}`, `POST /predict_batch {"images": [...]}` (at most '
-        f"{card['max_batch_size']}), `POST /info`; health: `/readyz`, `/livez`.",
-    ]
+    lines.append("")
+    if role == "edge":
+        lines.append(
+            '`POST /predict {"image": [[...]]}`, `POST /predict_batch {"images": [...]}`, '
+            "`POST /info`. Images whose top probability is below "
+            f"{card['edge']['confidence_threshold']} go to the cloud bento at `CLOUD_URL` "
+            "when one is set; every answer says who answered (`answered_by`)."
+        )
+    else:
+        lines.append(
+            '`POST /predict {"image": [[...]]}`, `POST /predict_batch {"images": [...]}` (at '
+            f"most {card['max_batch_size']}), `POST /predict_image` (multipart PNG/JPEG, field "
+            "`image`), `POST /info`; `/readyz`, `/livez`, `/metrics`; OpenAPI page at `/`."
+        )
     return "\n".join(lines) + "\n"
+
+
+def _build_one(
+    kind: BentoKind,
+    name: str,
+    onnx_file: Path,
+    card: dict,
+    staging_dir: Path,
+    artefacts_dir: Path,
+    deploy_dir: Path,
+) -> BentoResult:
+    """Stage, version, build (or reuse) and export one bento."""
+    stage_source(kind, onnx_file, card, staging_dir, deploy_dir)
+    labels = {
+        "role": kind.role,
+        "model_name": card["model"].split(":")[0],
+        "model": card["model"],
+        "served_variant": card["served_variant"],
+        "image_shape": "x".join(str(d) for d in card["image_shape"]),
+        "num_classes": str(len(card["class_names"])),
+        **{k: f"{v:.6g}" for k, v in card["metrics"].items()},
+    }
+    options = {
+        "layout": LAYOUT_VERSION,
+        "service": kind.service_target,
+        "labels": labels,
+        "description": describe(card, kind.role),
+        "packages": pinned_requirements(kind.packages),
+        "bentoml": metadata.version("bentoml"),
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+    }
+    # The version hashes everything staged so far; the card then records it, so every answer
+    # of the service names the bento it came from (the field itself is left out of the hash).
+    version = content_version(staging_dir, options)
+    tag = f"{name}:{version}"
+    card = {**card, "model_version": version}
+    write_card(card, staging_dir)
+    reused = build_bento(staging_dir, tag, options)
+    archive = export_archive(tag, artefacts_dir)  # absolute: `bentoml import` needs that
+    result = BentoResult(
+        tag=tag,
+        archive=archive,
+        served_variant=card["served_variant"],
+        model_version=version,
+        model_bytes=Path(onnx_file).stat().st_size,
+        archive_bytes=archive.stat().st_size,
+        packages_bytes=installed_bytes(kind.packages),
+        reused=reused,
+    )
+    log.info(
+        "%s bento %s (%s model, %d B; archive %d B; Python packages %.0f MB)%s -> %s",
+        kind.role,
+        tag,
+        result.served_variant,
+        result.model_bytes,
+        result.archive_bytes,
+        result.packages_bytes / 1e6,
+        " reused" if reused else "",
+        archive,
+    )
+    return result
+
+
+def _model_card(onnx_file: Path, meta: DatasetMeta, model_name: str, variant: str) -> dict:
+    digest = sha256_file(onnx_file)
+    return {
+        "model": f"{model_name}:{variant}-{digest[:12]}",
+        "model_sha256": digest,
+        "served_variant": variant,
+        "class_names": list(meta.class_names),
+        "image_shape": list(meta.image_shape),
+    }
+
+
+def _check_onnx_exists(onnx_file: Path, variant: str) -> None:
+    if not Path(onnx_file).is_file():
+        raise StageError(
+            f"{onnx_file} not found: run the compress stage first (it writes the {variant!r} model)"
+        )
+
+
+def _bento_summary(result: BentoResult, card: dict, metrics: dict) -> dict:
+    return {
+        "tag": result.tag,
+        "archive": str(result.archive),
+        "archive_bytes": result.archive_bytes,
+        "served_variant": result.served_variant,
+        "model_version": result.model_version,
+        "model": card["model"],
+        "model_bytes": result.model_bytes,
+        "packages_bytes": result.packages_bytes,
+        "metrics": metrics,
+    }
 
 
 def package(
     onnx_file: Path,
     meta_file: Path,
+    settings: PackageParams,
     *,
-    bento_name: str,
-    model_name: str,
     served_variant: str,
-    max_batch_size: int,
     staging_dir: Path,
     artefacts_dir: Path,
     metrics: dict | None = None,
-    service_file: Path = SERVICE_FILE,
+    edge_onnx_file: Path | None = None,
+    edge_metrics: dict | None = None,
+    deploy_dir: Path = DEPLOY_DIR,
 ) -> PackageResult:
-    """The core, on explicit paths: stage, build (or reuse), export, write ``bento.json``."""
+    """The core, on explicit paths: build the cloud bento (and the edge one when given its
+    int8 model), export both, write ``bento.json``. Bentos are staged under
+    ``staging_dir/<bento name>``."""
     onnx_file, meta_file = Path(onnx_file), Path(meta_file)
-    if not onnx_file.is_file():
-        raise StageError(
-            f"{onnx_file} not found: run the compress stage first (it writes the "
-            f"{served_variant!r} model that compress.serve_variant selects)"
-        )
+    _check_onnx_exists(onnx_file, served_variant)
     try:
         meta = DatasetMeta.load(meta_file)
     except (DatasetError, KeyError, json.JSONDecodeError) as exc:
@@ -290,99 +495,76 @@ def package(
     if len(set(meta.class_names)) != len(meta.class_names):
         raise StageError(f"{meta_file}: class names must be unique, got {meta.class_names}")
     check_model(onnx_file, meta.image_shape, len(meta.class_names))
-
-    model_digest = sha256_file(onnx_file)
+    limits = {
+        "max_batch_size": settings.max_batch_size,
+        "max_latency_ms": settings.max_latency_ms,
+        "max_request_bytes": settings.max_request_bytes,
+        "max_image_bytes": settings.max_image_bytes,
+    }
     metrics = dict(metrics or {})
-    card = {
-        "model": f"{model_name}:{served_variant}-{model_digest[:12]}",
-        "model_sha256": model_digest,
-        "served_variant": served_variant,
-        "class_names": list(meta.class_names),
-        "image_shape": list(meta.image_shape),
-        "max_batch_size": max_batch_size,
-        "metrics": metrics,
-    }
-    stage_source(onnx_file, card, staging_dir, service_file)
+    staging_dir, artefacts_dir = Path(staging_dir), Path(artefacts_dir)
 
-    labels = {
-        "model_name": model_name,
-        "model": card["model"],
-        "served_variant": served_variant,
-        "image_shape": "x".join(str(d) for d in meta.image_shape),
-        "num_classes": str(len(meta.class_names)),
-        **{k: f"{v:.6g}" for k, v in metrics.items()},
-    }
-    packages = pinned_requirements()
-    description = describe(card)
-    build_options = {
-        "layout": LAYOUT_VERSION,
-        "service": SERVICE_TARGET,
-        "labels": labels,
-        "description": description,
-        "packages": packages,
-        "bentoml": metadata.version("bentoml"),
-        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
-    }
-    # The version hashes everything staged so far; the card then records it, so every answer
-    # of the service names the bento it came from (the field itself is left out of the hash).
-    version = content_version(staging_dir, build_options)
-    tag = f"{bento_name}:{version}"
-    card["model_version"] = version
-    write_card(card, Path(staging_dir))
+    card = _model_card(onnx_file, meta, settings.model_name, served_variant)
+    card.update(limits, metrics=metrics)
+    cloud = _build_one(
+        CLOUD,
+        settings.bento_name,
+        onnx_file,
+        card,
+        staging_dir / settings.bento_name,
+        artefacts_dir,
+        deploy_dir,
+    )
+    summary = _bento_summary(cloud, card, metrics)
 
-    reused = build_bento(staging_dir, bento_name, version, labels, description, packages)
-    archive = export_archive(tag, artefacts_dir)  # absolute: `bentoml import` needs that
-    result = PackageResult(
-        tag=tag,
-        archive=archive,
-        served_variant=served_variant,
-        model_version=card["model_version"],
-        model_bytes=onnx_file.stat().st_size,
-        reused=reused,
-    )
-    write_json(
-        Path(artefacts_dir) / "bento.json",
-        {
-            "tag": result.tag,
-            "archive": str(result.archive),
-            "served_variant": result.served_variant,
-            "model_version": result.model_version,
-            "model": card["model"],
-            "model_bytes": result.model_bytes,
-            "metrics": metrics,
-        },
-    )
-    log.info(
-        "bento %s (%s model, %d B)%s -> %s",
-        tag,
-        served_variant,
-        result.model_bytes,
-        " reused" if reused else "",
-        archive,
-    )
-    return result
+    edge = None
+    if edge_onnx_file is not None:
+        _check_onnx_exists(Path(edge_onnx_file), EDGE_VARIANT)
+        check_model(Path(edge_onnx_file), meta.image_shape, len(meta.class_names))
+        edge_metrics = dict(edge_metrics or {})
+        edge_card = _model_card(Path(edge_onnx_file), meta, settings.model_name, EDGE_VARIANT)
+        edge_card.update(limits, metrics=edge_metrics, edge=settings.edge.model_dump())
+        edge_card["edge"].pop("bento_name")
+        edge = _build_one(
+            EDGE,
+            settings.edge.bento_name,
+            Path(edge_onnx_file),
+            edge_card,
+            staging_dir / settings.edge.bento_name,
+            artefacts_dir,
+            deploy_dir,
+        )
+        summary["edge"] = _bento_summary(edge, edge_card, edge_metrics)
+        summary["edge"]["cloud_url"] = settings.edge.cloud_url
+        summary["edge"]["confidence_threshold"] = settings.edge.confidence_threshold
+    write_json(artefacts_dir / "bento.json", summary)
+    return PackageResult(**{**cloud.__dict__, "edge": edge})
 
 
 def run(params: Params) -> PackageResult:
     """The stage: read the pipeline's outputs named in params.yaml and call :func:`package`."""
-    paths, variant = params.paths, params.compress.serve_variant
+    paths = params.paths
     metrics_dir = Path(paths.metrics_dir)
-    metrics = summarise_metrics(
-        read_optional_json(metrics_dir / "evaluate.json"),
-        read_optional_json(metrics_dir / "compress.json"),
-        variant,
-    )
+    evaluate = read_optional_json(metrics_dir / "evaluate.json")
+    compress = read_optional_json(metrics_dir / "compress.json")
+    # The compress stage's selection policy (compress.select) decides what is served.
+    variant = (compress or {}).get("served_variant")
+    if not variant:
+        raise StageError(
+            f"{metrics_dir / 'compress.json'} names no served_variant: run the compress stage"
+        )
+    onnx_dir = Path(paths.model_dir) / "onnx"
     return package(
-        Path(paths.model_dir) / "onnx" / f"{variant}.onnx",
+        onnx_dir / f"{variant}.onnx",
         meta_path(paths.prepared_dir),
-        bento_name=params.package.bento_name,
-        model_name=params.package.model_name,
+        params.package,
         served_variant=variant,
-        max_batch_size=params.package.max_batch_size,
         # Scratch, git-ignored; rebuilt from nothing on every run.
-        staging_dir=Path.cwd() / "build" / "bento" / params.package.bento_name,
+        staging_dir=Path.cwd() / "build" / "bento",
         artefacts_dir=Path(paths.artefacts_dir),
-        metrics=metrics,
+        metrics=summarise_metrics(evaluate, compress, variant),
+        edge_onnx_file=onnx_dir / f"{EDGE_VARIANT}.onnx",
+        edge_metrics=summarise_metrics(evaluate, compress, EDGE_VARIANT),
     )
 
 

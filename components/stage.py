@@ -39,6 +39,9 @@ def set_quiet_env() -> None:
     # Per-project state, under the repository (git-ignored), not in the user's home.
     os.environ.setdefault("BENTOML_HOME", str(Path.cwd() / ".bentoml"))
     os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
+    # The temporary Prefect server of a run by hand needs more than the default 20 s to
+    # start on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -1,13 +1,21 @@
-"""Train: fit the CNN with a Lightning Trainer, keep the best weights by validation loss.
+"""Train: fit the network with a Lightning Trainer, keep the best weights by validation loss.
 
-``devices``, ``strategy`` and ``precision`` from params.yaml go straight to Lightning, so the
-same stage runs on a CPU, one GPU or several. Under DDP only rank zero writes files.
+``accelerator``, ``devices``, ``num_nodes``, ``strategy`` and ``precision`` from params.yaml
+go straight to Lightning, so the same stage runs on a CPU, one GPU, N GPUs or M machines.
+Under DDP only global rank zero writes files; epoch metrics are synchronised across ranks.
+
+Checkpoints go to ``paths.checkpoint_dir/<run key>/``, where the key hashes the train params
+and the data. A run that was killed resumes from its last checkpoint when started again with
+the same key (``train.resume``); a changed param or data set starts afresh. A run that
+finished removes its checkpoints: a forced re-run trains again from the start.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -15,12 +23,13 @@ from pathlib import Path
 
 from components.config import Params, TrainParams
 from components.dataset import DatasetMeta, ImageSet, load_images, meta_path, split_path
-from components.model import CNNConfig, SmallCNN, save_model
+from components.model import NetConfig, build_model, load_state_dict, save_model
 from components.stage import StageError, main, write_json
 
 log = logging.getLogger("pipeline.train")
 
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_accuracy")
+LAST_CHECKPOINT = "last.ckpt"
 
 
 @dataclass(frozen=True)
@@ -30,13 +39,125 @@ class TrainResult:
     best_val_loss: float
     best_val_accuracy: float
     samples_per_second: float
+    resumed_from_epoch: int  # 0 for a fresh run
 
 
-def _lightning_module(net: SmallCNN, params: TrainParams):
+@dataclass
+class FitOutput:
+    net: object  # the plain nn.Module, best weights loaded (rank zero only)
+    config: NetConfig
+    history: list[dict]
+    is_global_zero: bool
+    resumed_from_epoch: int
+    samples_per_second: float
+
+
+def net_config(meta: DatasetMeta, params: TrainParams) -> NetConfig:
+    return NetConfig(
+        family=params.model,
+        image_shape=tuple(meta.image_shape),
+        num_classes=len(meta.class_names),
+        channels=tuple(params.channels),
+        hidden_units=tuple(params.hidden_units),
+        dropout=params.dropout,
+        batch_norm=params.batch_norm,
+        activation=params.activation,
+    )
+
+
+def run_key(params: TrainParams, data_files: list[Path]) -> str:
+    """Hash of what decides the result: train params (but ``resume``) and the data files."""
+    digest = hashlib.sha256(
+        json.dumps(params.model_dump(mode="json", exclude={"resume"}), sort_keys=True).encode()
+    )
+    for path in data_files:
+        digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- transfer learning
+
+
+def initialise_from(net, source: str, freeze: tuple[str, ...]) -> list[str]:
+    """Copy every weight of ``source`` whose name and shape match; freeze named prefixes.
+
+    Returns the names that were copied. Layers that do not match (e.g. a classifier head
+    for another number of classes) keep their fresh initialisation.
+    """
+    try:
+        state = load_state_dict(Path(source))
+    except FileNotFoundError:
+        raise StageError(f"train.init_from: {source} not found") from None
+    own = net.state_dict()
+    copied = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not copied:
+        raise StageError(
+            f"train.init_from: no weight of {source} fits this network (different architecture?)"
+        )
+    net.load_state_dict(copied, strict=False)
+    names = [name for name, _ in net.named_parameters()]
+    for prefix in freeze:
+        matched = [n for n in names if n == prefix or n.startswith(prefix + ".")]
+        if not matched:
+            raise StageError(
+                f"train.freeze: {prefix!r} matches no parameter; names are {', '.join(names)}"
+            )
+        for name, param in net.named_parameters():
+            if name in matched:
+                param.requires_grad_(False)
+    return sorted(copied)
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def augment_batch(x, params):
+    """Random crop (pad, then shift), small rotation and horizontal flip, per image.
+
+    Works on float batches (N, C, H, W) on any device; uses torch's global RNG, which the
+    seeded Trainer makes reproducible.
+    """
+    import torch
+    from torch.nn import functional as F
+
+    aug = params.augment
+    n = x.shape[0]
+    if aug.crop_padding:
+        p = aug.crop_padding
+        padded = F.pad(x, (p, p, p, p))
+        dx = torch.randint(0, 2 * p + 1, (n,)).tolist()
+        dy = torch.randint(0, 2 * p + 1, (n,)).tolist()
+        h, w = x.shape[2:]
+        x = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    if aug.max_rotation_degrees:
+        angles = (torch.rand(n, device=x.device) * 2 - 1) * math.radians(aug.max_rotation_degrees)
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        zero = torch.zeros_like(cos)
+        theta = torch.stack(
+            [torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1
+        )
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+    if aug.horizontal_flip:
+        flip = torch.rand(n, device=x.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+# ---------------------------------------------------------------- Lightning glue
+
+
+def _lightning_module(net, params: TrainParams):
     """Wrap the plain network in a LightningModule (imported lazily: Lightning is slow)."""
     import lightning as L
     import torch
     from torch.nn import functional as F
+
+    augmenting = bool(
+        params.augment.crop_padding
+        or params.augment.max_rotation_degrees
+        or params.augment.horizontal_flip
+    )
 
     class ClassifierModule(L.LightningModule):
         def __init__(self):
@@ -46,11 +167,32 @@ def _lightning_module(net: SmallCNN, params: TrainParams):
         def forward(self, x):
             return self.net(x)
 
+        def on_train_epoch_start(self):
+            self._loss_sum = torch.zeros((), device=self.device)
+            self._loss_count = torch.zeros((), device=self.device)
+
         def training_step(self, batch, _):
             x, y = batch
-            loss = F.cross_entropy(self.net(x.float()), y)
-            self.log("train_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+            x = x.float()
+            if augmenting:
+                x = augment_batch(x, params)
+            loss = F.cross_entropy(self.net(x), y)
+            # Our own running mean: Lightning aggregates logged epoch values only after the
+            # validation of that epoch, which is when the history row is written.
+            self._loss_sum += loss.detach() * len(y)
+            self._loss_count += len(y)
+            if params.l1_penalty:
+                weights = [p for p in self.net.parameters() if p.requires_grad and p.dim() > 1]
+                loss = loss + params.l1_penalty * sum(p.abs().sum() for p in weights)
             return loss
+
+        def epoch_train_loss(self) -> float | None:
+            """Mean training loss of the current epoch over all ranks (a collective call)."""
+            if not hasattr(self, "_loss_sum"):
+                return None
+            total = self.trainer.strategy.reduce(self._loss_sum, reduce_op="sum")
+            count = self.trainer.strategy.reduce(self._loss_count, reduce_op="sum")
+            return float(total / count.clamp(min=1))
 
         def validation_step(self, batch, _):
             x, y = batch
@@ -60,34 +202,59 @@ def _lightning_module(net: SmallCNN, params: TrainParams):
             self.log("val_accuracy", acc, on_epoch=True, sync_dist=True)
 
         def configure_optimizers(self):
+            trainable = [p for p in self.parameters() if p.requires_grad]
+            lr, wd = params.learning_rate, params.weight_decay
             if params.optimizer == "sgd":
-                return torch.optim.SGD(
-                    self.parameters(),
-                    lr=params.learning_rate,
-                    momentum=params.momentum,
-                    weight_decay=params.weight_decay,
-                )
-            return torch.optim.Adam(
-                self.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay
-            )
+                opt = torch.optim.SGD(
+                    trainable, lr=lr, momentum=params.momentum, nesterov=params.nesterov,
+                    weight_decay=wd,
+                )  # fmt: skip
+            elif params.optimizer == "adamw":
+                opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=wd)
+            else:
+                opt = torch.optim.Adam(trainable, lr=lr, weight_decay=wd)
+            sched = torch.optim.lr_scheduler
+            if params.lr_schedule == "step":
+                s = sched.StepLR(opt, step_size=params.lr_step_epochs, gamma=params.lr_step_gamma)
+                return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "epoch"}}
+            if params.lr_schedule == "cosine":
+                s = sched.CosineAnnealingLR(opt, T_max=params.max_epochs)
+                return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "epoch"}}
+            if params.lr_schedule == "onecycle":
+                steps = int(self.trainer.estimated_stepping_batches)
+                s = sched.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+                return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "step"}}
+            return opt
 
     return ClassifierModule()
 
 
-def _history_callback(history: list[dict]):
+def _history_callback():
     import lightning as L
 
     class History(L.Callback):
-        """Collects epoch metrics (already synchronised across ranks) for the plots file."""
+        """Epoch metrics (synchronised across ranks) for the plots file; kept in checkpoints
+        so a resumed run still reports every epoch."""
 
-        def on_validation_epoch_end(self, trainer, _module):
+        def __init__(self):
+            self.rows: list[dict] = []
+
+        def on_validation_epoch_end(self, trainer, module):
             if trainer.sanity_checking:
                 return
             m = trainer.callback_metrics
+            train_loss = module.epoch_train_loss()
             row = {"epoch": trainer.current_epoch + 1}
-            for key in HISTORY_FIELDS[1:]:
+            row["train_loss"] = round(train_loss, 6) if train_loss is not None else None
+            for key in HISTORY_FIELDS[2:]:
                 row[key] = round(float(m[key]), 6) if key in m else None
-            history.append(row)
+            self.rows.append(row)
+
+        def state_dict(self):
+            return {"rows": self.rows}
+
+        def load_state_dict(self, state_dict):
+            self.rows = list(state_dict["rows"])
 
     return History()
 
@@ -98,8 +265,8 @@ def fit(
     meta: DatasetMeta,
     params: TrainParams,
     checkpoint_dir: Path,
-):
-    """The core: train a fresh network; return it (best weights loaded), config and history."""
+) -> FitOutput:
+    """The core: train (or resume) a network; rank zero gets it back with the best weights."""
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -107,26 +274,17 @@ def fit(
 
     L.seed_everything(params.seed, workers=True, verbose=False)
     logging.getLogger("lightning.pytorch").propagate = False  # it has its own handler
-    config = CNNConfig(
-        image_shape=tuple(meta.image_shape),
-        num_classes=len(meta.class_names),
-        channels=tuple(params.channels),
-        hidden_units=params.hidden_units,
-        dropout=params.dropout,
-    )
+    config = net_config(meta, params)
     try:
-        net = SmallCNN(config)
+        net = build_model(config)
     except ValueError as exc:
         raise StageError(str(exc)) from None
+    if params.init_from:
+        copied = initialise_from(net, params.init_from, params.freeze)
+        log.info("initialised %d tensors from %s; frozen: %s", len(copied), params.init_from,
+                 list(params.freeze) or "none")  # fmt: skip
 
-    def loader(images: ImageSet, shuffle: bool) -> DataLoader:
-        tensors = TensorDataset(torch.from_numpy(images.x), torch.from_numpy(images.y))
-        generator = torch.Generator().manual_seed(params.seed)
-        return DataLoader(
-            tensors, batch_size=params.batch_size, shuffle=shuffle, generator=generator
-        )
-
-    history: list[dict] = []
+    history = _history_callback()
     checkpoint = ModelCheckpoint(
         dirpath=checkpoint_dir, filename="best", monitor="val_loss", mode="min", save_last=True
     )
@@ -134,48 +292,81 @@ def fit(
         max_epochs=params.max_epochs,
         accelerator=params.accelerator,
         devices=params.devices,
+        num_nodes=params.num_nodes,
         strategy=params.strategy,
         precision=params.precision,
         deterministic=params.deterministic,
+        gradient_clip_val=params.gradient_clip_norm or None,
         callbacks=[
             checkpoint,
             EarlyStopping(monitor="val_loss", patience=params.early_stopping_patience),
-            _history_callback(history),
+            history,
         ],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=checkpoint_dir,
     )
+
+    per_process = max(1, params.batch_size // trainer.world_size)  # keep the global batch
+
+    def loader(images: ImageSet, shuffle: bool) -> DataLoader:
+        tensors = TensorDataset(torch.from_numpy(images.x), torch.from_numpy(images.y))
+        # A last batch of one image breaks batch norm's statistics: drop it.
+        drop_last = shuffle and params.batch_norm and len(images) % per_process == 1
+        generator = torch.Generator().manual_seed(params.seed)
+        return DataLoader(
+            tensors, batch_size=per_process, shuffle=shuffle, generator=generator,
+            drop_last=drop_last,
+        )  # fmt: skip
+
+    last = Path(checkpoint_dir) / LAST_CHECKPOINT
+    resume_from = last if params.resume and last.is_file() else None
+    resumed_epoch = 0
+    if resume_from is not None:
+        resumed_epoch = (
+            int(torch.load(resume_from, map_location="cpu", weights_only=True)["epoch"]) + 1
+        )
+        if trainer.is_global_zero:
+            log.info("resuming from %s after epoch %d of %d", resume_from, resumed_epoch,
+                     params.max_epochs)  # fmt: skip
+
     module = _lightning_module(net, params)
     started = time.perf_counter()
-    trainer.fit(module, loader(train_set, shuffle=True), loader(val_set, shuffle=False))
+    trainer.fit(
+        module,
+        loader(train_set, shuffle=True),
+        loader(val_set, shuffle=False),
+        ckpt_path=resume_from,
+        weights_only=True,  # checkpoints hold tensors and plain data only
+    )
     seconds = time.perf_counter() - started
+    epochs_now = len(history.rows) - resumed_epoch
+    speed = len(train_set) * epochs_now / seconds if seconds and epochs_now > 0 else 0.0
 
-    # Back to the best epoch's weights (the checkpoint holds tensors only for the state dict).
-    best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
-    net.load_state_dict({k.removeprefix("net."): v for k, v in best["state_dict"].items()})
-    net.eval()
-    samples_per_second = len(train_set) * len(history) / seconds if seconds else 0.0
-    return net, config, history, trainer, samples_per_second
+    if trainer.is_global_zero:
+        net.load_state_dict(load_state_dict(Path(checkpoint.best_model_path)))
+        net.eval()
+    return FitOutput(net, config, history.rows, trainer.is_global_zero, resumed_epoch, speed)
 
 
 def run(params: Params) -> TrainResult | None:
     paths, cfg = params.paths, params.train
     meta = DatasetMeta.load(meta_path(paths.prepared_dir))
-    train_set = load_images(split_path(paths.prepared_dir, "train"))
-    val_set = load_images(split_path(paths.prepared_dir, "val"))
+    files = [split_path(paths.prepared_dir, s) for s in ("train", "val")]
+    train_set, val_set = (load_images(f) for f in files)
 
-    checkpoint_dir = Path("build") / "checkpoints" / "train"
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # a fresh run; resume is opt-in
-    net, config, history, trainer, speed = fit(train_set, val_set, meta, cfg, checkpoint_dir)
-    if not trainer.is_global_zero:
+    root = Path(paths.checkpoint_dir)
+    key = run_key(cfg, [*files, meta_path(paths.prepared_dir)])
+    out = fit(train_set, val_set, meta, cfg, root / key)
+    if not out.is_global_zero:
         return None  # under DDP only rank zero writes artefacts
 
+    history = out.history
     best = min(history, key=lambda row: row["val_loss"])
     save_model(
-        net,
-        config,
+        out.net,
+        out.config,
         paths.model_dir,
         extra={"class_names": list(meta.class_names), "trained_epochs": len(history)},
     )
@@ -193,17 +384,18 @@ def run(params: Params) -> TrainResult | None:
         fh.write(",".join(HISTORY_FIELDS) + "\n")
         for row in history:
             fh.write(",".join(json.dumps(row[k]) for k in HISTORY_FIELDS) + "\n")
+    # Checkpoints only serve to resume an interrupted run: once a run has finished they are
+    # of no further use (and resuming a finished, early-stopped run would train on).
+    shutil.rmtree(root, ignore_errors=True)
     log.info(
         "%d epochs, best val_loss %.4f (epoch %d), val_accuracy %.4f, %.0f samples/s",
-        len(history),
-        best["val_loss"],
-        best["epoch"],
-        best["val_accuracy"],
-        speed,
-    )
+        len(history), best["val_loss"], best["epoch"], best["val_accuracy"],
+        out.samples_per_second,
+    )  # fmt: skip
     return TrainResult(
-        Path(paths.model_dir), len(history), best["val_loss"], best["val_accuracy"], speed
-    )
+        Path(paths.model_dir), len(history), best["val_loss"], best["val_accuracy"],
+        out.samples_per_second, out.resumed_from_epoch,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -6,6 +6,13 @@ finds unchanged ends in a ``Skipped`` state without starting a process.
 
     python -m flows.pipeline                          # run everything that changed
     python -m flows.pipeline --set train.max_epochs=2 # override params.yaml, as `dvc exp run -S`
+    python -m flows.pipeline --only-if-data-changed   # what the nightly schedule runs
+
+A run checks what it can first (overrides, the remotes), then holds the workspace (one run at
+a time), applies the overrides, runs the stages, and ends by saving itself as a DVC
+experiment named after the flow run and pushing data and models to the DVC remote, so any run
+reproduces elsewhere with ``dvc exp apply <run>`` and ``dvc repro --pull``. The ``orchestrate``
+section of params.yaml holds the knobs (retries, lock wait, remotes, schedule).
 
 No ML logic lives here: each stage is ``python -m components.<stage>``, run by ``dvc repro``.
 """
@@ -13,6 +20,7 @@ No ML logic lives here: each stage is ``python -m components.<stage>``, run by `
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -24,19 +32,63 @@ from components.stage import FAILURE_PREFIX, set_quiet_env
 set_quiet_env()  # before Prefect is imported: it reads PREFECT_HOME at import
 
 from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 
-from components.config import ParamsError, apply_overrides, check_overrides, load_params  # noqa: E402
+from components.config import (  # noqa: E402
+    Params,
+    ParamsError,
+    apply_overrides,
+    check_overrides,
+    load_params,
+    parse_params,
+    read_params_file,
+)
+from flows.experiments import (  # noqa: E402
+    FALLBACK_IDENTITY,
+    PreflightError,
+    check_dvc_remote,
+    check_git_remote,
+    existing_experiment_names,
+    experiment_name,
+    has_commit,
+    push_data,
+    push_experiment_ref,
+    save_experiment,
+)
+from flows.workspace_lock import WorkspaceBusy, lock_path, workspace_lock  # noqa: E402
+
+# Final-state names the CLI and the tests read: the run did not start, or another run holds
+# the workspace; a stage failed with its own one-line reason (so retrying cannot help).
+NOT_STARTED = "NotStarted"
+BUSY = "WorkspaceBusy"
+STAGE_FAILED = "StageFailed"
 
 
-def stage_order(root: Path) -> list[str]:
-    """The stages of dvc.yaml in graph order (DVC's own topological sort of its stage graph)."""
+def stage_graph(root: Path) -> tuple[list[str], list[str]]:
+    """The stages of dvc.yaml in graph order (DVC's own topological sort of its stage graph),
+    and the source stages among them: those that depend on no other stage (ingest)."""
     import networkx as nx
     from dvc.repo import Repo
 
+    def address(stage) -> str:
+        # What `dvc repro` run from the root accepts: the name for the root dvc.yaml's stages
+        # (DVC's own `addressing` is relative to the current folder, not the root).
+        dvcfile = Path(stage.path).resolve()
+        if dvcfile.parent == Path(root).resolve():
+            return stage.name
+        return f"{dvcfile.relative_to(Path(root).resolve()).as_posix()}:{stage.name}"
+
     with Repo(str(root)) as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        return [stage.addressing for stage in reversed(list(nx.topological_sort(graph)))]
+        order = [address(stage) for stage in reversed(list(nx.topological_sort(graph)))]
+        sources = {address(stage) for stage in graph if graph.out_degree(stage) == 0}
+    return order, [s for s in order if s in sources]
+
+
+def stage_order(root: Path) -> list[str]:
+    """The stages of dvc.yaml in graph order."""
+    return stage_graph(root)[0]
 
 
 def stage_is_up_to_date(root: Path, stage: str) -> bool:
@@ -47,11 +99,28 @@ def stage_is_up_to_date(root: Path, stage: str) -> bool:
         return not repo.status(targets=[stage])
 
 
-@task(retries=0)
-def run_stage(stage: str, root: str):
-    """Run one stage through ``dvc repro --single-item``; stream its output into the logs."""
+def changed_sources(root: Path) -> list[str]:
+    """The source stages whose data, code or params changed since dvc.lock (``dvc status``)."""
+    return [stage for stage in stage_graph(root)[1] if not stage_is_up_to_date(root, stage)]
+
+
+def _retry_unless_the_stage_said_why(task, task_run, state) -> bool:
+    """Retry crashes, I/O errors, a busy DVC lock; not a stage's own one-line failure."""
+    return state.name != STAGE_FAILED
+
+
+@task(retries=0, retry_condition_fn=_retry_unless_the_stage_said_why)
+def run_stage(stage: str, root: str, skip_reason: str = ""):
+    """Run one stage through ``dvc repro --single-item``; stream its output into the logs.
+
+    Returns "ran", or a ``Skipped`` state when DVC finds the stage unchanged (or the run was
+    told to skip), or a ``Failed`` state whose message is the stage's one-line reason.
+    """
     logger = get_run_logger()
     root_path = Path(root)
+    if skip_reason:
+        logger.info("%s: skipped, %s", stage, skip_reason)
+        return Completed(name="Skipped", message=f"{stage}: {skip_reason}", data="skipped")
     if stage_is_up_to_date(root_path, stage):
         logger.info("%s: unchanged since dvc.lock, skipped", stage)
         return Completed(name="Skipped", message=f"{stage} unchanged", data="skipped")
@@ -67,7 +136,7 @@ def run_stage(stage: str, root: str):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    reason, restored, last = None, False, ""
+    reason, busy, restored, last = None, None, False, ""
     for line in process.stdout:
         line = line.rstrip()
         if not line:
@@ -77,7 +146,7 @@ def run_stage(stage: str, root: str):
         if line.startswith(FAILURE_PREFIX):
             reason = line.removeprefix(FAILURE_PREFIX).strip()
         elif "Unable to acquire lock" in line:
-            reason = (
+            busy = (
                 f"{stage}: another DVC command is running in {root_path} (DVC's lock is held); "
                 "wait for it to finish and run again"
             )
@@ -85,12 +154,72 @@ def run_stage(stage: str, root: str):
             restored = True
     if process.wait() != 0:
         # A failed state with the stage's own reason, not a traceback: the reason is the story.
-        return Failed(message=reason or f"{stage}: {last or 'dvc repro exited non-zero'}")
+        if reason:
+            return Failed(name=STAGE_FAILED, message=reason)
+        # Anything else (a crash, a signal, I/O, DVC's lock) may pass: retried per params.
+        return Failed(message=busy or f"{stage}: {last or 'dvc repro exited non-zero'}")
     if restored:
         return Completed(
             name="Skipped", message=f"{stage} restored from DVC's run-cache", data="restored"
         )
     return "ran"
+
+
+@task(retries=0)
+def record_experiment(root: str, name: str, message: str) -> str:
+    """``dvc exp save -n <name>``: the run, as an experiment any clone can apply."""
+    logger = get_run_logger()
+    stand_ins = save_experiment(Path(root), name, message)
+    if stand_ins:
+        logger.info("git has no user here: committed as %r", FALLBACK_IDENTITY["NAME"])
+    logger.info("saved as DVC experiment %r (dvc exp apply %s)", name, name)
+    return name
+
+
+@task(retries=0)
+def push_run(root: str, remote: str, git_remote: str, experiment: str | None) -> str:
+    """``dvc push`` (data and models) and, when configured, ``dvc exp push`` (the git ref)."""
+    logger = get_run_logger()
+    sent = push_data(Path(root), remote)
+    where = remote or "the default DVC remote"
+    logger.info("dvc push: %d file(s) sent to %s", sent, where)
+    said = f"{sent} file(s) pushed to {where}"
+    if git_remote and experiment:
+        push_experiment_ref(Path(root), git_remote, experiment)
+        logger.info("dvc exp push: experiment %r sent to git remote %r", experiment, git_remote)
+        said += f", experiment ref pushed to {git_remote}"
+    return said
+
+
+def params_with_overrides(root: Path, overrides: list[str]) -> Params:
+    """params.yaml as it will be once the overrides are applied; nothing is written."""
+    path = root / "params.yaml"
+    resolved = check_overrides(overrides, path)
+    raw = copy.deepcopy(read_params_file(path))
+    for key, value in resolved.items():
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return parse_params(raw)
+
+
+def preflight(root: Path, overrides: list[str]) -> Params:
+    """Everything that can be checked before a run touches the workspace.
+
+    Bad overrides (unknown key, wrong type), a missing or unreachable DVC remote, a missing or
+    unreachable git remote: each raises with a message that says what to fix.
+    """
+    if not (root / "dvc.yaml").is_file():
+        raise PreflightError(f"{root} has no dvc.yaml: run from the repository root")
+    params = params_with_overrides(root, overrides)
+    orc = params.orchestrate
+    if orc.push:
+        check_dvc_remote(root, orc.remote)
+    if orc.save_experiment and orc.git_remote and has_commit(root):
+        check_git_remote(root, orc.git_remote)
+    return params
 
 
 def read_summary(root: Path) -> dict:
@@ -104,16 +233,20 @@ def read_summary(root: Path) -> dict:
     return {
         "evaluate": read(metrics_dir / "evaluate.json"),
         "compress": read(metrics_dir / "compress.json"),
+        "gate": read(metrics_dir / "gate.json"),
         "bento": read(root / params.paths.artefacts_dir / "bento.json"),
+        "promote": read(metrics_dir / "promote.json"),
+        "report": root / params.paths.reports_dir / "report.html",
     }
 
 
-def format_summary(summary: dict, outcomes: dict[str, str]) -> str:
+def format_summary(summary: dict, outcomes: dict[str, str], notes: list[str] = ()) -> str:
     ev, comp, bento = summary["evaluate"], summary["compress"], summary["bento"]
     lines = [
         "",
         "Pipeline summary",
         "  stages: " + ", ".join(f"{s} {o}" for s, o in outcomes.items()),
+        *(f"  {note}" for note in notes),
     ]
     if ev:
         lines.append(
@@ -139,38 +272,142 @@ def format_summary(summary: dict, outcomes: dict[str, str]) -> str:
             f"  gate int8 accuracy drop: {'PASS' if gate['passed'] else 'FAIL'} "
             f"({comp['int8_accuracy_drop']:+.4f} vs max {gate['max_accuracy_drop']})"
         )
+        if comp.get("selected"):
+            lines.append(f"  selected {comp['selected']}: {comp.get('selected_reason', '')}")
+    gate = summary.get("gate") or {}
+    if gate:
+        champion = gate.get("champion") or {}
+        verdict = "PASS" if gate.get("passed") else "FAIL: " + "; ".join(gate.get("failed", []))
+        lines.append(f"  gate before packaging: {verdict}")
+        if champion.get("note"):
+            lines.append(f"  champion comparison: {champion['note']}")
     if bento:
         lines.append(f"  bento: {bento['tag']} (serves the {bento['served_variant']} model)")
         lines.append(f"  archive: {bento['archive']}")
-        lines.append(f"  serve it: make serve   (or: bentoml serve {bento['tag']} --port 3000)")
+        edge = bento.get("edge") or {}
+        if edge.get("tag"):
+            lines.append(f"  edge bento: {edge['tag']} (int8, ONNX Runtime + numpy only)")
+    promote = summary.get("promote") or {}
+    if promote:
+        lines.append(f"  champion: {promote.get('champion_after')} ({promote.get('outcome')}: "
+                     f"{promote.get('reason')})")  # fmt: skip
+    report = summary.get("report")
+    if report and Path(report).is_file():
+        lines.append(f"  report: {report}")
+    if bento:
+        lines.append("  serve the champion: make serve   "
+                     f"(this run's bento: bentoml serve {bento['tag']} --port 3000)")  # fmt: skip
     return "\n".join(lines)
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline(overrides: list[str] | None = None, root: str = "."):
-    """Apply parameter overrides, then run every stage through DVC in graph order.
+def pipeline(
+    overrides: list[str] | None = None,
+    only_if_data_changed: bool = False,
+    root: str = ".",
+):
+    """Check, hold the workspace, apply overrides, run every stage through DVC in graph order,
+    then save the run as a DVC experiment named after this flow run and push it.
 
+    ``only_if_data_changed`` (the nightly schedule): when DVC finds the source stages (ingest)
+    unchanged, every stage is skipped, no override is applied and nothing is saved.
     A failing stage fails the flow with that stage's reason; later stages do not run.
     Returns each stage's outcome ("ran" or "skipped").
     """
     logger = get_run_logger()
     root_path = Path(root).resolve()
+    os.chdir(root_path)  # DVC's Python API expects to run from inside the repository
+    overrides = list(overrides or [])
+    run_name = flow_run.get_name() or "pipeline-run"
+    run_id = flow_run.get_id() or ""
+    try:
+        params = preflight(root_path, overrides)  # nothing touched yet
+    except (ParamsError, PreflightError) as exc:
+        return Failed(name=NOT_STARTED, message=str(exc))
+    orc = params.orchestrate
+    try:
+        with workspace_lock(
+            root_path,
+            run=run_name,
+            wait_seconds=orc.lock_wait_seconds,
+            on_wait=lambda holder: logger.info("waiting for the workspace: %s holds it", holder),
+        ):
+            logger.info("workspace held by this run (%s)", lock_path(root_path))
+            return _run_holding_the_workspace(
+                root_path, overrides, only_if_data_changed, run_name, run_id
+            )
+    except WorkspaceBusy as exc:
+        return Failed(name=BUSY, message=str(exc))
+
+
+def _run_holding_the_workspace(
+    root: Path, overrides: list[str], only_if_data_changed: bool, run_name: str, run_id: str
+):
+    logger = get_run_logger()
+    order, sources = stage_graph(root)
+    if only_if_data_changed:
+        changed = [s for s in sources if not stage_is_up_to_date(root, s)]
+        if not changed:
+            said = (
+                f"data source unchanged since dvc.lock (dvc status of {', '.join(sources)}): "
+                "every stage skipped, nothing saved"
+            )
+            logger.info(said)
+            if overrides:
+                logger.info("overrides not applied (nothing runs): %s", overrides)
+            outcomes = {}
+            for stage in order:
+                run_stage.with_options(name=stage, task_run_name=stage)(
+                    stage, str(root), skip_reason="data source unchanged"
+                )
+                outcomes[stage] = "skipped"
+            print(format_summary(read_summary(root), outcomes, [said]))
+            return Completed(message=said, data=outcomes)
+        logger.info("data source changed (dvc status): %s", ", ".join(changed))
+
     if overrides:
-        applied = apply_overrides(overrides, root_path / "params.yaml")
+        applied = apply_overrides(overrides, root / "params.yaml")
         logger.info("params.yaml overrides: %s", applied)
-    else:
-        load_params(root_path / "params.yaml")  # bad params fail here, before any stage
+    orc = load_params(root / "params.yaml").orchestrate  # as the overrides left it
+    retry = {"retries": orc.retries, "retry_delay_seconds": orc.retry_delay_seconds}
 
     outcomes: dict[str, str] = {}
-    for stage in stage_order(root_path):
-        state = run_stage.with_options(name=stage, task_run_name=stage)(
-            stage, str(root_path), return_state=True
+    for stage in order:
+        state = run_stage.with_options(name=stage, task_run_name=stage, **retry)(
+            stage, str(root), return_state=True
         )
         if not state.is_completed():
+            logger.info("not saved as an experiment: %s failed", stage)
             return Failed(message=state.message or f"{stage} did not complete")
         outcomes[stage] = "skipped" if state.name == "Skipped" else "ran"
-    print(format_summary(read_summary(root_path), outcomes))
-    return outcomes
+
+    notes: list[str] = []
+    experiment = None
+    if orc.save_experiment and has_commit(root):
+        experiment = experiment_name(run_name, run_id, existing_experiment_names(root))
+        state = record_experiment.with_options(task_run_name="dvc-exp-save")(
+            str(root),
+            experiment,
+            f"Prefect flow run {run_name} ({run_id})",
+            return_state=True,
+        )
+        if not state.is_completed():
+            return Failed(message=f"dvc exp save failed: {state.message}")
+        notes.append(f"experiment: {experiment}   (reproduce: dvc exp apply {experiment})")
+    elif orc.save_experiment:
+        logger.warning("no git commit yet: this run is not saved as a DVC experiment")
+        notes.append("experiment: not saved (no git commit yet: commit once to record runs)")
+    if orc.push:
+        state = push_run.with_options(task_run_name="dvc-push", **retry)(
+            str(root), orc.remote, orc.git_remote, experiment, return_state=True
+        )
+        if not state.is_completed():
+            saved = f"; the run is saved as experiment {experiment}" if experiment else ""
+            return Failed(message=f"push failed: {state.message}{saved}; retry with `dvc push`")
+        notes.append(f"remote: {state.result()}")
+    print(format_summary(read_summary(root), outcomes, notes))
+    said = f"saved as experiment {experiment}" if experiment else "not saved as an experiment"
+    return Completed(message=said, data=outcomes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,15 +420,31 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="override a value in params.yaml (repeatable), e.g. --set train.max_epochs=2",
     )
+    parser.add_argument(
+        "--only-if-data-changed",
+        action="store_true",
+        help="skip every stage when DVC finds the data source unchanged (as the nightly run)",
+    )
     parser.add_argument("--root", default=".", help="repository root (default: current folder)")
     args = parser.parse_args(argv)
+    root = Path(args.root).resolve()
     try:
-        # Bad overrides fail here, in a second, before Prefect starts and before any stage.
-        check_overrides(args.overrides, Path(args.root) / "params.yaml")
-    except ParamsError as exc:
+        # Bad overrides or remotes fail here, in a second or two, before Prefect starts and
+        # before anything in the workspace changes. The flow checks again (deployment runs).
+        os.chdir(root)
+        preflight(root, args.overrides)
+    except (ParamsError, PreflightError, OSError) as exc:
         print(f"Pipeline not started: {exc}", file=sys.stderr)
         return 2
-    state = pipeline(overrides=args.overrides, root=args.root, return_state=True)
+    state = pipeline(
+        overrides=args.overrides,
+        only_if_data_changed=args.only_if_data_changed,
+        root=str(root),
+        return_state=True,
+    )
+    if state.name in (NOT_STARTED, BUSY):
+        print(f"\nPipeline not started: {state.message}", file=sys.stderr)
+        return 2 if state.name == NOT_STARTED else 3
     if not state.is_completed():
         print(f"\nPipeline failed: {state.message}", file=sys.stderr)
         return 1

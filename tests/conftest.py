@@ -38,12 +38,12 @@ TINY_OVERRIDES = {
         "batch_size": 16,
         "learning_rate": 0.01,
         "channels": [4, 8],
-        "hidden_units": 16,
+        "hidden_units": [16],
         "dropout": 0.0,
         "accelerator": "cpu",
         "devices": 1,
     },
-    "evaluate": {"min_accuracy": 0.5, "min_macro_f1": 0.4},
+    "evaluate": {"min_accuracy": 0.5, "min_macro_f1": 0.4, "min_class_recall": 0.3},
     "compress": {"calibration_samples": 16, "max_accuracy_drop": 0.2},
 }
 

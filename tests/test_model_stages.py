@@ -13,7 +13,7 @@ from components import compress, evaluate, ingest, train
 from components.config import parse_params
 from components.dataset import ImageSet, load_images, save_images, split_path
 from components.metrics import classification_metrics
-from components.model import CNNConfig, SmallCNN, load_model
+from components.model import NetConfig, build_model, load_model
 from components.stage import StageError
 from tests.conftest import TINY_CLASSES, make_images, tiny_params_dict
 
@@ -50,6 +50,7 @@ def test_train_writes_weights_metrics_and_history(trained):
     history = (Path(params.paths.metrics_dir) / "train_history.csv").read_text().splitlines()
     assert history[0] == "epoch,train_loss,val_loss,val_accuracy"
     assert len(history) == 1 + result.epochs_run
+    assert "null" not in "".join(history)  # every epoch has its own train loss
     metrics = json.loads((Path(params.paths.metrics_dir) / "train.json").read_text())
     assert metrics["best_val_accuracy"] > 0.6  # the tiny classes are easy; chance is 1/3
 
@@ -72,10 +73,15 @@ def test_evaluate_writes_metrics_confusion_and_gates(trained):
     result = evaluate.run(params)
     assert result.passed
     written = json.loads((Path(params.paths.metrics_dir) / "evaluate.json").read_text())
-    assert set(written["gates"]) == {"accuracy", "macro_f1"}
+    assert set(written["gates"]) == {"accuracy", "macro_f1", "min_class_recall"}
+    assert all(g["reason"] and g["passed"] for g in written["gates"].values())
+    assert written["format"] == evaluate.EVALUATE_FORMAT and written["failed"] == []
     assert written["accuracy"] == pytest.approx(result.metrics["accuracy"], abs=1e-6)
     rows = (Path(params.paths.metrics_dir) / "confusion.csv").read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == 1 + written["test_examples"]
+    per_class = (Path(params.paths.metrics_dir) / "per_class.csv").read_text().splitlines()
+    assert per_class[0] == "class,precision,recall,f1,support"
+    assert [r.split(",")[0] for r in per_class[1:]] == list(TINY_CLASSES)
 
 
 def test_failed_gate_names_the_metric(trained):
@@ -87,6 +93,29 @@ def test_failed_gate_names_the_metric(trained):
     result = evaluate.evaluate(predicted, test, ("a", "b", "c"), strict)
     assert not result.passed
     assert "accuracy" in [g.name for g in result.gates if not g.passed]
+
+
+def test_a_failed_evaluate_gate_stops_the_stage_and_writes_the_report(trained, tmp_path):
+    params, _ = trained
+    paths = params.paths.model_copy(
+        update={"metrics_dir": tmp_path / "metrics", "reports_dir": tmp_path / "reports"}
+    )
+    strict = params.model_copy(
+        update={
+            "paths": paths,
+            "evaluate": params.evaluate.model_copy(update={"min_class_recall": 1.01}),
+        }
+    )
+    with pytest.raises(
+        StageError, match=r"evaluation gate failed: lowest class recall .* < min 1\.0100"
+    ):
+        evaluate.run(strict)
+    written = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
+    assert not written["passed"] and written["failed"][0].startswith("lowest class recall")
+    page = (tmp_path / "reports" / "report.html").read_text()
+    assert (
+        "Refused at evaluate" in page and "Not reached: the run stopped at <b>evaluate</b>" in page
+    )
 
 
 def test_evaluate_refuses_unknown_class_and_empty_split(trained):
@@ -113,7 +142,7 @@ def test_compress_exports_checks_and_quantizes(trained):
     onnx_logits = compress.run_onnx(onnx_dir / "fp32.onnx", test.x)
     np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-4)
     written = json.loads((Path(params.paths.metrics_dir) / "compress.json").read_text())
-    assert set(written["variants"]) == {"fp32", "int8"}
+    assert set(written["variants"]) == {"fp32", *params.compress.variants}  # int8 among them
 
 
 def test_compress_refuses_a_calibration_set_larger_than_train(trained, tmp_path):
@@ -125,7 +154,7 @@ def test_compress_refuses_a_calibration_set_larger_than_train(trained, tmp_path)
 
 def test_too_many_pooling_blocks_is_a_clear_error():
     with pytest.raises(ValueError, match="train.channels"):
-        SmallCNN(CNNConfig((1, 8, 8), 3, (4, 4, 4, 4), 8, 0.0))
+        build_model(NetConfig("cnn", (1, 8, 8), 3, (4, 4, 4, 4), (8,), 0.0, False, "relu"))
 
 
 def test_metrics_match_hand_computed_values():

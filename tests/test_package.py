@@ -24,13 +24,17 @@ if "BENTOML_HOME" not in os.environ:
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from components.config import parse_params  # noqa: E402
+from components.config import PackageParams, parse_params  # noqa: E402
 from components.dataset import DatasetMeta  # noqa: E402
 from components.package import (  # noqa: E402
-    SERVICE_FILE,
+    CLOUD,
+    DEPLOY_DIR,
+    EDGE,
     PackageResult,
     content_version,
+    dependency_closure,
     package,
+    pinned_requirements,
     run,
     summarise_metrics,
 )
@@ -79,30 +83,57 @@ def write_meta(path: Path, class_names=CLASS_NAMES) -> Path:
     return path
 
 
-def package_tiny(root: Path, seed: int = 0, name: str = "tiny-classifier", **kw) -> PackageResult:
-    """Package a tiny model under ``root`` (model, meta, staging, artefacts all inside)."""
+def tiny_settings(name: str = "tiny-classifier", **changes) -> PackageParams:
+    """The package section for tiny models: 4 images per batch, small limits, no cloud."""
+    edge = {
+        "bento_name": f"{name}-edge",
+        "confidence_threshold": 0.9,
+        "cloud_url": None,
+        "cloud_timeout_s": 2.0,
+        "cloud_retry_s": 10.0,
+    } | changes.pop("edge", {})
+    values = {
+        "bento_name": name,
+        "model_name": "tiny",
+        "max_batch_size": 4,
+        "max_latency_ms": 10000,
+        "max_request_bytes": None,
+        "max_image_bytes": 4096,
+        "edge": edge,
+    } | changes
+    return PackageParams.model_validate(values)
+
+
+def package_tiny(
+    root: Path, seed: int = 0, name: str = "tiny-classifier", with_edge: bool = False, **changes
+) -> PackageResult:
+    """Package a tiny model under ``root`` (model, meta, staging, artefacts all inside).
+
+    ``with_edge=True`` builds the edge bento too, from the same tiny model.
+    """
     onnx_file = root / "models" / "onnx" / "int8.onnx"
     if not onnx_file.exists():
         make_tiny_onnx(onnx_file, seed)
     meta_file = root / "data" / "meta.json"
     if not meta_file.exists():
         write_meta(meta_file)
-    options = {
-        "bento_name": name,
-        "model_name": "tiny",
-        "served_variant": "int8",
-        "max_batch_size": 4,
-        "staging_dir": root / "build" / "bento",
-        "artefacts_dir": root / "artefacts",
-        "metrics": {"accuracy": 0.75},
-    } | kw
-    return package(onnx_file, meta_file, **options)
+    return package(
+        onnx_file,
+        meta_file,
+        tiny_settings(name, **changes),
+        served_variant="int8",
+        staging_dir=root / "build" / "bento",
+        artefacts_dir=root / "artefacts",
+        metrics={"accuracy": 0.75},
+        edge_onnx_file=onnx_file if with_edge else None,
+        edge_metrics={"accuracy": 0.75},
+    )
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, PackageResult]:
     root = tmp_path_factory.mktemp("package")
-    return root, package_tiny(root)
+    return root, package_tiny(root, with_edge=True)
 
 
 def test_package_builds_a_versioned_bento_into_the_store(built):
@@ -115,19 +146,25 @@ def test_package_builds_a_versioned_bento_into_the_store(built):
     bento = bentoml.bentos.get(result.tag)
     assert bento.info.labels["served_variant"] == "int8"
     assert bento.info.labels["accuracy"] == "0.75"
+    assert bento.info.labels["role"] == "cloud"
     src = Path(bento.path) / "src" / "deploy"
-    assert (src / "service.py").read_bytes() == SERVICE_FILE.read_bytes()
+    files = sorted(p.name for p in src.glob("*.py"))
+    assert files == ["__init__.py", "batching.py", "common.py", "service.py"]
+    for name in ("service.py", "batching.py", "common.py"):
+        assert (src / name).read_bytes() == (DEPLOY_DIR / name).read_bytes()
     card = json.loads((src / "model" / "model.json").read_text())
     assert card["class_names"] == list(CLASS_NAMES)
     assert card["image_shape"] == list(IMAGE_SHAPE)
     assert card["max_batch_size"] == 4
+    assert card["max_latency_ms"] == 10000 and card["max_image_bytes"] == 4096
+    assert "edge" not in card
     assert card["model_version"] == result.model_version == result.tag.split(":")[1]
     assert re.fullmatch(r"tiny:int8-[0-9a-f]{12}", card["model"])
     assert card["metrics"] == {"accuracy": 0.75}
     assert (src / "model" / "model.onnx").stat().st_size == result.model_bytes
     assert not list(Path(bento.path).rglob("__pycache__"))
     requirements = (Path(bento.path) / "env" / "python" / "requirements.txt").read_text()
-    for pkg in ("onnxruntime==", "numpy==", "bentoml=="):
+    for pkg in ("onnxruntime==", "numpy==", "bentoml==", "pillow==", "starlette=="):
         assert pkg in requirements
 
 
@@ -144,15 +181,84 @@ def test_package_exports_an_archive_and_bento_json(built):
     assert info["archive"] == str(result.archive)
     assert info["served_variant"] == "int8"
     assert info["model_bytes"] == result.model_bytes
+    assert info["archive_bytes"] == result.archive.stat().st_size == result.archive_bytes
+    assert info["packages_bytes"] == result.packages_bytes > 10_000_000
+    edge = info["edge"]
+    assert edge["tag"] == result.edge.tag and edge["tag"].startswith("tiny-classifier-edge:")
+    assert edge["archive_bytes"] == Path(edge["archive"]).stat().st_size
+    assert edge["served_variant"] == "int8" and edge["cloud_url"] is None
+    # The edge bento is the cloud one minus Pillow: smaller to install.
+    assert edge["packages_bytes"] < info["packages_bytes"]
 
 
 def test_rerun_gives_the_same_tag_and_reuses_the_bento(built):
     root, first = built
-    again = package_tiny(root)
-    assert again.tag == first.tag
-    assert again.reused
+    again = package_tiny(root, with_edge=True)
+    assert again.tag == first.tag and again.edge.tag == first.edge.tag
+    assert again.reused and again.edge.reused
     assert again.archive.is_file()
-    assert sorted(p.name for p in (root / "artefacts").glob("*.bento")) == [again.archive.name]
+    # Each bento keeps its own archive: the cloud's clean-up must not take the edge's.
+    assert sorted(p.name for p in (root / "artefacts").glob("*.bento")) == sorted(
+        [again.archive.name, again.edge.archive.name]
+    )
+
+
+def test_edge_bento_is_lean_and_carries_its_hybrid_settings(built):
+    import bentoml
+
+    _, result = built
+    bento = bentoml.bentos.get(result.edge.tag)
+    assert bento.info.labels["role"] == "edge"
+    assert bento.info.entry_service == "EdgeClassifier"
+    src = Path(bento.path) / "src" / "deploy"
+    assert sorted(p.name for p in src.glob("*.py")) == [
+        "__init__.py",
+        "common.py",
+        "edge_service.py",
+    ]
+    card = json.loads((src / "model" / "model.json").read_text())
+    assert card["served_variant"] == "int8"
+    assert card["edge"] == {
+        "confidence_threshold": 0.9,
+        "cloud_url": None,
+        "cloud_timeout_s": 2.0,
+        "cloud_retry_s": 10.0,
+    }
+    requirements = (Path(bento.path) / "env" / "python" / "requirements.txt").read_text()
+    names = {re.split(r"[=<>@ ]", line)[0].lower() for line in requirements.split()}
+    assert {"bentoml", "onnxruntime", "numpy"} <= names
+    assert not names & {"torch", "lightning", "prefect", "pillow", "dvc", "onnx"}
+
+
+def test_every_requirement_is_pinned_and_ready_to_containerize(built):
+    import bentoml
+
+    _, result = built
+    for tag in (result.tag, result.edge.tag):
+        env = Path(bentoml.bentos.get(tag).path) / "env"
+        lines = (env / "python" / "requirements.txt").read_text().split()
+        assert lines and all(re.fullmatch(r"[A-Za-z0-9_.-]+==[^=\s]+", line) for line in lines)
+        assert len(lines) == len({line.split("==")[0].lower() for line in lines})  # no repeats
+        # What `bentoml containerize` builds from (Docker itself is not available here).
+        dockerfile = (env / "docker" / "Dockerfile").read_text()
+        assert "FROM python:3.11-slim" in dockerfile
+        assert "requirements.txt" in dockerfile
+
+
+def test_dependency_closure_follows_requirements_and_skips_extras():
+    closure = dependency_closure(("httpx",))
+    assert {"httpx", "httpcore", "anyio", "idna", "certifi"} <= set(closure)
+    assert "h2" not in closure  # httpx[http2] only
+    pins = pinned_requirements(CLOUD.packages)
+    assert not any(p.lower().startswith("bentoml==") for p in pins)  # bentoml adds its own
+    assert {p.split("==")[0].lower() for p in pinned_requirements(EDGE.packages)} < {
+        p.split("==")[0].lower() for p in pins
+    }
+
+
+def test_missing_runtime_package_is_a_clear_stage_error():
+    with pytest.raises(StageError, match=r"'no-such-package' is not installed"):
+        dependency_closure(("no-such-package",))
 
 
 def test_a_different_model_gives_a_new_tag_and_replaces_the_archive(tmp_path):
@@ -201,10 +307,8 @@ def test_missing_model_is_a_clear_stage_error(tmp_path):
         package(
             tmp_path / "nope" / "int8.onnx",
             tmp_path / "data" / "meta.json",
-            bento_name="tiny",
-            model_name="tiny",
+            tiny_settings("tiny"),
             served_variant="int8",
-            max_batch_size=4,
             staging_dir=tmp_path / "staging",
             artefacts_dir=tmp_path / "artefacts",
         )
@@ -217,10 +321,8 @@ def test_missing_meta_is_a_clear_stage_error(tmp_path):
         package(
             onnx_file,
             tmp_path / "missing" / "meta.json",
-            bento_name="tiny",
-            model_name="tiny",
+            tiny_settings("tiny"),
             served_variant="int8",
-            max_batch_size=4,
             staging_dir=tmp_path / "staging",
             artefacts_dir=tmp_path / "artefacts",
         )
@@ -233,10 +335,8 @@ def test_model_that_does_not_fit_the_classes_is_refused(tmp_path):
         package(
             onnx_file,
             meta_file,
-            bento_name="tiny",
-            model_name="tiny",
+            tiny_settings("tiny"),
             served_variant="int8",
-            max_batch_size=4,
             staging_dir=tmp_path / "staging",
             artefacts_dir=tmp_path / "artefacts",
         )
@@ -250,10 +350,8 @@ def test_broken_model_file_is_refused(tmp_path):
         package(
             onnx_file,
             meta_file,
-            bento_name="tiny",
-            model_name="tiny",
+            tiny_settings("tiny"),
             served_variant="int8",
-            max_batch_size=4,
             staging_dir=tmp_path / "staging",
             artefacts_dir=tmp_path / "artefacts",
         )
@@ -278,13 +376,15 @@ def test_run_uses_params_paths_and_metrics(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # run() stages under ./build/bento
     params = parse_params(tiny_params_dict(tmp_path, "unused"))
     paths = params.paths
-    variant = params.compress.serve_variant
+    variant = "int8"
     make_tiny_onnx(Path(paths.model_dir) / "onnx" / f"{variant}.onnx")
     write_meta(Path(paths.prepared_dir) / "meta.json")
     Path(paths.metrics_dir).mkdir(parents=True)
     (Path(paths.metrics_dir) / "evaluate.json").write_text('{"accuracy": 0.5}')
     (Path(paths.metrics_dir) / "compress.json").write_text(
-        json.dumps({"variants": {variant: {"accuracy": 0.625, "macro_f1": 0.5}}})
+        json.dumps(
+            {"variants": {variant: {"accuracy": 0.625, "macro_f1": 0.5}}, "served_variant": variant}
+        )
     )
 
     result = run(params)
@@ -305,3 +405,29 @@ def test_run_with_broken_metrics_file_fails_clearly(tmp_path, monkeypatch):
     (Path(params.paths.metrics_dir) / "evaluate.json").write_text("{not json")
     with pytest.raises(StageError, match=r"evaluate\.json is not valid JSON"):
         run(params)
+
+
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [
+        ({"edge": {"confidence_threshold": 1.5}}, "edge.confidence_threshold"),
+        ({"edge": {"cloud_url": "ftp://x"}}, "edge.cloud_url"),
+        ({"edge": {"bento_name": "digits-classifier"}}, "edge.bento_name must differ"),
+        ({"max_latency_ms": 0}, "max_latency_ms"),
+        ({"max_request_bytes": 10}, "max_request_bytes"),
+    ],
+    ids=["threshold", "cloud-url", "same-name", "latency", "request-bytes"],
+)
+def test_bad_package_settings_are_named(changes, fragment):
+    from components.config import ParamsError, parse_params, read_params_file
+    from tests.conftest import REPO_ROOT
+
+    raw = read_params_file(REPO_ROOT / "params.yaml")
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            raw["package"][key].update(value)
+        else:
+            raw["package"][key] = value
+    with pytest.raises(ParamsError, match=re.escape(fragment)):
+        parse_params(raw)
+    assert tiny_settings(edge={"cloud_url": "http://10.0.0.5:3000"}).edge.cloud_url

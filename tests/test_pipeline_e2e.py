@@ -20,6 +20,17 @@ from tests.conftest import REPO_ROOT, TINY_CLASSES, TINY_OVERRIDES, make_images
 
 pytestmark = pytest.mark.slow
 
+STAGES = (
+    "ingest",
+    "validate",
+    "train",
+    "evaluate",
+    "compress",
+    "gate",
+    "package",
+    "promote",
+    "report",
+)
 PROJECT_FILES = ("components", "flows", "deploy", "dvc.yaml", "params.yaml", "pyproject.toml")
 
 
@@ -41,12 +52,18 @@ def workspace(tmp_path_factory) -> Path:
             shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, root / name)
+    # A fresh start: the repository's own champion (if committed) is another data set's.
+    (root / "deploy" / "champion.json").unlink(missing_ok=True)
     x, y = make_images(per_class=20)
     (root / "data" / "external").mkdir(parents=True)
     np.savez(root / "data" / "external" / "tiny.npz", x=x, y=y, class_names=np.array(TINY_CLASSES))
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
     subprocess.run([*git, "init", "-q"], cwd=root, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    # The project's DVC config; its default remote (in HOME) redirected to a throw-away folder.
+    shutil.copy(REPO_ROOT / ".dvc" / "config", root / ".dvc" / "config")
+    remote = tmp_path_factory.mktemp("dvc-remote")
+    (root / ".dvc" / "config.local").write_text(f"['remote \"local\"']\n    url = {remote}\n")
     apply_overrides(
         [*_flatten(TINY_OVERRIDES), "ingest.source=data/external/tiny.npz"],
         root / "params.yaml",
@@ -85,8 +102,8 @@ def test_flow_runs_every_stage_and_prints_a_summary(workspace, first_run):
     out = first_run.stdout + first_run.stderr
     assert "Pipeline summary" in out
     assert (
-        "stages: ingest ran, validate ran, train ran, evaluate ran, compress ran, package ran"
-        in out
+        "stages: ingest ran, validate ran, train ran, evaluate ran, compress ran, gate ran, "
+        "package ran, promote ran, report ran" in out
     )
     assert "gate accuracy: PASS" in out
     bento = json.loads((workspace / "artefacts" / "bento.json").read_text())
@@ -94,8 +111,15 @@ def test_flow_runs_every_stage_and_prints_a_summary(workspace, first_run):
     assert ":latest" not in bento["tag"]
     assert Path(bento["archive"]).is_file()
     lock = (workspace / "dvc.lock").read_text()
-    for stage in ("ingest", "validate", "train", "evaluate", "compress", "package"):
+    for stage in STAGES:
         assert f"  {stage}:" in lock
+    # The first run had no champion to beat: it says so, and becomes the champion.
+    gate = json.loads((workspace / "metrics" / "gate.json").read_text())
+    assert gate["passed"] and gate["champion"]["source"] == "none"
+    record = json.loads((workspace / "deploy" / "champion.json").read_text())
+    assert record["champion"] == bento["model_version"]
+    assert record["runs"][record["champion"]]["bento_tag"] == bento["tag"]
+    assert "Promoted" in (workspace / "reports" / "report.html").read_text()
 
 
 def test_bento_serves_over_http(workspace, first_run):
@@ -156,10 +180,7 @@ def test_second_run_with_nothing_changed_runs_no_stage(workspace, first_run):
     result = _run_flow(workspace)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout + result.stderr
-    assert (
-        "stages: ingest skipped, validate skipped, train skipped, evaluate skipped, "
-        "compress skipped, package skipped" in out
-    )
+    assert "stages: " + ", ".join(f"{s} skipped" for s in STAGES) in out
     assert time.monotonic() - started < 60
 
 

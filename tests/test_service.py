@@ -1,22 +1,32 @@
-"""The service through its real HTTP server: right answers, and a 4xx (never a 5xx) for bad input.
+"""The cloud service through its real HTTP server: right answers, a 4xx (never a 5xx) for bad input.
 
-One server for the module, started from a bento that the package stage builds from a tiny ONNX
-model (3 classes of 1x8x8 images, max batch 4): the very layout that ships. Starting it takes
-a few seconds; every request after that takes milliseconds.
+One server for all ``tests/test_service*.py`` modules (:func:`cloud_server`), started the way
+another machine would: the package stage builds the cloud bento from a tiny ONNX model (3
+classes of 1x8x8 images, batches of at most 4), exports it, the archive is imported into a
+fresh ``BENTOML_HOME`` and served with ``bentoml serve <tag>`` from an empty folder. Starting
+it takes a few seconds; every request after that takes milliseconds.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import io
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 if "BENTOML_HOME" not in os.environ:  # tests/conftest.py sets it; this is for running alone
-    import tempfile
-
     os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="bentoml-tests-")
 
 import httpx  # noqa: E402
@@ -26,7 +36,9 @@ import pytest  # noqa: E402
 from tests.test_package import CLASS_NAMES, IMAGE_SHAPE, package_tiny  # noqa: E402
 
 MAX_BATCH = 4  # what package_tiny writes into model.json
+MAX_IMAGE_BYTES = 4096  # likewise
 H, W = IMAGE_SHAPE[1:]
+BENTOML = [sys.executable, "-m", "bentoml"]
 
 
 def free_port() -> int:
@@ -39,6 +51,14 @@ def image(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (H, W)).astype(np.float64)
 
 
+def png(pixels: np.ndarray, fmt: str = "PNG", mode: str = "L", **save) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(pixels).astype(np.uint8), mode=mode).save(buffer, fmt, **save)
+    return buffer.getvalue()
+
+
 def reference_probabilities(onnx_file: Path, images: np.ndarray) -> np.ndarray:
     """What onnxruntime in this process says for (N, 1, H, W) raw-pixel images."""
     import onnxruntime as ort
@@ -49,22 +69,99 @@ def reference_probabilities(onnx_file: Path, images: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(base URL, httpx client, path of the served ONNX model, package result)."""
-    import bentoml
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the test process dies, so no server outlives it."""
+    import ctypes
 
-    root = tmp_path_factory.mktemp("service")
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def start_bentoml(target: str, port: int, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """``bentoml serve <target>`` on 127.0.0.1:port, its output in ``cwd/serve-<port>.log``."""
+    log = (Path(cwd) / f"serve-{port}.log").open("wb")
+    return subprocess.Popen(
+        [*BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+    )
+
+
+def wait_ready(url: str, server: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"bentoml serve exited with {server.returncode}; see its log")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} was not ready within {timeout} s")
+
+
+def stop(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@dataclass(frozen=True)
+class Served:
+    url: str
+    onnx_file: Path  # the model it serves, for in-process comparison
+    result: object  # the PackageResult
+    root: Path
+    log: Path  # the server's stdout and stderr
+
+
+_SERVERS: dict[str, Served] = {}
+
+
+def cloud_server() -> Served:
+    """The cloud bento of a tiny model, served from its archive in a fresh BENTOML_HOME.
+
+    Started once per test process and shared by every module that asks; stopped at exit.
+    """
+    if "cloud" in _SERVERS:
+        return _SERVERS["cloud"]
+    root = Path(tempfile.mkdtemp(prefix="served-cloud-"))
     result = package_tiny(root, seed=7, name="tiny-served")
-    bento_dir = bentoml.bentos.get(result.tag).path
-    # Serve the bento by its folder: the same files `bentoml serve <tag>` would use, and no
-    # dependence on which store the server process resolves.
-    os.environ.pop("MODEL_DIR", None)
-    with bentoml.serve(bento_dir, host="127.0.0.1", port=free_port()) as server:
-        with bentoml.SyncHTTPClient(server.url, server_ready_timeout=60):
-            pass  # waits for /readyz
-        with httpx.Client(base_url=server.url, timeout=30) as client:
-            yield server.url, client, root / "models" / "onnx" / "int8.onnx", result
+    # "Another machine": nothing but the archive, a new store, and a folder without our code.
+    elsewhere = root / "elsewhere"
+    elsewhere.mkdir()
+    env = {"BENTOML_HOME": str(root / "fresh-bentoml-home"), "MODEL_DIR": ""}
+    subprocess.run(
+        [*BENTOML, "import", str(result.archive)],
+        cwd=elsewhere,
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    server = start_bentoml(result.tag, port, elsewhere, env)
+    atexit.register(stop, server)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, server)
+    _SERVERS["cloud"] = Served(
+        url, root / "models" / "onnx" / "int8.onnx", result, root, elsewhere / f"serve-{port}.log"
+    )
+    return _SERVERS["cloud"]
+
+
+@pytest.fixture(scope="module")
+def served():
+    """(base URL, httpx client, path of the served ONNX model, package result)."""
+    cloud = cloud_server()
+    with httpx.Client(base_url=cloud.url, timeout=30) as client:
+        yield cloud.url, client, cloud.onnx_file, cloud.result
 
 
 # -- answers --------------------------------------------------------------------------------
@@ -72,8 +169,8 @@ def served(tmp_path_factory):
 
 def test_health_endpoints(served):
     _, client, _, _ = served
-    assert client.get("/readyz").status_code == 200
-    assert client.get("/livez").status_code == 200
+    for route in ("/readyz", "/livez", "/healthz"):
+        assert client.get(route).status_code == 200, route
 
 
 def test_predict_matches_onnxruntime_in_process(served):
@@ -84,12 +181,13 @@ def test_predict_matches_onnxruntime_in_process(served):
         r = client.post("/predict", json={"image": img.tolist()})
         assert r.status_code == 200, r.text
         body = r.json()
-        assert set(body) == {"label", "class_index", "probabilities", "model_version"}
+        assert set(body) == {"label", "class_index", "probabilities", "model_version", "model"}
         assert body["class_index"] == int(probs.argmax())
         assert body["label"] == CLASS_NAMES[body["class_index"]]
         got = np.array([body["probabilities"][n] for n in CLASS_NAMES])
         np.testing.assert_allclose(got, probs, atol=1e-6)
         assert body["model_version"] == result.model_version
+        assert body["model"].startswith("tiny:int8-")
 
 
 def test_predict_accepts_hw_chw_and_hwc_layouts(served):
@@ -135,7 +233,162 @@ def test_bentoml_client_works(served):
     assert info["class_names"] == list(CLASS_NAMES)
     assert info["image_shape"] == list(IMAGE_SHAPE)
     assert info["max_batch_size"] == MAX_BATCH
+    assert info["max_image_bytes"] == MAX_IMAGE_BYTES
     assert info["metrics"] == {"accuracy": 0.75}
+
+
+def test_uploaded_png_gets_the_same_answer_as_its_pixels(served):
+    _, client, _, _ = served
+    img = image(30)
+    as_json = client.post("/predict", json={"image": img.tolist()}).json()
+    r = client.post("/predict_image", files={"image": ("digit.png", png(img), "image/png")})
+    assert r.status_code == 200, r.text
+    assert r.json() == as_json
+
+
+def test_uploaded_jpeg_and_rgb_png_are_read_as_the_model_needs(served):
+    from PIL import Image
+
+    _, client, onnx_file, _ = served
+    img = image(31)
+    jpeg = png(img, "JPEG", quality=95)
+    decoded = np.asarray(Image.open(io.BytesIO(jpeg)).convert("L"), dtype=np.float64)
+    expected = reference_probabilities(onnx_file, decoded[None, None])[0]
+    r = client.post("/predict_image", files={"image": ("d.jpg", jpeg, "image/jpeg")})
+    assert r.status_code == 200, r.text
+    got = np.array([r.json()["probabilities"][n] for n in CLASS_NAMES])
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    # An RGB file is turned into the model's one channel (the content type is not trusted).
+    rgb = png(np.stack([img] * 3, axis=-1), mode="RGB")
+    r = client.post("/predict_image", files={"image": ("d.png", rgb, "application/octet-stream")})
+    assert r.status_code == 200 and r.json()["label"] in CLASS_NAMES
+
+
+def test_bentoml_client_uploads_a_file(served, tmp_path):
+    import bentoml
+
+    url, client, _, _ = served
+    path = tmp_path / "digit.png"
+    path.write_bytes(png(image(32)))
+    expected = client.post("/predict", json={"image": image(32).tolist()}).json()
+    with bentoml.SyncHTTPClient(url) as bento_client:
+        assert bento_client.predict_image(image=path) == expected
+
+
+def npy(arr) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, arr, allow_pickle=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("layout", ["NHW", "NCHW", "NHWC"], ids=["n-h-w", "n-c-h-w", "n-h-w-c"])
+def test_npy_batch_gets_the_same_answers_as_json(served, layout):
+    _, client, _, _ = served
+    images = np.stack([image(40 + i) for i in range(MAX_BATCH)]).astype(np.uint8)
+    arr = {"NHW": images, "NCHW": images[:, None], "NHWC": images[..., None]}[layout]
+    as_json = client.post("/predict_batch", json={"images": images.tolist()}).json()
+    r = client.post("/predict_array", files={"array": ("x.npy", npy(arr), "application/x-npy")})
+    assert r.status_code == 200, r.text
+    assert r.json() == as_json
+
+
+BAD_ARRAYS = {
+    "pickled objects": (np.array([{"a": 1}], dtype=object), "array: must be a .npy file"),
+    "not npy": (b"\x93NUMPY garbage", "array: must be a .npy file"),
+    "npz": (b"PK\x03\x04" + b"\x00" * 100, "array: must be a .npy file"),
+    # A header declaring 10^12 images of 8x8 on a file of ~200 bytes.
+    "lying header": (
+        npy(np.zeros((1, H, W), np.uint8)).replace(b"(1, 8, 8)", b"(1000000000000, 8, 8)"),
+        "fewer bytes than its header declares",
+    ),
+    "wrong shape": (np.zeros((2, 3, 3), np.uint8), "array: shape (2, 3, 3) is not accepted"),
+    "one image, no batch axis": (np.zeros((H, W), np.uint8), "array: shape (8, 8)"),
+    "too many": (np.zeros((MAX_BATCH + 1, H, W), np.uint8), "between 1 and 4 images"),
+    "empty": (np.zeros((0, H, W), np.uint8), "array: must not be empty"),
+    "booleans": (np.zeros((1, H, W), bool), "array: every pixel must be a number"),
+    "NaN": (np.full((1, H, W), np.nan), "array: NaN or infinite"),
+    "out of range": (np.full((1, H, W), 300.0), "array: pixel values must lie in [0, 255]"),
+}
+
+
+@pytest.mark.parametrize("arr, message", BAD_ARRAYS.values(), ids=list(BAD_ARRAYS))
+def test_bad_npy_batch_is_a_400_naming_the_problem(served, arr, message):
+    _, client, _, _ = served
+    data = arr if isinstance(arr, bytes) else npy(arr)
+    r = client.post("/predict_array", files={"array": ("x.npy", data, "application/x-npy")})
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"]
+
+
+def test_concurrent_clients_get_their_own_answers_batched_together(served):
+    """32 clients at once, mixing the four predict routes: every answer is the one
+    onnxruntime gives in this process for that client's image, and the batcher merged
+    requests (the batch-size histogram on /metrics saw model calls of more than one image)."""
+    url, client, onnx_file, _ = served
+    images = np.stack([image(100 + i) for i in range(96)])
+    expected = reference_probabilities(onnx_file, images[:, None])
+
+    def before() -> tuple[float, float]:
+        text = client.get("/metrics").text
+        return _metric(text, 'image_classifier_batch_size_bucket{le="1.0"}'), _metric(
+            text, "image_classifier_batch_size_count"
+        )
+
+    ones_before, calls_before = before()
+
+    def ask(i: int) -> tuple[int, dict]:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            if i % 4 == 0:
+                r = c.post("/predict", json={"image": images[i].tolist()})
+                return r.status_code, r.json()
+            if i % 4 == 1:
+                files = {"image": ("x.png", png(images[i]), "image/png")}
+                r = c.post("/predict_image", files=files)
+                return r.status_code, r.json()
+            if i % 4 == 2:
+                files = {"array": ("x.npy", npy(images[i : i + 1].astype(np.uint8)), "")}
+                r = c.post("/predict_array", files=files)
+                return r.status_code, r.json()["predictions"][0]
+            r = c.post("/predict_batch", json={"images": [images[i].tolist()]})
+            return r.status_code, r.json()["predictions"][0]
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(ask, range(len(images))))
+    for i, (status, body) in enumerate(answers):
+        assert status == 200, body
+        got = np.array([body["probabilities"][n] for n in CLASS_NAMES])
+        np.testing.assert_allclose(got, expected[i], atol=1e-6, err_msg=f"client {i}")
+    ones_after, calls_after = before()
+    calls, single = calls_after - calls_before, ones_after - ones_before
+    assert 0 < calls <= len(images)
+    assert single < calls, "no model call held more than one request: batching did not happen"
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_prometheus_metrics_count_requests_by_route_and_status(served):
+    _, client, _, _ = served
+    client.post("/predict", json={"image": image(1).tolist()})
+    client.post("/predict", json={"image": [[1]]})
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    assert "text/plain" in r.headers["content-type"]
+    lines = r.text.splitlines()
+    for route, code in (("/predict", "200"), ("/predict", "400")):
+        assert any(
+            line.startswith("bentoml_service_request_total{")
+            and f'endpoint="{route}"' in line
+            and f'http_response_code="{code}"' in line
+            and float(line.split()[-1]) >= 1
+            for line in lines
+        ), (route, code)
+    assert any(line.startswith("bentoml_service_request_duration_seconds_bucket") for line in lines)
+    assert any(line.startswith("image_classifier_batch_size_count") for line in lines)
 
 
 # -- refusals -------------------------------------------------------------------------------
@@ -265,6 +518,85 @@ def test_small_chunked_body_is_served(served):
     assert r.status_code == 200, r.text
 
 
+def _bad_png_16bit() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((H, W), 60000, dtype=np.uint16)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _multipart(*parts: tuple[str, bytes, str | None]) -> tuple[bytes, str]:
+    """A multipart body by hand (name, content, filename or None for a text field)."""
+    boundary = "testboundary7"
+    chunks = []
+    for name, content, filename in parts:
+        disposition = f'form-data; name="{name}"'
+        if filename is not None:
+            disposition += f'; filename="{filename}"'
+        chunks.append(
+            f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode()
+            + content
+            + b"\r\n"
+        )
+    body = b"".join(chunks) + f"--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+GOOD_PNG = png(image(6))
+BAD_UPLOADS = {
+    "wrong size": (
+        [("image", png(np.zeros((H + 2, W))), "a.png")],
+        f"image: image is {W}x{H + 2} pixels; the model takes {W}x{H}",
+    ),
+    "not an image": ([("image", b"just some text", "a.png")], "image: must be a PNG or JPEG"),
+    "gif": ([("image", png(np.zeros((H, W)), "GIF"), "a.gif")], "image: must be a PNG or JPEG"),
+    "truncated": ([("image", GOOD_PNG[: len(GOOD_PNG) // 2], "a.png")], "truncated or corrupt"),
+    "16-bit": ([("image", _bad_png_16bit(), "a.png")], "image: image mode I;16"),
+    "empty file": ([("image", b"", "a.png")], "image: must be a PNG or JPEG"),
+    # BentoML would download a URL given as text (and, without uvloop, fail with a 500).
+    "URL as text": ([("image", b"http://example.com/x.png", None)], "image: must be an uploaded"),
+    "no file": ([("other", GOOD_PNG, "a.png")], "image: missing"),
+    "extra field": ([("image", GOOD_PNG, "a.png"), ("x", b"1", None)], "x: unknown form field"),
+    "two files": ([("image", GOOD_PNG, "a.png"), ("image", GOOD_PNG, "b.png")], "exactly one"),
+}
+
+
+@pytest.mark.parametrize("parts, message", BAD_UPLOADS.values(), ids=list(BAD_UPLOADS))
+def test_bad_upload_is_a_400_naming_the_problem(served, parts, message):
+    _, client, _, _ = served
+    body, content_type = _multipart(*parts)
+    r = client.post("/predict_image", content=body, headers={"content-type": content_type})
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "body, content_type, status, message",
+    [
+        (b"--x\r\n", "multipart/form-data", 400, "needs a boundary"),
+        (b"garbage", "multipart/form-data; boundary=x", 400, "malformed multipart"),
+        (b'{"image": [[1]]}', "application/json", 415, "multipart/form-data upload"),
+        (GOOD_PNG, "image/png", 415, "multipart/form-data upload"),
+    ],
+    ids=["no-boundary", "garbage", "json", "raw-png"],
+)
+def test_upload_route_takes_only_a_multipart_form(served, body, content_type, status, message):
+    _, client, _, _ = served
+    r = client.post("/predict_image", content=body, headers={"content-type": content_type})
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+
+
+def test_oversized_upload_is_a_413(served):
+    _, client, _, _ = served
+    noise = png(np.random.default_rng(0).integers(0, 256, (64, 64)))  # ~4 kB of entropy
+    big = noise * 3
+    r = client.post("/predict_image", files={"image": ("big.png", big, "image/png")})
+    assert r.status_code == 413, r.text
+    assert "request body" in r.json()["error"]
+
+
 def test_random_junk_never_gets_a_5xx(served):
     _, client, _, _ = served
     rng = np.random.default_rng(0)
@@ -292,7 +624,8 @@ def test_random_junk_never_gets_a_5xx(served):
 
 def test_get_on_an_api_is_not_a_5xx(served):
     _, client, _, _ = served
-    assert client.get("/predict").status_code == 405
+    for route in ("/predict", "/predict_batch", "/predict_image", "/predict_array"):
+        assert client.get(route).status_code == 405
 
 
 # -- pure helpers (no server) ---------------------------------------------------------------
@@ -301,7 +634,7 @@ def test_get_on_an_api_is_not_a_5xx(served):
 def test_to_chw_layouts_and_the_ambiguous_case():
     from bentoml.exceptions import InvalidArgument
 
-    from deploy.service import to_chw
+    from deploy.common import to_chw
 
     img = np.arange(2 * 3 * 4).reshape(2, 3, 4) % 256
     chw = to_chw(img.tolist(), (2, 3, 4))
@@ -315,7 +648,7 @@ def test_to_chw_layouts_and_the_ambiguous_case():
 
 
 def test_request_limit_fits_a_full_batch_of_long_floats():
-    from deploy.service import request_limit
+    from deploy.common import request_limit
 
     full = json.dumps({"images": [np.full((H, W), 254.99999999999997).tolist()] * MAX_BATCH})
     assert len(full) < request_limit(IMAGE_SHAPE, MAX_BATCH)
@@ -326,7 +659,117 @@ def test_swagger_page_and_openapi_are_served_locally(served):
     page = client.get("/")
     assert page.status_code == 200 and "swagger-ui" in page.text
     spec = client.get("/docs.json").json()
-    assert {"/predict", "/predict_batch", "/info"} <= set(spec["paths"])
+    routes = {"/predict", "/predict_batch", "/predict_image", "/predict_array", "/info"}
+    assert routes <= set(spec["paths"])
+    upload = spec["paths"]["/predict_image"]["post"]["requestBody"]["content"]
+    assert upload["multipart/form-data"]["schema"]["properties"]["image"]["format"] == "binary"
+
+
+def test_decode_image_checks_size_before_decoding_pixels():
+    import struct
+    import zlib
+
+    from bentoml.exceptions import InvalidArgument
+
+    from deploy.service import decode_image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    def declaring(width: int, height: int) -> bytes:
+        """A PNG of ~60 bytes that declares a width x height RGB image."""
+        header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+    started = time.perf_counter()
+    with pytest.raises(InvalidArgument, match=r"image is 3000x3000 pixels; the model takes"):
+        decode_image(declaring(3000, 3000), (1, H, W), "image")
+    # Pillow's own bomb check fires first above ~179 M pixels (2.7 GB decoded here).
+    with pytest.raises(InvalidArgument, match=r"declares an image far larger"):
+        decode_image(declaring(30000, 30000), (1, H, W), "image")
+    assert time.perf_counter() - started < 1.0
+    rgb = decode_image(png(np.full((H, W, 3), 7), mode="RGB"), (3, H, W), "image")
+    assert rgb.shape == (3, H, W) and rgb.dtype == np.float32 and float(rgb.max()) == 7.0
+
+
+# -- the adaptive batcher, on its own --------------------------------------------------------
+
+
+def _batcher(max_batch: int = 4, max_wait_s: float = 10.0, inline_rows: int = 16, fail=None):
+    from deploy.batching import AdaptiveBatcher
+
+    calls: list[int] = []
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        if fail is not None and (batch == fail).any():
+            raise RuntimeError("model failed")
+        return batch * 10
+
+    return AdaptiveBatcher(run, max_batch, max_wait_s, inline_rows), calls
+
+
+def test_batcher_merges_concurrent_requests_and_returns_each_its_rows():
+    batcher, calls = _batcher(max_batch=4)
+
+    async def ask():
+        requests = [np.full((n, 1), i, dtype=np.float32) for i, n in enumerate([1, 2, 1, 3, 1])]
+        return requests, await asyncio.gather(*(batcher(r) for r in requests))
+
+    requests, answers = asyncio.run(ask())
+    for request, answer in zip(requests, answers, strict=True):
+        np.testing.assert_array_equal(answer, request * 10)
+    assert sum(calls) == 8 and max(calls) <= 4 and len(calls) < 5  # merged, within the cap
+
+
+def test_batcher_runs_a_lone_request_at_once_and_big_batches_in_a_thread():
+    import threading
+
+    seen = []
+
+    def run(batch):
+        seen.append(threading.current_thread() is threading.main_thread())
+        return batch
+
+    from deploy.batching import AdaptiveBatcher
+
+    batcher = AdaptiveBatcher(run, 64, 10.0, inline_rows=16)
+
+    async def ask():
+        started = time.perf_counter()
+        await batcher(np.zeros((1, 1)))
+        lone = time.perf_counter() - started
+        await batcher(np.zeros((32, 1)))
+        return lone
+
+    assert asyncio.run(ask()) < 0.05
+    assert seen == [True, False]
+
+
+def test_batcher_failure_reaches_only_its_batch_and_overload_is_a_503():
+    from bentoml.exceptions import ServiceUnavailable
+
+    batcher, _ = _batcher(max_batch=1, fail=666)
+
+    async def ask():
+        return await asyncio.gather(
+            batcher(np.array([[666.0]])), batcher(np.array([[1.0]])), return_exceptions=True
+        )
+
+    failed, fine = asyncio.run(ask())
+    assert isinstance(failed, RuntimeError) and fine.tolist() == [[10.0]]
+    slow, _ = _batcher(max_batch=1, max_wait_s=0.0)
+
+    async def overload():
+        return await asyncio.gather(
+            *(slow(np.ones((1, 1))) for _ in range(3)), return_exceptions=True
+        )
+
+    answers = asyncio.run(overload())
+    assert any(isinstance(a, ServiceUnavailable) for a in answers)
+    assert ServiceUnavailable.error_code == 503
 
 
 # -- in process, from MODEL_DIR (the development path) ------------------------------------
@@ -337,14 +780,24 @@ def test_service_runs_in_process_from_model_dir(served, monkeypatch):
 
     _, _, onnx_file, result = served
     root = onnx_file.parents[2]
-    monkeypatch.setenv("MODEL_DIR", str(root / "build" / "bento" / "deploy" / "model"))
+    staged = root / "build" / "bento" / result.tag.split(":")[0] / "deploy" / "model"
+    monkeypatch.setenv("MODEL_DIR", str(staged))
     svc = ImageClassifier.inner()
-    img = image(21)
-    answer = svc.predict(image=img.tolist())
-    expected = reference_probabilities(onnx_file, img[None, None])[0]
-    assert answer.class_index == int(expected.argmax())
-    assert answer.model_version == result.model_version
-    refused = svc.predict(image=[[1]])
+    images = [image(21), image(22)]
+
+    async def ask():  # one event loop: the batcher belongs to the loop it first ran in
+        return await asyncio.gather(
+            *(svc.predict(image=img.tolist()) for img in images),
+            svc.predict_batch(images=[img.tolist() for img in images]),
+            svc.predict(image=[[1]]),
+        )
+
+    *singles, batch, refused = asyncio.run(ask())
+    expected = reference_probabilities(onnx_file, np.stack(images)[:, None])
+    for answer, probs in zip(singles, expected, strict=True):
+        assert answer.class_index == int(probs.argmax())
+        assert answer.model_version == result.model_version
+    assert [p.class_index for p in batch.predictions] == [s.class_index for s in singles]
     assert refused.status_code == 400 and b"image: shape (1, 1)" in refused.body
 
 

@@ -1,0 +1,368 @@
+"""Benchmark: the served bento against a hand-written server and the in-process ceiling.
+
+    make bench-serve          (after `make pipeline`; about 2 minutes)
+
+In one run, on the same ONNX model (``compress.serve_variant`` of the last pipeline run):
+
+1. ``bentoml serve`` of the cloud bento (adaptive batching, one worker per core), built by
+   the package stage's core from the pipeline's model and the current ``deploy/`` code into a
+   scratch store (``build/bench-serve/``): requests/s and p50/p99 latency of batch-1
+   ``/predict`` requests from 1, 8 and 32 concurrent clients; then the same bento with one
+   worker at 32 clients (what one core of BentoML costs);
+2. the same against ``bench/baseline_server.py`` (FastAPI + uvicorn + ONNX Runtime, one
+   worker, no batching: what a user would write by hand);
+3. samples/s of batch-64 requests against the bento, as JSON (``/predict_batch``) and as one
+   ``.npy`` upload (``/predict_array``), from 1, 2 and 4 clients; and of an in-process ONNX
+   Runtime loop over the same batch, with one thread and with one per core (the ceiling: the
+   better of the two).
+
+Clients are closed loops on keep-alive connections (bench/loadgen.py) in this process; the
+servers run one at a time, alone. Each point also records the server's CPU time per request,
+which depends far less on what else runs on the machine than requests/s do. Every figure
+depends on the machine and its load: the load average before and after is recorded next to
+the results, in ``bench/results/serve.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.loadgen import encode_post, run_load
+
+RESULTS = Path(__file__).resolve().parent / "results" / "serve.json"
+CLIENTS = (1, 8, 32)
+BATCH = 64
+GOALS = {
+    "bento_vs_baseline_at_32": 1.0,  # at least as many requests/s as the hand-written server
+    "bento_p99_ms_at_8": 50.0,
+    "batch64_json_vs_ceiling": 0.5,  # 64 images as JSON lists (/predict_batch)
+    "batch64_npy_vs_ceiling": 0.5,  # the same 64 images as one .npy upload (/predict_array)
+}
+BENTOML_SERVE = [sys.executable, "-m", "bentoml", "serve"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def build_bento(root: Path, scratch: Path) -> tuple[str, Path]:
+    """The cloud bento of the pipeline's served model, built by the package stage's core
+    from the current deploy/ code into a scratch store (the project's own is left alone).
+    Returns its tag and its model folder."""
+    from components.config import load_params
+    from components.dataset import meta_path
+    from components.package import package
+
+    params = load_params(root / "params.yaml")
+    variant = params.compress.serve_variant
+    onnx_file = root / params.paths.model_dir / "onnx" / f"{variant}.onnx"
+    if not onnx_file.is_file():
+        raise SystemExit(f"{onnx_file} not found: run `make pipeline` first")
+    result = package(
+        onnx_file,
+        meta_path(root / params.paths.prepared_dir),
+        params.package,
+        served_variant=variant,
+        staging_dir=scratch / "staging",
+        artefacts_dir=scratch / "artefacts",
+    )
+    name = result.tag.split(":")[0]
+    return result.tag, scratch / "staging" / name / "deploy" / "model"
+
+
+def sample_images(root: Path, n: int) -> np.ndarray:
+    """Integer test images of the pipeline's data (what clients send), else random pixels."""
+    from components.config import load_params
+    from components.dataset import load_images, split_path
+
+    try:
+        params = load_params(root / "params.yaml")
+        x = load_images(split_path(root / params.paths.prepared_dir, "test")).x
+        return np.resize(x, (n, *x.shape[1:])).astype(np.int64)
+    except Exception:  # no prepared data: same shape from the model card, random pixels
+        return np.random.default_rng(0).integers(0, 256, (n, 1, 28, 28))
+
+
+def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd, env={**os.environ, **env}, stdout=log.open("wb"), stderr=subprocess.STDOUT
+    )
+
+
+def wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server {url} exited with {proc.returncode}")
+        try:
+            if httpx.get(url + path, timeout=2).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"server {url} not ready in {timeout} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def check_answer(url: str, image: np.ndarray) -> str:
+    import httpx
+
+    reply = httpx.post(url + "/predict", json={"image": image[0].tolist()}, timeout=30)
+    reply.raise_for_status()
+    return reply.json()["label"]
+
+
+class Server:
+    """One server process, its CPU time (children included) for per-request cost."""
+
+    def __init__(self, cmd: list[str], env: dict, log: Path, url: str, ready: str) -> None:
+        self.proc = start(cmd, env, log)
+        self.url = url
+        wait_ready(url, self.proc, ready)
+
+    def cpu_seconds(self) -> float:
+        import psutil
+
+        root = psutil.Process(self.proc.pid)
+        total = 0.0
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+
+def measure(server: Server, path: str, body: bytes, clients: int, seconds: float, **kw) -> dict:
+    """Closed-loop load on one route; adds the server's CPU milliseconds per request."""
+    content_type = kw.pop("content_type", "application/json")
+    items = kw.pop("items", 1)
+    request = encode_post(server.url + path, body, content_type)
+    cpu_before, wall_before = server.cpu_seconds(), time.perf_counter()
+    result = asyncio.run(run_load(server.url, request, clients, seconds, warmup=1.0))
+    cpu = server.cpu_seconds() - cpu_before
+    wall = time.perf_counter() - wall_before
+    summary = result.summary()
+    # The warm-up second is in the CPU time but not in the request count: scale it out.
+    counted = result.requests * wall / seconds if result.requests else 0
+    summary["server_cpu_ms_per_request"] = round(1000 * cpu / counted, 3) if counted else None
+    summary["server_cores_busy"] = round(cpu / wall, 2)
+    if items > 1:
+        summary["samples_per_s"] = round(result.rps * items, 1)
+    rate = f"{summary['samples_per_s']:9.1f} samples/s" if items > 1 else f"{result.rps:8.1f} req/s"
+    print(
+        f"    {path} x{clients:>2} clients: {rate}  p50 {result.percentile(50):6.2f} ms"
+        f"  p99 {result.percentile(99):6.2f} ms  CPU {summary['server_cpu_ms_per_request']} ms/req"
+        f"  errors {result.errors}",
+        flush=True,
+    )
+    return summary
+
+
+def multipart(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
+    boundary = "benchserveboundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
+        f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+    )
+    body = head.encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def batch_metrics(url: str) -> dict:
+    """Mean images per model call so far, from the bento's Prometheus histogram."""
+    import httpx
+
+    text = httpx.get(url + "/metrics", timeout=10).text
+    values = {}
+    for line in text.splitlines():
+        for key in ("image_classifier_batch_size_sum", "image_classifier_batch_size_count"):
+            if line.startswith(key + " "):
+                values[key] = float(line.split()[-1])
+    calls = values.get("image_classifier_batch_size_count", 0)
+    images = values.get("image_classifier_batch_size_sum", 0)
+    return {"model_calls": calls, "images": images, "mean_batch": images / calls if calls else 0}
+
+
+def ceiling(model_dir: Path, batch: np.ndarray, seconds: float) -> dict:
+    """Samples/s of ONNX Runtime in this process on batches of 64: with one intra-op thread
+    (what each bento worker uses) and with one per core (ONNX Runtime's default); the
+    ceiling is the better of the two."""
+    import onnxruntime as ort
+
+    x = batch.astype(np.float32)
+    out = {}
+    for label, threads in (("1_thread", 1), ("all_cores", 0)):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # 0: ONNX Runtime picks one per core
+        session = ort.InferenceSession(
+            str(model_dir / "model.onnx"), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        for _ in range(20):
+            session.run(None, {"images": x})
+        calls, start_t = 0, time.perf_counter()
+        while time.perf_counter() - start_t < seconds / 2:
+            session.run(None, {"images": x})
+            calls += 1
+        out[label] = round(calls * len(x) / (time.perf_counter() - start_t), 1)
+    out["samples_per_s"] = max(out["1_thread"], out["all_cores"])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=6.0, help="measured time per point")
+    args = parser.parse_args()
+    secs = args.seconds
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    root = Path.cwd()
+    scratch = root / "build" / "bench-serve"
+    os.environ["BENTOML_HOME"] = str(scratch / "bentoml")  # before bentoml is imported
+    tag, model_dir = build_bento(root, scratch)
+    images = sample_images(root, BATCH)
+    single = json.dumps({"image": images[0].tolist()}).encode()
+    batch_json = json.dumps({"images": images.tolist()}).encode()
+    buffer = io.BytesIO()
+    np.save(buffer, images.astype(np.uint8))
+    batch_npy, npy_type = multipart("array", "batch.npy", buffer.getvalue())
+    logs = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    report: dict = {
+        "bento": tag,
+        "model": str(model_dir / "model.onnx"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+        },
+        "load_average_before": load_average(),
+        "seconds_per_point": secs,
+        "request_bytes": {"batch1": len(single), "batch64_json": len(batch_json)},
+    }
+    report["request_bytes"]["batch64_npy"] = len(batch_npy)
+    print(f"bench-serve: {tag}; load average {report['load_average_before']}", flush=True)
+
+    print("  hand-written FastAPI + uvicorn + ONNX Runtime (1 worker, no batching)")
+    port = free_port()
+    base = Server(
+        [sys.executable, "-m", "bench.baseline_server", str(model_dir), "--port", str(port)],
+        {},
+        logs / "baseline.log",
+        f"http://127.0.0.1:{port}",
+        "/docs",
+    )
+    try:
+        baseline_label = check_answer(base.url, images)
+        report["baseline"] = {str(n): measure(base, "/predict", single, n, secs) for n in CLIENTS}
+    finally:
+        base.stop()
+
+    def bento(workers: int | None) -> Server:
+        port = free_port()
+        env = {}
+        if workers is not None:
+            env["BENTOML_CONFIG_OPTIONS"] = f"services.ImageClassifier.workers={workers}"
+        return Server(
+            [*BENTOML_SERVE, tag, "--host", "127.0.0.1", "--port", str(port)],
+            env,
+            logs / f"bento-{workers}.log",
+            f"http://127.0.0.1:{port}",
+            "/readyz",
+        )
+
+    print("  bentoml serve, adaptive batching, one worker per core (the default)")
+    server = bento(None)
+    try:
+        if check_answer(server.url, images) != baseline_label:
+            raise SystemExit("the bento and the baseline disagree on the same image")
+        report["bento"] = {str(n): measure(server, "/predict", single, n, secs) for n in CLIENTS}
+        report["bento_batching"] = batch_metrics(server.url)
+        report["batch64_json"] = {
+            str(n): measure(server, "/predict_batch", batch_json, n, secs, items=BATCH)
+            for n in (1, 2, 4)
+        }
+        report["batch64_npy"] = {
+            str(n): measure(
+                server, "/predict_array", batch_npy, n, secs, items=BATCH, content_type=npy_type
+            )
+            for n in (1, 2, 4)
+        }
+    finally:
+        server.stop()
+
+    print("  bentoml serve, adaptive batching, one worker (per-core cost)")
+    server = bento(1)
+    try:
+        report["bento_1_worker"] = {"32": measure(server, "/predict", single, 32, secs)}
+    finally:
+        server.stop()
+
+    report["ceiling"] = ceiling(model_dir, images, secs)
+    print(
+        f"  in-process ONNX Runtime, batch {BATCH}: {report['ceiling']['1_thread']:.1f} samples/s "
+        f"with 1 thread, {report['ceiling']['all_cores']:.1f} with one per core"
+    )
+    report["load_average_after"] = load_average()
+
+    def best(key: str) -> float:
+        return max(r["samples_per_s"] for r in report[key].values())
+
+    ratios = {
+        "bento_vs_baseline_at_32": report["bento"]["32"]["requests_per_s"]
+        / report["baseline"]["32"]["requests_per_s"],
+        "bento_p99_ms_at_8": report["bento"]["8"]["p99_ms"],
+        "batch64_json_vs_ceiling": best("batch64_json") / report["ceiling"]["samples_per_s"],
+        "batch64_npy_vs_ceiling": best("batch64_npy") / report["ceiling"]["samples_per_s"],
+    }
+    report["goals"] = {
+        name: {
+            "value": round(value, 3),
+            "goal": GOALS[name],
+            "met": value <= GOALS[name] if name.endswith("_ms_at_8") else value >= GOALS[name],
+        }
+        for name, value in ratios.items()
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print("  goals:")
+    for name, goal in report["goals"].items():
+        verdict = "MET" if goal["met"] else "NOT MET"
+        print(f"    {name}: {goal['value']} (goal {goal['goal']}) {verdict}")
+    print(f"  load average after {report['load_average_after']}; written to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

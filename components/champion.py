@@ -1,0 +1,249 @@
+"""The champion record: which packaged run serves, the runs it can be swapped with, the history.
+
+The record is one small JSON file (``paths.champion_file``, ``deploy/champion.json`` by
+default) kept in git, so a fresh clone knows the champion. It is deliberately **not** a DVC
+output or dependency of any stage:
+
+- DVC deletes a stage's outputs before running it, and a failed run must never lose the record;
+- a promotion or a rollback by hand (``make promote``, ``make rollback``) changes the record,
+  and that must not make DVC re-run the pipeline, which would undo the hand's choice.
+
+A *run* is a packaged challenger, named by its bento version (``r`` + 12 hex digits, a hash of
+the model and the service): the same model packaged twice is the same run. Each run record
+keeps what is needed to compare with it later (test metrics and the fingerprint of the test
+split they were measured on) and to serve it again (the bento tag, and the archive's MD5 to
+find it in DVC's cache when the BentoML store lost it).
+
+BentoML reads ``BENTOML_HOME`` when first imported: set it before calling the functions here
+that import bentoml (the ``__main__`` entries do, through ``set_quiet_env``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from components.dataset import ImageSet
+from components.stage import StageError
+
+log = logging.getLogger("pipeline.champion")
+
+RECORD_FORMAT = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SplitInfo(_Strict):
+    sha256: str  # fingerprint of the images, labels and class names (see split_fingerprint)
+    examples: int
+
+
+class RunRecord(_Strict):
+    run: str  # the bento version, e.g. "r3642b760860f"
+    bento_tag: str
+    archive: str  # the exported .bento, relative to the repository when inside it
+    archive_md5: str | None  # DVC's hash of the archive: finds it in .dvc/cache
+    model: str
+    model_sha256: str
+    served_variant: str
+    class_names: list[str]
+    image_shape: list[int]
+    test_split: SplitInfo
+    metrics: dict[str, float]  # the served model's test metrics (+ "pytorch_*" ones)
+    packaged_at: str
+    edge_bento_tag: str | None = None  # the small bento for edge boxes, when one was built
+    git_commit: str | None = None  # the commit the run was made from (HEAD at promotion)
+    prefect_flow_run: str | None = None
+
+
+class Event(_Strict):
+    at: str
+    action: Literal["promote", "rollback", "record"]
+    run: str
+    previous: str | None
+    by: str  # "pipeline" or "hand"
+    reason: str
+
+
+class ChampionRecord(_Strict):
+    format: Literal[1] = RECORD_FORMAT
+    champion: str | None = None
+    lineage: list[str] = Field(default_factory=list)  # champions in order; rollback pops one
+    runs: dict[str, RunRecord] = Field(default_factory=dict)  # every packaged run seen
+    events: list[Event] = Field(default_factory=list)
+
+    def current(self) -> RunRecord | None:
+        return self.runs[self.champion] if self.champion else None
+
+    def find(self, name: str) -> RunRecord:
+        """A run by version (``r...``), bento tag (``name:r...``) or an unambiguous prefix."""
+        name = name.strip()
+        version = name.split(":", 1)[1] if ":" in name else name
+        if version in self.runs:
+            return self.runs[version]
+        matches = [v for v in self.runs if v.startswith(version)] if version else []
+        if len(matches) == 1:
+            return self.runs[matches[0]]
+        known = ", ".join(self.runs) or "none yet"
+        if len(matches) > 1:
+            raise StageError(f"run {name!r} is ambiguous: it matches {', '.join(matches)}")
+        raise StageError(f"no packaged run {name!r} in the champion record; known runs: {known}")
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def load_record(path: Path) -> ChampionRecord:
+    """The record, or an empty one when the file does not exist yet (no champion)."""
+    path = Path(path)
+    if not path.is_file():
+        return ChampionRecord()
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise StageError(f"{path} is not valid JSON ({exc}); restore it from git") from None
+    if not isinstance(raw, dict):
+        raise StageError(f"{path} must hold a JSON object; restore it from git")
+    found = raw.get("format")
+    if found != RECORD_FORMAT:
+        raise StageError(
+            f"{path} is champion record format {found!r}; this code reads format "
+            f"{RECORD_FORMAT}: it was written by another version of the pipeline"
+        )
+    try:
+        record = ChampionRecord.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise StageError(f"{path}: {where}: {first['msg']} (a hand-edited record?)") from None
+    for name in [record.champion, *record.lineage]:
+        if name is not None and name not in record.runs:
+            raise StageError(f"{path}: champion {name!r} has no entry under 'runs'")
+    return record
+
+
+def save_record(path: Path, record: ChampionRecord) -> None:
+    """Write atomically: a crash leaves the old record or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record.model_dump(mode="json"), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def split_fingerprint(test: ImageSet, class_names) -> str:
+    """SHA-256 of the test split's content: the same images, labels and class names, same hash.
+
+    Hashes the arrays, not the .npz file, so re-writing the same split gives the same value.
+    """
+    digest = hashlib.sha256()
+    for arr in (test.x, test.y):
+        digest.update(f"{arr.dtype.str}{arr.shape}".encode())
+        digest.update(arr.tobytes())
+    digest.update(json.dumps(list(class_names)).encode())
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def md5_file(path: Path) -> str:
+    digest = hashlib.md5()  # what DVC names cache objects by; not for security
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def git_commit(root: Path = Path(".")) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def _dvc_cache_file(md5: str, root: Path) -> Path | None:
+    """The DVC cache's copy of a file with this MD5 (the cache DVC is configured to use)."""
+    candidates = []
+    try:
+        from dvc.repo import Repo
+
+        with Repo(str(root)) as repo:
+            candidates.append(Path(repo.cache.local.oid_to_path(md5)))
+    except Exception as exc:  # not a DVC repository, or DVC cannot read its config
+        log.debug("no DVC cache at %s: %s", root, exc)
+    candidates.append(Path(root) / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:])
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def ensure_bento(run: RunRecord, root: Path = Path(".")) -> Path:
+    """Make sure the run's bento is in the BentoML store; return its folder.
+
+    Looks in the store, then imports the archive from the workspace (when its MD5 matches) or
+    from the local DVC cache. Raises a :class:`StageError` that says what to do otherwise.
+    """
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        return Path(bentoml.bentos.get(run.bento_tag).path)
+    except NotFound:
+        pass
+    candidates = []
+    archive = Path(run.archive)
+    if not archive.is_absolute():
+        archive = Path(root) / archive
+    if archive.is_file() and (run.archive_md5 is None or md5_file(archive) == run.archive_md5):
+        candidates.append(archive)
+    if run.archive_md5:
+        cached = _dvc_cache_file(run.archive_md5, root)
+        if cached is not None:
+            candidates.append(cached)
+    for source in candidates:
+        # `bentoml import` wants an absolute path ending in .bento; a cache object has neither.
+        scratch = Path(tempfile.mkdtemp(prefix="bento-import-"))
+        try:
+            copy = scratch / f"{run.run}.bento"
+            shutil.copyfile(source, copy)
+            bentoml.bentos.import_bento(str(copy))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        log.info("imported bento %s from %s", run.bento_tag, source)
+        return Path(bentoml.bentos.get(run.bento_tag).path)
+    raise StageError(
+        f"bento {run.bento_tag} of run {run.run} is not in the BentoML store and its archive "
+        f"{run.archive} is neither in the workspace nor in the DVC cache: fetch it from the "
+        f"DVC remote (`dvc fetch --all-commits`, or `git checkout <the commit that packaged "
+        f"it> && dvc pull artefacts`), or copy the .bento file there, and try again"
+    )
+
+
+def served_model_file(bento_dir: Path) -> Path:
+    """The ONNX model inside a bento built by components/package.py."""
+    path = Path(bento_dir) / "src" / "deploy" / "model" / "model.onnx"
+    if not path.is_file():
+        raise StageError(f"{bento_dir} holds no src/deploy/model/model.onnx: not one of our bentos")
+    return path

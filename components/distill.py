@@ -1,0 +1,100 @@
+"""Distillation: a smaller student of the same family, trained on the teacher's soft targets.
+
+The student is the teacher's architecture with fewer channels and hidden units
+(``compress.distillation``: a width factor, or explicit widths). To tell what the teacher
+adds, the same student (same initial weights, seed, epochs and optimiser) is also trained on
+the labels alone: the ``student_alone`` step.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+from components.config import DistillationParams, TrainParams
+from components.dataset import ImageSet
+from components.finetune import FitReport, Teacher, fit_network
+from components.model import NetConfig, build_model
+from components.stage import StageError
+
+
+def count_parameters(net) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def student_config(teacher: NetConfig, params: DistillationParams) -> NetConfig:
+    """The teacher's architecture with the student's widths."""
+
+    def scaled(widths: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(max(1, round(w * params.width)) for w in widths)
+
+    channels = params.channels if params.channels is not None else scaled(teacher.channels)
+    hidden = (
+        params.hidden_units if params.hidden_units is not None else scaled(teacher.hidden_units)
+    )
+    if teacher.family == "cnn" and not channels:
+        raise StageError("compress.distillation.channels: a cnn student needs at least one block")
+    return dataclasses.replace(teacher, channels=tuple(channels), hidden_units=tuple(hidden))
+
+
+def check_student(teacher_net, teacher: NetConfig, params: DistillationParams) -> NetConfig:
+    """Build the student once to fail early: it must exist and be smaller than its teacher."""
+    config = student_config(teacher, params)
+    try:
+        student = build_model(config)
+    except ValueError as exc:
+        raise StageError(f"compress.distillation: the student cannot be built: {exc}") from None
+    n_student, n_teacher = count_parameters(student), count_parameters(teacher_net)
+    if n_student >= n_teacher:
+        raise StageError(
+            f"compress.distillation: the student (channels {list(config.channels)}, hidden units "
+            f"{list(config.hidden_units)}) has {n_student:,} parameters, not fewer than its "
+            f"teacher's {n_teacher:,} (channels {list(teacher.channels)}, hidden units "
+            f"{list(teacher.hidden_units)}): make it smaller"
+        )
+    return config
+
+
+def new_student(config: NetConfig, seed: int):
+    """The student's initial weights, the same for every call with the same seed."""
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return build_model(config)
+
+
+def distil(
+    teacher_net,
+    config: NetConfig,
+    train_set: ImageSet,
+    val_set: ImageSet,
+    train: TrainParams,
+    params: DistillationParams,
+    student=None,
+) -> tuple[object, FitReport]:
+    """Train a student on the teacher's soft targets (and the labels).
+
+    The student is a new network of ``config``, or a copy of ``student`` when given (e.g. a
+    pruned network recovering with the teacher's help).
+    """
+    student = new_student(config, train.seed) if student is None else copy.deepcopy(student)
+    student.requires_grad_(True)
+    teacher = Teacher(teacher_net, params.temperature, params.soft_loss_weight)
+    report = fit_network(
+        student, train_set, val_set, train, params.max_epochs, train.learning_rate, teacher
+    )
+    return student, report
+
+
+def train_alone(
+    config: NetConfig,
+    train_set: ImageSet,
+    val_set: ImageSet,
+    train: TrainParams,
+    params: DistillationParams,
+) -> tuple[object, FitReport]:
+    """The same student, same start and recipe, trained on the labels only: the baseline."""
+    student = new_student(config, train.seed)
+    report = fit_network(student, train_set, val_set, train, params.max_epochs, train.learning_rate)
+    return student, report

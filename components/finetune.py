@@ -1,0 +1,189 @@
+"""Short Lightning runs for the compress stage: fine-tune a pruned network, train a student.
+
+The loop is train's own: the LightningModule of ``components/train.py`` (its optimiser, lr
+schedule, augmentation, L1 term and validation metrics) wraps the plain network, so a
+compressed network is trained exactly as the teacher was, only for fewer epochs. Distillation
+subclasses that module and replaces the training loss with the soft-target loss of Hinton et
+al. (2015). The weights of the epoch with the lowest validation loss are kept, in memory:
+these runs are short and leave no checkpoints behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+from components.config import TrainParams
+from components.dataset import ImageSet
+from components.train import _lightning_module, augment_batch
+
+log = logging.getLogger("pipeline.compress")
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """What a student learns from: the teacher network and how its outputs are softened."""
+
+    net: object  # nn.Module, kept frozen and in eval mode
+    temperature: float
+    soft_loss_weight: float
+
+
+@dataclass
+class FitReport:
+    epochs: int
+    best_epoch: int
+    best_val_loss: float
+    best_val_accuracy: float
+
+
+def distillation_loss(student_logits, teacher_logits, labels, temperature: float, weight: float):
+    """``w * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - w) * CE(s, labels)``.
+
+    The ``T^2`` keeps the soft term's gradients on the scale of the hard term's whatever the
+    temperature (Hinton et al., 2015).
+    """
+    from torch.nn import functional as F
+
+    soft = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=1),
+        F.log_softmax(teacher_logits / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (temperature**2)
+    hard = F.cross_entropy(student_logits, labels)
+    return weight * soft + (1 - weight) * hard
+
+
+def _augmenting(params: TrainParams) -> bool:
+    a = params.augment
+    return bool(a.crop_padding or a.max_rotation_degrees or a.horizontal_flip)
+
+
+def _module(net, params: TrainParams, teacher: Teacher | None):
+    base = _lightning_module(net, params)
+    if teacher is None:
+        return base
+
+    import torch
+
+    frozen = copy.deepcopy(teacher.net).eval().requires_grad_(False)
+    augmenting = _augmenting(params)
+
+    class DistillationModule(type(base)):
+        def __init__(self):
+            super().__init__()
+            self.teacher = frozen  # a submodule so Lightning moves it to the device
+
+        def training_step(self, batch, _):
+            x, y = batch
+            x = x.float()
+            if augmenting:
+                x = augment_batch(x, params)
+            self.teacher.eval()  # Lightning puts every submodule in train mode: no dropout here
+            with torch.no_grad():
+                soft_targets = self.teacher(x)
+            loss = distillation_loss(
+                self.net(x), soft_targets, y, teacher.temperature, teacher.soft_loss_weight
+            )
+            self.log("train_loss", loss, on_step=False, on_epoch=True)
+            if params.l1_penalty:
+                weights = [p for p in self.net.parameters() if p.requires_grad and p.dim() > 1]
+                loss = loss + params.l1_penalty * sum(p.abs().sum() for p in weights)
+            return loss
+
+    return DistillationModule()
+
+
+def _best_weights_callback():
+    import lightning as L
+
+    class BestWeights(L.Callback):
+        """Keeps a copy of the network's weights at its lowest validation loss."""
+
+        def __init__(self):
+            self.state = None
+            self.report = FitReport(0, 0, float("inf"), 0.0)
+
+        def on_validation_epoch_end(self, trainer, module):
+            if trainer.sanity_checking:
+                return
+            m = trainer.callback_metrics
+            epoch = trainer.current_epoch + 1
+            self.report.epochs = epoch
+            loss = float(m["val_loss"])
+            if loss < self.report.best_val_loss:
+                self.report.best_epoch, self.report.best_val_loss = epoch, loss
+                self.report.best_val_accuracy = float(m["val_accuracy"])
+                self.state = {
+                    k: v.detach().cpu().clone() for k, v in module.net.state_dict().items()
+                }
+
+    return BestWeights()
+
+
+def fit_network(
+    net,
+    train_set: ImageSet,
+    val_set: ImageSet,
+    params: TrainParams,
+    epochs: int,
+    learning_rate: float,
+    teacher: Teacher | None = None,
+) -> FitReport:
+    """Train ``net`` in place for ``epochs`` with train's loop; keep its best validation weights.
+
+    ``params`` is the train section (optimiser, batch size, seed, augmentation, precision,
+    accelerator); ``epochs`` and ``learning_rate`` replace its own. One process, one device:
+    these runs are seconds long, DDP would cost more than it saves. With a ``teacher`` the loss
+    is :func:`distillation_loss`.
+    """
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    params = params.model_copy(update={"max_epochs": epochs, "learning_rate": learning_rate})
+    L.seed_everything(params.seed, workers=True, verbose=False)
+    logging.getLogger("lightning.pytorch").propagate = False
+    # Several short runs per stage: Lightning's per-run notices (GPU available, tips, "max_epochs
+    # reached") would bury the stage's own lines. Its warnings still show.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    best = _best_weights_callback()
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator=params.accelerator,
+        devices=1,
+        strategy="auto",
+        precision=params.precision,
+        deterministic=params.deterministic,
+        gradient_clip_val=params.gradient_clip_norm or None,
+        callbacks=[best],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+    def loader(images: ImageSet, shuffle: bool) -> DataLoader:
+        tensors = TensorDataset(torch.from_numpy(images.x), torch.from_numpy(images.y))
+        drop_last = shuffle and params.batch_norm and len(images) % params.batch_size == 1
+        generator = torch.Generator().manual_seed(params.seed)
+        return DataLoader(
+            tensors,
+            batch_size=params.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            drop_last=drop_last,
+        )
+
+    module = _module(net, params, teacher)
+    # Lightning keeps each module's mode: a network handed over in eval mode (as loaded or
+    # exported) would train without dropout. The teacher goes back to eval in every step.
+    module.train()
+    trainer.fit(module, loader(train_set, True), loader(val_set, False))
+    net.cpu()
+    if best.state is not None:
+        net.load_state_dict(best.state)
+    net.eval()
+    return best.report

@@ -1,0 +1,314 @@
+"""Promote: a packaged challenger that passed every gate becomes the champion.
+
+The DVC stage (``python -m components.promote``, after package) records the packaged run in
+the champion record (``paths.champion_file``, kept in git: see components/champion.py) and,
+when ``promote.auto`` is true, makes it the champion. It writes ``promote.json``: what it
+decided and why, for the report and ``dvc metrics``.
+
+The same module moves the champion by hand (these never touch DVC's state):
+
+    python -m components.promote promote RUN   # make a recorded run the champion (make promote)
+    python -m components.promote rollback      # back to the previous champion (make rollback)
+    python -m components.promote show          # the champion, its lineage and the known runs
+    python -m components.promote tag           # the champion's bento tag, imported if needed
+
+Only runs that were packaged after passing their gates are in the record, so a hand promotion
+can choose among earned runs but cannot let a refused one through. A hand's rollback sticks: a
+later pipeline run that reproduces the run rolled back from records it but does not promote it
+again (a hand promotion brings it back). To accept a challenger the
+no-regression gate refused, loosen ``evaluate.max_regression`` for that run; params.yaml then
+says so in git.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from components import champion as champ
+from components.config import Params, ParamsError, load_params
+from components.evaluate import read_metrics_file
+from components.gate import read_gate_json
+from components.stage import StageError, main, set_quiet_env, write_json
+
+log = logging.getLogger("pipeline.promote")
+
+PROMOTE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class PromoteResult:
+    run: str
+    promoted: bool
+    outcome: str  # "promoted" | "already champion" | "recorded"
+    reason: str
+    champion_before: str | None
+    champion_after: str | None
+
+
+def read_bento_json(path: Path) -> dict:
+    data = read_metrics_file(
+        path, 1, "package", ("tag", "archive", "served_variant", "model", "model_version")
+    )
+    if ":" not in data["tag"] or data["tag"].endswith(":latest"):
+        raise StageError(f"{path}: bento tag {data['tag']!r} is not a pinned name:version")
+    return data
+
+
+def _relative(path: Path, root: Path) -> str:
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def run_record(gate: dict, bento: dict, root: Path = Path(".")) -> champ.RunRecord:
+    """What the champion record keeps about a packaged run, from gate.json and bento.json."""
+    served = gate["served_variant"]
+    if bento["served_variant"] != served:
+        raise StageError(
+            f"bento.json serves the {bento['served_variant']} model but gate.json judged the "
+            f"{served} one: stale files; re-run the pipeline"
+        )
+    verdict = gate["variants"][served]
+    if not str(bento["model"]).endswith(verdict["model_sha256"][:12]):
+        raise StageError(
+            f"the bento's model {bento['model']} is not the {served} model the gates judged "
+            f"(sha256 {verdict['model_sha256'][:12]}): stale files; re-run the pipeline"
+        )
+    archive = Path(bento["archive"])
+    metrics = {k: float(verdict[k]) for k in ("accuracy", "macro_f1", "min_class_recall")}
+    metrics.update({f"network_{k}": float(v) for k, v in gate["network"].items()})
+    return champ.RunRecord(
+        run=bento["model_version"],
+        bento_tag=bento["tag"],
+        archive=_relative(archive, root),
+        archive_md5=champ.md5_file(archive) if archive.is_file() else None,
+        model=bento["model"],
+        model_sha256=verdict["model_sha256"],
+        served_variant=served,
+        class_names=list(gate["class_names"]),
+        image_shape=list(gate["image_shape"]),
+        test_split=champ.SplitInfo(**gate["test_split"]),
+        metrics=metrics,
+        packaged_at=champ.now(),
+        edge_bento_tag=(bento.get("edge") or {}).get("tag"),
+        git_commit=champ.git_commit(root),
+        prefect_flow_run=os.environ.get("PREFECT__FLOW_RUN_ID"),
+    )
+
+
+def decide(
+    record: champ.ChampionRecord, candidate: champ.RunRecord, gate: dict, auto: bool
+) -> PromoteResult:
+    """The promotion rule, in memory: changes ``record`` and says what it did."""
+    name = candidate.run
+    if not gate["passed"]:
+        raise StageError(
+            f"gate.json says run {name} failed its gates ({'; '.join(gate['failed'])}): "
+            "not promoted"
+        )
+    before = record.champion
+    known = record.runs.get(name)
+    # The same model packaged again is the same run: keep when it was first packaged.
+    record.runs[name] = (
+        candidate
+        if known is None
+        else candidate.model_copy(update={"packaged_at": known.packaged_at})
+    )
+    if before == name:
+        return PromoteResult(
+            name, False, "already champion", f"{name} is the champion already", before, before
+        )
+    compared = gate["champion"]["run"]
+    if compared != before:
+        reason = (
+            f"the champion changed to {before} after the gate compared {name} with "
+            f"{compared or 'no champion'}: recorded, not promoted (make promote RUN={name})"
+        )
+        _event(record, "record", name, before, "pipeline", reason)
+        return PromoteResult(name, False, "recorded", reason, before, before)
+    demoted = rolled_back_by_hand(record, name)
+    if demoted is not None:
+        reason = (
+            f"{name} was rolled back by hand at {demoted}: recorded, not promoted again "
+            f"automatically (make promote RUN={name} to bring it back)"
+        )
+        _event(record, "record", name, before, "pipeline", reason)
+        return PromoteResult(name, False, "recorded", reason, before, before)
+    if not auto:
+        reason = f"promote.auto is false: recorded; promote it with make promote RUN={name}"
+        _event(record, "record", name, before, "pipeline", reason)
+        return PromoteResult(name, False, "recorded", reason, before, before)
+    gates = gate["variants"][gate["served_variant"]]["gates"]
+    reason = "; ".join(g["reason"] for k, g in gates.items() if k.startswith("no_regression"))
+    reason = f"passed every gate; {reason}" if reason else "passed every gate"
+    _promote(record, name, "pipeline", reason)
+    return PromoteResult(name, True, "promoted", reason, before, name)
+
+
+def rolled_back_by_hand(record: champ.ChampionRecord, name: str) -> str | None:
+    """When a person rolled back *from* this run (and has not promoted it since): the time.
+
+    Re-running the pipeline reproduces the same run; it must not undo the person's choice.
+    """
+    for event in reversed(record.events):
+        if event.action == "rollback" and event.previous == name:
+            return event.at
+        if event.action == "promote" and event.run == name and event.by == "hand":
+            return None
+    return None
+
+
+def _event(record, action, run, previous, by, reason) -> None:
+    record.events.append(
+        champ.Event(at=champ.now(), action=action, run=run, previous=previous, by=by, reason=reason)
+    )
+
+
+def _promote(record: champ.ChampionRecord, name: str, by: str, reason: str) -> None:
+    previous = record.champion
+    record.champion = name
+    record.lineage.append(name)
+    _event(record, "promote", name, previous, by, reason)
+
+
+def run(params: Params) -> PromoteResult:
+    paths = params.paths
+    gate = read_gate_json(Path(paths.metrics_dir) / "gate.json")
+    bento = read_bento_json(Path(paths.artefacts_dir) / "bento.json")
+    record = champ.load_record(paths.champion_file)
+    candidate = run_record(gate, bento)
+    champ.ensure_bento(candidate)  # a bento restored by DVC's run-cache is imported here
+    result = decide(record, candidate, gate, params.promote.auto)
+    champ.save_record(paths.champion_file, record)
+    write_json(
+        Path(paths.metrics_dir) / "promote.json",
+        {
+            "format": PROMOTE_FORMAT,
+            "run": result.run,
+            "bento_tag": candidate.bento_tag,
+            "promoted": result.promoted,
+            "outcome": result.outcome,
+            "reason": result.reason,
+            "champion_before": result.champion_before,
+            "champion_after": result.champion_after,
+            "lineage": list(record.lineage),
+        },
+    )
+    log.info("%s: %s", result.outcome, result.reason)
+    return result
+
+
+# -- by hand ---------------------------------------------------------------------------------
+
+
+def promote_by_hand(path: Path, name: str, root: Path = Path(".")) -> str:
+    """Make a recorded run the champion; its bento must be servable first."""
+    record = champ.load_record(path)
+    target = record.find(name)
+    if record.champion == target.run:
+        return f"{target.run} ({target.bento_tag}) is the champion already"
+    champ.ensure_bento(target, root)  # refuse before changing anything
+    before = record.champion
+    _promote(record, target.run, "hand", f"promoted by hand (was {before})")
+    champ.save_record(path, record)
+    return f"champion: {target.run} ({target.bento_tag}), was {before}"
+
+
+def rollback(path: Path, root: Path = Path(".")) -> str:
+    """Give the champion title back to the previous champion; its bento must be servable."""
+    record = champ.load_record(path)
+    if record.champion is None:
+        raise StageError("no champion yet: nothing to roll back")
+    if len(record.lineage) < 2:
+        raise StageError(
+            f"{record.champion} is the first champion: no previous one to roll back to"
+        )
+    previous = record.runs[record.lineage[-2]]
+    champ.ensure_bento(previous, root)  # refuse before changing anything
+    current = record.lineage.pop()
+    record.champion = previous.run
+    _event(record, "rollback", previous.run, current, "hand", f"rolled back from {current}")
+    champ.save_record(path, record)
+    return f"champion: {previous.run} ({previous.bento_tag}), rolled back from {current}"
+
+
+def describe(path: Path) -> str:
+    record = champ.load_record(path)
+    if record.champion is None:
+        return "no champion yet: run `make pipeline`"
+    lines = []
+    for name, r in reversed(record.runs.items()):
+        mark = "*" if name == record.champion else " "
+        m = r.metrics
+        lines.append(
+            f" {mark} {name}  {r.bento_tag}  accuracy {m.get('accuracy', float('nan')):.4f}  "
+            f"macro F1 {m.get('macro_f1', float('nan')):.4f}  packaged {r.packaged_at}"
+        )
+    return "\n".join(
+        [
+            f"champion: {record.champion} ({record.current().bento_tag})",
+            "lineage (oldest first; make rollback goes one back): " + " -> ".join(record.lineage),
+            "packaged runs (* = champion):",
+            *lines,
+        ]
+    )
+
+
+def champion_tag(path: Path, root: Path = Path(".")) -> str:
+    """The champion's bento tag, after making sure the bento is in the store."""
+    record = champ.load_record(path)
+    current = record.current()
+    if current is None:
+        raise StageError(f"no champion in {path} yet: run `make pipeline` first")
+    champ.ensure_bento(current, root)
+    return current.bento_tag
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m components.promote",
+        description="Without a command: the DVC stage. With one: move or show the champion.",
+    )
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("promote", help="make a recorded run the champion")
+    p.add_argument("run", help="bento version (r...), tag (name:r...) or a unique prefix")
+    sub.add_parser("rollback", help="back to the previous champion")
+    sub.add_parser("show", help="the champion, its lineage and the packaged runs")
+    sub.add_parser("tag", help="print the champion's bento tag (imported into the store if needed)")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        main("promote", run)
+        return 0
+
+    set_quiet_env()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    log.setLevel(logging.INFO)
+    logging.getLogger("pipeline.champion").setLevel(logging.INFO)
+    try:
+        path = load_params().paths.champion_file
+        if args.command == "promote":
+            print(promote_by_hand(path, args.run))
+        elif args.command == "rollback":
+            print(rollback(path))
+        elif args.command == "show":
+            print(describe(path))
+        else:
+            print(champion_tag(path))
+    except (StageError, ParamsError, json.JSONDecodeError) as exc:
+        print(f"{args.command}: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `make champion | head`: the reader left, and that is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

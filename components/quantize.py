@@ -1,0 +1,111 @@
+"""Int8 post-training quantization with ONNX Runtime: static (calibrated) and dynamic.
+
+- **Static**: weights and activations in int8; activation ranges come from running the fp32
+  model on calibration images (training images, never the test split). QDQ format keeps the
+  graph readable and lets ONNX Runtime fuse Q/DQ pairs into integer kernels; QOperator writes
+  the integer operators directly.
+- **Dynamic**: int8 weights; activation ranges are measured on every call. Only the op types
+  in ``compress.quantization.dynamic_op_types`` are quantized: dynamic Conv (ConvInteger)
+  runs several times slower than fp32 on CPU.
+
+Both run ``quant_pre_process`` first (shape inference and graph clean-up), as ONNX Runtime
+recommends.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from components.config import QuantizationParams
+
+INPUT_NAME = "images"
+CALIBRATION_BATCH = 32
+
+
+def _pre_process(fp32_path: Path, out: Path) -> None:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(fp32_path), str(out), skip_symbolic_shape=True)
+
+
+def quantize_static(
+    fp32_path: Path,
+    int8_path: Path,
+    calibration: np.ndarray,
+    params: QuantizationParams,
+    exclude_nodes: tuple[str, ...] = (),
+) -> None:
+    """Static int8: uint8 activations, int8 weights, calibrated on ``calibration`` images.
+
+    ``exclude_nodes`` (names in the pre-processed graph, see :func:`first_block_nodes`) stay
+    fp32: the benchmark uses it to study where int8 pays.
+    """
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+    )
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._batches = iter(
+                {INPUT_NAME: calibration[i : i + CALIBRATION_BATCH].astype(np.float32)}
+                for i in range(0, len(calibration), CALIBRATION_BATCH)
+            )
+
+        def get_next(self):
+            return next(self._batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        _pre_process(fp32_path, prepared)
+        ort_quantize_static(
+            str(prepared),
+            str(int8_path),
+            Reader(),
+            quant_format=QuantFormat.QDQ if params.format == "qdq" else QuantFormat.QOperator,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=params.per_channel,
+            reduce_range=params.reduce_range,
+            nodes_to_exclude=list(exclude_nodes),
+        )
+
+
+def first_block_nodes(fp32_path: Path) -> tuple[str, ...]:
+    """Names of the nodes up to the first pooling: the first conv block, which reads a single
+    input channel and gains nothing from int8 kernels (see bench/compression.py)."""
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        _pre_process(fp32_path, prepared)
+        nodes = onnx.load(str(prepared)).graph.node
+    names = []
+    for node in nodes:
+        names.append(node.name)
+        if node.op_type in ("MaxPool", "AveragePool"):
+            return tuple(names)
+    return ()
+
+
+def quantize_dynamic(fp32_path: Path, int8_path: Path, params: QuantizationParams) -> None:
+    """Dynamic int8: int8 weights of ``dynamic_op_types``, activations quantized per call."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        _pre_process(fp32_path, prepared)
+        ort_quantize_dynamic(
+            str(prepared),
+            str(int8_path),
+            weight_type=QuantType.QInt8,
+            per_channel=params.per_channel,
+            reduce_range=params.reduce_range,
+            op_types_to_quantize=list(params.dynamic_op_types),
+        )

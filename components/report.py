@@ -1,0 +1,518 @@
+"""Report: one self-contained HTML page per run, for people.
+
+``reports/report.html`` puts together what the stages recorded: the verdict (promoted, kept,
+refused and why), every gate with its reason, the test metrics and per-class figures, the
+training curves, the confusion matrix, the compression trade-off, the data validation result
+(with links to our validation summary and the Great Expectations Data Docs) and the champion's
+lineage. Plots are drawn with matplotlib and inlined as PNG: the page needs no network, no
+JavaScript and no other file (the validation pages it links to sit next to it).
+
+The ``report`` stage runs last. A run that a gate stops never reaches it, so the stage that
+stops (evaluate or gate) writes this same page through :func:`write_report` before failing,
+with only the sections of the stages that ran.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from components.config import Params
+from components.stage import StageError, main
+
+log = logging.getLogger("pipeline.report")
+
+REPORT_FILE = "report.html"
+# The stages whose results the report shows, in pipeline order.
+STAGES = ("validate", "train", "evaluate", "compress", "gate", "package", "promote")
+
+
+@dataclass
+class ReportInputs:
+    """Everything the page shows; a missing piece is None and its section says so."""
+
+    validation: dict | None = None
+    train: dict | None = None
+    history: list[dict] | None = None
+    evaluate: dict | None = None
+    confusion: list[tuple[str, str]] | None = None
+    compress: dict | None = None
+    gate: dict | None = None
+    promote: dict | None = None
+    bento: dict | None = None
+    validation_links: dict[str, bool] = field(default_factory=dict)  # href -> exists
+    stopped_at: str | None = None  # the stage a gate stopped the run in
+    stop_reason: str | None = None
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def _json(path: Path) -> dict | None:
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise StageError(
+            f"{path} is not valid JSON ({exc}): re-run the stage that writes it"
+        ) from None
+    return value if isinstance(value, dict) else None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):  # "null", "" in a history row: not measured that epoch
+        return math.nan
+
+
+def _history(path: Path) -> list[dict] | None:
+    if not Path(path).is_file():
+        return None
+    with Path(path).open() as fh:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def _confusion(path: Path) -> list[tuple[str, str]] | None:
+    if not Path(path).is_file():
+        return None
+    with Path(path).open() as fh:
+        return [(row["actual"], row["predicted"]) for row in csv.DictReader(fh)]
+
+
+def gather(params: Params, stopped_at: str | None = None, stop_reason: str | None = None):
+    """Read what the stages up to ``stopped_at`` (all, when None) recorded."""
+    paths = params.paths
+    metrics = Path(paths.metrics_dir)
+    reached = STAGES if stopped_at is None else STAGES[: STAGES.index(stopped_at) + 1]
+    inputs = ReportInputs(stopped_at=stopped_at, stop_reason=stop_reason)
+    if "validate" in reached:
+        inputs.validation = _json(metrics / "validation.json")
+        docs = Path(paths.reports_dir) / "validation"
+        inputs.validation_links = {
+            "validation/summary.html": (docs / "summary.html").is_file(),
+            "validation/index.html": (docs / "index.html").is_file(),
+        }
+    if "train" in reached:
+        inputs.train = _json(metrics / "train.json")
+        inputs.history = _history(metrics / "train_history.csv")
+    if "evaluate" in reached:
+        inputs.evaluate = _json(metrics / "evaluate.json")
+        inputs.confusion = _confusion(metrics / "confusion.csv")
+    if "compress" in reached:
+        inputs.compress = _json(metrics / "compress.json")
+    if "gate" in reached:
+        inputs.gate = _json(metrics / "gate.json")
+    if "package" in reached:
+        inputs.bento = _json(Path(paths.artefacts_dir) / "bento.json")
+    if "promote" in reached:
+        inputs.promote = _json(metrics / "promote.json")
+    return inputs
+
+
+# -- plots -----------------------------------------------------------------------------------
+
+
+def _png(fig, alt: str) -> str:
+    """A matplotlib figure as an <img> with an inline PNG (no file, no network)."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<img class="plot" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _figure(*args, **kwargs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def plot_history(history: list[dict]) -> str:
+    fig, (loss_ax, acc_ax) = _figure(1, 2, figsize=(9, 3.2))
+    epochs = [row.get("epoch", i + 1) for i, row in enumerate(history)]
+    for name in history[0]:
+        values = [row[name] for row in history]
+        if "loss" in name:
+            loss_ax.plot(epochs, values, marker="o", label=name)
+        elif "acc" in name:
+            acc_ax.plot(epochs, values, marker="o", label=name)
+    loss_ax.set(title="Loss per epoch", xlabel="epoch")
+    acc_ax.set(title="Accuracy per epoch", xlabel="epoch")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    return _png(fig, "training and validation loss and accuracy per epoch")
+
+
+def plot_confusion(pairs: list[tuple[str, str]], class_names: list[str]) -> str:
+    import numpy as np
+
+    index = {name: i for i, name in enumerate(class_names)}
+    k = len(class_names)
+    counts = np.zeros((k, k), dtype=int)
+    for actual, predicted in pairs:
+        if actual in index and predicted in index:
+            counts[index[actual], index[predicted]] += 1
+    size = min(9, 2.5 + 0.45 * k)
+    fig, ax = _figure(figsize=(size, size * 0.85))
+    totals = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label="share of the actual class")
+    ticks = range(k)
+    ax.set_xticks(ticks, class_names, rotation=90 if k > 12 else 0)
+    ax.set_yticks(ticks, class_names)
+    ax.set(xlabel="predicted", ylabel="actual", title="Confusion matrix (test split)")
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                if counts[i, j]:
+                    color = "white" if share[i, j] > 0.5 else "black"
+                    ax.text(j, i, counts[i, j], ha="center", va="center", color=color, fontsize=8)
+    return _png(fig, "confusion matrix of the test split")
+
+
+def plot_per_class(per_class: dict, min_recall: float | None) -> str:
+    import numpy as np
+
+    names = list(per_class)
+    y = np.arange(len(names))
+    fig, ax = _figure(figsize=(7, 1.2 + 0.32 * len(names)))
+    height = 0.27
+    for offset, key in zip((-height, 0, height), ("precision", "recall", "f1"), strict=True):
+        ax.barh(y + offset, [per_class[n][key] for n in names], height, label=key)
+    if min_recall is not None:
+        ax.axvline(min_recall, color="crimson", linestyle="--", label="min class recall")
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set(xlim=(0, 1.05), title="Per-class figures (test split)", xlabel="score")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    return _png(fig, "per-class precision, recall and F1")
+
+
+def plot_compression(variants: dict) -> str:
+    names = list(variants)
+    sizes = [variants[n]["size_bytes"] / 1024 for n in names]
+    accuracy = [variants[n]["accuracy"] for n in names]
+    latency = [variants[n].get("latency_ms_batch1") for n in names]
+    fig, (acc_ax, lat_ax) = _figure(1, 2, figsize=(9, 3.2))
+    acc_ax.scatter(sizes, accuracy, s=60, color="tab:blue")
+    for name, x, y in zip(names, sizes, accuracy, strict=True):
+        acc_ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4))
+    acc_ax.set(title="Test accuracy vs model size", xlabel="size (KiB)", ylabel="accuracy")
+    acc_ax.margins(x=0.25, y=0.3)
+    acc_ax.grid(alpha=0.3)
+    shown = [(n, v) for n, v in zip(names, latency, strict=True) if v is not None]
+    lat_ax.bar([n for n, _ in shown], [v for _, v in shown], color="tab:orange")
+    lat_ax.set(title="Latency at batch 1 (ms, 1 thread)", ylabel="ms")
+    lat_ax.grid(axis="y", alpha=0.3)
+    return _png(fig, "compression trade-off: size, accuracy and latency")
+
+
+# -- HTML ------------------------------------------------------------------------------------
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2230;
+background:#f6f7fa}
+main{max-width:1000px;margin:0 auto;padding:1.5em}
+h1{margin:.2em 0}h2{margin-top:1.6em;border-bottom:2px solid #dde1ea;padding-bottom:.2em}
+section{background:#fff;border:1px solid #dde1ea;border-radius:8px;padding:.6em 1.2em 1.2em;
+margin:1em 0}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
+th,td{border:1px solid #dde1ea;padding:.3em .6em;text-align:left;vertical-align:top}
+th{background:#f0f2f7}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.nowrap{white-space:nowrap}
+.badge{display:inline-block;padding:.15em .6em;border-radius:4px;font-weight:600;color:#fff}
+.pass{background:#1a7f37}.fail{background:#c62828}.info{background:#5a6478}
+.verdict{font-size:1.15em;padding:.8em 1em;border-radius:8px;color:#fff;margin:1em 0}
+.verdict.pass{background:#1a7f37}.verdict.fail{background:#c62828}.verdict.info{background:#5a6478}
+tr.failed td{background:#fdecea}img.plot{max-width:100%;height:auto;display:block;margin:.6em 0}
+.muted{color:#5a6478}code{background:#f0f2f7;padding:.05em .3em;border-radius:3px}
+"""
+
+
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def _f(value, digits: int = 4) -> str:
+    if value is None:
+        return "&ndash;"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return _e(value)
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and value > 1):
+        return str(int(value))
+    return f"{value:.{digits}f}"
+
+
+def _badge(passed: bool | None, yes: str = "PASS", no: str = "FAIL") -> str:
+    if passed is None:
+        return '<span class="badge info">n/a</span>'
+    return f'<span class="badge {"pass" if passed else "fail"}">{yes if passed else no}</span>'
+
+
+def _gate_rows(subject: str, gates: dict) -> list[str]:
+    rows = []
+    for name, g in gates.items():
+        op = g.get("op", ">=")
+        threshold = g.get("threshold")
+        limit = "&ndash;" if threshold is None else f"{_e(op)} {_f(threshold)}"
+        css = "" if g.get("passed") else ' class="failed"'
+        rows.append(
+            f"<tr{css}><td>{_e(subject)}</td><td>{_e(name)}</td><td class=num>"
+            f"{_f(g.get('value'))}</td><td class=nowrap>{limit}</td>"
+            f"<td>{_badge(g.get('passed'))}</td><td>{_e(g.get('reason', ''))}</td></tr>"
+        )
+    return rows
+
+
+def _not_reached(stage: str, inputs: ReportInputs) -> str:
+    if inputs.stopped_at is not None:
+        where = _e(inputs.stopped_at)
+        return f'<p class="muted">Not reached: the run stopped at <b>{where}</b>.</p>'
+    return f'<p class="muted">No result: {_e(stage)} has not written its file.</p>'
+
+
+def _headline(inputs: ReportInputs) -> tuple[str, str]:
+    """(css class, sentence) of the run's outcome."""
+    if inputs.stopped_at is not None:
+        return "fail", f"Refused at {inputs.stopped_at}: {inputs.stop_reason or 'a gate failed'}"
+    promote = inputs.promote or {}
+    run = promote.get("run", "?")
+    if promote.get("promoted"):
+        before = promote.get("champion_before")
+        was = f" (was {before})" if before else " (the first champion)"
+        return "pass", f"Promoted: run {run} is the champion{was}. {promote.get('reason', '')}"
+    if promote:
+        return "info", f"Not promoted ({promote.get('outcome')}): {promote.get('reason', '')}"
+    return "info", "The run has not been through promotion."
+
+
+def section_gates(inputs: ReportInputs) -> str:
+    rows = []
+    if inputs.evaluate and "gates" in inputs.evaluate:
+        rows += _gate_rows("network (PyTorch)", inputs.evaluate["gates"])
+    if inputs.gate:
+        variants = inputs.gate.get("variants", {})
+        for name in sorted(variants, key=lambda n: not variants[n].get("served")):
+            v = variants[name]
+            subject = f"{name} ONNX" + (" (served)" if v.get("served") else " (not served)")
+            rows += _gate_rows(subject, v.get("gates", {}))
+    if not rows:
+        return "<h2>Gates</h2>" + _not_reached("evaluate", inputs)
+    champion = ""
+    if inputs.gate:
+        c = inputs.gate.get("champion", {})
+        champion = f"<p>Compared with the champion: {_e(c.get('note', ''))}.</p>"
+    return (
+        "<h2>Gates</h2><p>Only the served model's verdicts decide; the others are shown for "
+        "comparison.</p>" + champion + "<table><tr><th>model</th><th>gate</th><th>value</th>"
+        "<th>threshold</th><th>verdict</th><th>reason</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
+def section_metrics(inputs: ReportInputs) -> str:
+    ev = inputs.evaluate
+    if not ev:
+        return "<h2>Test metrics</h2>" + _not_reached("evaluate", inputs)
+    keys = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "min_class_recall")
+    head = "".join(f"<th>{_e(k.replace('_', ' '))}</th>" for k in keys)
+    columns = [("network (PyTorch)", ev)]
+    if inputs.gate:
+        for name, v in inputs.gate.get("variants", {}).items():
+            columns.append((f"{name} ONNX" + (" (served)" if v.get("served") else ""), v))
+    body = "".join(
+        f"<tr><td>{_e(label)}</td>"
+        + "".join(f"<td class=num>{_f(m.get(k))}</td>" for k in keys)
+        + "</tr>"
+        for label, m in columns
+    )
+    per_class = ev.get("per_class", {})
+    threshold = ((ev.get("gates") or {}).get("min_class_recall") or {}).get("threshold")
+    class_rows = "".join(
+        f"<tr><td>{_e(n)}</td><td class=num>{_f(c['precision'])}</td><td class=num>"
+        f"{_f(c['recall'])}</td><td class=num>{_f(c['f1'])}</td><td class=num>{c['support']}"
+        "</td></tr>"
+        for n, c in per_class.items()
+    )
+    parts = [
+        f"<h2>Test metrics</h2><p>{_e(ev.get('test_examples', '?'))} test examples.</p>",
+        f"<table><tr><th>model</th>{head}</tr>{body}</table>",
+    ]
+    if per_class:
+        parts.append(plot_per_class(per_class, threshold))
+        parts.append(
+            "<details><summary>Per-class table (network)</summary><table><tr><th>class</th>"
+            "<th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
+            f"{class_rows}</table></details>"
+        )
+    if inputs.confusion:
+        parts.append(plot_confusion(inputs.confusion, list(per_class)))
+    return "".join(parts)
+
+
+def section_training(inputs: ReportInputs) -> str:
+    if not inputs.history:
+        return "<h2>Training</h2>" + _not_reached("train", inputs)
+    t = inputs.train or {}
+    facts = ", ".join(f"{_e(k.replace('_', ' '))} {_f(v)}" for k, v in t.items())
+    return f"<h2>Training</h2><p>{facts}</p>" + plot_history(inputs.history)
+
+
+def section_compression(inputs: ReportInputs) -> str:
+    comp = inputs.compress
+    if not comp or not isinstance(comp.get("variants"), dict):
+        return "<h2>Compression</h2>" + _not_reached("compress", inputs)
+    measured = (inputs.gate or {}).get("variants", {})
+    variants = {}
+    rows = []
+    for name, v in comp["variants"].items():
+        ours = measured.get(name, {})
+        m = {**v, **{k: ours[k] for k in ("accuracy", "macro_f1") if k in ours}}
+        variants[name] = m
+        served = name == comp.get("served_variant")
+        rows.append(
+            f"<tr><td>{_e(name)}{' (served)' if served else ''}</td>"
+            f"<td class=num>{m['size_bytes'] / 1024:.1f}</td>"
+            f"<td class=num>{_f(m.get('latency_ms_batch1'), 3)}</td>"
+            f"<td class=num>{_f(m.get('accuracy'))}</td><td class=num>{_f(m.get('macro_f1'))}</td>"
+            "</tr>"
+        )
+    gate = comp.get("gate") or {}
+    drop = ""
+    if "int8_accuracy_drop" in comp:
+        drop = (
+            f"<p>int8 accuracy drop vs fp32: {_f(comp['int8_accuracy_drop'])} (max "
+            f"{_f(gate.get('max_accuracy_drop'))}) {_badge(gate.get('passed'))}</p>"
+        )
+    return (
+        "<h2>Compression</h2><table><tr><th>variant</th><th>size (KiB)</th>"
+        "<th>latency batch 1 (ms)</th><th>accuracy</th><th>macro F1</th></tr>"
+        + "".join(rows)
+        + "</table>"
+        + drop
+        + plot_compression(variants)
+    )
+
+
+def section_validation(inputs: ReportInputs) -> str:
+    v = inputs.validation
+    if not v:
+        return "<h2>Data validation</h2>" + _not_reached("validate", inputs)
+    links = []
+    for href, label in (
+        ("validation/summary.html", "our validation summary (every check)"),
+        ("validation/index.html", "Great Expectations Data Docs (styled only when online)"),
+    ):
+        if inputs.validation_links.get(href):
+            links.append(f'<li><a href="{_e(href)}">{_e(label)}</a></li>')
+        else:
+            links.append(f"<li>{_e(label)}: not built</li>")
+    failed = "".join(f"<li>{_e(f)}</li>" for f in v.get("failed", []))
+    return (
+        f"<h2>Data validation</h2><p>{_badge(v.get('success'), 'PASSED', 'FAILED')} "
+        f"{_e(v.get('evaluated_expectations', '?'))} checks on the prepared splits.</p>"
+        + (f"<p>Failed:</p><ul>{failed}</ul>" if failed else "")
+        + f"<ul>{''.join(links)}</ul>"
+    )
+
+
+def section_champion(inputs: ReportInputs) -> str:
+    p = inputs.promote
+    if not p:
+        stays = ""
+        if inputs.stopped_at is not None:
+            run = ((inputs.gate or {}).get("champion") or {}).get("run")
+            who = f"the champion stays {_e(run)}" if run else "the champion stays as it was"
+            stays = f"<p>This run was not packaged: {who} (<code>make champion</code>).</p>"
+        return "<h2>Champion</h2>" + _not_reached("promote", inputs) + stays
+    lineage = " &rarr; ".join(_e(r) for r in p.get("lineage", [])) or "&ndash;"
+    return (
+        f"<h2>Champion</h2><table><tr><th>this run</th><td>{_e(p.get('run'))} "
+        f"(<code>{_e(p.get('bento_tag'))}</code>)</td></tr>"
+        f"<tr><th>outcome</th><td>{_e(p.get('outcome'))}: {_e(p.get('reason'))}</td></tr>"
+        f"<tr><th>champion before / after</th><td>{_e(p.get('champion_before'))} / "
+        f"{_e(p.get('champion_after'))}</td></tr>"
+        f"<tr><th>lineage (oldest first)</th><td>{lineage}</td></tr></table>"
+        "<p>Serve the champion: <code>make serve</code>; back to the previous one: "
+        "<code>make rollback</code>; see all runs: <code>make champion</code>.</p>"
+    )
+
+
+def render(inputs: ReportInputs) -> str:
+    """The whole page as one string."""
+    css, headline = _headline(inputs)
+    run = (inputs.promote or {}).get("run") or (inputs.bento or {}).get("model_version")
+    title = f"Pipeline report{f': run {run}' if run else ''}"
+    served = (inputs.gate or {}).get("served_variant")
+    facts = []
+    if inputs.bento:
+        facts.append(f"bento <code>{_e(inputs.bento.get('tag'))}</code>")
+    if served:
+        facts.append(f"serves the {_e(served)} model")
+    if inputs.gate:
+        split = inputs.gate.get("test_split", {})
+        facts.append(
+            f"test split {_e(split.get('examples'))} examples, fingerprint "
+            f"<code>{_e(str(split.get('sha256', ''))[:12])}</code>"
+        )
+    body = "".join(
+        [
+            f"<h1>{_e(title)}</h1>",
+            f'<div class="verdict {css}">{_e(headline)}</div>',
+            f"<p class=muted>{'; '.join(facts)}</p>" if facts else "",
+            f"<section>{section_gates(inputs)}</section>",
+            f"<section>{section_metrics(inputs)}</section>",
+            f"<section>{section_training(inputs)}</section>",
+            f"<section>{section_compression(inputs)}</section>",
+            f"<section>{section_validation(inputs)}</section>",
+            f"<section>{section_champion(inputs)}</section>",
+        ]
+    )
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{CSS}</style></head>"
+        f"<body><main>{body}</main></body></html>\n"
+    )
+
+
+def write_report(
+    params: Params, stopped_at: str | None = None, stop_reason: str | None = None
+) -> Path:
+    """Gather, render and write ``reports/report.html``; return its path."""
+    if stopped_at is not None and stopped_at not in STAGES:
+        raise ValueError(f"unknown stage {stopped_at!r}; expected one of {STAGES}")
+    page = render(gather(params, stopped_at, stop_reason))
+    path = Path(params.paths.reports_dir) / REPORT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(page)
+    tmp.replace(path)
+    log.info("report: %s", path)
+    return path
+
+
+def run(params: Params) -> Path:
+    return write_report(params)
+
+
+if __name__ == "__main__":
+    main("report", run)

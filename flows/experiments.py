@@ -1,0 +1,227 @@
+"""DVC's side of a flow run: record it as an experiment, push it, and check the way is clear.
+
+A finished flow run becomes ``dvc exp save -n <flow run name>`` (a git ref under
+``refs/exps``: params, dvc.lock, metrics and code as they were), then ``dvc push`` puts its
+data and models on the DVC remote and, when ``orchestrate.git_remote`` is set, ``dvc exp
+push`` puts the experiment's ref on that git remote. On any clone with the same remotes:
+
+    dvc exp pull origin <run>  &&  dvc exp apply <run>  &&  dvc repro --pull
+
+The checks here run before a flow run touches anything, so a remote that cannot be reached
+fails the run at once instead of after an hour of training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class PreflightError(RuntimeError):
+    """The run cannot start (or be recorded) as configured; the message says how to fix it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+
+
+def experiment_name(flow_run_name: str, flow_run_id: str, taken: set[str]) -> str:
+    """A valid, unused experiment name for a flow run: its own name whenever possible.
+
+    Prefect's generated names (``tangerine-lizard``) are valid git ref names as they are; a
+    custom ``--flow-run-name`` is cleaned up (anything but letters, digits, ``.``, ``_``,
+    ``-`` becomes ``-``). A name already used by an experiment gets the run id's first 8
+    characters appended, so ``dvc exp apply <name>`` is never ambiguous.
+    """
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", flow_run_name)
+    name = re.sub(r"\.{2,}", ".", name).strip("-.")
+    name = re.sub(r"(\.lock)+$", "", name) or "run"
+    short_id = re.sub(r"[^A-Za-z0-9]", "", flow_run_id)[:8] or "0"
+    if name in taken:
+        name = f"{name}-{short_id}"
+    return name
+
+
+def existing_experiment_names(root: Path) -> set[str]:
+    """Names of every experiment in this repository, on any baseline commit."""
+    from dvc.repo import Repo
+    from dvc.repo.experiments.utils import exp_refs
+
+    with Repo(str(root)) as repo:
+        return {ref.name for ref in exp_refs(repo.scm)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks before a run
+
+
+def _git(root: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["git", *args], cwd=root, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def has_commit(root: Path) -> bool:
+    return _git(root, "rev-parse", "--verify", "--quiet", "HEAD^{commit}").returncode == 0
+
+
+def check_dvc_remote(root: Path, name: str) -> str:
+    """Make sure the DVC remote is configured and answers; return ``"name (url)"``.
+
+    A local folder is created on first use (as ``dvc push`` would) and must be writable; any
+    other kind gets one round trip (credentials, DNS, network, bucket).
+    """
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        remotes = repo.config.get("remote", {})
+        name = name or repo.config.get("core", {}).get("remote", "")
+        if not name:
+            raise PreflightError(
+                "no DVC remote to push to: add one with `dvc remote add -d <name> <url>` "
+                "(see .dvc/config) or set orchestrate.push: false"
+            )
+        if name not in remotes:
+            known = ", ".join(sorted(remotes)) or "none"
+            raise PreflightError(
+                f"orchestrate.remote: no DVC remote named {name!r} (configured: {known})"
+            )
+        url = remotes[name].get("url", "?")
+        try:
+            remote = repo.cloud.get_remote(name, "push")
+            fs, path = remote.fs, remote.path
+            if fs.protocol == "local":
+                target = Path(path)
+                target.mkdir(parents=True, exist_ok=True)
+                probe = target / ".dvc-write-probe"
+                probe.write_bytes(b"")
+                probe.unlink()
+            else:
+                fs.exists(path)  # one round trip: credentials, DNS, network, bucket
+        except Exception as exc:  # any backend's error: auth, DNS, network, bucket, config
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise PreflightError(f"DVC remote {name!r} ({url}) is unreachable: {reason}") from None
+    return f"{name} ({url})"
+
+
+def check_git_remote(root: Path, git_remote: str) -> str:
+    """Make sure experiment refs can go to this git remote; return its url."""
+    url = _git(root, "remote", "get-url", git_remote)
+    if url.returncode != 0:
+        raise PreflightError(
+            f"orchestrate.git_remote: no git remote named {git_remote!r} "
+            f"(`git remote -v` lists them)"
+        )
+    try:
+        probe = _git(root, "ls-remote", "--heads", git_remote, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise PreflightError(f"git remote {git_remote!r} did not answer in 60 s") from None
+    if probe.returncode != 0:
+        reason = " ".join(probe.stderr.split())[-300:]
+        raise PreflightError(f"git remote {git_remote!r} is unreachable: {reason}")
+    return url.stdout.strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording a run
+
+
+def _untracked_files(root: Path) -> list[str]:
+    out = _git(root, "ls-files", "--others", "--exclude-standard", "-z")
+    return [p for p in out.stdout.split("\0") if p]
+
+
+def files_the_experiment_needs(root: Path) -> list[str]:
+    """Untracked files a run wrote that belong in its experiment commit.
+
+    ``dvc exp save`` commits what git tracks plus top-level metrics; a stage's own
+    ``cache: false`` outputs (metrics, plots), the ``.gitignore`` files DVC writes for its
+    outputs and the records the pipeline keeps in git (a file named in params.yaml's
+    ``paths:``, e.g. the champion record) are left out while git does not know them yet (a new
+    stage, a fresh clone).
+    """
+    from dvc.repo import Repo
+
+    from components.config import load_params
+
+    untracked = _untracked_files(root)
+    if not untracked:
+        return []
+    resolved = Path(root).resolve()
+    with Repo(str(root)) as repo:
+        uncached = [
+            Path(out.fs_path).resolve().relative_to(resolved).as_posix()
+            for stage in repo.index.stages
+            for out in stage.outs
+            if not out.use_cache
+        ]
+    records = set()
+    for value in load_params(Path(root) / "params.yaml").paths.model_dump().values():
+        path = (resolved / value).resolve()
+        if path.is_file() and path.is_relative_to(resolved):
+            records.add(path.relative_to(resolved).as_posix())
+    wanted = []
+    for path in untracked:
+        if (
+            path == "dvc.lock"
+            or Path(path).name == ".gitignore"
+            or path in records
+            or any(path == u or path.startswith(u + "/") for u in uncached)
+        ):
+            wanted.append(path)
+    return wanted
+
+
+# Who commits an experiment when git has no user configured (a fresh server, a CI runner).
+FALLBACK_IDENTITY = {"NAME": "data-to-bento pipeline", "EMAIL": "pipeline@localhost"}
+
+
+@contextlib.contextmanager
+def _git_identity(root: Path) -> Iterator[list[str]]:
+    """Let ``dvc exp save`` commit even where git has no user: a stand-in identity, for the
+    duration of the save only. Yields the variables it had to set."""
+    missing = {}
+    for role in ("AUTHOR", "COMMITTER"):
+        for field, key in (("NAME", "user.name"), ("EMAIL", "user.email")):
+            var = f"GIT_{role}_{field}"
+            if not os.environ.get(var) and not _git(root, "config", key).stdout.strip():
+                missing[var] = FALLBACK_IDENTITY[field]
+    os.environ.update(missing)
+    try:
+        yield sorted(missing)
+    finally:
+        for var in missing:
+            os.environ.pop(var, None)
+
+
+def save_experiment(root: Path, name: str, message: str) -> list[str]:
+    """``dvc exp save -n name``: record the workspace (params, dvc.lock, metrics, code).
+
+    Returns the git identity variables it had to stand in for (none where git has a user).
+    """
+    from dvc.repo import Repo
+
+    include = files_the_experiment_needs(root)
+    with _git_identity(root) as stand_ins, Repo(str(root)) as repo:
+        repo.experiments.save(name=name, include_untracked=include, message=message)
+    return stand_ins
+
+
+def push_data(root: Path, remote: str) -> int:
+    """``dvc push``: the data and models of the workspace to the DVC remote; files sent."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return repo.push(remote=remote or None)
+
+
+def push_experiment_ref(root: Path, git_remote: str, name: str) -> None:
+    """``dvc exp push <git_remote> <name> --no-cache``: the run's git ref (data went already)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        repo.experiments.push(git_remote, [name], push_cache=False)

@@ -1,0 +1,223 @@
+"""The HTML report: self-contained, complete, and rendered by a real headless Chromium.
+
+The inputs are what a run leaves: the gate stage runs on tiny ONNX models (see
+tests/test_evaluate_gates.py); the other stages' small files are written here.
+
+The browser test uses Debian's ``chromium`` (``make test`` installs it when missing and root)
+through Python Playwright, or Chromium's own ``--screenshot`` when Playwright is missing. It
+skips only when no Chromium can be found, and says so. Screenshots go to
+``$REPORT_SCREENSHOT_DIR`` when set (the test's temp folder otherwise).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from components import gate, report
+from components.config import Params
+from components.report import REPORT_FILE, write_report
+from tests.test_evaluate_gates import GOOD_SEED, project, write_challenger  # noqa: F401
+
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+
+
+def finished_run(params: Params) -> Params:
+    """Every file the report reads, as a passing, promoted run leaves them."""
+    write_challenger(params, GOOD_SEED)
+    gate.run(params)
+    metrics = Path(params.paths.metrics_dir)
+    (metrics / "validation.json").write_text(
+        json.dumps({"success": True, "evaluated_expectations": 33, "failed": []})
+    )
+    (metrics / "train.json").write_text(
+        json.dumps({"best_epoch": 3, "best_val_accuracy": 0.9, "epochs_run": 3})
+    )
+    (metrics / "train_history.csv").write_text(
+        "epoch,train_loss,val_loss,val_accuracy\n1,null,0.9,0.6\n2,0.8,0.5,0.8\n3,0.4,0.3,0.9\n"
+    )
+    (metrics / "confusion.csv").write_text("actual,predicted\na,a\nb,b\nc,a\nc,c\n")
+    (metrics / "promote.json").write_text(
+        json.dumps(
+            {
+                "format": 1,
+                "run": "r0123456789ab",
+                "bento_tag": "tiny:r0123456789ab",
+                "promoted": True,
+                "outcome": "promoted",
+                "reason": "passed every gate; no champion yet",
+                "champion_before": None,
+                "champion_after": "r0123456789ab",
+                "lineage": ["r0123456789ab"],
+            }
+        )
+    )
+    artefacts = Path(params.paths.artefacts_dir)
+    artefacts.mkdir(parents=True, exist_ok=True)
+    (artefacts / "bento.json").write_text(
+        json.dumps({"tag": "tiny:r0123456789ab", "model_version": "r0123456789ab"})
+    )
+    docs = Path(params.paths.reports_dir) / "validation"
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "summary.html").write_text("<html><body>33 checks passed</body></html>")
+    (docs / "index.html").write_text("<html><body>Data Docs</body></html>")
+    return params
+
+
+def _images(page: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+
+
+def test_the_report_is_one_self_contained_page_with_every_section(project):  # noqa: F811
+    path = write_report(finished_run(project))
+    assert path == Path(project.paths.reports_dir) / REPORT_FILE
+    page = path.read_text()
+    # Nothing to fetch: every src is an inline image, every link a local page next to it.
+    for ref in re.findall(r'(?:src|href)="([^"]+)"', page):
+        assert ref.startswith("data:image/png;base64,") or ref.startswith("validation/"), ref
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    from PIL import Image
+
+    images = _images(page)
+    assert len(images) == 4  # per-class, confusion, training curves, compression
+    for data in images:
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.format == "PNG" and image.width > 200 and image.height > 100
+    for heading in ("Gates", "Test metrics", "Training", "Compression", "Data validation"):
+        assert f"<h2>{heading}</h2>" in page
+    assert "Promoted: run r0123456789ab is the champion (the first champion)" in page
+    assert "no_regression" in page and "no champion yet" in page
+    assert 'href="validation/summary.html"' in page and 'href="validation/index.html"' in page
+    assert "int8 ONNX (served)" in page and "fp32 ONNX (not served)" in page
+
+
+def test_a_refused_run_shows_why_and_what_it_did_not_reach(project):  # noqa: F811
+    params = finished_run(project)
+    path = write_report(params, stopped_at="gate", stop_reason="accuracy 0.5 is 0.4 below champion")
+    page = path.read_text()
+    assert "Refused at gate: accuracy 0.5 is 0.4 below champion" in page
+    assert "Not reached: the run stopped at <b>gate</b>" in page  # the champion section
+    assert "This run was not packaged" in page
+    assert "r0123456789ab" not in page  # promote.json is an older run's: not shown
+    early = write_report(params, stopped_at="evaluate", stop_reason="accuracy 0.4 < min 0.9")
+    page = early.read_text()
+    assert (
+        page.count("Not reached: the run stopped at <b>evaluate</b>") == 2
+    )  # compression, champion
+    assert "int8 ONNX" not in page  # gate.json is from an older run: not shown
+
+
+def test_missing_files_leave_a_note_not_a_crash(project):  # noqa: F811
+    page = write_report(project).read_text()
+    assert page.count("No result:") >= 4
+    with pytest.raises(ValueError, match="unknown stage"):
+        write_report(project, stopped_at="nowhere")
+
+
+def test_history_with_missing_values_still_plots():
+    rows = [{"epoch": 1.0, "train_loss": float("nan"), "val_loss": 0.5, "val_accuracy": 0.8}]
+    assert report.plot_history(rows).startswith('<img class="plot"')
+
+
+# -- in a real browser -----------------------------------------------------------------------
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+
+
+def _shots_dir(tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("REPORT_SCREENSHOT_DIR") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_the_report_renders_in_headless_chromium_with_its_plots(project, tmp_path):  # noqa: F811
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no Chromium on this machine (make test installs Debian's chromium as root)")
+    params = finished_run(project)
+    passed = write_report(params)
+    refused = passed.with_name("refused.html")
+    refused.write_text(
+        report.render(report.gather(params, stopped_at="gate", stop_reason="a regression"))
+    )
+    shots = _shots_dir(tmp_path)
+    try:
+        from playwright.sync_api import sync_playwright  # noqa: F401
+    except ImportError:
+        _check_with_chromium_cli(browser, passed, shots / "report.png", tmp_path)
+        return
+    _check_with_playwright(browser, passed, shots / "report.png", promoted=True)
+    _check_with_playwright(browser, refused, shots / "report-refused.png", promoted=False)
+
+
+def _check_with_playwright(browser: str, page_file: Path, shot: Path, promoted: bool) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=browser, args=CHROMIUM_FLAGS)
+        try:
+            page = chromium.new_page(viewport={"width": 1100, "height": 900})
+            requested: list[str] = []
+            page.on("request", lambda r: requested.append(r.url))
+            page.goto(page_file.resolve().as_uri(), wait_until="load", timeout=30_000)
+            images = page.evaluate(
+                "Array.from(document.images).map(i => "
+                "({alt: i.alt, width: i.naturalWidth, height: i.naturalHeight, done: i.complete}))"
+            )
+            verdict = page.inner_text(".verdict")
+            headings = page.eval_on_selector_all("h2", "hs => hs.map(h => h.textContent)")
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            chromium.close()
+    assert len(images) == 4, images
+    for image in images:
+        assert image["done"] and image["width"] > 200 and image["height"] > 100, image
+    external = [u for u in requested if not u.startswith(("file:", "data:"))]
+    assert external == [], f"the page fetched {external}"
+    assert verdict.startswith("Promoted" if promoted else "Refused at gate"), verdict
+    assert headings[:5] == ["Gates", "Test metrics", "Training", "Compression", "Data validation"]
+    assert shot.stat().st_size > 20_000  # a page with plots, not a blank one
+
+
+def _check_with_chromium_cli(browser: str, page_file: Path, shot: Path, tmp_path: Path) -> None:
+    """Without Playwright: Chromium's own screenshot, and the DOM it built."""
+    common = [browser, "--headless", *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    url = page_file.resolve().as_uri()
+    subprocess.run(
+        [*common, f"--screenshot={shot}", "--window-size=1100,4000", url],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    dom = subprocess.run(
+        [*common, "--dump-dom", url], check=True, capture_output=True, text=True, timeout=120
+    ).stdout
+    assert dom.count('src="data:image/png;base64,') == 4
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is None or len(colours) > 50, "the screenshot is blank"
