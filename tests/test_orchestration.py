@@ -205,6 +205,10 @@ def workspace(base: Path, env: dict) -> Path:
     return ws
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def served(api: str, workspace: Path, env: dict, base: Path):
     """`make schedule`: the nightly and by-hand deployments, served from the workspace."""
@@ -216,6 +220,9 @@ def served(api: str, workspace: Path, env: dict, base: Path):
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        # A process started from a background job inherits SIGINT ignored (as CI may start
+        # us): restore the default so Ctrl-C (our SIGINT below) stops `serve` as it would.
+        preexec_fn=_default_sigint,
     )
     try:
         deadline = time.monotonic() + 90
