@@ -284,7 +284,8 @@ def _task_states(api: str, flow_run_id: str) -> dict[str, str]:
         runs = httpx.post(
             f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}}
         ).json()
-        states = {run["name"]: run["state"]["name"] for run in runs}
+        # A task run whose first state event has not arrived yet has no state at all.
+        states = {run["name"]: (run["state"] or {}).get("name", "Pending") for run in runs}
         if not {"Pending", "Running"} & set(states.values()) or time.monotonic() > deadline:
             return states
         time.sleep(0.5)
