@@ -34,7 +34,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from components.dataset import ImageSet
-from components.stage import StageError
+from components.stage import StageError, file_digest
 
 log = logging.getLogger("pipeline.champion")
 
@@ -158,19 +158,11 @@ def split_fingerprint(test: ImageSet, class_names) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def md5_file(path: Path) -> str:
-    digest = hashlib.md5()  # what DVC names cache objects by; not for security
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "md5")  # what DVC names cache objects by; not for security
 
 
 def git_commit(root: Path = Path(".")) -> str | None:

@@ -36,7 +36,7 @@ import numpy as np
 
 from components.config import PackageParams, Params
 from components.dataset import DatasetError, DatasetMeta, meta_path
-from components.stage import StageError, main, write_json
+from components.stage import StageError, file_digest, main, write_json
 
 log = logging.getLogger("pipeline.package")
 
@@ -184,14 +184,6 @@ def summarise_metrics(evaluate: dict | None, compress: dict | None, variant: str
     return dict(sorted(out.items()))
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_model(onnx_file: Path, image_shape: tuple[int, ...], n_classes: int) -> None:
     """Fail before building when the model cannot serve images of the data set's shape."""
     import onnxruntime as ort
@@ -250,7 +242,7 @@ def content_version(staging_dir: Path, build_options: dict) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps(build_options, sort_keys=True).encode())
     for rel, path in _source_files(staging_dir).items():
-        digest.update(rel.encode() + b"\0" + sha256_file(path).encode() + b"\0")
+        digest.update(rel.encode() + b"\0" + file_digest(path).encode() + b"\0")
     return "r" + digest.hexdigest()[:12]
 
 
@@ -258,7 +250,7 @@ def _store_matches(bento_src: Path, staging_dir: Path) -> bool:
     """Whether a stored bento's src/ holds exactly the files we staged (not tampered with)."""
     for rel, path in _source_files(staging_dir).items():
         stored = Path(bento_src) / rel
-        if not stored.is_file() or sha256_file(stored) != sha256_file(path):
+        if not stored.is_file() or file_digest(stored) != file_digest(path):
             return False
     return True
 
@@ -439,7 +431,7 @@ def _build_one(
 
 
 def _model_card(onnx_file: Path, meta: DatasetMeta, model_name: str, variant: str) -> dict:
-    digest = sha256_file(onnx_file)
+    digest = file_digest(onnx_file)
     return {
         "model": f"{model_name}:{variant}-{digest[:12]}",
         "model_sha256": digest,

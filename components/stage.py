@@ -7,6 +7,7 @@ the traceback as well.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -42,6 +43,15 @@ def set_quiet_env() -> None:
     # The temporary Prefect server of a run by hand needs more than the default 20 s to
     # start on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB chunks (model files and archives can be large)."""
+    digest = hashlib.new(algorithm)
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_json(path: Path, payload: dict) -> None:
