@@ -74,6 +74,12 @@ bench: setup ## benchmarks on the last pipeline run: int8 vs fp32; compression g
 	$(PY) -m bench.compression
 	$(PY) -m bench.train_vs_loop
 
+tune: setup repo-init ## run (or resume) the tuning study in params.yaml's tune section; WORKERS=2 runs two trials at once
+	$(PY) -m flows.tune $(if $(WORKERS),--workers $(WORKERS),) $(if $(SET),$(foreach s,$(SET),--set $(s)),)
+
+bench-tune: setup ## tuned vs default params, 1 vs 2 workers, ensemble vs best single model (~10 min)
+	$(PY) -m bench.tune
+
 bench-serve: setup ## the served bento vs a hand-written FastAPI server vs ONNX Runtime in-process (~2 min)
 	$(PY) -m bench.serve
 
@@ -96,4 +102,4 @@ schedule: setup repo-init ## serve the nightly + by-hand deployments (make prefe
 clean: ## remove tool state and build scratch (keeps data, models and the DVC cache)
 	rm -rf build .pytest_cache .ruff_cache
 
-.PHONY: help setup repo-init pipeline repro test browser lint serve champion promote rollback bench bench-serve serve-edge clean
+.PHONY: help setup repo-init pipeline repro test browser lint serve champion promote rollback bench bench-serve serve-edge clean tune bench-tune

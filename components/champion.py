@@ -10,9 +10,15 @@ output or dependency of any stage:
 
 A *run* is a packaged challenger, named by its bento version (``r`` + 12 hex digits, a hash of
 the model and the service): the same model packaged twice is the same run. Each run record
-keeps what is needed to compare with it later (test metrics and the fingerprint of the test
-split they were measured on) and to serve it again (the bento tag, and the archive's MD5 to
-find it in DVC's cache when the BentoML store lost it).
+keeps what is needed to compare with it later (what it predicts: the task, data kind, target,
+classes and input shape; its test metrics and the fingerprint of the test split they were
+measured on; the fingerprint of its input preprocessing) and to serve it again (the bento tag,
+and the archive's MD5 to find it in DVC's cache when the BentoML store lost it).
+
+The metrics are the task's: ``accuracy``, ``macro_f1`` and ``min_class_recall`` for
+classification, ``r2``, ``rmse`` and ``mae`` for regression (each also as ``network_*``: the
+uncompressed network's). Records written before tables and sequences existed lack ``task``,
+``kind``, ``target`` and ``preprocess_sha256``: they read as image classifiers.
 
 BentoML reads ``BENTOML_HOME`` when first imported: set it before calling the functions here
 that import bentoml (the ``__main__`` entries do, through ``set_quiet_env``).
@@ -46,7 +52,7 @@ class _Strict(BaseModel):
 
 
 class SplitInfo(_Strict):
-    sha256: str  # fingerprint of the images, labels and class names (see split_fingerprint)
+    sha256: str  # fingerprint of the inputs, targets and class names (see split_fingerprint)
     examples: int
 
 
@@ -58,14 +64,18 @@ class RunRecord(_Strict):
     model: str
     model_sha256: str
     served_variant: str
-    class_names: list[str]
-    image_shape: list[int]
+    class_names: list[str]  # empty for regression
+    image_shape: list[int]  # the input shape of one example: (C, H, W), (F,) or (T, F)
     test_split: SplitInfo
-    metrics: dict[str, float]  # the served model's test metrics (+ "pytorch_*" ones)
+    metrics: dict[str, float]  # the served model's test metrics (+ "network_*" ones)
     packaged_at: str
     edge_bento_tag: str | None = None  # the small bento for edge boxes, when one was built
     git_commit: str | None = None  # the commit the run was made from (HEAD at promotion)
     prefect_flow_run: str | None = None
+    task: Literal["classification", "regression"] = "classification"
+    kind: Literal["image", "table", "sequence"] = "image"
+    target: str = ""  # the predicted column of a table or time series
+    preprocess_sha256: str | None = None  # see preprocess_fingerprint; None: raw pixels in
 
 
 class Event(_Strict):
@@ -145,9 +155,11 @@ def save_record(path: Path, record: ChampionRecord) -> None:
 
 
 def split_fingerprint(test: ImageSet, class_names) -> str:
-    """SHA-256 of the test split's content: the same images, labels and class names, same hash.
+    """SHA-256 of the test split's content: the same inputs, targets and class names, same hash.
 
-    Hashes the arrays, not the .npz file, so re-writing the same split gives the same value.
+    Hashes the arrays (dtype, shape and bytes), not the .npz file, so re-writing the same split
+    gives the same value. Works for every kind and task: uint8 images or float32 features,
+    int64 labels or float32 regression targets (a regression split has no class names).
     """
     digest = hashlib.sha256()
     for arr in (test.x, test.y):
@@ -155,6 +167,22 @@ def split_fingerprint(test: ImageSet, class_names) -> str:
         digest.update(arr.tobytes())
     digest.update(json.dumps(list(class_names)).encode())
     return digest.hexdigest()
+
+
+def preprocess_fingerprint(preprocess: dict | None, feature_names=()) -> str | None:
+    """SHA-256 of how raw rows become the model's input (components/features.py's fitted spec
+    and the encoded feature names), or None when there is no such step (images: raw pixels).
+
+    Two models with the same fingerprint read the same encoded inputs, so one may be measured
+    on the other's test split; with different ones (another fit of means and categories) they
+    may not.
+    """
+    if preprocess is None and not feature_names:
+        return None
+    text = json.dumps(
+        {"preprocess": preprocess, "features": list(feature_names)}, sort_keys=True, default=str
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def sha256_file(path: Path) -> str:

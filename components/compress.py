@@ -12,15 +12,27 @@ the trained network (the teacher):
 
 Prefixes that variants share (``distil`` in ``student`` and ``student_pruned_int8``) are
 computed once. ``fp32`` is the trained network exported unchanged: the reference every drop is
-measured from. Each ONNX file is checked against its PyTorch source before it is measured:
-fp32 exports within ``compress.onnx_tolerance`` on the logits, quantized ones by agreeing on
-the top class for at least ``compress.quantization.min_agreement`` of sample images.
+measured from. Each ONNX file is checked against its PyTorch source on examples of the training
+data (images, encoded table rows or sequences, as the model will get them) before it is
+measured: fp32 exports within ``compress.onnx_tolerance`` on the logits (for regression, on the
+predicted values in units of the training target's standard deviation), quantized ones by
+agreeing with their source on at least ``compress.quantization.min_agreement`` of sample
+examples: on the top class, or for regression within ``REGRESSION_AGREEMENT_STD`` (0.1)
+target standard deviations.
 
 Each variant is then measured: parameters, file size (and gzip size), ONNX Runtime latency at
-batch 1 and 64 with fixed threads, test accuracy and macro F1, their drop from fp32. A variant
-passes when both drops are within ``compress.max_accuracy_drop``. ``compress.select.policy``
-picks the variant to package among those; the choice and its reason go to ``compress.json``
-(``selected``, ``selected_reason``). Bad params fail before any work.
+batch 1 and 64 with fixed threads on training examples, and its test metrics with their drop
+from fp32. Classification: accuracy and macro F1; a variant passes when both drops are within
+``compress.max_accuracy_drop``. Regression: R^2, RMSE and MAE; a variant passes when its R^2
+drop is within ``compress.max_accuracy_drop``. ``compress.select.policy`` picks the variant to
+package among those; the choice and its reason go to ``compress.json`` (``selected``,
+``selected_reason``). Bad params, and variants this network cannot have, fail before any work.
+
+Families: every step applies to cnn, mlp, lstm and gru networks. Structured pruning of an
+LSTM/GRU removes recurrent units (see :mod:`components.prune`); static int8 leaves LSTM/GRU ops
+in float (ONNX Runtime has no static int8 kernel for them) and quantizes the dense layers;
+dynamic int8 quantizes the dense layers, and an LSTM too where ``dynamic_op_types`` may name
+``LSTM`` (ONNX Runtime has no dynamic int8 GRU).
 """
 
 from __future__ import annotations
@@ -45,18 +57,23 @@ from components.config import (
     TrainParams,
 )
 from components.dataset import DatasetMeta, ImageSet, load_images, meta_path, split_path
-from components.metrics import classification_metrics
+from components.metrics import task_metrics
 from components.model import NetConfig, config_from_dict, load_model, predict_logits
 from components.stage import StageError, main, write_json
 
 log = logging.getLogger("pipeline.compress")
 
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
+INPUT_NAME, OUTPUT_NAME = "images", "logits"  # the names the bentos feed and read, any data
 VARIANTS = (REFERENCE_VARIANT, EDGE_INT8_VARIANT)  # always written: other stages read them
 LATENCY_BATCHES = (1, 64)
 LATENCY_ROUNDS = 30  # rounds over all variants, interleaved so load changes hit all alike
 CALLS_PER_ROUND = {1: 20, 64: 3}
-CHECK_SAMPLES = 512  # images for the ONNX-vs-PyTorch check of quantized models
+CHECK_SAMPLES = 512  # examples for the ONNX-vs-PyTorch check of quantized models
+PROBE_SAMPLES = 7  # training examples for the fp32 export check (not the exported batch size)
+# Regression: a quantized model agrees with its source on an example when their predictions
+# differ by at most this many standard deviations of the training target. (If every example
+# missed by exactly that much, R^2 would fall by about its square, 0.01.)
+REGRESSION_AGREEMENT_STD = 0.1
 EPS = 1e-9
 
 
@@ -64,35 +81,54 @@ EPS = 1e-9
 class OnnxCheck:
     """How an ONNX file was checked against the PyTorch network it came from."""
 
-    kind: str  # "max_abs_logit_diff" (fp32 exports) | "top1_agreement" (quantized)
+    # "max_abs_logit_diff" (fp32 exports) | "top1_agreement" (quantized classifiers) |
+    # "max_abs_diff_in_target_std" (fp32 regression exports: the worst difference / target std)
+    # | "within_tolerance_agreement" (quantized regression: share within ``tolerance``)
+    kind: str
     value: float
     threshold: float
     samples: int
-    max_abs_logit_diff: float
+    max_abs_logit_diff: float  # the worst raw output difference (target units for regression)
+    tolerance: float | None = None  # within_tolerance_agreement: the allowed |difference|
 
 
 @dataclass(frozen=True)
 class VariantReport:
     name: str
     size_bytes: int
-    accuracy: float
-    macro_f1: float
+    accuracy: float | None  # classification (None for regression)
+    macro_f1: float | None
     latency_ms_batch1: float
     steps: tuple[str, ...] = ()
     params: int = 0  # of the PyTorch network it came from (quantization keeps the count)
     nonzero_params: int = 0
     size_gzip_bytes: int = 0
     latency_ms_batch64: float = 0.0
-    accuracy_drop: float = 0.0  # vs fp32
-    macro_f1_drop: float = 0.0
-    passed: bool = True  # both drops within compress.max_accuracy_drop
+    accuracy_drop: float | None = 0.0  # vs fp32
+    macro_f1_drop: float | None = 0.0
+    passed: bool = True  # the drops within compress.max_accuracy_drop
     check: OnnxCheck | None = None
+    task: str = "classification"
+    r2: float | None = None  # regression, on the test split, in target units
+    rmse: float | None = None
+    mae: float | None = None
+    r2_drop: float | None = None  # vs fp32
+
+    @property
+    def score(self) -> float:
+        """The headline metric: accuracy, or R^2 for regression."""
+        return self.r2 if self.task == "regression" else self.accuracy
+
+    @property
+    def drop(self) -> float:
+        """The headline metric's drop vs fp32."""
+        return self.r2_drop if self.task == "regression" else self.accuracy_drop
 
 
 @dataclass(frozen=True)
 class CompressResult:
     variants: dict[str, VariantReport]
-    accuracy_drop: float  # int8's, vs fp32
+    accuracy_drop: float  # int8's, vs fp32: accuracy, or R^2 for regression
     passed: bool  # int8's verdict
     selected: str = REFERENCE_VARIANT
     selected_reason: str = ""
@@ -102,11 +138,19 @@ class CompressResult:
 # ---------------------------------------------------------------- ONNX export, run, checks
 
 
-def _export(model, image_shape: tuple[int, ...], path: Path) -> None:
+def _rows(samples: np.ndarray, n: int, start: int = 0) -> np.ndarray:
+    """``n`` rows of ``samples`` from ``start`` on, cycling when there are fewer."""
+    return samples[(start + np.arange(n)) % len(samples)]
+
+
+def _export(model, image_shape: tuple[int, ...], path: Path, samples=None) -> None:
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.randint(0, 256, (4, *image_shape)).float()
+    if samples is None:  # random pixels: only right for images (the benchmark's use)
+        example = torch.randint(0, 256, (4, *image_shape)).float()
+    else:
+        example = torch.from_numpy(_rows(samples, 4).astype(np.float32))
     program = torch.onnx.export(
         model.eval(),
         (example,),
@@ -120,36 +164,86 @@ def _export(model, image_shape: tuple[int, ...], path: Path) -> None:
     program.save(str(path), external_data=False)
 
 
-def export_onnx(model, image_shape: tuple[int, ...], path: Path, tolerance: float) -> OnnxCheck:
-    """Export with a dynamic batch dimension and check it against PyTorch on sample inputs."""
+def export_onnx(
+    model,
+    image_shape: tuple[int, ...],
+    path: Path,
+    tolerance: float,
+    samples: np.ndarray | None = None,
+    target_std: float | None = None,
+) -> OnnxCheck:
+    """Export with a dynamic batch dimension and check it against PyTorch on sample inputs.
+
+    ``samples`` are real examples of the data (training split, the dtype the model gets);
+    without them the probe is random pixels, which suits images only. With ``target_std`` (a
+    regression network) the difference is measured in standard deviations of the target, so
+    the tolerance means the same whatever the target's units.
+    """
     import torch
 
-    _export(model, image_shape, path)
-    probe = torch.randint(0, 256, (7, *image_shape)).float()  # another batch size than exported
+    _export(model, image_shape, path, samples)
+    if samples is None:
+        probe = torch.randint(0, 256, (PROBE_SAMPLES, *image_shape)).float().numpy()
+    else:  # another batch size than exported, and other rows
+        probe = _rows(samples, PROBE_SAMPLES, start=4).astype(np.float32)
     expected = predict_logits(model, probe).numpy()
-    worst = float(np.abs(expected - run_onnx(path, probe.numpy())).max())
-    if not worst <= tolerance:
+    worst = float(np.abs(expected - run_onnx(path, probe)).max())
+    if target_std is None:
+        if not worst <= tolerance:
+            raise StageError(
+                f"ONNX export of {path.name} differs from PyTorch by {worst:.2e} "
+                f"(compress.onnx_tolerance is {tolerance:.0e})"
+            )
+        return OnnxCheck("max_abs_logit_diff", worst, tolerance, len(probe), worst)
+    scaled = worst / (target_std or 1.0)
+    if not scaled <= tolerance:
         raise StageError(
-            f"ONNX export of {path.name} differs from PyTorch by {worst:.2e} "
-            f"(compress.onnx_tolerance is {tolerance:.0e})"
+            f"ONNX export of {path.name} differs from PyTorch by {scaled:.2e} target standard "
+            f"deviations ({worst:.3g} in target units; compress.onnx_tolerance is "
+            f"{tolerance:.0e})"
         )
-    return OnnxCheck("max_abs_logit_diff", worst, tolerance, len(probe), worst)
+    return OnnxCheck("max_abs_diff_in_target_std", scaled, tolerance, len(probe), worst)
 
 
-def check_quantized(source, path: Path, samples: np.ndarray, min_agreement: float) -> OnnxCheck:
-    """A quantized model must pick its PyTorch source's top class on ``min_agreement`` of
-    ``samples`` (real images: int8 ranges are calibrated on them, noise would saturate)."""
+def check_quantized(
+    source,
+    path: Path,
+    samples: np.ndarray,
+    min_agreement: float,
+    target_std: float | None = None,
+) -> OnnxCheck:
+    """A quantized model must agree with its PyTorch source on ``min_agreement`` of
+    ``samples`` (real examples: int8 ranges are calibrated on them, noise would saturate).
+
+    A classifier agrees on an example when it picks the same top class; a regression network
+    (``target_std`` given) when its prediction is within ``REGRESSION_AGREEMENT_STD`` target
+    standard deviations of its source's.
+    """
     expected = predict_logits(source, samples).numpy()
     got = run_onnx(path, samples)
-    agreement = float((expected.argmax(1) == got.argmax(1)).mean())
-    worst = float(np.abs(expected - got).max())
+    difference = np.abs(expected - got)
+    worst = float(difference.max())
+    if target_std is None:
+        agreement = float((expected.argmax(1) == got.argmax(1)).mean())
+        if agreement < min_agreement:
+            raise StageError(
+                f"{path.name} agrees with its PyTorch source on the top class for only "
+                f"{agreement:.1%} of {len(samples)} sample images (compress.quantization."
+                f"min_agreement is {min_agreement:.1%}; max logit difference {worst:.3g})"
+            )
+        return OnnxCheck("top1_agreement", agreement, min_agreement, len(samples), worst)
+    allowed = REGRESSION_AGREEMENT_STD * (target_std or 1.0)
+    agreement = float((difference.reshape(len(samples), -1).max(axis=1) <= allowed).mean())
     if agreement < min_agreement:
         raise StageError(
-            f"{path.name} agrees with its PyTorch source on the top class for only "
-            f"{agreement:.1%} of {len(samples)} sample images (compress.quantization."
-            f"min_agreement is {min_agreement:.1%}; max logit difference {worst:.3g})"
+            f"{path.name} agrees with its PyTorch source (within {allowed:.3g}, "
+            f"{REGRESSION_AGREEMENT_STD} target standard deviations) for only {agreement:.1%} "
+            f"of {len(samples)} sample examples (compress.quantization.min_agreement is "
+            f"{min_agreement:.1%}; max difference {worst:.3g})"
         )
-    return OnnxCheck("top1_agreement", agreement, min_agreement, len(samples), worst)
+    return OnnxCheck(
+        "within_tolerance_agreement", agreement, min_agreement, len(samples), worst, allowed
+    )
 
 
 def _session(path: Path, threads: int = 1):
@@ -172,20 +266,21 @@ def run_onnx(path: Path, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
 
 
 def measure_latencies(
-    paths: dict[str, Path], image_shape, threads: int, rounds: int = LATENCY_ROUNDS
+    paths: dict[str, Path], samples, threads: int, rounds: int = LATENCY_ROUNDS
 ) -> dict[str, dict[int, float]]:
     """Milliseconds per call, per variant and batch size (1 and 64): the fastest round.
 
-    The variants take turns within each round, so a burst of load from another process
-    slows them all alike instead of one of them; and of all rounds the fastest one counts
-    (the mean per call within it), as ``timeit`` advises: slower rounds measure the other
-    processes on a shared machine, not the model.
+    The inputs are ``samples`` (training examples, cycled to fill a batch), so int8 models run
+    on activations in their calibrated ranges; an input shape tuple instead gives random
+    pixels (images only). The variants take turns within each round, so a burst of load from
+    another process slows them all alike instead of one of them; and of all rounds the
+    fastest one counts (the mean per call within it), as ``timeit`` advises: slower rounds
+    measure the other processes on a shared machine, not the model.
     """
-    rng = np.random.default_rng(0)
-    inputs = {
-        b: {INPUT_NAME: rng.integers(0, 256, (b, *image_shape)).astype(np.float32)}
-        for b in LATENCY_BATCHES
-    }
+    if isinstance(samples, tuple | list):  # an input shape: random pixels
+        rng = np.random.default_rng(0)
+        samples = rng.integers(0, 256, (max(LATENCY_BATCHES), *samples)).astype(np.float32)
+    inputs = {b: {INPUT_NAME: _rows(samples, b).astype(np.float32)} for b in LATENCY_BATCHES}
     sessions = {name: _session(path, threads) for name, path in paths.items()}
     for session in sessions.values():
         for feed in inputs.values():
@@ -204,17 +299,51 @@ def measure_latencies(
 
 
 def pick_calibration(train: ImageSet, n: int, seed: int = 0) -> np.ndarray:
-    if n > len(train):
-        raise StageError(
-            f"compress.calibration_samples is {n} but the training split has only {len(train)} "
-            "images"
-        )
+    """At most ``n`` training examples, seeded: all of them for a small training split."""
+    if n >= len(train):
+        if n > len(train):
+            log.info("calibrating on all %d training examples (calibration_samples is %d)",
+                     len(train), n)  # fmt: skip
+        return train.x
     idx = np.random.default_rng(seed).choice(len(train), size=n, replace=False)
     return train.x[np.sort(idx)]
 
 
 def gzip_size(path: Path) -> int:
     return len(gzip.compress(Path(path).read_bytes(), compresslevel=9, mtime=0))
+
+
+def _int8_initializers(path: Path) -> int:
+    """How many weight tensors of an ONNX file are stored as int8."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return sum(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)
+
+
+# The op types each family's graph hands the quantizer (dense layers arrive as MatMul: the
+# pre-processing splits Gemm into MatMul + Add), as far as dynamic int8 is concerned.
+FAMILY_OP_TYPES = {
+    "cnn": {"Conv", "MatMul"},
+    "mlp": {"MatMul"},
+    "lstm": {"LSTM", "MatMul"},
+    "gru": {"GRU", "MatMul"},
+}
+
+
+def check_variants_apply(config: NetConfig, params: CompressParams) -> None:
+    """Refuse, before any work, a declared variant that this network cannot have."""
+    from components.quantize import dynamic_targets
+
+    dynamic = sorted(n for n, steps in params.variants.items() if steps[-1] == "quantize_dynamic")
+    ops = FAMILY_OP_TYPES.get(config.family, {"MatMul"})
+    if dynamic and not dynamic_targets(ops, params.quantization):
+        raise StageError(
+            f"compress.variants.{dynamic[0]}: quantize_dynamic with compress.quantization."
+            f"dynamic_op_types {list(params.quantization.dynamic_op_types)} quantizes nothing "
+            f"in a {config.family} network (its quantizable ops: {', '.join(sorted(ops))}; "
+            "ONNX Runtime has dynamic int8 kernels for Conv, MatMul and LSTM only): add MatMul"
+        )
 
 
 # ---------------------------------------------------------------- the variants
@@ -240,12 +369,7 @@ class _Networks:
             started = time.perf_counter()
             net, report = self._apply(step, source)
             self.nets[steps] = net
-            fitted = (
-                f"; fine-tuned {report.epochs} epochs, best val accuracy "
-                f"{report.best_val_accuracy:.4f} (epoch {report.best_epoch})"
-                if report
-                else ""
-            )
+            fitted = f"; fine-tuned {report.epochs} epochs, {report.summary()}" if report else ""
             log.info("%s: %.1f s%s", " -> ".join(steps), time.perf_counter() - started, fitted)
         return self.nets[steps]
 
@@ -292,6 +416,9 @@ def build_variants(
     shape = tuple(teacher_config.image_shape)
     nets = _Networks(teacher, teacher_config, student_config, (train, val), train_params, params)
     samples = np.concatenate([val.x, train.x])[:CHECK_SAMPLES]
+    probes = train.x[:CHECK_SAMPLES]  # real examples for exporting and checking fp32 files
+    # Regression: differences are judged in standard deviations of the training target.
+    target_std = teacher_config.target_std if teacher_config.task == "regression" else None
     fp32_exports: dict[tuple[str, ...], Path] = {}
     scratch = Path(tempfile.mkdtemp(prefix="fp32-", dir=out_dir))
 
@@ -302,7 +429,10 @@ def build_variants(
                 shutil.copyfile(fp32_exports[steps], path)
             return (path or fp32_exports[steps]), None
         target = path or scratch / f"{len(fp32_exports)}.onnx"
-        check = export_onnx(make_permanent(nets.get(steps)), shape, target, params.onnx_tolerance)
+        check = export_onnx(
+            make_permanent(nets.get(steps)), shape, target, params.onnx_tolerance, probes,
+            target_std,
+        )  # fmt: skip
         fp32_exports[steps] = target
         return target, check
 
@@ -326,11 +456,18 @@ def build_variants(
                     quantize.quantize_static(fp32_path, path, calibration, params.quantization)
                 else:
                     quantize.quantize_dynamic(fp32_path, path, params.quantization)
+                if not _int8_initializers(path):
+                    raise StageError(
+                        f"compress.variants.{name}: {steps[-1]} left no int8 weight in "
+                        f"{path.name} (compress.quantization: {params.quantization.format}, "
+                        f"dynamic_op_types {list(params.quantization.dynamic_op_types)})"
+                    )
                 check = check_quantized(
-                    nets.get(source_steps), path, samples, params.quantization.min_agreement
-                )
+                    nets.get(source_steps), path, samples, params.quantization.min_agreement,
+                    target_std,
+                )  # fmt: skip
                 log.info(
-                    "%s: %s in %.1f s, agrees with its source on %.1f%% of %d images",
+                    "%s: %s in %.1f s, agrees with its source on %.1f%% of %d examples",
                     name, steps[-1], time.perf_counter() - started, 100 * check.value,
                     check.samples,
                 )  # fmt: skip
@@ -350,18 +487,24 @@ def select_variant(reports: dict[str, VariantReport], params: CompressParams) ->
     passing = [r for r in reports.values() if r.passed]
     failing = sorted(r.name for r in reports.values() if not r.passed)
     rejected = f"; over the drop limit: {', '.join(failing)}" if failing else ""
+    regression = any(r.task == "regression" for r in reports.values())
     if policy == "named":
         chosen = reports[params.select.variant]
         verdict = "within" if chosen.passed else "NOT within"
+        if regression:
+            return chosen.name, (
+                f"policy named: {chosen.name}, as compress.select.variant says; its R^2 drop vs "
+                f"fp32 ({chosen.r2_drop:+.4f}) is {verdict} compress.max_accuracy_drop {gate}"
+            )
         return chosen.name, (
             f"policy named: {chosen.name}, as compress.select.variant says; its drops vs fp32 "
             f"(accuracy {chosen.accuracy_drop:+.4f}, macro F1 {chosen.macro_f1_drop:+.4f}) are "
             f"{verdict} compress.max_accuracy_drop {gate}"
         )
     if policy == "smallest_passing":
-        key, what = (lambda r: (r.size_bytes, -r.accuracy, r.name)), "smallest file"
+        key, what = (lambda r: (r.size_bytes, -r.score, r.name)), "smallest file"
     else:
-        key, what = (lambda r: (r.latency_ms_batch1, -r.accuracy, r.name)), "fastest at batch 1"
+        key, what = (lambda r: (r.latency_ms_batch1, -r.score, r.name)), "fastest at batch 1"
     ranked = sorted(passing, key=key)  # fp32 always passes (drop 0): never empty
     best = ranked[0]
     runner_up = (
@@ -370,11 +513,12 @@ def select_variant(reports: dict[str, VariantReport], params: CompressParams) ->
         if len(ranked) > 1
         else ""
     )
+    drops = "R^2 drop vs fp32 is" if regression else "accuracy and macro F1 drops vs fp32 are"
     return best.name, (
         f"policy {policy}: {best.name} is the {what} ({best.size_bytes / 1024:.1f} KiB, "
         f"{best.latency_ms_batch1:.4f} ms at batch 1, {best.params:,} parameters) among the "
-        f"{len(passing)} of {len(reports)} variants whose accuracy and macro F1 drops vs fp32 "
-        f"are within {gate} (its drop: {best.accuracy_drop:+.4f}){runner_up}{rejected}"
+        f"{len(passing)} of {len(reports)} variants whose {drops} "
+        f"within {gate} (its drop: {best.drop:+.4f}){runner_up}{rejected}"
     )
 
 
@@ -397,7 +541,13 @@ def compress(
 
     train, val, test = splits["train"], splits["val"], splits["test"]
     # Everything that can be refused is refused here, before any work.
+    if config.task != meta.task:
+        raise StageError(
+            f"the trained model is a {config.task} network but the prepared data "
+            f"({meta.source}) is a {meta.task} task: re-run the train stage"
+        )
     calibration = pick_calibration(train, params.calibration_samples)
+    check_variants_apply(config, params)
     student_cfg = None
     if any(s[0] in NEW_STUDENT for s in params.variants.values()):
         student_cfg = distill.check_student(model, config, params.distillation)
@@ -406,39 +556,51 @@ def compress(
         model, config, train, val, params, train_params, out_dir, calibration, student_cfg
     )
     latencies = measure_latencies(
-        {n: b[0] for n, b in built.items()}, tuple(meta.image_shape), params.latency_threads
+        {n: b[0] for n, b in built.items()}, calibration, params.latency_threads
     )
-    measured = {}
-    for name, (path, *_) in built.items():
-        predicted = run_onnx(path, test.x).argmax(axis=1)
-        measured[name] = classification_metrics(test.y, predicted, meta.class_names)
+    measured = {
+        name: task_metrics(meta.task, test.y, run_onnx(path, test.x), meta.class_names)
+        for name, (path, *_) in built.items()
+    }
     ref = measured[REFERENCE_VARIANT]
+    gate = params.max_accuracy_drop + EPS
     reports = {}
     for name, (path, source, check, steps) in built.items():
         m = measured[name]
-        acc_drop, f1_drop = ref["accuracy"] - m["accuracy"], ref["macro_f1"] - m["macro_f1"]
-        reports[name] = VariantReport(
+        common = dict(
             name=name,
             size_bytes=path.stat().st_size,
-            accuracy=m["accuracy"],
-            macro_f1=m["macro_f1"],
             latency_ms_batch1=latencies[name][1],
             steps=steps,
             params=distill.count_parameters(source),
             nonzero_params=prune.count_nonzero(source),
             size_gzip_bytes=gzip_size(path),
             latency_ms_batch64=latencies[name][64],
+            check=check,
+            task=meta.task,
+        )
+        if meta.is_regression:
+            r2_drop = ref["r2"] - m["r2"]
+            reports[name] = VariantReport(
+                **common, accuracy=None, macro_f1=None, accuracy_drop=None, macro_f1_drop=None,
+                r2=m["r2"], rmse=m["rmse"], mae=m["mae"], r2_drop=r2_drop,
+                passed=r2_drop <= gate,
+            )  # fmt: skip
+            continue
+        acc_drop, f1_drop = ref["accuracy"] - m["accuracy"], ref["macro_f1"] - m["macro_f1"]
+        reports[name] = VariantReport(
+            **common,
+            accuracy=m["accuracy"],
+            macro_f1=m["macro_f1"],
             accuracy_drop=acc_drop,
             macro_f1_drop=f1_drop,
-            passed=acc_drop <= params.max_accuracy_drop + EPS
-            and f1_drop <= params.max_accuracy_drop + EPS,
-            check=check,
+            passed=acc_drop <= gate and f1_drop <= gate,
         )
     selected, reason = select_variant(reports, params)
     int8 = reports[EDGE_INT8_VARIANT]
     return CompressResult(
         reports,
-        int8.accuracy_drop,
+        int8.drop,
         int8.passed,
         selected,
         reason,
@@ -463,9 +625,15 @@ def _distillation_summary(teacher, student_cfg, reports, params: CompressParams)
         "soft_loss_weight": d.soft_loss_weight,
         "max_epochs": d.max_epochs,
     }
+    if student_cfg.family in ("lstm", "gru"):
+        out["student_rnn_hidden_size"] = student_cfg.rnn_hidden_size
     by_steps = {r.steps: r for r in reports.values()}
     distilled, alone = by_steps.get(("distil",)), by_steps.get(("student_alone",))
-    if distilled and alone:
+    if distilled and alone and distilled.task == "regression":
+        out["distilled_r2"] = round(distilled.r2, 6)
+        out["alone_r2"] = round(alone.r2, 6)
+        out["gain_r2"] = round(distilled.r2 - alone.r2, 6)
+    elif distilled and alone:
         out["distilled_accuracy"] = round(distilled.accuracy, 6)
         out["alone_accuracy"] = round(alone.accuracy, 6)
         out["gain_points"] = round(100 * (distilled.accuracy - alone.accuracy), 3)
@@ -476,31 +644,46 @@ def _distillation_summary(teacher, student_cfg, reports, params: CompressParams)
 
 
 def _variant_json(v: VariantReport) -> dict:
+    if v.task == "regression":
+        metrics = {
+            "r2": round(v.r2, 6),
+            "rmse": round(v.rmse, 6),
+            "mae": round(v.mae, 6),
+            "r2_drop": round(v.r2_drop, 6),
+        }
+    else:
+        metrics = {
+            "accuracy": round(v.accuracy, 6),
+            "macro_f1": round(v.macro_f1, 6),
+            "accuracy_drop": round(v.accuracy_drop, 6),
+            "macro_f1_drop": round(v.macro_f1_drop, 6),
+        }
     return {
         "steps": " -> ".join(v.steps) or "none",
         "params": v.params,
         "nonzero_params": v.nonzero_params,
         "size_bytes": v.size_bytes,
         "size_gzip_bytes": v.size_gzip_bytes,
-        "accuracy": round(v.accuracy, 6),
-        "macro_f1": round(v.macro_f1, 6),
-        "accuracy_drop": round(v.accuracy_drop, 6),
-        "macro_f1_drop": round(v.macro_f1_drop, 6),
+        **metrics,
         "passed": v.passed,
         "latency_ms_batch1": round(v.latency_ms_batch1, 4),
         "latency_ms_batch64": round(v.latency_ms_batch64, 4),
         "onnx_check": {k: round(x, 8) if isinstance(x, float) else x
-                       for k, x in asdict(v.check).items()} if v.check else None,
+                       for k, x in asdict(v.check).items() if x is not None}
+                      if v.check else None,
     }  # fmt: skip
 
 
 def result_payload(result: CompressResult, params: CompressParams) -> dict:
     fp32, int8 = result.variants[REFERENCE_VARIANT], result.variants[EDGE_INT8_VARIANT]
+    regression = int8.task == "regression"
+    drop_key = "int8_r2_drop" if regression else "int8_accuracy_drop"
     return {
+        "task": int8.task,
         "variants": {v.name: _variant_json(v) for v in result.variants.values()},
         "reference": REFERENCE_VARIANT,
         "int8_size_ratio": round(fp32.size_bytes / int8.size_bytes, 3),
-        "int8_accuracy_drop": round(result.accuracy_drop, 6),
+        drop_key: round(result.accuracy_drop, 6),
         "gate": {
             "max_accuracy_drop": params.max_accuracy_drop,
             "passed": result.passed,  # int8's; each variant has its own "passed"
@@ -521,6 +704,8 @@ def result_payload(result: CompressResult, params: CompressParams) -> dict:
 
 
 def format_table(result: CompressResult) -> str:
+    if any(v.task == "regression" for v in result.variants.values()):
+        return _format_regression_table(result)
     lines = [
         f"{'variant':20} {'params':>8} {'KiB':>7} {'gz KiB':>7} {'b1 ms':>7} {'b64 ms':>7} "
         f"{'acc':>7} {'drop pt':>7} {'F1':>7}  gate"
@@ -530,6 +715,20 @@ def format_table(result: CompressResult) -> str:
             f"{v.name:20} {v.params:8d} {v.size_bytes / 1024:7.1f} {v.size_gzip_bytes / 1024:7.1f} "
             f"{v.latency_ms_batch1:7.4f} {v.latency_ms_batch64:7.3f} {v.accuracy:7.4f} "
             f"{100 * v.accuracy_drop:+7.2f} {v.macro_f1:7.4f}  {'pass' if v.passed else 'FAIL'}"
+        )
+    return "\n".join(lines)
+
+
+def _format_regression_table(result: CompressResult) -> str:
+    lines = [
+        f"{'variant':20} {'params':>8} {'KiB':>7} {'gz KiB':>7} {'b1 ms':>7} {'b64 ms':>7} "
+        f"{'R^2':>7} {'drop':>7} {'RMSE':>9} {'MAE':>9}  gate"
+    ]
+    for v in result.variants.values():
+        lines.append(
+            f"{v.name:20} {v.params:8d} {v.size_bytes / 1024:7.1f} {v.size_gzip_bytes / 1024:7.1f} "
+            f"{v.latency_ms_batch1:7.4f} {v.latency_ms_batch64:7.3f} {v.r2:7.4f} "
+            f"{v.r2_drop:+7.4f} {v.rmse:9.4g} {v.mae:9.4g}  {'pass' if v.passed else 'FAIL'}"
         )
     return "\n".join(lines)
 
@@ -553,6 +752,11 @@ def run(params: Params) -> CompressResult:
             log.info("%s", line)
         log.info("selected %s: %s", result.selected, result.selected_reason)
         selected = result.variants[result.selected]
+        if not selected.passed and selected.task == "regression":
+            raise StageError(
+                f"{selected.name} (compress.select.variant) loses {selected.r2_drop:.4f} test "
+                f"R^2 vs fp32, more than compress.max_accuracy_drop {cfg.max_accuracy_drop}"
+            )
         if not selected.passed:
             raise StageError(
                 f"{selected.name} (compress.select.variant) loses {selected.accuracy_drop:.4f} "

@@ -38,6 +38,12 @@ class Paths(_Section):
 
 class IngestParams(_Section):
     source: str = Field(min_length=1)
+    kind: Literal["auto", "image", "table", "sequence"]
+    target: str  # tables and time series: the column to predict
+    task: Literal["auto", "classification", "regression"]
+    features: tuple[str, ...]  # tables and time series: input columns (empty: all but target)
+    window: int = Field(ge=1)  # time series: steps of history in one example
+    horizon: int = Field(ge=1)  # time series: predict the target this many steps after it
     test_fraction: float = Field(gt=0, lt=1)
     val_fraction: float = Field(gt=0, lt=1)
     seed: int
@@ -62,8 +68,11 @@ class AugmentParams(_Section):
     horizontal_flip: bool  # digits must not be flipped; photos usually may
 
 
+MODELS = ("cnn", "mlp", "lstm", "gru")
+
+
 class TrainParams(_Section):
-    model: Literal["cnn", "mlp"]
+    model: Literal[MODELS]
     seed: int
     max_epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)  # global: split across processes under DDP
@@ -80,6 +89,8 @@ class TrainParams(_Section):
     dropout: float = Field(ge=0, lt=1)
     channels: tuple[int, ...]
     hidden_units: tuple[int, ...]
+    rnn_hidden_size: int = Field(ge=1)  # LSTM / GRU: units of each recurrent layer
+    rnn_layers: int = Field(ge=1)
     batch_norm: bool
     activation: Literal["relu", "tanh", "sigmoid"]
     augment: AugmentParams
@@ -111,9 +122,10 @@ class TrainParams(_Section):
 
 
 class EvaluateParams(_Section):
-    min_accuracy: float = Field(ge=0, le=1)
+    min_accuracy: float = Field(ge=0, le=1)  # classification gates
     min_macro_f1: float = Field(ge=0, le=1)
     min_class_recall: float = Field(ge=0, le=1)
+    min_r2: float = Field(le=1)  # regression gate: coefficient of determination on the test split
     max_regression: float = Field(ge=0, le=1)
 
 
@@ -149,6 +161,7 @@ class DistillationParams(_Section):
     width: float = Field(gt=0, lt=1)  # student widths = teacher's x width, unless given below
     channels: tuple[int, ...] | None  # explicit student conv channels (None: from width)
     hidden_units: tuple[int, ...] | None  # explicit student dense widths (None: from width)
+    rnn_hidden_size: int | None = Field(ge=1)  # LSTM/GRU student units (None: from width)
     temperature: float = Field(gt=0)
     soft_loss_weight: float = Field(ge=0, le=1)  # the rest of the loss is on the labels
     max_epochs: int = Field(ge=1)
@@ -165,7 +178,7 @@ class QuantizationParams(_Section):
     format: Literal["qdq", "qoperator"]
     per_channel: bool
     reduce_range: bool
-    dynamic_op_types: tuple[Literal["Conv", "MatMul", "Gemm"], ...] = Field(min_length=1)
+    dynamic_op_types: tuple[Literal["Conv", "MatMul", "Gemm", "LSTM"], ...] = Field(min_length=1)
     # The ONNX check of a quantized model: on sample images, the share whose top class is its
     # PyTorch source's (int8 logits differ too much for an absolute tolerance).
     min_agreement: float = Field(gt=0, le=1)
@@ -279,6 +292,88 @@ class OrchestrateParams(_Section):
         return value
 
 
+class SearchDimension(_Section):
+    """One key of ``tune.space``: a range (``low``, ``high``, optional ``step`` or ``log``) or a
+    list of ``choices``. Integers on both ends (and step) make an integer range."""
+
+    # int | float: an integer stays an integer (pydantic's smart union), so 2..8 is an int range
+    low: int | float | None = None
+    high: int | float | None = None
+    step: int | float | None = None
+    log: bool = False
+    choices: tuple | None = None
+
+    @model_validator(mode="after")
+    def _a_range_or_choices(self) -> SearchDimension:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.step is not None:
+                raise ValueError("give either choices or low/high, not both")
+            if not self.choices:
+                raise ValueError("empty choices")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("needs choices, or both low and high")
+        if not self.low < self.high:
+            raise ValueError(f"empty or inverted range: low {self.low:g} >= high {self.high:g}")
+        if self.step is not None and (self.step <= 0 or self.log):
+            raise ValueError("step must be > 0 and cannot be combined with log")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0, got {self.low:g}")
+        return self
+
+    @property
+    def is_int(self) -> bool:
+        """An integer range: low, high (and step) all written as integers."""
+        ends = (self.low, self.high, self.step)
+        return self.choices is None and all(v is None or type(v) is int for v in ends)
+
+
+class TunePruningParams(_Section):
+    enabled: bool
+    startup_trials: int = Field(ge=0)  # no pruning before this many trials have finished
+    warmup_epochs: int = Field(ge=0)  # nor before this many epochs of a trial
+
+
+class EnsembleParams(_Section):
+    top_k: int = Field(ge=0)  # 0: no ensemble; otherwise the k best trials' models (k >= 2)
+    weighting: Literal["uniform", "val_score"]
+
+    @field_validator("top_k")
+    @classmethod
+    def _zero_or_two(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("an ensemble needs at least 2 members (0 switches it off)")
+        return value
+
+
+class TuneParams(_Section):
+    """The tuning study (flows/tune.py); no stage reads it, so no stage re-runs for it."""
+
+    study_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    storage: str  # "" = SQLite under build/tune/; or a database URL
+    sampler: Literal["tpe", "random", "grid"]
+    seed: int
+    metric: Literal["val_accuracy", "val_loss", "val_rmse"]  # validation split only, never test
+    n_trials: int = Field(ge=1)
+    timeout_seconds: float = Field(gt=0)
+    workers: int = Field(ge=1, le=16)
+    trial_overrides: tuple[str, ...]  # key=value set in every trial (e.g. the gates off)
+    pruning: TunePruningParams
+    final_run: bool
+    ensemble: EnsembleParams
+    space: dict[str, SearchDimension] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _grid_needs_a_grid(self) -> TuneParams:
+        if self.sampler == "grid":
+            for key, dim in self.space.items():
+                if dim.choices is None and not dim.is_int:
+                    raise ValueError(
+                        f"space.{key}: the grid sampler needs choices or an integer range"
+                    )
+        return self
+
+
 class Params(_Section):
     paths: Paths
     ingest: IngestParams
@@ -289,6 +384,7 @@ class Params(_Section):
     package: PackageParams
     promote: PromoteParams
     orchestrate: OrchestrateParams
+    tune: TuneParams
 
 
 def parse_params(raw: dict) -> Params:

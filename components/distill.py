@@ -1,9 +1,11 @@
 """Distillation: a smaller student of the same family, trained on the teacher's soft targets.
 
-The student is the teacher's architecture with fewer channels and hidden units
-(``compress.distillation``: a width factor, or explicit widths). To tell what the teacher
-adds, the same student (same initial weights, seed, epochs and optimiser) is also trained on
-the labels alone: the ``student_alone`` step.
+The student is the teacher's architecture with fewer channels and hidden units, and for an
+LSTM/GRU fewer recurrent units (``compress.distillation``: a width factor, or explicit widths).
+A classifier learns the teacher's softened class probabilities; a regression network its
+predicted values (:mod:`components.finetune`). To tell what the teacher adds, the same
+student (same initial weights, seed, epochs and optimiser) is also trained on the labels
+alone: the ``student_alone`` step.
 """
 
 from __future__ import annotations
@@ -22,8 +24,12 @@ def count_parameters(net) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
+RECURRENT = ("lstm", "gru")
+
+
 def student_config(teacher: NetConfig, params: DistillationParams) -> NetConfig:
-    """The teacher's architecture with the student's widths."""
+    """The teacher's architecture with the student's widths (and recurrent units: an explicit
+    ``compress.distillation.rnn_hidden_size`` when set, else the teacher's times ``width``)."""
 
     def scaled(widths: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(max(1, round(w * params.width)) for w in widths)
@@ -34,7 +40,25 @@ def student_config(teacher: NetConfig, params: DistillationParams) -> NetConfig:
     )
     if teacher.family == "cnn" and not channels:
         raise StageError("compress.distillation.channels: a cnn student needs at least one block")
-    return dataclasses.replace(teacher, channels=tuple(channels), hidden_units=tuple(hidden))
+    rnn_hidden = teacher.rnn_hidden_size
+    if teacher.family in RECURRENT:
+        explicit = params.rnn_hidden_size  # at least 1 when set: checked with params.yaml
+        rnn_hidden = explicit if explicit is not None else scaled((rnn_hidden,))[0]
+    return dataclasses.replace(
+        teacher, channels=tuple(channels), hidden_units=tuple(hidden), rnn_hidden_size=rnn_hidden
+    )
+
+
+def describe(config: NetConfig) -> str:
+    """The widths that set a network's size, for messages."""
+    if config.family in RECURRENT:
+        return (
+            f"{config.rnn_layers} x {config.family} of {config.rnn_hidden_size} units, "
+            f"hidden units {list(config.hidden_units)}"
+        )
+    if config.family == "cnn":
+        return f"channels {list(config.channels)}, hidden units {list(config.hidden_units)}"
+    return f"hidden units {list(config.hidden_units)}"
 
 
 def check_student(teacher_net, teacher: NetConfig, params: DistillationParams) -> NetConfig:
@@ -47,10 +71,9 @@ def check_student(teacher_net, teacher: NetConfig, params: DistillationParams) -
     n_student, n_teacher = count_parameters(student), count_parameters(teacher_net)
     if n_student >= n_teacher:
         raise StageError(
-            f"compress.distillation: the student (channels {list(config.channels)}, hidden units "
-            f"{list(config.hidden_units)}) has {n_student:,} parameters, not fewer than its "
-            f"teacher's {n_teacher:,} (channels {list(teacher.channels)}, hidden units "
-            f"{list(teacher.hidden_units)}): make it smaller"
+            f"compress.distillation: the student ({describe(config)}) has {n_student:,} "
+            f"parameters, not fewer than its teacher's {n_teacher:,} ({describe(teacher)}): "
+            "make it smaller"
         )
     return config
 
@@ -73,7 +96,8 @@ def distil(
     params: DistillationParams,
     student=None,
 ) -> tuple[object, FitReport]:
-    """Train a student on the teacher's soft targets (and the labels).
+    """Train a student on the teacher's soft targets (and the labels); a regression student
+    on the teacher's predicted values (and the targets).
 
     The student is a new network of ``config``, or a copy of ``student`` when given (e.g. a
     pruned network recovering with the teacher's help).

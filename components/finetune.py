@@ -4,14 +4,16 @@ The loop is train's own: the LightningModule of ``components/train.py`` (its opt
 schedule, augmentation, L1 term and validation metrics) wraps the plain network, so a
 compressed network is trained exactly as the teacher was, only for fewer epochs. Distillation
 subclasses that module and replaces the training loss with the soft-target loss of Hinton et
-al. (2015). The weights of the epoch with the lowest validation loss are kept, in memory:
-these runs are short and leave no checkpoints behind.
+al. (2015) for a classifier, or with the mean squared error to the teacher's outputs and to the
+labels for a regression network. The weights of the epoch with the lowest validation loss are
+kept, in memory: these runs are short and leave no checkpoints behind.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass
 
 from components.config import TrainParams
@@ -35,7 +37,18 @@ class FitReport:
     epochs: int
     best_epoch: int
     best_val_loss: float
-    best_val_accuracy: float
+    best_val_accuracy: float | None  # classification
+    best_val_rmse: float | None = None  # regression, in target units
+
+    def summary(self) -> str:
+        """``best val accuracy 0.9712`` or ``best val RMSE 1.234``, with its epoch."""
+        if self.best_val_accuracy is not None:
+            what = f"best val accuracy {self.best_val_accuracy:.4f}"
+        elif self.best_val_rmse is not None:
+            what = f"best val RMSE {self.best_val_rmse:.4g}"
+        else:
+            what = f"best val loss {self.best_val_loss:.4g}"
+        return f"{what} (epoch {self.best_epoch})"
 
 
 def distillation_loss(student_logits, teacher_logits, labels, temperature: float, weight: float):
@@ -56,6 +69,22 @@ def distillation_loss(student_logits, teacher_logits, labels, temperature: float
     return weight * soft + (1 - weight) * hard
 
 
+def regression_distillation_loss(
+    student_out, teacher_out, targets, target_std: float, weight: float
+):
+    """``w * MSE(s, t) + (1 - w) * MSE(s, y)``, both on the standardised scale (divided by the
+    training targets' variance, as train's regression loss is). Outputs are ``(N, 1)`` values
+    in target units; there is no temperature: a value has no distribution to soften.
+    """
+    from torch.nn import functional as F
+
+    s = student_out.reshape(-1)
+    var = float(target_std) ** 2 or 1.0
+    soft = F.mse_loss(s, teacher_out.reshape(-1)) / var
+    hard = F.mse_loss(s, targets.reshape(-1).float()) / var
+    return weight * soft + (1 - weight) * hard
+
+
 def _augmenting(params: TrainParams) -> bool:
     a = params.augment
     return bool(a.crop_padding or a.max_rotation_degrees or a.horizontal_flip)
@@ -70,6 +99,8 @@ def _module(net, params: TrainParams, teacher: Teacher | None):
 
     frozen = copy.deepcopy(teacher.net).eval().requires_grad_(False)
     augmenting = _augmenting(params)
+    regression = bool(getattr(net, "regression", False))
+    target_std = float(net.target_std) if regression else 1.0
 
     class DistillationModule(type(base)):
         def __init__(self):
@@ -79,14 +110,19 @@ def _module(net, params: TrainParams, teacher: Teacher | None):
         def training_step(self, batch, _):
             x, y = batch
             x = x.float()
-            if augmenting:
+            if augmenting and x.dim() == 4:  # crops, rotations and flips are for images
                 x = augment_batch(x, params)
             self.teacher.eval()  # Lightning puts every submodule in train mode: no dropout here
             with torch.no_grad():
                 soft_targets = self.teacher(x)
-            loss = distillation_loss(
-                self.net(x), soft_targets, y, teacher.temperature, teacher.soft_loss_weight
-            )
+            if regression:
+                loss = regression_distillation_loss(
+                    self.net(x), soft_targets, y, target_std, teacher.soft_loss_weight
+                )
+            else:
+                loss = distillation_loss(
+                    self.net(x), soft_targets, y, teacher.temperature, teacher.soft_loss_weight
+                )
             self.log("train_loss", loss, on_step=False, on_epoch=True)
             if params.l1_penalty:
                 weights = [p for p in self.net.parameters() if p.requires_grad and p.dim() > 1]
@@ -104,7 +140,7 @@ def _best_weights_callback():
 
         def __init__(self):
             self.state = None
-            self.report = FitReport(0, 0, float("inf"), 0.0)
+            self.report = FitReport(0, 0, float("inf"), None)
 
         def on_validation_epoch_end(self, trainer, module):
             if trainer.sanity_checking:
@@ -115,7 +151,13 @@ def _best_weights_callback():
             loss = float(m["val_loss"])
             if loss < self.report.best_val_loss:
                 self.report.best_epoch, self.report.best_val_loss = epoch, loss
-                self.report.best_val_accuracy = float(m["val_accuracy"])
+                # classification logs val_accuracy; regression val_mse (or val_rmse)
+                if "val_accuracy" in m:
+                    self.report.best_val_accuracy = float(m["val_accuracy"])
+                if "val_rmse" in m:
+                    self.report.best_val_rmse = float(m["val_rmse"])
+                elif "val_mse" in m:
+                    self.report.best_val_rmse = math.sqrt(float(m["val_mse"]))
                 self.state = {
                     k: v.detach().cpu().clone() for k, v in module.net.state_dict().items()
                 }
@@ -144,6 +186,7 @@ def fit_network(
     from torch.utils.data import DataLoader, TensorDataset
 
     params = params.model_copy(update={"max_epochs": epochs, "learning_rate": learning_rate})
+    regression = bool(getattr(net, "regression", False))
     L.seed_everything(params.seed, workers=True, verbose=False)
     logging.getLogger("lightning.pytorch").propagate = False
     # Several short runs per stage: Lightning's per-run notices (GPU available, tips, "max_epochs
@@ -166,7 +209,8 @@ def fit_network(
     )
 
     def loader(images: ImageSet, shuffle: bool) -> DataLoader:
-        tensors = TensorDataset(torch.from_numpy(images.x), torch.from_numpy(images.y))
+        y = images.y.astype("float32") if regression else images.y
+        tensors = TensorDataset(torch.from_numpy(images.x), torch.from_numpy(y))
         drop_last = shuffle and params.batch_norm and len(images) % params.batch_size == 1
         generator = torch.Generator().manual_seed(params.seed)
         return DataLoader(

@@ -7,30 +7,42 @@ Every ONNX variant that compress wrote (the ``variants`` of ``compress.json``, t
 ``models/onnx/<variant>.onnx``) is measured here on the test split, with the metric code that
 evaluate uses, and judged by
 
-- the absolute gates of evaluate (``evaluate.min_accuracy``, ``min_macro_f1``,
-  ``min_class_recall``);
+- the absolute gates of evaluate: ``evaluate.min_accuracy``, ``min_macro_f1`` and
+  ``min_class_recall`` for classification, ``evaluate.min_r2`` for regression;
 - its own tolerance for the drop from the uncompressed network of ``evaluate.json``: at most
-  ``compress.max_accuracy_drop`` of accuracy and of macro F1;
+  ``compress.max_accuracy_drop`` of accuracy and of macro F1 (classification), of R^2
+  (regression: the same tolerance, R^2 being on accuracy's 0-1 scale);
 - for the variant that will be served (compress.json's ``served_variant``, picked by
-  ``compress.select``): no regression against the
-  champion on the same test split, by at most ``evaluate.max_regression``.
+  ``compress.select``): no regression against the champion on the same test split, by at
+  most ``evaluate.max_regression`` of accuracy and macro F1, or of R^2 for regression.
 
 Only the served variant's verdicts decide; the others are recorded and shown in the report.
+Regression models output values in the target's units (an (N, 1) output), classifiers logits.
+
+Of compress.json this stage reads only ``served_variant`` and, per variant, ``size_bytes`` and
+``latency_ms_batch1``: the metrics it judges are measured here, so the file's metric keys
+(``accuracy``/``macro_f1``/``accuracy_drop`` or ``r2``/``rmse``/``mae``/``r2_drop``) may be
+either.
 
 The champion's numbers come from the champion record when they were measured on this very test
-split (same fingerprint of images, labels and class names). When the split changed, the
-champion's own model is taken from its bento and measured again here. A champion trained for
-other classes or another image shape is not comparable: the gate passes and says so. The
-record is read but is not a DVC dependency (see components/champion.py); the stage declares its
-outputs ``persist`` so DVC never restores an old verdict from its run-cache.
+split (same fingerprint of inputs, targets and class names). When the split changed, the
+champion's own model is taken from its bento and measured again here. A champion that is not
+comparable passes the gate, which says why: one of another task (classification vs
+regression), data kind, target, class set or input shape, or, when the split changed, one
+whose inputs were encoded by another preprocessing fit (tables, sequences: its model cannot
+read this split's encoded features). The record is read but is not a DVC dependency (see
+components/champion.py); the stage declares its outputs ``persist`` so DVC never restores an
+old verdict from its run-cache.
 
-Writes ``gate.json`` (every verdict with its one-line reason, the measured metrics, which
-champion and how it was measured) and ``compression.csv`` (size, latency and accuracy per
-variant: the trade-off plot).
+Writes ``gate.json`` (every verdict with its one-line reason, the measured metrics, the task and
+data kind, which champion and how it was measured) and ``compression.csv`` (size, latency and
+the task's metrics per variant: the trade-off plot).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,19 +51,32 @@ import numpy as np
 
 from components import champion as champ
 from components.config import Params
-from components.dataset import DatasetMeta, ImageSet, load_images, meta_path, split_path
+from components.dataset import (
+    DatasetMeta,
+    ImageSet,
+    load_images,
+    meta_path,
+    split_path,
+    table_path,
+)
 from components.evaluate import (
+    COMPARED_KEYS,
+    HEADLINE_KEYS,
+    REGRESSION,
     Gate,
     absolute_gates,
     check_labels,
+    check_targets,
     drop_gates,
     failed_reasons,
+    metrics_task,
     read_evaluate_json,
     read_metrics_file,
     regression_gates,
+    regression_values,
     write_failure_report,
 )
-from components.metrics import classification_metrics
+from components.metrics import classification_metrics, regression_metrics
 from components.stage import StageError, main, write_json
 
 log = logging.getLogger("pipeline.gate")
@@ -103,8 +128,9 @@ class GateResult:
         return failed_reasons(self.variants[self.served].gates)
 
 
-def onnx_predict(path: Path, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Predicted class indices of an ONNX classifier (raw pixels in, logits out)."""
+def onnx_outputs(path: Path, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Raw outputs of an ONNX model: logits (N, K) of a classifier, values (N, 1) of a
+    regressor (raw pixels or encoded features in)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -114,18 +140,96 @@ def onnx_predict(path: Path, x: np.ndarray, batch_size: int = 512) -> np.ndarray
     except Exception as exc:  # onnxruntime raises its own exception types
         raise StageError(f"{path} is not a loadable ONNX model: {exc}") from None
     name = session.get_inputs()[0].name
-    out = [
-        session.run(None, {name: x[i : i + batch_size].astype(np.float32)})[0].argmax(axis=1)
-        for i in range(0, len(x), batch_size)
-    ]
+    try:
+        out = [
+            session.run(None, {name: x[i : i + batch_size].astype(np.float32)})[0]
+            for i in range(0, len(x), batch_size)
+        ]
+    except Exception as exc:  # e.g. the model takes another input shape
+        raise StageError(
+            f"{path} cannot run on the test split's examples shaped {tuple(x.shape[1:])}: "
+            f"{' '.join(str(exc).split())[:300]}"
+        ) from None
     return np.concatenate(out)
 
 
-def measure(path: Path, test: ImageSet, class_names) -> dict:
+def onnx_predict(path: Path, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Predicted class indices of an ONNX classifier (raw pixels in, logits out)."""
+    return onnx_outputs(path, x, batch_size).argmax(axis=1)
+
+
+def measure(path: Path, test: ImageSet, class_names, task: str = "classification") -> dict:
     """Test metrics of one ONNX model, with the same code as evaluate."""
+    if task == REGRESSION:
+        values = regression_values(onnx_outputs(path, test.x), len(test), str(path))
+        return regression_metrics(test.y, values)
     metrics = classification_metrics(test.y, onnx_predict(path, test.x), class_names)
     metrics["min_class_recall"] = min(c["recall"] for c in metrics["per_class"].values())
     return metrics
+
+
+@dataclass(frozen=True)
+class Described:
+    """What a model predicts from what: the champion is comparable only when these agree."""
+
+    task: str
+    kind: str
+    target: str
+    class_names: tuple[str, ...]
+    input_shape: tuple[int, ...]
+    preprocess_sha256: str | None
+
+    @classmethod
+    def of_meta(cls, meta: DatasetMeta) -> Described:
+        return cls(
+            meta.task,
+            meta.kind,
+            meta.target,
+            tuple(meta.class_names),
+            tuple(meta.input_shape),
+            champ.preprocess_fingerprint(meta.preprocess, meta.feature_names),
+        )
+
+    @classmethod
+    def of_run(cls, run: champ.RunRecord) -> Described:
+        return cls(
+            run.task,
+            run.kind,
+            run.target,
+            tuple(run.class_names),
+            tuple(run.image_shape),
+            run.preprocess_sha256,
+        )
+
+    def words(self) -> str:
+        """E.g. "an image classification of ['a', 'b'], inputs 1x8x8"."""
+        inputs = "x".join(str(d) for d in self.input_shape)
+        article = "an" if self.kind[:1] in "aeiou" else "a"
+        if self.task == REGRESSION:
+            return f"{article} {self.kind} regression of {self.target!r}, inputs {inputs}"
+        classes = list(self.class_names)
+        if len(classes) > 10:
+            classes = f"{len(classes)} classes ({', '.join(classes[:3])}, ...)"
+        target = f" {self.target!r}" if self.target else ""
+        return f"{article} {self.kind} classification{target} of {classes}, inputs {inputs}"
+
+
+def _not_comparable(current: champ.RunRecord, ours: Described) -> str | None:
+    """Why the champion predicts other data than this run's (None: it predicts the same)."""
+    theirs = Described.of_run(current)
+    if dataclasses.replace(theirs, preprocess_sha256=None) == dataclasses.replace(
+        ours, preprocess_sha256=None
+    ):
+        return None  # the preprocessing matters only when the split changed (see below)
+    if all(d.task == "classification" and d.kind == "image" for d in (theirs, ours)):
+        return (
+            f"champion {current.run} classifies other data (classes {current.class_names}, "
+            f"images {current.image_shape}): not comparable, so this gate passes"
+        )
+    return (
+        f"champion {current.run} is {theirs.words()}, this run {ours.words()}: not "
+        "comparable, so this gate passes"
+    )
 
 
 def champion_baseline(
@@ -135,29 +239,46 @@ def champion_baseline(
     image_shape,
     test: ImageSet,
     root: Path = Path("."),
+    described: Described | None = None,
+    raw_test=None,
 ) -> Baseline:
-    """The champion's metrics on this test split, measured again when the split changed."""
+    """The champion's metrics on this test split, measured again when the split changed.
+
+    ``described`` is what this run predicts (default: an image classifier of ``class_names``
+    and ``image_shape``, the only kind there was before tables and sequences). ``raw_test``
+    is a table's or time series' test split as read (``prepared/test.parquet``): a champion
+    whose preprocessing was fitted on other training data is measured on it, encoded its way.
+    """
+    ours = described or Described(
+        "classification", "image", "", tuple(class_names), tuple(image_shape), None
+    )
     current = record.current()
     if current is None:
         return Baseline(
             None, None, "none", "no champion yet: the first challenger passes by definition"
         )
-    if list(current.class_names) != list(class_names) or list(current.image_shape) != list(
-        image_shape
-    ):
-        return Baseline(
-            current.run,
-            None,
-            "not comparable",
-            f"champion {current.run} classifies other data (classes {current.class_names}, "
-            f"images {current.image_shape}): not comparable, so this gate passes",
-        )
-    if current.test_split.sha256 == fingerprint:
+    why = _not_comparable(current, ours)
+    if why is not None:
+        return Baseline(current.run, None, "not comparable", why)
+    compared = COMPARED_KEYS[ours.task]
+    recorded = all(isinstance(current.metrics.get(k), int | float) for k in compared)
+    if current.test_split.sha256 == fingerprint and recorded:
         return Baseline(
             current.run,
             dict(current.metrics),
             "recorded",
             f"champion {current.run}'s metrics as recorded on this same test split",
+        )
+    refit = current.preprocess_sha256 != ours.preprocess_sha256
+    if refit and raw_test is None:
+        return Baseline(
+            current.run,
+            None,
+            "not comparable",
+            f"champion {current.run} was measured on another test split and encodes its inputs "
+            "with another preprocessing fit (features.py spec), and these sequences are not kept "
+            "as read: it cannot be measured on this split, so it is not comparable and this gate "
+            "passes",
         )
     model_file = champ.served_model_file(champ.ensure_bento(current, root))
     if champ.sha256_file(model_file) != current.model_sha256:
@@ -165,14 +286,38 @@ def champion_baseline(
             f"the model in bento {current.bento_tag} is not the one the champion record names "
             f"(sha256 differs): the store was tampered with; re-import the archive"
         )
-    metrics = measure(model_file, test, class_names)
+    how = ""
+    if refit:
+        # The champion reads features of its own fit: encode this split's raw rows with it.
+        card = json.loads((model_file.parent / "model.json").read_text())
+        test = encode_with(raw_test, card.get("preprocess"), test, ours)
+        how = ", its inputs encoded with its own fitted preprocessing"
+    metrics = measure(model_file, test, class_names, ours.task)
     return Baseline(
         current.run,
         metrics,
         "re-evaluated",
-        f"champion {current.run} measured again on this test split (its record is for another "
-        f"split: {current.test_split.sha256[:12]} vs {fingerprint[:12]})",
+        f"champion {current.run} measured again on this test split{how} (its record is for "
+        f"another split: {current.test_split.sha256[:12]} vs {fingerprint[:12]})",
     )
+
+
+def encode_with(raw_test, spec: dict | None, test: ImageSet, ours: Described) -> ImageSet:
+    """This test split as another preprocessing fit (``spec``) encodes it: a table's rows
+    (targets as in ``test``), or a time series cut into that fit's windows."""
+    from components import features
+    from components.ingest import windows
+
+    if not spec:
+        raise StageError("the champion's bento carries no preprocessing spec to encode with")
+    try:
+        x = features.encode_frame(raw_test, spec)
+    except features.FeatureError as exc:
+        raise StageError(f"the champion cannot read this test split: {exc}") from None
+    if ours.kind == "table":
+        return ImageSet(x, test.y)
+    target = raw_test[ours.target].astype("float64").to_numpy()
+    return windows(x, target, int(spec["window"]), int(spec["horizon"]))
 
 
 def read_compress_json(path: Path) -> dict:
@@ -197,9 +342,19 @@ def gate(
     params: Params,
     record: champ.ChampionRecord,
     root: Path = Path("."),
+    raw_test=None,
 ) -> GateResult:
     """The core, on loaded inputs: measure every variant and judge it."""
-    check_labels(test, meta.class_names)
+    task = meta.task
+    if task == REGRESSION:
+        check_targets(test)
+    else:
+        check_labels(test, meta.class_names)
+    if metrics_task(evaluated) != task:
+        raise StageError(
+            f"evaluate.json holds {metrics_task(evaluated)} metrics but the data is {task} "
+            "(prepared meta.json): re-run the evaluate stage"
+        )
     served = compressed.get("served_variant")
     if served not in compressed["variants"]:
         raise StageError(
@@ -208,7 +363,14 @@ def gate(
         )
     fingerprint = champ.split_fingerprint(test, meta.class_names)
     baseline = champion_baseline(
-        record, fingerprint, meta.class_names, meta.image_shape, test, root
+        record,
+        fingerprint,
+        meta.class_names,
+        meta.image_shape,
+        test,
+        root,
+        Described.of_meta(meta),
+        raw_test,
     )
     cfg = params.evaluate
     verdicts = {}
@@ -221,7 +383,7 @@ def gate(
                 )
             log.warning("%s not found: variant %s is not judged (it is not served)", path, name)
             continue
-        metrics = measure(path, test, meta.class_names)
+        metrics = measure(path, test, meta.class_names, task)
         gates = [*absolute_gates(metrics, cfg)]
         gates += drop_gates(metrics, evaluated, params.compress.max_accuracy_drop, "the network")
         if name == served:
@@ -243,22 +405,30 @@ def gate(
 
 def result_payload(result: GateResult, meta: DatasetMeta, evaluated: dict) -> dict:
     base = result.baseline
+    task = meta.task
+    champion_metrics = None
+    if base.metrics is not None:
+        champion_metrics = {
+            k: round(float(base.metrics[k]), 6) for k in HEADLINE_KEYS[task] if k in base.metrics
+        }
     return {
         "format": GATE_FORMAT,
         "passed": result.passed,
         "failed": result.failed,
         "served_variant": result.served,
+        "task": task,
+        "kind": meta.kind,
+        "target": meta.target,
         "class_names": list(meta.class_names),
         "image_shape": list(meta.image_shape),
+        "preprocess_sha256": champ.preprocess_fingerprint(meta.preprocess, meta.feature_names),
         "test_split": {"sha256": result.fingerprint, "examples": result.examples},
-        "network": {k: round(evaluated[k], 6) for k in ("accuracy", "macro_f1")},
+        "network": {k: round(float(evaluated[k]), 6) for k in HEADLINE_KEYS[task]},
         "champion": {
             "run": base.run,
             "source": base.source,
             "note": base.note,
-            "metrics": None
-            if base.metrics is None
-            else {k: round(float(base.metrics[k]), 6) for k in ("accuracy", "macro_f1")},
+            "metrics": champion_metrics,
         },
         "variants": {
             v.name: {
@@ -268,7 +438,11 @@ def result_payload(result: GateResult, meta: DatasetMeta, evaluated: dict) -> di
                 "size_bytes": v.size_bytes,
                 "latency_ms_batch1": v.latency_ms,
                 # Per-class figures stay in evaluate.json: here only what the gates read.
-                **{k: round(float(x), 6) for k, x in v.metrics.items() if k != "per_class"},
+                **{
+                    k: round(float(x), 6)
+                    for k, x in v.metrics.items()
+                    if k not in ("per_class", "n")
+                },
                 "gates": {g.name: g.to_json() for g in v.gates},
             }
             for v in result.variants.values()
@@ -276,16 +450,28 @@ def result_payload(result: GateResult, meta: DatasetMeta, evaluated: dict) -> di
     }
 
 
+COMPRESSION_COLUMNS = {
+    "classification": ("accuracy", "macro_f1", "min_class_recall"),
+    "regression": ("r2", "rmse", "mae"),
+}
+
+
 def write_compression_csv(path: Path, result: GateResult) -> None:
-    """One row per variant: the compression trade-off that `dvc plots diff` compares."""
-    lines = ["variant,size_kib,latency_ms,accuracy,macro_f1,min_class_recall,served"]
+    """One row per variant: the compression trade-off that `dvc plots diff` compares.
+
+    Columns: variant, size_kib, latency_ms, accuracy, macro_f1, min_class_recall, r2, rmse,
+    mae (the task's metrics; the others empty), served.
+    """
+    # Every task's columns, the other task's left empty: the plots declared once in dvc.yaml
+    # must find their fields whatever the data.
+    columns = [c for cols in COMPRESSION_COLUMNS.values() for c in cols]
+    lines = [",".join(("variant", "size_kib", "latency_ms", *columns, "served"))]
     for v in result.variants.values():
         latency = "" if v.latency_ms is None else f"{v.latency_ms:.4f}"
-        m = v.metrics
-        lines.append(
-            f"{v.name},{v.size_bytes / 1024:.2f},{latency},{m['accuracy']:.6f},"
-            f"{m['macro_f1']:.6f},{m['min_class_recall']:.6f},{int(v.served)}"
+        numbers = ",".join(
+            f"{v.metrics[c]:.6f}" if v.metrics.get(c) is not None else "" for c in columns
         )
+        lines.append(f"{v.name},{v.size_bytes / 1024:.2f},{latency},{numbers},{int(v.served)}")
     Path(path).write_text("\n".join(lines) + "\n")
 
 
@@ -308,8 +494,16 @@ def run(params: Params) -> GateResult:
         raise StageError("evaluate.json says the network failed its gates: nothing to package")
     compressed = read_compress_json(metrics_dir / "compress.json")
     record = champ.load_record(paths.champion_file)
+    raw_file = table_path(paths.prepared_dir, "test")
+    raw_test = None
+    if meta.kind != "image" and raw_file.is_file():
+        import pandas as pd
 
-    result = gate(test, meta, evaluated, compressed, Path(paths.model_dir), params, record)
+        raw_test = pd.read_parquet(raw_file)
+
+    result = gate(
+        test, meta, evaluated, compressed, Path(paths.model_dir), params, record, raw_test=raw_test
+    )
     write_json(metrics_dir / "gate.json", result_payload(result, meta, evaluated))
     write_compression_csv(metrics_dir / "compression.csv", result)
 

@@ -4,13 +4,19 @@ The Lightning wrapper (components/train.py) only adds the training loop, so eval
 compression and export work on these plain modules. Weights are saved as a state dict that
 loads with ``torch.load(..., weights_only=True)``: no arbitrary pickle is read from disk.
 
-Both families take raw pixel values 0-255 and scale them themselves, so exported models and
-the served bento need no separate preprocessing step.
+Images go in as raw pixel values 0-255 and every family scales them itself (``input_scale``),
+so exported models and the served bento need no separate step for them. Tables and sequences
+arrive already encoded by components/features.py (the bento applies the same spec).
+
+Regression networks end in one output and carry the training target's mean and standard
+deviation as buffers: they predict in the target's own units (so do their ONNX exports), while
+the training loss is taken on the standardised scale.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,14 +32,24 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 class NetConfig:
     """Everything needed to rebuild a network; stored in model.json beside the weights."""
 
-    family: str  # "cnn" | "mlp"
-    image_shape: tuple[int, int, int]  # (C, H, W)
-    num_classes: int
-    channels: tuple[int, ...]  # CNN: one conv block per entry (ignored by the MLP)
-    hidden_units: tuple[int, ...]  # fully connected hidden layers (the CNN's head, the MLP)
+    family: str  # "cnn" | "mlp" | "lstm" | "gru"
+    input_shape: tuple[int, ...]  # one example: (C, H, W) image, (F,) table row, (T, F) sequence
+    num_classes: int  # outputs: one logit per class, or 1 for regression
+    channels: tuple[int, ...]  # CNN: one conv block per entry (ignored by the others)
+    hidden_units: tuple[int, ...]  # fully connected hidden layers (the CNN's/RNN's head, the MLP)
     dropout: float
     batch_norm: bool
     activation: str
+    task: str = "classification"  # classification | regression
+    input_scale: float = 1 / 255  # multiplies the input first: 1/255 for raw pixels, 1 otherwise
+    rnn_hidden_size: int = 64  # LSTM / GRU units per layer
+    rnn_layers: int = 1
+    target_mean: float = 0.0  # regression: the training target's mean and standard deviation
+    target_std: float = 1.0
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return self.input_shape
 
 
 def _dense_stack(in_features: int, config: NetConfig) -> list[nn.Module]:
@@ -49,12 +65,42 @@ def _dense_stack(in_features: int, config: NetConfig) -> list[nn.Module]:
     return layers
 
 
-class SmallCNN(nn.Module):
-    """Conv blocks (3x3 conv, [batch norm], activation, 2x2 max-pool), then a dense head."""
+class _Net(nn.Module):
+    """What every family shares: input scaling and, for regression, output in target units."""
 
     def __init__(self, config: NetConfig):
         super().__init__()
-        in_channels, height, width = config.image_shape
+        # A division, as raw pixels have always been scaled: a Mul by a constant is one more
+        # op for int8 quantization to wrap in quantize/dequantize pairs (a bigger, slower file).
+        self.input_divisor = 1.0 / config.input_scale
+        self.regression = config.task == "regression"
+        if self.regression:
+            self.register_buffer("target_mean", torch.tensor(float(config.target_mean)))
+            self.register_buffer("target_std", torch.tensor(float(config.target_std)))
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_divisor != 1.0:
+            x = x / self.input_divisor
+        out = self.body(x)
+        if self.regression:
+            out = out * self.target_std + self.target_mean
+        return out
+
+
+class SmallCNN(_Net):
+    """Conv blocks (3x3 conv, [batch norm], activation, 2x2 max-pool), then a dense head."""
+
+    def __init__(self, config: NetConfig):
+        super().__init__(config)
+        if len(config.input_shape) != 3:
+            raise ValueError(
+                f"train.model: cnn needs images (C, H, W), the data has examples shaped "
+                f"{tuple(config.input_shape)}; use mlp (tables) or lstm/gru (sequences)"
+            )
+        in_channels, height, width = config.input_shape
         blocks: list[nn.Module] = []
         for out_channels in config.channels:
             blocks.append(nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1))
@@ -70,23 +116,59 @@ class SmallCNN(nn.Module):
         self.features = nn.Sequential(*blocks)
         self.classifier = nn.Sequential(*_dense_stack(in_channels * height * width, config))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x / 255.0))
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
 
 
-class MLP(nn.Module):
-    """Fully connected layers on the flattened image."""
+class MLP(_Net):
+    """Fully connected layers on the flattened input (an image, a table row, a window)."""
 
     def __init__(self, config: NetConfig):
-        super().__init__()
-        c, h, w = config.image_shape
-        self.classifier = nn.Sequential(*_dense_stack(c * h * w, config))
+        super().__init__(config)
+        self.classifier = nn.Sequential(*_dense_stack(math.prod(config.input_shape), config))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(x / 255.0)
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x)
 
 
-FAMILIES = {"cnn": SmallCNN, "mlp": MLP}
+class RecurrentNet(_Net):
+    """An LSTM or GRU over the time steps; the dense head reads the last step's hidden state.
+
+    Sequences are ``(T, F)``; an image ``(C, H, W)`` is read row by row as H steps of C*W values.
+    """
+
+    CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
+
+    def __init__(self, config: NetConfig):
+        super().__init__(config)
+        shape = tuple(config.input_shape)
+        if len(shape) == 3:
+            steps, features = shape[1], shape[0] * shape[2]
+        elif len(shape) == 2:
+            steps, features = shape
+        else:
+            raise ValueError(
+                f"train.model: {config.family} needs sequences (T, F) or images, the data has "
+                f"examples shaped {shape}; use mlp for tables"
+            )
+        self.steps, self.features = steps, features
+        self.rnn = self.CELLS[config.family](
+            input_size=features,
+            hidden_size=config.rnn_hidden_size,
+            num_layers=config.rnn_layers,
+            batch_first=True,
+            dropout=config.dropout if config.rnn_layers > 1 else 0.0,
+        )
+        self.classifier = nn.Sequential(*_dense_stack(config.rnn_hidden_size, config))
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:  # (N, C, H, W) -> (N, H, C*W)
+            x = x.permute(0, 2, 1, 3).reshape(x.shape[0], self.steps, self.features)
+        out, _ = self.rnn(x)
+        return self.classifier(out[:, -1])
+
+
+FAMILIES = {"cnn": SmallCNN, "mlp": MLP, "lstm": RecurrentNet, "gru": RecurrentNet}
 
 
 def build_model(config: NetConfig) -> nn.Module:
@@ -113,14 +195,20 @@ def save_model(model: nn.Module, config: NetConfig, model_dir: Path, extra: dict
 def config_from_dict(raw: dict) -> NetConfig:
     return NetConfig(
         family=raw["family"],
-        image_shape=tuple(raw["image_shape"]),
+        input_shape=tuple(raw.get("input_shape") or raw["image_shape"]),
         num_classes=raw["num_classes"],
         channels=tuple(raw["channels"]),
         hidden_units=tuple(raw["hidden_units"]),
         dropout=raw["dropout"],
         batch_norm=raw["batch_norm"],
         activation=raw["activation"],
+        **{k: raw[k] for k in _OPTIONAL_FIELDS if k in raw},
     )
+
+
+_OPTIONAL_FIELDS = (
+    "task", "input_scale", "rnn_hidden_size", "rnn_layers", "target_mean", "target_std",
+)  # fmt: skip
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -156,7 +244,7 @@ def load_model(model_dir: Path) -> tuple[nn.Module, dict]:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, x, batch_size: int = 512) -> torch.Tensor:
-    """Logits for uint8/float images (N, C, H, W), in batches, on CPU."""
+    """Outputs (logits, or values for regression) for a batch of inputs, in batches, on CPU."""
     model.eval()
     x = torch.as_tensor(x)
     out = [model(x[i : i + batch_size].float()) for i in range(0, len(x), batch_size)]

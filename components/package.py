@@ -1,9 +1,17 @@
 """Package: the chosen ONNX model + deploy/ -> two versioned bentos (cloud, edge) and archives.
 
 - The **cloud** bento serves the model ``compress.select`` picks with adaptive
-  batching, JSON and PNG/JPEG input (``deploy/service.py``).
+  batching (``deploy/service.py``): images as JSON, .npy or PNG/JPEG; table rows and
+  sequences as JSON, encoded by the preprocessing the model was trained behind.
 - The **edge** bento serves the int8 model with ONNX Runtime and numpy only, and forwards
-  the images it is unsure about to the cloud (``deploy/edge_service.py``).
+  the classifications it is unsure about to the cloud (``deploy/edge_service.py``);
+  regression is always answered at the edge.
+
+Each data kind has its own service class (:data:`CLOUD` / :data:`EDGE` ``services``); the
+bento is built around the one the data set's ``kind`` needs. Tables and sequences carry
+their preprocessing spec (``meta.json``'s ``preprocess``) in the model card, and the bento
+ships ``components/features.py`` (numpy only), the very code ingest encoded the training data
+with, so serving applies exactly the same transform.
 
 Each bento carries its model as plain files next to its service (``src/deploy/model/``), so
 serving needs neither a model store nor a floating ``:latest`` tag, and pins every Python
@@ -42,12 +50,15 @@ log = logging.getLogger("pipeline.package")
 
 DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy"
 SERVICE_FILE = DEPLOY_DIR / "service.py"
+COMPONENTS_DIR = Path(__file__).resolve().parent
+# Files of components/ both bentos ship (the preprocessing; numpy only), as components/<name>.
+SHARED_COMPONENTS = ("features.py",)
 # Where the services look for the model, relative to the bento's src/ (and the staging dir).
 MODEL_SUBDIR = Path("deploy") / "model"
 INPUT_NAME = "images"
 EDGE_VARIANT = "int8"
 # Bump when the bento layout changes in a way the hashed files do not show.
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -55,23 +66,36 @@ class BentoKind:
     """What differs between the cloud and the edge bento."""
 
     role: str
-    service_target: str
+    services: dict[str, str]  # data kind -> the service that serves it ("module:Class")
     service_files: tuple[str, ...]  # files of deploy/ that go into the bento
     # What the service imports; their dependencies are pinned too. BentoML adds itself.
     packages: tuple[str, ...]
+
+    def service_for(self, kind: str) -> str:
+        if kind not in self.services:
+            raise StageError(f"no {self.role} service serves {kind!r} data")
+        return self.services[kind]
 
 
 # uvicorn serves faster with uvloop and httptools when they are installed (~15 % less CPU).
 SERVER_EXTRAS = ("uvloop", "httptools")
 CLOUD = BentoKind(
     role="cloud",
-    service_target="deploy.service:ImageClassifier",
+    services={
+        "image": "deploy.service:ImageClassifier",
+        "table": "deploy.service:TablePredictor",
+        "sequence": "deploy.service:SequencePredictor",
+    },
     service_files=("service.py", "batching.py", "common.py"),
     packages=("bentoml", "onnxruntime", "numpy", "pillow", *SERVER_EXTRAS),
 )
 EDGE = BentoKind(
     role="edge",
-    service_target="deploy.edge_service:EdgeClassifier",
+    services={
+        "image": "deploy.edge_service:EdgeClassifier",
+        "table": "deploy.edge_service:EdgeTablePredictor",
+        "sequence": "deploy.edge_service:EdgeSequencePredictor",
+    },
     service_files=("edge_service.py", "common.py"),
     packages=("bentoml", "onnxruntime", "numpy", "httpx", *SERVER_EXTRAS),
 )
@@ -163,8 +187,10 @@ def read_optional_json(path: Path) -> dict | None:
 def summarise_metrics(evaluate: dict | None, compress: dict | None, variant: str) -> dict:
     """The few numbers worth carrying in the bento: the served variant's test metrics first.
 
-    ``accuracy``/``macro_f1`` are the served ONNX variant's (from compress.json), falling back
-    to the PyTorch model's (evaluate.json) when compress.json lacks them.
+    ``accuracy``/``macro_f1`` (classification) or ``r2``/``rmse``/``mae`` (regression) are
+    the served ONNX variant's (from compress.json), falling back to the PyTorch model's
+    (evaluate.json) when compress.json lacks them. Whatever is missing or not a number is left
+    out.
     """
 
     def numbers(source: dict | None, keys: tuple[str, ...], prefix: str = "") -> dict:
@@ -175,17 +201,23 @@ def summarise_metrics(evaluate: dict | None, compress: dict | None, variant: str
             if isinstance(source.get(k), int | float) and not isinstance(source.get(k), bool)
         }
 
-    served = ((compress or {}).get("variants") or {}).get(variant)
-    out = numbers(evaluate, ("accuracy", "macro_f1"), prefix="pytorch_")
-    out.update(numbers(served if isinstance(served, dict) else None, ("accuracy", "macro_f1")))
-    for key in ("accuracy", "macro_f1"):
+    keys = ("accuracy", "macro_f1", "r2", "rmse", "mae")
+    variants = (compress or {}).get("variants")
+    served = variants.get(variant) if isinstance(variants, dict) else None
+    out = numbers(evaluate if isinstance(evaluate, dict) else None, keys, prefix="pytorch_")
+    out.update(numbers(served if isinstance(served, dict) else None, keys))
+    for key in keys:
         if key not in out and f"pytorch_{key}" in out:
             out[key] = out[f"pytorch_{key}"]
     return dict(sorted(out.items()))
 
 
-def check_model(onnx_file: Path, image_shape: tuple[int, ...], n_classes: int) -> None:
-    """Fail before building when the model cannot serve images of the data set's shape."""
+def check_model(
+    onnx_file: Path, image_shape: tuple[int, ...], n_classes: int, task: str = "classification"
+) -> None:
+    """Fail before building when the model cannot serve inputs of the data set's shape: a
+    float32 batch of zeros shaped ``(2, *image_shape)`` (an image, a row of encoded features
+    or a sequence) must give ``(2, n_classes)`` logits, or ``(2, 1)`` values for regression."""
     import onnxruntime as ort
 
     try:
@@ -200,8 +232,15 @@ def check_model(onnx_file: Path, image_shape: tuple[int, ...], n_classes: int) -
         logits = session.run(None, {INPUT_NAME: probe})[0]
     except Exception as exc:
         raise StageError(
-            f"{onnx_file} cannot run a batch of 2 images shaped {tuple(image_shape)}: {exc}"
+            f"{onnx_file} cannot run a batch of 2 inputs shaped {tuple(image_shape)}: {exc}"
         ) from None
+    if task == "regression":
+        if logits.shape != (2, 1):
+            raise StageError(
+                f"{onnx_file} answers outputs shaped {logits.shape} for 2 inputs; a regression "
+                "model answers one value each, (2, 1)"
+            )
+        return
     if logits.shape != (2, n_classes):
         raise StageError(
             f"{onnx_file} answers logits shaped {logits.shape} for 2 images; the data set has "
@@ -220,6 +259,12 @@ def stage_source(
     (staging_dir / "deploy" / "__init__.py").write_text('"""The served model and its service."""\n')
     for name in kind.service_files:
         shutil.copyfile(Path(deploy_dir) / name, staging_dir / "deploy" / name)
+    # The preprocessing, under the import path it has here: one copy of the code, not two.
+    shared = staging_dir / "components"
+    shared.mkdir()
+    (shared / "__init__.py").write_text('"""The pipeline code the service shares."""\n')
+    for name in SHARED_COMPONENTS:
+        shutil.copyfile(COMPONENTS_DIR / name, shared / name)
     shutil.copyfile(onnx_file, model_dir / "model.onnx")
     write_card(card, staging_dir)
 
@@ -307,7 +352,7 @@ def _build(staging_dir: Path, name: str, version: str, options: dict) -> None:
         version=version,
         labels=options["labels"],
         description=options["description"],
-        include=["deploy/**"],
+        include=["deploy/**", "components/**"],
         exclude=["__pycache__/", "*.pyc"],
         # Offline: every package pinned to what is installed here, and no `uv pip
         # compile` lock step (it needs an index).
@@ -342,31 +387,86 @@ def export_archive(tag: str, artefacts_dir: Path) -> Path:
 
 
 def describe(card: dict, role: str) -> str:
-    shape = "x".join(str(d) for d in card["image_shape"])
+    """The bento's description: what it predicts from what, how to call it."""
+    kind, task = card.get("kind", "image"), card.get("task", "classification")
     accuracy = card["metrics"].get("accuracy")
-    lines = [
-        f"# {card['model']} ({role})",
-        "",
-        f"Classifies {shape} images (C x H x W, raw pixel values 0-255) into "
-        f"{len(card['class_names'])} classes with the {card['served_variant']} ONNX model.",
-    ]
-    if accuracy is not None:
-        lines.append(f"Test accuracy: {accuracy:.4f}.")
-    lines.append("")
-    if role == "edge":
+    lines = [f"# {card['model']} ({role})", ""]
+    if kind == "image":
+        shape = "x".join(str(d) for d in card["image_shape"])
         lines.append(
-            '`POST /predict {"image": [[...]]}`, `POST /predict_batch {"images": [...]}`, '
-            "`POST /info`. Images whose top probability is below "
-            f"{card['edge']['confidence_threshold']} go to the cloud bento at `CLOUD_URL` "
-            "when one is set; every answer says who answered (`answered_by`)."
+            f"Classifies {shape} images (C x H x W, raw pixel values 0-255) into "
+            f"{len(card['class_names'])} classes with the {card['served_variant']} ONNX model."
         )
     else:
+        if task == "regression":
+            what = f"Predicts {card.get('target') or 'a value'} (in its own units)"
+        else:
+            what = f"Classifies into {len(card['class_names'])} classes"
+        columns = [c["name"] for c in card["preprocess"]["columns"]]
+        shown = ", ".join(columns[:12]) + (
+            f", ... ({len(columns)} in all)" if len(columns) > 12 else ""
+        )
+        source = (
+            f"table rows of columns {shown}"
+            if kind == "table"
+            else f"sequences of {card['input_shape'][0]} steps of columns {shown}"
+        )
         lines.append(
+            f"{what} from {source}, with the {card['served_variant']} ONNX model; the "
+            "preprocessing fitted on the training data (model.json `preprocess`) is applied "
+            "first."
+        )
+    if accuracy is not None:
+        lines.append(f"Test accuracy: {accuracy:.4f}.")
+    for key, name in (("r2", "R^2"), ("rmse", "RMSE"), ("mae", "MAE")):
+        if card["metrics"].get(key) is not None:
+            lines.append(f"Test {name}: {card['metrics'][key]:.4g}.")
+    lines.append("")
+    lines.append(_usage(card, role, kind, task))
+    return "\n".join(lines) + "\n"
+
+
+def _usage(card: dict, role: str, kind: str, task: str) -> str:
+    batch = card["max_batch_size"]
+    if kind == "image":
+        if role == "edge":
+            return (
+                '`POST /predict {"image": [[...]]}`, `POST /predict_batch {"images": [...]}`, '
+                "`POST /info`. Images whose top probability is below "
+                f"{card['edge']['confidence_threshold']} go to the cloud bento at `CLOUD_URL` "
+                "when one is set; every answer says who answered (`answered_by`)."
+            )
+        return (
             '`POST /predict {"image": [[...]]}`, `POST /predict_batch {"images": [...]}` (at '
-            f"most {card['max_batch_size']}), `POST /predict_image` (multipart PNG/JPEG, field "
+            f"most {batch}), `POST /predict_image` (multipart PNG/JPEG, field "
             "`image`), `POST /info`; `/readyz`, `/livez`, `/metrics`; OpenAPI page at `/`."
         )
-    return "\n".join(lines) + "\n"
+    if kind == "table":
+        routes = (
+            '`POST /predict_row {"row": {column: value, ...}}`, `POST /predict_rows {"rows": '
+            f"[...]}}` (at most {batch})"
+        )
+    else:
+        routes = (
+            f'`POST /forecast {{"window": [step x {card["input_shape"][0]}]}}` (a step: one '
+            'value per column, or {column: value}), `POST /predict_sequences {"sequences": '
+            f"[...]}}` (at most {batch})"
+        )
+    answer = (
+        "`{value}` in the target's units" if task == "regression" else "`{label, probabilities}`"
+    )
+    text = f"{routes}, `POST /info` (columns, preprocessing); each answers {answer}."
+    if role == "edge":
+        if task == "regression":
+            text += " Regression is always answered here: there is no confidence to hand off on."
+        else:
+            text += (
+                f" Examples whose top probability is below {card['edge']['confidence_threshold']} "
+                "go to the cloud bento at `CLOUD_URL` when one is set (`answered_by`)."
+            )
+    else:
+        text += " `/readyz`, `/livez`, `/metrics`; OpenAPI page at `/`."
+    return text
 
 
 def _build_one(
@@ -385,13 +485,14 @@ def _build_one(
         "model_name": card["model"].split(":")[0],
         "model": card["model"],
         "served_variant": card["served_variant"],
-        "image_shape": "x".join(str(d) for d in card["image_shape"]),
-        "num_classes": str(len(card["class_names"])),
+        "kind": card["kind"],
+        "task": card["task"],
+        **_shape_labels(card),
         **{k: f"{v:.6g}" for k, v in card["metrics"].items()},
     }
     options = {
         "layout": LAYOUT_VERSION,
-        "service": kind.service_target,
+        "service": kind.service_for(card["kind"]),
         "labels": labels,
         "description": describe(card, kind.role),
         "packages": pinned_requirements(kind.packages),
@@ -430,15 +531,76 @@ def _build_one(
     return result
 
 
+def _shape_labels(card: dict) -> dict[str, str]:
+    """The bento labels saying what the model takes and gives."""
+    if card["kind"] == "image":
+        labels = {"image_shape": "x".join(str(d) for d in card["image_shape"])}
+    else:
+        labels = {
+            "input_shape": "x".join(str(d) for d in card["input_shape"]),
+            "num_features": str(card["input_shape"][-1]),
+            "columns": str(len(card["preprocess"]["columns"])),
+        }
+        if card["kind"] == "sequence":
+            labels["window"] = str(card["input_shape"][0])
+    if card["task"] == "regression":
+        labels["target"] = card.get("target") or ""
+    else:
+        labels["num_classes"] = str(len(card["class_names"]))
+    return labels
+
+
 def _model_card(onnx_file: Path, meta: DatasetMeta, model_name: str, variant: str) -> dict:
+    """What the service reads from model.json: the model, the data kind and task, what goes in
+    (shape; for tables and sequences the preprocessing spec) and what comes out."""
     digest = file_digest(onnx_file)
-    return {
+    card = {
         "model": f"{model_name}:{variant}-{digest[:12]}",
         "model_sha256": digest,
         "served_variant": variant,
+        "kind": meta.kind,
+        "task": meta.task,
         "class_names": list(meta.class_names),
-        "image_shape": list(meta.image_shape),
+        "input_shape": list(meta.input_shape),
     }
+    if meta.kind == "image":
+        card["image_shape"] = list(meta.image_shape)
+    else:
+        card.update(
+            target=meta.target,
+            feature_names=list(meta.feature_names),
+            preprocess=meta.preprocess,
+        )
+    return card
+
+
+def check_meta(meta: DatasetMeta, meta_file: Path) -> None:
+    """What the services need of the data set's metadata, checked before any build."""
+    if meta.is_regression:
+        if meta.class_names:
+            raise StageError(f"{meta_file}: a regression data set has no class_names")
+    elif len(set(meta.class_names)) != len(meta.class_names):
+        raise StageError(f"{meta_file}: class names must be unique, got {meta.class_names}")
+    elif not meta.class_names:
+        raise StageError(f"{meta_file}: a classification data set needs its class_names")
+    if meta.kind == "image":
+        if len(meta.input_shape) != 3:
+            raise StageError(
+                f"{meta_file}: images must be shaped (C, H, W), got {meta.input_shape}"
+            )
+        return
+    from deploy.common import check_spec  # imports bentoml: not at module level (see above)
+
+    rank = 1 if meta.kind == "table" else 2
+    if len(meta.input_shape) != rank:
+        raise StageError(
+            f"{meta_file}: input_shape of {meta.kind} data must have {rank} dimension(s), got "
+            f"{meta.input_shape}"
+        )
+    try:
+        check_spec(meta.preprocess, meta.input_shape, meta.kind, f"{meta_file}: preprocess")
+    except ValueError as exc:
+        raise StageError(str(exc)) from None
 
 
 def _check_onnx_exists(onnx_file: Path, variant: str) -> None:
@@ -484,9 +646,8 @@ def package(
         meta = DatasetMeta.load(meta_file)
     except (DatasetError, KeyError, json.JSONDecodeError) as exc:
         raise StageError(f"cannot read the data set's metadata {meta_file}: {exc}") from None
-    if len(set(meta.class_names)) != len(meta.class_names):
-        raise StageError(f"{meta_file}: class names must be unique, got {meta.class_names}")
-    check_model(onnx_file, meta.image_shape, len(meta.class_names))
+    check_meta(meta, meta_file)
+    check_model(onnx_file, meta.input_shape, meta.num_outputs, meta.task)
     limits = {
         "max_batch_size": settings.max_batch_size,
         "max_latency_ms": settings.max_latency_ms,
@@ -512,7 +673,7 @@ def package(
     edge = None
     if edge_onnx_file is not None:
         _check_onnx_exists(Path(edge_onnx_file), EDGE_VARIANT)
-        check_model(Path(edge_onnx_file), meta.image_shape, len(meta.class_names))
+        check_model(Path(edge_onnx_file), meta.input_shape, meta.num_outputs, meta.task)
         edge_metrics = dict(edge_metrics or {})
         edge_card = _model_card(Path(edge_onnx_file), meta, settings.model_name, EDGE_VARIANT)
         edge_card.update(limits, metrics=edge_metrics, edge=settings.edge.model_dump())
@@ -546,6 +707,16 @@ def run(params: Params) -> PackageResult:
             f"{metrics_dir / 'compress.json'} names no served_variant: run the compress stage"
         )
     onnx_dir = Path(paths.model_dir) / "onnx"
+    # The edge box has no bigger model to fall back on (a regression edge never asks the
+    # cloud): an int8 model that failed its drop gate against fp32 is not shipped there.
+    int8 = ((compress or {}).get("variants") or {}).get(EDGE_VARIANT) or {}
+    edge_onnx_file = onnx_dir / f"{EDGE_VARIANT}.onnx"
+    if int8.get("passed") is False:
+        log.warning(
+            "no edge bento this run: the %s model failed its drop gate against fp32 "
+            "(compress.max_accuracy_drop; see compress.json)", EDGE_VARIANT,
+        )  # fmt: skip
+        edge_onnx_file = None
     return package(
         onnx_dir / f"{variant}.onnx",
         meta_path(paths.prepared_dir),
@@ -555,7 +726,7 @@ def run(params: Params) -> PackageResult:
         staging_dir=Path.cwd() / "build" / "bento",
         artefacts_dir=Path(paths.artefacts_dir),
         metrics=summarise_metrics(evaluate, compress, variant),
-        edge_onnx_file=onnx_dir / f"{EDGE_VARIANT}.onnx",
+        edge_onnx_file=edge_onnx_file,
         edge_metrics=summarise_metrics(evaluate, compress, EDGE_VARIANT),
     )
 

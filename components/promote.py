@@ -12,6 +12,10 @@ The same module moves the champion by hand (these never touch DVC's state):
     python -m components.promote show          # the champion, its lineage and the known runs
     python -m components.promote tag           # the champion's bento tag, imported if needed
 
+The record keeps each run's task, data kind and target and the task's metrics (accuracy,
+macro F1 and the lowest class recall for classification; R^2, RMSE and MAE for regression);
+the metric comparison itself is the gate stage's no-regression gate, per task.
+
 Only runs that were packaged after passing their gates are in the record, so a hand promotion
 can choose among earned runs but cannot let a refused one through. A hand's rollback sticks: a
 later pipeline run that reproduces the run rolled back from records it but does not promote it
@@ -32,7 +36,13 @@ from pathlib import Path
 
 from components import champion as champ
 from components.config import Params, ParamsError, load_params
-from components.evaluate import read_metrics_file
+from components.evaluate import (
+    CLASSIFICATION,
+    HEADLINE_KEYS,
+    LABELS,
+    RECORD_KEYS,
+    read_metrics_file,
+)
 from components.gate import read_gate_json
 from components.stage import StageError, main, set_quiet_env, write_json
 
@@ -83,7 +93,16 @@ def run_record(gate: dict, bento: dict, root: Path = Path(".")) -> champ.RunReco
             f"(sha256 {verdict['model_sha256'][:12]}): stale files; re-run the pipeline"
         )
     archive = Path(bento["archive"])
-    metrics = {k: float(verdict[k]) for k in ("accuracy", "macro_f1", "min_class_recall")}
+    task = gate.get("task", CLASSIFICATION)  # gate.json before regression: classification
+    if task not in RECORD_KEYS:
+        raise StageError(f"gate.json: unknown task {task!r}: re-run the gate stage")
+    missing = [k for k in RECORD_KEYS[task] if not isinstance(verdict.get(k), int | float)]
+    if missing:
+        raise StageError(
+            f"gate.json: the {served} variant lacks the {task} metrics {', '.join(missing)}: "
+            "re-run the gate stage"
+        )
+    metrics = {k: float(verdict[k]) for k in RECORD_KEYS[task]}
     metrics.update({f"network_{k}": float(v) for k, v in gate["network"].items()})
     return champ.RunRecord(
         run=bento["model_version"],
@@ -101,6 +120,10 @@ def run_record(gate: dict, bento: dict, root: Path = Path(".")) -> champ.RunReco
         edge_bento_tag=(bento.get("edge") or {}).get("tag"),
         git_commit=champ.git_commit(root),
         prefect_flow_run=os.environ.get("PREFECT__FLOW_RUN_ID"),
+        task=task,
+        kind=gate.get("kind", "image"),
+        target=gate.get("target", ""),
+        preprocess_sha256=gate.get("preprocess_sha256"),
     )
 
 
@@ -247,11 +270,7 @@ def describe(path: Path) -> str:
     lines = []
     for name, r in reversed(record.runs.items()):
         mark = "*" if name == record.champion else " "
-        m = r.metrics
-        lines.append(
-            f" {mark} {name}  {r.bento_tag}  accuracy {m.get('accuracy', float('nan')):.4f}  "
-            f"macro F1 {m.get('macro_f1', float('nan')):.4f}  packaged {r.packaged_at}"
-        )
+        lines.append(f" {mark} {name}  {r.bento_tag}  {headline(r)}  packaged {r.packaged_at}")
     return "\n".join(
         [
             f"champion: {record.champion} ({record.current().bento_tag})",
@@ -260,6 +279,18 @@ def describe(path: Path) -> str:
             *lines,
         ]
     )
+
+
+def headline(run: champ.RunRecord) -> str:
+    """A run's task and headline test metrics in a few words, e.g. "accuracy 0.9712  macro F1
+    0.9709" or "regression of 'price': R^2 0.8123  RMSE 1.2345"."""
+    m = run.metrics
+    numbers = "  ".join(
+        f"{LABELS[k]} {m.get(k, float('nan')):.4f}" for k in HEADLINE_KEYS[run.task]
+    )
+    if run.task == CLASSIFICATION:
+        return numbers if run.kind == "image" else f"{run.kind}: {numbers}"
+    return f"{run.kind} regression of {run.target!r}: {numbers}"
 
 
 def champion_tag(path: Path, root: Path = Path(".")) -> str:

@@ -1,11 +1,13 @@
 """Report: one self-contained HTML page per run, for people.
 
 ``reports/report.html`` puts together what the stages recorded: the verdict (promoted, kept,
-refused and why), every gate with its reason, the test metrics and per-class figures, the
-training curves, the confusion matrix, the compression trade-off, the data validation result
-(with links to our validation summary and the Great Expectations Data Docs) and the champion's
-lineage. Plots are drawn with matplotlib and inlined as PNG: the page needs no network, no
-JavaScript and no other file (the validation pages it links to sit next to it).
+refused and why), the data (kind, task, target and features, from the prepared meta.json),
+every gate with its reason, the test metrics (classification: accuracy, macro F1, per-class
+figures and the confusion matrix; regression: R^2, RMSE, MAE and a predicted-vs-actual plot
+from predictions.csv), the training curves, the compression trade-off, the data validation
+result (with links to our validation summary and the Great Expectations Data Docs) and the
+champion's lineage. Plots are drawn with matplotlib and inlined as PNG: the page needs no
+network, no JavaScript and no other file (the validation pages it links to sit next to it).
 
 The ``report`` stage runs last. A run that a gate stops never reaches it, so the stage that
 stops (evaluate or gate) writes this same page through :func:`write_report` before failing,
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from components.config import Params
+from components.evaluate import REGRESSION, metrics_task
 from components.stage import StageError, main
 
 log = logging.getLogger("pipeline.report")
@@ -43,6 +46,8 @@ class ReportInputs:
     history: list[dict] | None = None
     evaluate: dict | None = None
     confusion: list[tuple[str, str]] | None = None
+    predictions: list[tuple[float, float]] | None = None  # regression: (actual, predicted)
+    meta: dict | None = None  # the prepared data's meta.json: kind, task, target, features
     compress: dict | None = None
     gate: dict | None = None
     promote: dict | None = None
@@ -89,12 +94,21 @@ def _confusion(path: Path) -> list[tuple[str, str]] | None:
         return [(row["actual"], row["predicted"]) for row in csv.DictReader(fh)]
 
 
+def _predictions(path: Path) -> list[tuple[float, float]] | None:
+    if not Path(path).is_file():
+        return None
+    with Path(path).open() as fh:
+        rows = [(_number(r.get("actual")), _number(r.get("predicted"))) for r in csv.DictReader(fh)]
+    return [(a, p) for a, p in rows if math.isfinite(a) and math.isfinite(p)] or None
+
+
 def gather(params: Params, stopped_at: str | None = None, stop_reason: str | None = None):
     """Read what the stages up to ``stopped_at`` (all, when None) recorded."""
     paths = params.paths
     metrics = Path(paths.metrics_dir)
     reached = STAGES if stopped_at is None else STAGES[: STAGES.index(stopped_at) + 1]
     inputs = ReportInputs(stopped_at=stopped_at, stop_reason=stop_reason)
+    inputs.meta = _json(Path(paths.prepared_dir) / "meta.json")
     if "validate" in reached:
         inputs.validation = _json(metrics / "validation.json")
         docs = Path(paths.reports_dir) / "validation"
@@ -108,6 +122,7 @@ def gather(params: Params, stopped_at: str | None = None, stop_reason: str | Non
     if "evaluate" in reached:
         inputs.evaluate = _json(metrics / "evaluate.json")
         inputs.confusion = _confusion(metrics / "confusion.csv")
+        inputs.predictions = _predictions(metrics / "predictions.csv")
     if "compress" in reached:
         inputs.compress = _json(metrics / "compress.json")
     if "gate" in reached:
@@ -142,22 +157,54 @@ def _figure(*args, **kwargs):
     return plt.subplots(*args, **kwargs)
 
 
+HISTORY_METRICS = {"acc": "Accuracy", "rmse": "RMSE", "mae": "MAE", "r2": "R^2"}
+
+
 def plot_history(history: list[dict]) -> str:
+    """Loss per epoch, and the validation metric: accuracy (classification) or RMSE
+    (regression: train logs val_rmse in the target's units)."""
     fig, (loss_ax, acc_ax) = _figure(1, 2, figsize=(9, 3.2))
     epochs = [row.get("epoch", i + 1) for i, row in enumerate(history)]
+    shown = []
     for name in history[0]:
         values = [row[name] for row in history]
+        if all(math.isnan(v) for v in values if isinstance(v, float)):
+            continue  # the other task's column, or an epoch field: nothing to draw
         if "loss" in name:
             loss_ax.plot(epochs, values, marker="o", label=name)
-        elif "acc" in name:
+        elif any(key in name for key in HISTORY_METRICS):
             acc_ax.plot(epochs, values, marker="o", label=name)
+            shown.append(next(v for k, v in HISTORY_METRICS.items() if k in name))
+    what = " and ".join(dict.fromkeys(shown)) or "Accuracy"
     loss_ax.set(title="Loss per epoch", xlabel="epoch")
-    acc_ax.set(title="Accuracy per epoch", xlabel="epoch")
+    acc_ax.set(title=f"{what} per epoch", xlabel="epoch")
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    return _png(fig, "training and validation loss and accuracy per epoch")
+    return _png(fig, f"training and validation loss and {what.lower()} per epoch")
+
+
+def plot_predictions(pairs: list[tuple[float, float]]) -> str:
+    """Regression: predicted against actual values (the diagonal is a perfect model), and
+    the residuals' histogram."""
+    import numpy as np
+
+    actual = np.array([a for a, _ in pairs])
+    predicted = np.array([p for _, p in pairs])
+    fig, (ax, hist_ax) = _figure(1, 2, figsize=(9, 3.6))
+    ax.scatter(actual, predicted, s=12, alpha=0.6, color="tab:blue")
+    low = float(min(actual.min(), predicted.min()))
+    high = float(max(actual.max(), predicted.max()))
+    ax.plot([low, high], [low, high], color="crimson", linestyle="--", label="predicted = actual")
+    ax.set(title="Predicted vs actual (test split)", xlabel="actual", ylabel="predicted")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    hist_ax.hist(predicted - actual, bins=min(30, max(5, len(pairs) // 5)), color="tab:orange")
+    hist_ax.axvline(0, color="black", linewidth=1)
+    hist_ax.set(title="Residuals (predicted - actual)", xlabel="residual", ylabel="examples")
+    hist_ax.grid(alpha=0.3)
+    return _png(fig, "predicted vs actual values of the test split, and the residuals")
 
 
 def plot_confusion(pairs: list[tuple[str, str]], class_names: list[str]) -> str:
@@ -207,23 +254,25 @@ def plot_per_class(per_class: dict, min_recall: float | None) -> str:
     return _png(fig, "per-class precision, recall and F1")
 
 
-def plot_compression(variants: dict) -> str:
-    names = list(variants)
+def plot_compression(variants: dict, metric: str = "accuracy") -> str:
+    """Size against the test metric (``accuracy``, or ``r2`` for regression), and latency."""
+    label = {"accuracy": "accuracy", "r2": "R^2"}.get(metric, metric)
+    names = [n for n in variants if isinstance(variants[n].get(metric), int | float)]
     sizes = [variants[n]["size_bytes"] / 1024 for n in names]
-    accuracy = [variants[n]["accuracy"] for n in names]
-    latency = [variants[n].get("latency_ms_batch1") for n in names]
+    accuracy = [variants[n][metric] for n in names]
+    latency = [variants[n].get("latency_ms_batch1") for n in variants]
     fig, (acc_ax, lat_ax) = _figure(1, 2, figsize=(9, 3.2))
     acc_ax.scatter(sizes, accuracy, s=60, color="tab:blue")
     for name, x, y in zip(names, sizes, accuracy, strict=True):
         acc_ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4))
-    acc_ax.set(title="Test accuracy vs model size", xlabel="size (KiB)", ylabel="accuracy")
+    acc_ax.set(title=f"Test {label} vs model size", xlabel="size (KiB)", ylabel=label)
     acc_ax.margins(x=0.25, y=0.3)
     acc_ax.grid(alpha=0.3)
-    shown = [(n, v) for n, v in zip(names, latency, strict=True) if v is not None]
+    shown = [(n, v) for n, v in zip(variants, latency, strict=True) if v is not None]
     lat_ax.bar([n for n, _ in shown], [v for _, v in shown], color="tab:orange")
     lat_ax.set(title="Latency at batch 1 (ms, 1 thread)", ylabel="ms")
     lat_ax.grid(axis="y", alpha=0.3)
-    return _png(fig, "compression trade-off: size, accuracy and latency")
+    return _png(fig, f"compression trade-off: size, {label} and latency")
 
 
 # -- HTML ------------------------------------------------------------------------------------
@@ -305,6 +354,48 @@ def _headline(inputs: ReportInputs) -> tuple[str, str]:
     return "info", "The run has not been through promotion."
 
 
+def _task(inputs: ReportInputs) -> str:
+    """classification or regression: what evaluate measured, else what the data is."""
+    if inputs.evaluate:
+        return metrics_task(inputs.evaluate)
+    return (inputs.meta or {}).get("task") or "classification"
+
+
+def data_facts(meta: dict | None) -> str:
+    """One paragraph on the data: kind, task, target, input shape and the model's features."""
+    if not meta:
+        return ""
+    kind, task = meta.get("kind", "image"), meta.get("task", "classification")
+    shape = [int(d) for d in meta.get("input_shape") or meta.get("image_shape") or []]
+    classes = meta.get("class_names") or []
+    facts = []
+    if kind == "image" and len(shape) == 3:
+        facts.append("images of {}x{} pixels, {} channel(s)".format(*shape[1:], shape[0]))
+    elif kind == "sequence" and len(shape) == 2:
+        facts.append(f"sequences of {shape[0]} steps of {shape[1]} values")
+    else:
+        facts.append(f"{'a table' if kind == 'table' else _e(kind)}")
+    if task == REGRESSION:
+        facts.append(f"regression of <code>{_e(meta.get('target', ''))}</code>")
+    else:
+        target = f" of <code>{_e(meta['target'])}</code>" if meta.get("target") else ""
+        facts.append(f"classification{target} into {len(classes)} classes")
+    sizes = meta.get("split_sizes") or {}
+    if sizes:
+        facts.append("examples: " + ", ".join(f"{_e(k)} {_e(v)}" for k, v in sizes.items()))
+    text = "Data: " + "; ".join(facts) + "."
+    features = list(meta.get("feature_names") or [])
+    if features:
+        shown = ", ".join(_e(f) for f in features[:12])
+        more = f" and {len(features) - 12} more" if len(features) > 12 else ""
+        columns = [c.get("name") for c in (meta.get("preprocess") or {}).get("columns", [])]
+        source = (
+            f" (encoded from the columns {', '.join(_e(c) for c in columns)})" if columns else ""
+        )
+        text += f" {len(features)} features{source}: {shown}{more}."
+    return f'<p class="data">{text}</p>'
+
+
 def section_gates(inputs: ReportInputs) -> str:
     rows = []
     if inputs.evaluate and "gates" in inputs.evaluate:
@@ -328,22 +419,47 @@ def section_gates(inputs: ReportInputs) -> str:
     )
 
 
-def section_metrics(inputs: ReportInputs) -> str:
-    ev = inputs.evaluate
-    if not ev:
-        return "<h2>Test metrics</h2>" + _not_reached("evaluate", inputs)
-    keys = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "min_class_recall")
-    head = "".join(f"<th>{_e(k.replace('_', ' '))}</th>" for k in keys)
-    columns = [("network (PyTorch)", ev)]
+REGRESSION_COLUMNS = {"r2": "R^2", "rmse": "RMSE", "mae": "MAE"}
+
+
+def _metric_rows(inputs: ReportInputs, keys) -> str:
+    columns = [("network (PyTorch)", inputs.evaluate)]
     if inputs.gate:
         for name, v in inputs.gate.get("variants", {}).items():
             columns.append((f"{name} ONNX" + (" (served)" if v.get("served") else ""), v))
-    body = "".join(
+    return "".join(
         f"<tr><td>{_e(label)}</td>"
         + "".join(f"<td class=num>{_f(m.get(k))}</td>" for k in keys)
         + "</tr>"
         for label, m in columns
     )
+
+
+def section_regression_metrics(inputs: ReportInputs) -> str:
+    ev = inputs.evaluate
+    head = "".join(f"<th>{_e(label)}</th>" for label in REGRESSION_COLUMNS.values())
+    target = ev.get("target") or (inputs.meta or {}).get("target")
+    units = f" (MAE and RMSE in the units of <code>{_e(target)}</code>)" if target else ""
+    parts = [
+        f"<h2>Test metrics</h2><p>{_e(ev.get('test_examples', '?'))} test examples{units}; "
+        "R^2 is the share of the target's variance explained (1 is perfect, 0 is predicting "
+        "the mean).</p>",
+        f"<table><tr><th>model</th>{head}</tr>{_metric_rows(inputs, REGRESSION_COLUMNS)}</table>",
+    ]
+    if inputs.predictions:
+        parts.append(plot_predictions(inputs.predictions))
+    return "".join(parts)
+
+
+def section_metrics(inputs: ReportInputs) -> str:
+    ev = inputs.evaluate
+    if not ev:
+        return "<h2>Test metrics</h2>" + _not_reached("evaluate", inputs)
+    if metrics_task(ev) == REGRESSION:
+        return section_regression_metrics(inputs)
+    keys = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "min_class_recall")
+    head = "".join(f"<th>{_e(k.replace('_', ' '))}</th>" for k in keys)
+    body = _metric_rows(inputs, keys)
     per_class = ev.get("per_class", {})
     threshold = ((ev.get("gates") or {}).get("min_class_recall") or {}).get("threshold")
     class_rows = "".join(
@@ -381,34 +497,40 @@ def section_compression(inputs: ReportInputs) -> str:
     if not comp or not isinstance(comp.get("variants"), dict):
         return "<h2>Compression</h2>" + _not_reached("compress", inputs)
     measured = (inputs.gate or {}).get("variants", {})
+    regression = _task(inputs) == REGRESSION
+    # compress.json's own figures, overridden by what the gate measured on the test split.
+    keys = ("r2", "rmse", "mae") if regression else ("accuracy", "macro_f1")
+    labels = [REGRESSION_COLUMNS[k] for k in keys] if regression else ["accuracy", "macro F1"]
     variants = {}
     rows = []
     for name, v in comp["variants"].items():
+        if not isinstance(v, dict) or not isinstance(v.get("size_bytes"), int | float):
+            continue
         ours = measured.get(name, {})
-        m = {**v, **{k: ours[k] for k in ("accuracy", "macro_f1") if k in ours}}
+        m = {**v, **{k: ours[k] for k in keys if k in ours}}
         variants[name] = m
         served = name == comp.get("served_variant")
         rows.append(
             f"<tr><td>{_e(name)}{' (served)' if served else ''}</td>"
             f"<td class=num>{m['size_bytes'] / 1024:.1f}</td>"
             f"<td class=num>{_f(m.get('latency_ms_batch1'), 3)}</td>"
-            f"<td class=num>{_f(m.get('accuracy'))}</td><td class=num>{_f(m.get('macro_f1'))}</td>"
-            "</tr>"
+            + "".join(f"<td class=num>{_f(m.get(k))}</td>" for k in keys)
+            + "</tr>"
         )
     gate = comp.get("gate") or {}
     drop = ""
-    if "int8_accuracy_drop" in comp:
-        drop = (
-            f"<p>int8 accuracy drop vs fp32: {_f(comp['int8_accuracy_drop'])} (max "
-            f"{_f(gate.get('max_accuracy_drop'))}) {_badge(gate.get('passed'))}</p>"
-        )
+    for key, label in (("int8_r2_drop", "R^2"), ("int8_accuracy_drop", "accuracy")):
+        if isinstance(comp.get(key), int | float):
+            drop = (
+                f"<p>int8 {label} drop vs fp32: {_f(comp[key])} (max "
+                f"{_f(gate.get('max_accuracy_drop'))}) {_badge(gate.get('passed'))}</p>"
+            )
+            break
+    head = "".join(f"<th>{_e(label)}</th>" for label in labels)
+    plot = plot_compression(variants, keys[0]) if variants else ""
     return (
         "<h2>Compression</h2><table><tr><th>variant</th><th>size (KiB)</th>"
-        "<th>latency batch 1 (ms)</th><th>accuracy</th><th>macro F1</th></tr>"
-        + "".join(rows)
-        + "</table>"
-        + drop
-        + plot_compression(variants)
+        f"<th>latency batch 1 (ms)</th>{head}</tr>" + "".join(rows) + "</table>" + drop + plot
     )
 
 
@@ -478,6 +600,7 @@ def render(inputs: ReportInputs) -> str:
             f"<h1>{_e(title)}</h1>",
             f'<div class="verdict {css}">{_e(headline)}</div>',
             f"<p class=muted>{'; '.join(facts)}</p>" if facts else "",
+            data_facts(inputs.meta),
             f"<section>{section_gates(inputs)}</section>",
             f"<section>{section_metrics(inputs)}</section>",
             f"<section>{section_training(inputs)}</section>",

@@ -25,10 +25,14 @@ from components.config import Params, TrainParams
 from components.dataset import DatasetMeta, ImageSet, load_images, meta_path, split_path
 from components.model import NetConfig, build_model, load_state_dict, save_model
 from components.stage import StageError, main, write_json
+from components.trial import trial_callbacks
 
 log = logging.getLogger("pipeline.train")
 
-HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_accuracy")
+# The history file has every column for either task (the other task's is left empty), so the
+# plot declared once in dvc.yaml finds its fields whatever the data.
+HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_rmse")
+TASK_METRIC = {"classification": "val_accuracy", "regression": "val_rmse"}
 LAST_CHECKPOINT = "last.ckpt"
 
 
@@ -37,7 +41,7 @@ class TrainResult:
     model_dir: Path
     epochs_run: int
     best_val_loss: float
-    best_val_accuracy: float
+    best_val_accuracy: float | None  # classification
     samples_per_second: float
     resumed_from_epoch: int  # 0 for a fresh run
 
@@ -52,17 +56,51 @@ class FitOutput:
     samples_per_second: float
 
 
-def net_config(meta: DatasetMeta, params: TrainParams) -> NetConfig:
+def net_config(meta: DatasetMeta, params: TrainParams, train_y=None) -> NetConfig:
+    """The network for this data: its input shape and outputs come from the data, the rest
+    from params. A regression net learns the training targets' mean and spread (``train_y``)."""
+    target_mean, target_std = 0.0, 1.0
+    if meta.is_regression and train_y is not None and len(train_y):
+        target_mean = float(train_y.astype("float64").mean())
+        target_std = float(train_y.astype("float64").std()) or 1.0
     return NetConfig(
         family=params.model,
-        image_shape=tuple(meta.image_shape),
-        num_classes=len(meta.class_names),
+        input_shape=tuple(meta.input_shape),
+        num_classes=meta.num_outputs,
         channels=tuple(params.channels),
         hidden_units=tuple(params.hidden_units),
         dropout=params.dropout,
         batch_norm=params.batch_norm,
         activation=params.activation,
+        task=meta.task,
+        input_scale=1 / 255 if meta.kind == "image" else 1.0,
+        rnn_hidden_size=params.rnn_hidden_size,
+        rnn_layers=params.rnn_layers,
+        target_mean=target_mean,
+        target_std=target_std,
     )
+
+
+def check_model_fits_data(meta: DatasetMeta, params: TrainParams) -> None:
+    """Refuse a model family that cannot read this kind of data, before any training."""
+    if params.model == "cnn" and meta.kind != "image":
+        raise StageError(
+            f"train.model: cnn needs images, but {meta.source} is a {meta.kind}; "
+            f"use {'mlp' if meta.kind == 'table' else 'lstm, gru or mlp'}"
+        )
+    if params.model in ("lstm", "gru") and meta.kind == "table":
+        raise StageError(
+            f"train.model: {params.model} needs sequences, but {meta.source} is a table (one row "
+            "per example); use mlp, or ingest.kind sequence for a time series"
+        )
+    aug = params.augment
+    if meta.kind != "image" and (
+        aug.crop_padding or aug.max_rotation_degrees or aug.horizontal_flip
+    ):
+        raise StageError(
+            f"train.augment: crops, rotations and flips are for images, not a {meta.kind}; "
+            "set them to 0 / false"
+        )
 
 
 def run_key(params: TrainParams, data_files: list[Path]) -> str:
@@ -158,6 +196,15 @@ def _lightning_module(net, params: TrainParams):
         or params.augment.max_rotation_degrees
         or params.augment.horizontal_flip
     )
+    # Regression: the net answers in target units; the loss is taken on the standardised
+    # scale (MSE / variance of the training targets) so learning rates carry across data sets.
+    regression = bool(getattr(net, "regression", False))
+    target_var = float(net.target_std) ** 2 if regression else 1.0
+
+    def task_loss(out, y):
+        if regression:
+            return F.mse_loss(out[:, 0], y.float()) / target_var
+        return F.cross_entropy(out, y)
 
     class ClassifierModule(L.LightningModule):
         def __init__(self):
@@ -176,7 +223,7 @@ def _lightning_module(net, params: TrainParams):
             x = x.float()
             if augmenting:
                 x = augment_batch(x, params)
-            loss = F.cross_entropy(self.net(x), y)
+            loss = task_loss(self.net(x), y)
             # Our own running mean: Lightning aggregates logged epoch values only after the
             # validation of that epoch, which is when the history row is written.
             self._loss_sum += loss.detach() * len(y)
@@ -196,10 +243,15 @@ def _lightning_module(net, params: TrainParams):
 
         def validation_step(self, batch, _):
             x, y = batch
-            logits = self.net(x.float())
-            self.log("val_loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
-            acc = (logits.argmax(dim=1) == y).float().mean()
-            self.log("val_accuracy", acc, on_epoch=True, sync_dist=True)
+            out = self.net(x.float())
+            self.log("val_loss", task_loss(out, y), on_epoch=True, sync_dist=True)
+            if regression:
+                # The mean of per-batch squared errors; its root is taken per epoch (History).
+                mse = F.mse_loss(out[:, 0], y.float())
+                self.log("val_mse", mse, on_epoch=True, sync_dist=True)
+            else:
+                acc = (out.argmax(dim=1) == y).float().mean()
+                self.log("val_accuracy", acc, on_epoch=True, sync_dist=True)
 
         def configure_optimizers(self):
             trainable = [p for p in self.parameters() if p.requires_grad]
@@ -246,8 +298,13 @@ def _history_callback():
             train_loss = module.epoch_train_loss()
             row = {"epoch": trainer.current_epoch + 1}
             row["train_loss"] = round(train_loss, 6) if train_loss is not None else None
-            for key in HISTORY_FIELDS[2:]:
-                row[key] = round(float(m[key]), 6) if key in m else None
+            row["val_loss"] = round(float(m["val_loss"]), 6) if "val_loss" in m else None
+            if "val_mse" in m:
+                row["val_rmse"] = round(math.sqrt(float(m["val_mse"])), 6)
+            else:
+                row["val_accuracy"] = (
+                    round(float(m["val_accuracy"]), 6) if "val_accuracy" in m else None
+                )
             self.rows.append(row)
 
         def state_dict(self):
@@ -274,7 +331,8 @@ def fit(
 
     L.seed_everything(params.seed, workers=True, verbose=False)
     logging.getLogger("lightning.pytorch").propagate = False  # it has its own handler
-    config = net_config(meta, params)
+    check_model_fits_data(meta, params)
+    config = net_config(meta, params, train_set.y)
     try:
         net = build_model(config)
     except ValueError as exc:
@@ -301,6 +359,7 @@ def fit(
             checkpoint,
             EarlyStopping(monitor="val_loss", patience=params.early_stopping_patience),
             history,
+            *trial_callbacks(),  # Optuna pruning when run as a tuning trial (flows/tune.py)
         ],
         logger=False,
         enable_progress_bar=False,
@@ -311,7 +370,8 @@ def fit(
     per_process = max(1, params.batch_size // trainer.world_size)  # keep the global batch
 
     def loader(images: ImageSet, shuffle: bool) -> DataLoader:
-        tensors = TensorDataset(torch.from_numpy(images.x), torch.from_numpy(images.y))
+        y = images.y.astype("float32") if meta.is_regression else images.y
+        tensors = TensorDataset(torch.from_numpy(images.x), torch.from_numpy(y))
         # A last batch of one image breaks batch norm's statistics: drop it.
         drop_last = shuffle and params.batch_norm and len(images) % per_process == 1
         generator = torch.Generator().manual_seed(params.seed)
@@ -368,32 +428,35 @@ def run(params: Params) -> TrainResult | None:
         out.net,
         out.config,
         paths.model_dir,
-        extra={"class_names": list(meta.class_names), "trained_epochs": len(history)},
-    )
-    metrics_dir = Path(paths.metrics_dir)
-    write_json(
-        metrics_dir / "train.json",
-        {
-            "epochs_run": len(history),
-            "best_epoch": best["epoch"],
-            "best_val_loss": best["val_loss"],
-            "best_val_accuracy": best["val_accuracy"],
+        extra={
+            "class_names": list(meta.class_names),
+            "trained_epochs": len(history),
+            "kind": meta.kind,
+            "task": meta.task,
+            "target": meta.target,
+            "feature_names": list(meta.feature_names),
+            "preprocess": meta.preprocess,
         },
     )
+    metrics_dir = Path(paths.metrics_dir)
+    key = TASK_METRIC[meta.task]
+    summary = {"epochs_run": len(history), "best_epoch": best["epoch"]}
+    summary.update({f"best_{k}": best[k] for k in ("val_loss", key)})
+    write_json(metrics_dir / "train.json", summary)
     with (metrics_dir / "train_history.csv").open("w") as fh:
         fh.write(",".join(HISTORY_FIELDS) + "\n")
         for row in history:
-            fh.write(",".join(json.dumps(row[k]) for k in HISTORY_FIELDS) + "\n")
+            cells = ("" if row.get(k) is None else json.dumps(row[k]) for k in HISTORY_FIELDS)
+            fh.write(",".join(cells) + "\n")
     # Checkpoints only serve to resume an interrupted run: once a run has finished they are
     # of no further use (and resuming a finished, early-stopped run would train on).
     shutil.rmtree(root, ignore_errors=True)
     log.info(
-        "%d epochs, best val_loss %.4f (epoch %d), val_accuracy %.4f, %.0f samples/s",
-        len(history), best["val_loss"], best["epoch"], best["val_accuracy"],
-        out.samples_per_second,
+        "%d epochs, best val_loss %.4f (epoch %d), %s %.4f, %.0f samples/s",
+        len(history), best["val_loss"], best["epoch"], key, best[key], out.samples_per_second,
     )  # fmt: skip
     return TrainResult(
-        Path(paths.model_dir), len(history), best["val_loss"], best["val_accuracy"],
+        Path(paths.model_dir), len(history), best["val_loss"], best.get("val_accuracy"),
         out.samples_per_second, out.resumed_from_epoch,
     )  # fmt: skip
 

@@ -9,6 +9,11 @@ each split, never on the raw pixels (a 785-column pixel table is slow):
 - ``class_counts``: one row per known class (zero-count rows included, so an absent class
   fails too): every class has at least ``validate.min_rows_per_class`` images in every split.
 
+Tables and time series are checked as they were read (``prepared/<split>.parquet``), by a
+``rows`` suite: every input column has at most ``validate.max_missing_fraction`` missing values
+and every row has a target. Per-sample sequences get a ``sequences`` suite on one row per
+sequence (steps, features, NaN). Class counts apply to every classification.
+
 Plain numpy checks cover what a summary table cannot see: the arrays' dtypes (pixels
 ``uint8``, labels ``int64``). GX state lives in an in-memory (ephemeral) context; only the
 Data Docs HTML is written, to ``paths.reports_dir/validation``, next to our own summary in
@@ -31,7 +36,15 @@ import numpy as np
 import pandas as pd
 
 from components.config import Params, ValidateParams
-from components.dataset import SPLITS, DatasetMeta, ImageSet, load_images, meta_path, split_path
+from components.dataset import (
+    SPLITS,
+    DatasetMeta,
+    ImageSet,
+    load_images,
+    meta_path,
+    split_path,
+    table_path,
+)
 from components.stage import StageError, main, write_json
 
 log = logging.getLogger("pipeline.validate")
@@ -39,6 +52,10 @@ log = logging.getLogger("pipeline.validate")
 DOCS_SITE = "validation"
 IMAGES_SUITE = "images"
 COUNTS_SUITE = "class_counts"
+ROWS_SUITE = "rows"
+SEQUENCES_SUITE = "sequences"
+FEATURE_DTYPE = np.dtype(np.float32)
+TARGET_DTYPE = np.dtype(np.float32)
 PIXEL_DTYPE = np.dtype(np.uint8)
 LABEL_DTYPE = np.dtype(np.int64)
 
@@ -110,14 +127,44 @@ def image_table(images: ImageSet) -> pd.DataFrame:
     )
 
 
+def sequence_table(data: ImageSet) -> pd.DataFrame:
+    """One row per sequence: label, steps, features and whether it holds a NaN."""
+    n = len(data)
+    flat = data.x.reshape(n, -1).astype(np.float64)
+    return pd.DataFrame(
+        {
+            "label": data.y,
+            "steps": np.full(n, data.x.shape[1], np.int64),
+            "features": np.full(n, data.x.shape[2] if data.x.ndim == 3 else 1, np.int64),
+            "has_nan": ~np.isfinite(flat).all(axis=1) if flat.size else np.zeros(n, bool),
+        }
+    )
+
+
 def class_count_table(labels: np.ndarray, n_classes: int) -> pd.DataFrame:
     """One row per known class with its number of images; absent classes get a 0 row."""
     counts = pd.Series(labels).value_counts().reindex(range(n_classes), fill_value=0)
     return pd.DataFrame({"label": np.arange(n_classes), "count": counts.to_numpy(np.int64)})
 
 
-def dtype_checks(split: str, images: ImageSet) -> list[Check]:
+def dtype_checks(split: str, images: ImageSet, meta: DatasetMeta | None = None) -> list[Check]:
     """Numpy checks the summary tables cannot see: the arrays' dtypes."""
+    if meta is not None and meta.kind != "image":
+        want_y = TARGET_DTYPE if meta.is_regression else LABEL_DTYPE
+        checks = [
+            Check(split, f"feature dtype == {FEATURE_DTYPE}", images.x.dtype == FEATURE_DTYPE,
+                  f"found {images.x.dtype}"),
+            Check(split, f"target dtype == {want_y}", images.y.dtype == want_y,
+                  f"found {images.y.dtype}"),
+            Check(split, f"example shape == {tuple(meta.input_shape)}",
+                  tuple(images.x.shape[1:]) == tuple(meta.input_shape),
+                  f"found {tuple(images.x.shape[1:])}"),
+        ]  # fmt: skip
+        if meta.is_regression:
+            bad = int((~np.isfinite(images.y)).sum())
+            checks.append(Check(split, "every target is a finite number", bad == 0,
+                                f"{bad} of {len(images)} are NaN or infinite"))  # fmt: skip
+        return checks
     return [
         Check(
             split,
@@ -190,8 +237,70 @@ def _gx():
     return gx
 
 
-def _suites(meta: DatasetMeta, params: ValidateParams) -> dict[str, list[tuple[object, Detail]]]:
-    """The two suites as (expectation, detail formatter) pairs, keyed by suite name."""
+def _rows_detail(result: dict, _ctx: dict) -> str:
+    count, total = result["unexpected_count"], result["element_count"]
+    return f"{count} of {total} rows, {count / total:.1%}" if total else "no rows"
+
+
+def _specs_to_suites(named: dict) -> dict[str, list[tuple[object, Detail]]]:
+    return {
+        name: [
+            (cls(column=col, description=desc, **kw), detail)
+            for cls, detail, col, desc, kw in specs
+        ]
+        for name, specs in named.items()
+    }
+
+
+def _counts_specs(e, params: ValidateParams) -> list:
+    return [
+        (e.ExpectColumnValuesToBeBetween, _counts_detail, "count",
+         f"label counts per class >= {params.min_rows_per_class}",
+         {"min_value": params.min_rows_per_class}),
+    ]  # fmt: skip
+
+
+def _other_suites(meta: DatasetMeta, params: ValidateParams, has_rows: bool) -> dict:
+    """Tables and time series (``rows``), per-sample sequences (``sequences``)."""
+    e = _gx().expectations
+    mostly = 1.0 - params.max_missing_fraction
+    named: dict[str, list] = {}
+    if has_rows:
+        columns = [c["name"] for c in (meta.preprocess or {}).get("columns", [])]
+        rows = [
+            (e.ExpectColumnValuesToNotBeNull, _rows_detail, name,
+             f"column {name!r}: missing values <= {params.max_missing_fraction:.1%}",
+             {"mostly": mostly})
+            for name in columns
+        ]  # fmt: skip
+        if meta.target and meta.target not in columns:
+            rows.append(
+                (e.ExpectColumnValuesToNotBeNull, _rows_detail, meta.target,
+                 f"every row has a target {meta.target!r}", {})
+            )  # fmt: skip
+        named[ROWS_SUITE] = rows
+    else:
+        steps, width = (tuple(meta.input_shape) + (1,))[:2]
+        named[SEQUENCES_SUITE] = [
+            (e.ExpectColumnValuesToBeInSet, _found(max), "steps", f"sequence steps == {steps}",
+             {"value_set": [steps]}),
+            (e.ExpectColumnValuesToBeInSet, _found(max), "features",
+             f"sequence features == {width}", {"value_set": [width]}),
+            (e.ExpectColumnValuesToBeInSet, _nan_detail, "has_nan",
+             f"sequences with NaN <= {params.max_missing_fraction:.1%}",
+             {"value_set": [False], "mostly": mostly}),
+        ]  # fmt: skip
+    if not meta.is_regression:
+        named[COUNTS_SUITE] = _counts_specs(e, params)
+    return _specs_to_suites(named)
+
+
+def _suites(
+    meta: DatasetMeta, params: ValidateParams, has_rows: bool = False
+) -> dict[str, list[tuple[object, Detail]]]:
+    """The suites as (expectation, detail formatter) pairs, keyed by suite name."""
+    if meta.kind != "image":
+        return _other_suites(meta, params, has_rows)
     e = _gx().expectations
     channels, height, width = meta.image_shape
     n_classes = len(meta.class_names)
@@ -215,18 +324,8 @@ def _suites(meta: DatasetMeta, params: ValidateParams) -> dict[str, list[tuple[o
          f"labels in the known class set 0..{n_classes - 1}",
          {"value_set": list(range(n_classes))}),
     ]  # fmt: skip
-    counts = [
-        (e.ExpectColumnValuesToBeBetween, _counts_detail, "count",
-         f"label counts per class >= {params.min_rows_per_class}",
-         {"min_value": params.min_rows_per_class}),
-    ]  # fmt: skip
-    return {
-        name: [
-            (cls(column=col, description=desc, **kw), detail)
-            for cls, detail, col, desc, kw in specs
-        ]
-        for name, specs in ((IMAGES_SUITE, images), (COUNTS_SUITE, counts))
-    }
+    counts = _counts_specs(e, params)
+    return _specs_to_suites({IMAGES_SUITE: images, COUNTS_SUITE: counts})
 
 
 def _context(docs_dir: Path | None):
@@ -272,9 +371,11 @@ def check_splits(
     meta: DatasetMeta,
     params: ValidateParams,
     docs_dir: Path | None = None,
+    frames: Mapping[str, pd.DataFrame] | None = None,
 ) -> ValidationResult:
     """Run every check on every split; build Data Docs into ``docs_dir`` when given.
 
+    ``frames`` are a table's or time series' splits as read (checked by the ``rows`` suite).
     Never raises on bad data: the result's ``success`` and ``failed`` say what is wrong.
     """
     gx = _gx()
@@ -283,7 +384,7 @@ def check_splits(
     context = _context(docs_dir)
     source = context.data_sources.add_pandas("prepared")
     suites = {}
-    for name, pairs in _suites(meta, params).items():
+    for name, pairs in _suites(meta, params, has_rows=bool(frames)).items():
         suite = context.suites.add(
             gx.ExpectationSuite(name=name, expectations=[exp for exp, _ in pairs])
         )
@@ -295,10 +396,18 @@ def check_splits(
     checks: list[Check] = []
     stats: dict[str, dict] = {}
     for split, images in splits.items():
-        table = image_table(images)
         counts = class_count_table(images.y, len(meta.class_names))
-        tables = {IMAGES_SUITE: table, COUNTS_SUITE: counts}
-        checks += dtype_checks(split, images)
+        if meta.kind == "image":
+            table = image_table(images)
+            tables = {IMAGES_SUITE: table, COUNTS_SUITE: counts}
+            checks += dtype_checks(split, images)
+        else:
+            tables = {COUNTS_SUITE: counts}
+            if frames:
+                tables[ROWS_SUITE] = frames[split]
+            else:
+                tables[SEQUENCES_SUITE] = sequence_table(images)
+            checks += dtype_checks(split, images, meta)
         for name, (suite, details) in suites.items():
             # One asset per split and table, so each Data Docs page names its split.
             batch = source.add_dataframe_asset(
@@ -311,7 +420,7 @@ def check_splits(
                 batch_parameters={"dataframe": tables[name]},
                 result_format={
                     "result_format": "SUMMARY",
-                    "unexpected_index_column_names": ["label"],
+                    "unexpected_index_column_names": ["label"] if "label" in tables[name] else [],
                 },
                 run_id=run_id,
             )
@@ -321,16 +430,27 @@ def check_splits(
                     "" if result.success else _describe_failure(result, details[description], ctx)
                 )
                 checks.append(Check(split, description, bool(result.success), detail))
-        stats[split] = {
-            "images": len(images),
-            "class_counts": {
-                meta.class_names[i]: int(c)
-                for i, c in zip(counts["label"], counts["count"], strict=True)
-            },
-            "pixel_mean": float(table["pixel_mean"].mean()) if len(table) else None,
-            "pixel_dtype": str(images.x.dtype),
-            "label_dtype": str(images.y.dtype),
+        class_counts = {
+            meta.class_names[i]: int(c)
+            for i, c in zip(counts["label"], counts["count"], strict=True)
         }
+        if meta.kind == "image":
+            stats[split] = {
+                "images": len(images),
+                "class_counts": class_counts,
+                "pixel_mean": float(table["pixel_mean"].mean()) if len(table) else None,
+                "pixel_dtype": str(images.x.dtype),
+                "label_dtype": str(images.y.dtype),
+            }
+        else:
+            stats[split] = {
+                "examples": len(images),
+                "class_counts": class_counts,
+                "feature_dtype": str(images.x.dtype),
+                "target_dtype": str(images.y.dtype),
+            }
+            if meta.is_regression and len(images):
+                stats[split]["target_mean"] = float(np.nanmean(images.y.astype(np.float64)))
 
     docs_index = None
     if docs_dir is not None:
@@ -373,10 +493,13 @@ def run(params: Params) -> ValidationResult:
     paths = params.paths
     meta = DatasetMeta.load(meta_path(paths.prepared_dir))
     splits = {split: load_images(split_path(paths.prepared_dir, split)) for split in SPLITS}
+    frames = None
+    if meta.kind != "image" and table_path(paths.prepared_dir, "train").is_file():
+        frames = {s: pd.read_parquet(table_path(paths.prepared_dir, s)) for s in SPLITS}
     docs_dir = Path(paths.reports_dir) / "validation"
     if docs_dir.exists():
         shutil.rmtree(docs_dir)  # Data Docs keeps one page per run: drop the stale ones
-    result = check_splits(splits, meta, params.validate_, docs_dir)
+    result = check_splits(splits, meta, params.validate_, docs_dir, frames)
     (docs_dir / "summary.html").write_text(summary_html(result))
     write_json(
         Path(paths.metrics_dir) / "validation.json",
@@ -389,7 +512,10 @@ def run(params: Params) -> ValidationResult:
     log.info(
         "%d checks on %s, %d failed; report: %s",
         result.evaluated_expectations,
-        ", ".join(f"{s} ({st['images']} images)" for s, st in result.stats.items()),
+        ", ".join(
+            f"{s} ({st['images']} images)" if "images" in st else f"{s} ({st['examples']} examples)"
+            for s, st in result.stats.items()
+        ),
         len(result.failed),
         docs_dir / "summary.html",
     )

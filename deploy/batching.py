@@ -1,9 +1,9 @@
 """Adaptive batching for the cloud service: one model call for every request waiting.
 
 Whenever the model is free, every request queued meanwhile (up to ``max_batch_size``
-images) goes into the next call. Under load the batches grow by themselves; a lone request
-runs at once, with no timer to wait out. Only checked images are queued (a merged batch
-that fails would fail every client in it).
+examples: images, encoded table rows or sequences) goes into the next call. Under load the
+batches grow by themselves; a lone request runs at once, with no timer to wait out. Only
+checked inputs are queued (a merged batch that fails would fail every client in it).
 
 Why not BentoML's own dispatcher (``CorkDispatcher``, behind ``@bentoml.api(batchable=True)``):
 it learns how long to hold requests from how long they waited before. Measured here with
@@ -26,16 +26,16 @@ from bentoml.exceptions import ServiceUnavailable
 
 @dataclass
 class _Waiting:
-    images: np.ndarray  # (n, C, H, W), checked
+    images: np.ndarray  # (n, ...) checked examples: images (n, C, H, W), rows, sequences
     future: asyncio.Future
     since: float  # loop time it was queued
 
 
 class AdaptiveBatcher:
-    """``await batcher(images)`` -> the model's output rows for those images.
+    """``await batcher(images)`` -> the model's output rows for those examples.
 
     ``run`` maps an (N, ...) batch to N output rows. Batches of at most ``inline_rows``
-    images run on the event loop (a thread hand-off costs more than a small batch); bigger
+    examples run on the event loop (a thread hand-off costs more than a small batch); bigger
     ones in a thread, so the loop goes on reading requests. A request still queued after
     ``max_wait_s`` is answered 503: the server is overloaded.
     """
@@ -56,7 +56,7 @@ class AdaptiveBatcher:
 
     async def __call__(self, images: np.ndarray) -> np.ndarray:
         if not 1 <= len(images) <= self.max_batch_size:
-            raise ValueError(f"a request holds 1 to {self.max_batch_size} images")
+            raise ValueError(f"a request holds 1 to {self.max_batch_size} examples")
         loop = asyncio.get_running_loop()
         waiting = _Waiting(images, loop.create_future(), loop.time())
         self._queue.append(waiting)

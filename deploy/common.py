@@ -1,19 +1,24 @@
 """What the cloud service (``service.py``) and the edge service (``edge_service.py``) share.
 
-Reading the model card, checking one image sent as nested JSON lists, the answer's shape, and
-the ASGI guard that refuses bodies of the wrong type or size before BentoML parses them. It
-imports only numpy, pydantic, starlette and bentoml (no Pillow, no ONNX Runtime), so the edge
-bento stays lean.
+Reading and checking the model card, checking one image sent as nested JSON lists, encoding
+table rows and sequences with the preprocessing the model was trained behind
+(``components/features.py``, shipped inside the bento), the answers' shapes, and the ASGI
+guard that refuses bodies of the wrong type or size before BentoML parses them. It imports
+only numpy, pydantic, starlette, bentoml and components/features.py (numpy only): no Pillow,
+no ONNX Runtime, so the edge bento stays lean.
 
 Every refusal is an :class:`~bentoml.exceptions.InvalidArgument` whose message starts with the
-field (``image``, ``images[3]``, ``request body``) and states the rule it broke; the services
-answer it as ``400 {"error": "<field>: <rule>"}``.
+field (``image``, ``images[3]``, ``rows[2], column 'age'``, ``window[5]``, ``request body``)
+and states the rule it broke; the services answer it as ``400 {"error": "<field>: <rule>"}``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,8 @@ import numpy as np
 from bentoml.exceptions import InvalidArgument
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
+
+from components.features import FeatureError, encode_records, feature_names
 
 MODEL_DIR_ENV = "MODEL_DIR"
 # Request bodies larger than a full batch could need are refused before JSON parsing (a big
@@ -32,6 +39,8 @@ THREADS_ENV = "ORT_INTRA_OP_THREADS"
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model.json"
 INPUT_NAME = "images"
+KINDS = ("image", "table", "sequence")
+TASKS = ("classification", "regression")
 PIXEL_MIN, PIXEL_MAX = 0.0, 255.0
 DEFAULT_MAX_BATCH_SIZE = 64
 BYTES_PER_PIXEL = 24  # the longest JSON float, e.g. "254.99999999999997, ", plus brackets
@@ -56,8 +65,34 @@ class Prediction(BaseModel):
     model: str = Field(description="name:variant-hash of the ONNX model that answered")
 
 
+class ValuePrediction(BaseModel):
+    value: float = Field(description="the predicted value, in the target's own units")
+    target: str = Field(description="what is predicted: the target column (may be empty)")
+    model_version: str = Field(description="the version of the bento that answered")
+    model: str = Field(description="name:variant-hash of the ONNX model that answered")
+
+
+class Answer(BaseModel):
+    """One answer of a table or sequence service, as its OpenAPI page documents it: a
+    classification answer is a :class:`Prediction`, a regression answer a
+    :class:`ValuePrediction` (only the fields of the model's task are sent)."""
+
+    label: str | None = Field(None, description="classification: the most probable class")
+    class_index: int | None = Field(None, description="classification: its index")
+    probabilities: dict[str, float] | None = Field(
+        None, description="classification: softmax probability of every class"
+    )
+    value: float | None = Field(
+        None, description="regression: the predicted value, in the target's own units"
+    )
+    target: str | None = Field(None, description="regression: the target column")
+    model_version: str = Field(description="the version of the bento that answered")
+    model: str = Field(description="name:variant-hash of the ONNX model that answered")
+
+
 def read_card(model_dir: Path) -> dict:
-    """Read and check ``model.json`` (class names, image shape, version) from ``model_dir``."""
+    """Read and check ``model.json`` (kind, task, classes, input shape, preprocessing,
+    version) from ``model_dir``. A card without ``kind`` describes an image classifier."""
     model_dir = Path(model_dir)
     card_file = model_dir / CARD_FILE
     if not (model_dir / MODEL_FILE).is_file() or not card_file.is_file():
@@ -66,15 +101,130 @@ def read_card(model_dir: Path) -> dict:
             "serve the bento built by components/package.py)"
         )
     card = json.loads(card_file.read_text())
+    kind, task = card.get("kind", "image"), card.get("task", "classification")
+    if kind not in KINDS:
+        raise ValueError(f"{card_file}: kind must be one of {list(KINDS)}, got {kind!r}")
+    if task not in TASKS:
+        raise ValueError(f"{card_file}: task must be one of {list(TASKS)}, got {task!r}")
     names = card.get("class_names")
-    shape = card.get("image_shape")
-    if not isinstance(names, list) or not names or len(set(names)) != len(names):
+    if task == "regression":
+        if names:
+            raise ValueError(f"{card_file}: a regression model has no class_names")
+    elif not isinstance(names, list) or not names or len(set(names)) != len(names):
         raise ValueError(f"{card_file}: class_names must be a non-empty list of unique names")
-    if not (isinstance(shape, list) and len(shape) == 3 and all(int(d) >= 1 for d in shape)):
-        raise ValueError(f"{card_file}: image_shape must be [C, H, W]")
+    if kind == "image":
+        shape = card.get("image_shape")
+        if not (isinstance(shape, list) and len(shape) == 3 and all(int(d) >= 1 for d in shape)):
+            raise ValueError(f"{card_file}: image_shape must be [C, H, W]")
+    else:
+        shape = card.get("input_shape")
+        rank, layout = (1, "[F]") if kind == "table" else (2, "[T, F]")
+        if not (
+            isinstance(shape, list)
+            and len(shape) == rank
+            and all(isinstance(d, int) and d >= 1 for d in shape)
+        ):
+            raise ValueError(f"{card_file}: input_shape must be {layout} for a {kind} model")
+        check_spec(card.get("preprocess"), shape, kind, card_file)
     if not card.get("model_version"):
         raise ValueError(f"{card_file}: model_version is missing")
     return card
+
+
+def check_spec(spec: Any, input_shape: Sequence[int], kind: str, where: Any) -> None:
+    """A table's or sequence's preprocess spec must encode exactly the model's features."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("columns"), list):
+        raise ValueError(
+            f"{where}: a {kind} model needs its preprocess spec (components/features.py) with "
+            "a list of columns; re-run the ingest stage"
+        )
+    try:
+        for col in spec["columns"]:
+            if col["type"] == "numeric":
+                float(col["mean"]), float(col["std"])
+            elif col["type"] != "categorical" or not isinstance(col["categories"], list):
+                raise TypeError
+        width = len(feature_names(spec["columns"]))
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{where}: the preprocess spec's columns are malformed") from None
+    if width != input_shape[-1]:
+        raise ValueError(
+            f"{where}: the preprocess spec encodes {width} features but the model takes "
+            f"{input_shape[-1]}"
+        )
+    window = spec.get("window")
+    if kind == "sequence" and window is not None and window != input_shape[0]:
+        raise ValueError(
+            f"{where}: the preprocess spec's window is {window} steps but the model takes "
+            f"{input_shape[0]}"
+        )
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """A checked model card of a table or sequence model, as the services use it."""
+
+    kind: str
+    task: str
+    class_names: tuple[str, ...]
+    input_shape: tuple[int, ...]
+    preprocess: dict
+    target: str
+    model_version: str
+    model: str
+    max_batch_size: int
+    raw: dict
+
+    @property
+    def regression(self) -> bool:
+        return self.task == "regression"
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 if self.regression else len(self.class_names)
+
+    @property
+    def columns(self) -> list[str]:
+        """The input columns a row (or one time step) holds, in the model's order."""
+        return [str(c["name"]) for c in self.preprocess["columns"]]
+
+    @property
+    def summary(self) -> str:
+        """E.g. "a table regression model predicting 'price'"."""
+        what = (
+            f"predicting {self.target!r}" if self.regression and self.target
+            else f"of {len(self.class_names)} classes" if not self.regression
+            else "predicting a value"
+        )  # fmt: skip
+        return f"a {self.kind} {self.task} model {what}"
+
+
+def load_card(model_dir: Path, kind: str, service: str) -> ModelCard:
+    """The card in ``model_dir`` (see :func:`read_card`), which must describe a ``kind`` model."""
+    card = read_card(model_dir)
+    require_kind(card, kind, service, Path(model_dir) / CARD_FILE)
+    return ModelCard(
+        kind=kind,
+        task=card.get("task", "classification"),
+        class_names=tuple(str(n) for n in card.get("class_names") or ()),
+        input_shape=tuple(int(d) for d in card["input_shape"]),
+        preprocess=card["preprocess"],
+        target=str(card.get("target") or ""),
+        model_version=str(card["model_version"]),
+        model=str(card.get("model") or "unknown"),
+        max_batch_size=int(card.get("max_batch_size") or DEFAULT_MAX_BATCH_SIZE),
+        raw=card,
+    )
+
+
+def require_kind(card: dict, kind: str, service: str, where: Any) -> None:
+    """Refuse at start-up a card of another data kind than the service serves."""
+    found = card.get("kind", "image")
+    if found != kind:
+        raise ValueError(
+            f"{where} describes a {found} model, but {service} serves {kind} models; serve "
+            f"the bento the package stage built (it picks the service for the model's kind)"
+        )
 
 
 def model_dir_from_env(default: Path) -> Path:
@@ -93,11 +243,18 @@ def open_session(model_file: Path):
     )
 
 
-def check_session(session: Any, image_shape: tuple[int, int, int], n_classes: int) -> None:
+def check_session(
+    session: Any, image_shape: tuple[int, ...], n_classes: int, task: str = "classification"
+) -> None:
     """Fail at start-up, not on the first request, when the model and its card disagree."""
     probe = np.zeros((1, *image_shape), dtype=np.float32)
     logits = session.run(None, {INPUT_NAME: probe})[0]
     if logits.shape != (1, n_classes):
+        if task == "regression":
+            raise ValueError(
+                f"model answers outputs of shape {logits.shape} for one example; a regression "
+                "model answers (1, 1)"
+            )
         raise ValueError(
             f"model answers logits of shape {logits.shape} for one image, but model.json "
             f"lists {n_classes} classes"
@@ -224,6 +381,179 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+# -- tables and sequences: JSON rows -> the model's features, by the trained transform ---------
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "text", bool: "true/false"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _relocate(message: str, where: Callable[[int], str], field: str) -> str:
+    """components/features.py names rows ``row 3, column 'age': ...``; name them as the
+    request does (``rows[3], column 'age': ...``, ``window[3], ...``)."""
+    found = re.match(r"row (\d+)(.*)", message, flags=re.S)
+    if found:
+        return where(int(found.group(1))) + found.group(2)
+    return f"{field}: {message}"
+
+
+def _encode(records: list, spec: dict, field: str, where: Callable[[int], str]) -> np.ndarray:
+    """JSON rows -> float32 features with ``spec``; every refusal names the row and column."""
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise InvalidArgument(
+                f"{where(i)}: must be an object of column -> value, got {_json_type(record)}"
+            )
+        for name, value in record.items():
+            if value is not None and not isinstance(value, str | int | float):
+                raise InvalidArgument(
+                    f"{where(i)}, column {name!r}: must be a number, text, true/false or "
+                    f"null, got {_json_type(value)}"
+                )
+    try:
+        return encode_records(records, spec)
+    except FeatureError as exc:
+        raise InvalidArgument(_relocate(str(exc), where, field)) from None
+
+
+def _check_count(items: Any, what: str, field: str, max_items: int) -> None:
+    if not isinstance(items, list):
+        raise InvalidArgument(f"{field}: must be a list of {what}s, got {_json_type(items)}")
+    if not items:
+        raise InvalidArgument(f"{field}: must hold at least 1 {what}")
+    if len(items) > max_items:
+        raise InvalidArgument(
+            f"{field}: at most {max_items} {what}s per request (package.max_batch_size), "
+            f"got {len(items)}"
+        )
+
+
+def encode_rows(rows: Any, spec: dict, max_rows: int, field: str = "rows") -> np.ndarray:
+    """A list of ``{column: value}`` rows -> float32 ``(N, F)`` features, or raise.
+
+    Numbers are standardised, a missing one (null) becomes the training mean, categories are
+    one-hot encoded (an unseen one is all zeros): the transform of components/features.py.
+    """
+    _check_count(rows, "row", field, max_rows)
+    return _encode(rows, spec, field, lambda i: f"{field}[{i}]")
+
+
+def encode_row(row: Any, spec: dict, field: str = "row") -> np.ndarray:
+    """One ``{column: value}`` row -> float32 ``(1, F)``, or raise."""
+    return _encode([row], spec, field, lambda i: field)
+
+
+def encode_sequences(
+    sequences: Any, spec: dict, input_shape: tuple[int, int], max_items: int,
+    field: str = "sequences",
+) -> np.ndarray:  # fmt: skip
+    """A list of sequences, each ``T`` steps (see :func:`encode_window`) -> ``(N, T, F)``."""
+    _check_count(sequences, "sequence", field, max_items)
+    return _encode_steps(
+        sequences, spec, input_shape, [f"{field}[{i}]" for i in range(len(sequences))], field
+    )
+
+
+def encode_window(
+    window: Any, spec: dict, input_shape: tuple[int, int], field: str = "window"
+) -> np.ndarray:
+    """One sequence of exactly ``T`` steps -> float32 ``(1, T, F)``, or raise.
+
+    A step is a list of one value per input column (in the order /info lists them) or an
+    object of column -> value; it is encoded like a table row.
+    """
+    return _encode_steps([window], spec, input_shape, [field], field)
+
+
+def _encode_steps(
+    sequences: list, spec: dict, input_shape: tuple[int, int], names: list[str], field: str
+) -> np.ndarray:
+    steps = input_shape[0]
+    columns = [c["name"] for c in spec["columns"]]
+    shape = f"{len(columns)} values (one per column {columns}) or an object of column -> value"
+    records: list = []
+    for sequence, where in zip(sequences, names, strict=True):
+        if not isinstance(sequence, list):
+            raise InvalidArgument(
+                f"{where}: must be a list of {steps} steps, each {shape}; got "
+                f"{_json_type(sequence)}"
+            )
+        if len(sequence) != steps:
+            raise InvalidArgument(
+                f"{where}: must hold exactly {steps} steps (the window the model was trained "
+                f"on), got {len(sequence)}"
+            )
+        for t, step in enumerate(sequence):
+            if isinstance(step, list):
+                if len(step) != len(columns):
+                    raise InvalidArgument(
+                        f"{where}[{t}]: a step holds {shape}; got {len(step)} values"
+                    )
+                step = dict(zip(columns, step, strict=True))
+            elif not isinstance(step, dict):
+                raise InvalidArgument(f"{where}[{t}]: a step holds {shape}; got {_json_type(step)}")
+            records.append(step)
+    x = _encode(records, spec, field, lambda k: f"{names[k // steps]}[{k % steps}]")
+    return x.reshape(len(sequences), steps, x.shape[-1])
+
+
+def records_limit(spec: dict, max_batch_size: int, steps: int = 1) -> int:
+    """Body size (bytes) a full batch of rows (or sequences of ``steps`` rows) fits in, each
+    row written as an object of column -> the longest value (a long float or category)."""
+    per_row = 2
+    for col in spec["columns"]:
+        longest = max((len(json.dumps(str(c))) for c in col.get("categories") or ()), default=0)
+        per_row += len(json.dumps(str(col["name"]))) + 4 + max(BYTES_PER_PIXEL, longest)
+    return max_batch_size * steps * per_row + 64 * 1024
+
+
+def model_outputs(logits: np.ndarray, regression: bool) -> np.ndarray:
+    """The model's raw outputs -> class probabilities (N, K), or values (N,) in target units."""
+    if regression:
+        return logits.reshape(len(logits), -1)[:, 0].astype(np.float64)
+    return softmax(logits)
+
+
+def class_answer(row: np.ndarray, card: ModelCard) -> Prediction:
+    idx = int(row.argmax())
+    return Prediction.model_construct(
+        label=card.class_names[idx],
+        class_index=idx,
+        probabilities=dict(zip(card.class_names, row.tolist(), strict=True)),
+        model_version=card.model_version,
+        model=card.model,
+    )
+
+
+def value_answer(value: float, card: ModelCard) -> ValuePrediction:
+    return ValuePrediction.model_construct(
+        value=float(value), target=card.target, model_version=card.model_version, model=card.model
+    )
+
+
+# The routes each kind of model is served on (cloud; the edge serves the JSON ones).
+ROUTES = {
+    "image": ("/predict", "/predict_batch", "/predict_array", "/predict_image"),
+    "table": ("/predict_row", "/predict_rows"),
+    "sequence": ("/forecast", "/predict_sequences"),
+}
+
+
+def foreign_routes(kind: str, summary: str, own: Sequence[str]) -> dict[str, str]:
+    """The other kinds' routes -> why this bento does not serve them (for :class:`RequestGuard`)."""
+    return {
+        route: (
+            f"{route}: this bento serves {summary}, not {other}s; its routes are " + ", ".join(own)
+        )
+        for other, routes in ROUTES.items()
+        if other != kind
+        for route in routes
+        if route not in own
+    }
+
+
 def bad_request(exc: InvalidArgument, status: int = 400) -> JSONResponse:
     # BentoML 1.4.39 answers an InvalidArgument with the body `[{"error": ...}]` (a stray
     # tuple); we answer `{"error": ...}`, the shape its own schema errors have.
@@ -248,11 +578,18 @@ class RequestGuard:
 
     limits: dict[str, int] = {"json": 1 << 20}
     upload_routes: dict[str, str] = {}  # route -> the one file field it takes
+    # Routes of another kind of model (a table bento asked for /predict_image) -> a 404 that
+    # says what this bento serves instead (:func:`foreign_routes`).
+    foreign: dict[str, str] = {}
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.foreign:
+            problem = self.foreign.get(scope["path"].rstrip("/"))
+            if problem is not None:
+                return await self._reject(scope, send, 404, problem)
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])

@@ -248,14 +248,13 @@ def format_summary(summary: dict, outcomes: dict[str, str], notes: list[str] = (
         "  stages: " + ", ".join(f"{s} {o}" for s, o in outcomes.items()),
         *(f"  {note}" for note in notes),
     ]
+    regression = (ev or {}).get("task") == "regression"
+    headline = "r2" if regression else "accuracy"
     if ev:
-        lines.append(
-            "  test metrics: "
-            + ", ".join(
-                f"{k} {ev[k]:.4f}"
-                for k in ("accuracy", "macro_precision", "macro_recall", "macro_f1")
-            )
-        )
+        keys = ("r2", "rmse", "mae") if regression else (
+            "accuracy", "macro_precision", "macro_recall", "macro_f1"
+        )  # fmt: skip
+        lines.append("  test metrics: " + ", ".join(f"{k} {ev[k]:.4f}" for k in keys if k in ev))
         for name, gate in ev.get("gates", {}).items():
             verdict = "PASS" if gate["passed"] else "FAIL"
             lines.append(
@@ -264,14 +263,16 @@ def format_summary(summary: dict, outcomes: dict[str, str], notes: list[str] = (
     if comp:
         for name, v in comp["variants"].items():
             lines.append(
-                f"  model {name}: {v['size_bytes'] / 1024:.0f} KiB, accuracy {v['accuracy']:.4f}, "
-                f"{v['latency_ms_batch1']:.3f} ms at batch 1"
+                f"  model {name}: {v['size_bytes'] / 1024:.0f} KiB, {headline} "
+                f"{v.get(headline, float('nan')):.4f}, {v['latency_ms_batch1']:.3f} ms at batch 1"
             )
         gate = comp["gate"]
-        lines.append(
-            f"  gate int8 accuracy drop: {'PASS' if gate['passed'] else 'FAIL'} "
-            f"({comp['int8_accuracy_drop']:+.4f} vs max {gate['max_accuracy_drop']})"
-        )
+        drop = comp.get(f"int8_{headline}_drop", comp.get("int8_accuracy_drop"))
+        if drop is not None:
+            lines.append(
+                f"  gate int8 {headline} drop: {'PASS' if gate['passed'] else 'FAIL'} "
+                f"({drop:+.4f} vs max {gate['max_accuracy_drop']})"
+            )
         if comp.get("selected"):
             lines.append(f"  selected {comp['selected']}: {comp.get('selected_reason', '')}")
     gate = summary.get("gate") or {}

@@ -93,3 +93,58 @@ def tiny_params(tmp_path: Path, tiny_npz: Path):
 def tiny_images() -> ImageSet:
     x, y = make_images()
     return ImageSet(x[:, None], y)
+
+
+def make_table(n: int = 90, seed: int = 0):
+    """A small table: two numbers, a text category, a class target and a numeric target.
+
+    ``kind`` (the class) follows from ``x1 + x2`` and the colour; ``price`` is linear in them.
+    """
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    x1, x2 = rng.normal(0, 1, n), rng.normal(5, 2, n)
+    color = rng.choice(["red", "green", "blue"], n)
+    bonus = np.select([color == "red", color == "green"], [1.5, -1.5], 0.0)
+    score = x1 + (x2 - 5) / 2 + bonus
+    kind = np.where(score > 0.7, "high", np.where(score < -0.7, "low", "mid"))
+    price = 10 + 3 * x1 + 2 * x2 + 4 * bonus + rng.normal(0, 0.1, n)
+    return pd.DataFrame({"x1": x1, "x2": x2, "color": color, "kind": kind, "price": price})
+
+
+def make_series(n: int = 240, seed: int = 0):
+    """A noisy daily cycle (``load``) with a leading indicator (``temp``) and a date column."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    return pd.DataFrame(
+        {
+            "date": pd.date_range("2026-01-01", periods=n, freq="h").astype(str),
+            "load": 50 + 10 * np.sin(t / 6) + rng.normal(0, 0.3, n),
+            "temp": np.cos(t / 6),
+        }
+    )
+
+
+# Tables and sequences on top of TINY_OVERRIDES: an MLP or GRU, and no image-only settings.
+TABLE_OVERRIDES = {
+    "ingest": {"kind": "table"},
+    "train": {"model": "mlp", "hidden_units": [16], "max_epochs": 5, "learning_rate": 0.02},
+    "evaluate": {"min_r2": 0.0},
+}
+SERIES_OVERRIDES = {
+    "ingest": {"kind": "sequence", "target": "load", "window": 8, "horizon": 1},
+    "train": {"model": "gru", "rnn_hidden_size": 8, "hidden_units": [], "max_epochs": 5,
+              "learning_rate": 0.02},
+    "evaluate": {"min_r2": -10.0},
+}  # fmt: skip
+
+
+def params_with(root: Path, source: str, *overrides: dict) -> dict:
+    """tiny_params_dict plus section overrides (later ones win)."""
+    raw = tiny_params_dict(root, source)
+    for extra in overrides:
+        for section, values in extra.items():
+            raw[section].update(values)
+    return raw

@@ -4,6 +4,7 @@ policy and every kind of bad input, with real torch-pruning, Lightning and ONNX 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -232,14 +233,14 @@ def test_a_named_variant_over_the_drop_limit_stops_the_stage(raw_params, trained
     raw = _with(raw_params, select__policy="named", select__variant="int8",
                 variants={"int8": ["quantize_static"]})  # fmt: skip
     params = parse_params(raw)
-    real = compress.classification_metrics
+    real = compress.task_metrics
     calls = []
 
-    def worse_after_the_first(y, predicted, names):  # fp32 is measured first
+    def worse_after_the_first(task, y, logits, names):  # fp32 is measured first
         calls.append(1)
-        return real(y, predicted if len(calls) == 1 else (predicted + 1) % 3, names)
+        return real(task, y, logits if len(calls) == 1 else np.roll(logits, 1, axis=1), names)
 
-    monkeypatch.setattr(compress, "classification_metrics", worse_after_the_first)
+    monkeypatch.setattr(compress, "task_metrics", worse_after_the_first)
     before = sorted((Path(params.paths.model_dir) / "onnx").iterdir())
     with pytest.raises(StageError, match=r"int8 \(compress.select.variant\) loses"):
         compress.run(params)
@@ -313,15 +314,6 @@ def test_bad_compress_params_are_refused_with_the_key(raw_params, updates, messa
         parse_params(_with(raw_params, **updates))
 
 
-def test_a_calibration_set_larger_than_train_is_refused_before_any_work(trained):
-    params = parse_params(_with(trained.model_dump(by_alias=True, mode="json"),
-                                calibration_samples=10_000))  # fmt: skip
-    before = sorted((Path(params.paths.model_dir)).iterdir())
-    with pytest.raises(StageError, match="calibration_samples is 10000 but the training split"):
-        compress.run(params)
-    assert sorted((Path(params.paths.model_dir)).iterdir()) == before
-
-
 def test_a_student_larger_than_its_teacher_is_refused_before_any_work(trained):
     raw = _with(trained.model_dump(by_alias=True, mode="json"),
                 distillation__channels=[8, 16], distillation__hidden_units=[32])  # fmt: skip
@@ -330,3 +322,295 @@ def test_a_student_larger_than_its_teacher_is_refused_before_any_work(trained):
     with pytest.raises(StageError, match=r"student .* not fewer than its teacher's"):
         compress.run(params)
     assert sorted((Path(params.paths.model_dir)).iterdir()) == before
+
+
+# ---------------------------------------------------------------- tables and sequences
+#
+# A teacher trained for a few seconds with train's own loop (components/finetune.py), then the
+# real compress(): every default variant of params.yaml (plus sparse) exported, checked,
+# measured and selected, for an MLP regression on a table, a GRU classifier on sequences and
+# an LSTM forecaster on windows of a series.
+
+
+def _standardised(x: np.ndarray, n_train: int) -> np.ndarray:
+    mean = x[:n_train].mean(axis=tuple(range(x.ndim - 1)))
+    std = x[:n_train].std(axis=tuple(range(x.ndim - 1))) + 1e-6
+    return ((x - mean) / std).astype(np.float32)
+
+
+def make_table_regression(n: int = 120, seed: int = 0):
+    """Five encoded features; a target in its own units (mean ~100, spread ~10)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 5))
+    y = 100 + 10 * (x[:, 0] - 0.5 * x[:, 1] + 0.3 * x[:, 2] * x[:, 3]) + rng.normal(0, 1, n)
+    return x.astype(np.float32), y.astype(np.float32)
+
+
+def make_sequence_classes(per_class: int = 30, steps: int = 6, seed: int = 0):
+    """Two-feature sequences: rising, falling or alternating; class indices 0, 1, 2."""
+    rng = np.random.default_rng(seed)
+    t = np.linspace(-1, 1, steps)
+    shapes = (t, -t, np.where(np.arange(steps) % 2, 1.0, -1.0))
+    xs, ys = [], []
+    for label, shape in enumerate(shapes):
+        for _ in range(per_class):
+            first = shape + rng.normal(0, 0.3, steps)
+            xs.append(np.stack([first, rng.normal(0, 1, steps)], axis=1))
+            ys.append(label)
+    order = rng.permutation(len(ys))
+    return np.stack(xs)[order].astype(np.float32), np.array(ys, dtype=np.int64)[order]
+
+
+def make_forecast_windows(n: int = 100, window: int = 8, seed: int = 0):
+    """Windows of a noisy sine; the target is the next value, in units around 20."""
+    rng = np.random.default_rng(seed)
+    series = np.sin(0.4 * np.arange(n + window)) + rng.normal(0, 0.05, n + window)
+    x = np.stack([series[i : i + window] for i in range(n)])[:, :, None]
+    y = 20 + 5 * series[window : window + n]
+    return x.astype(np.float32), y.astype(np.float32)
+
+
+TABLE_FAMILIES = {
+    # name: (make data, kind, task, family, class names, teacher epochs)
+    "table_mlp_regression": (make_table_regression, "table", "regression", "mlp", (), 25),
+    "sequence_gru_classification": (
+        make_sequence_classes,
+        "sequence",
+        "classification",
+        "gru",
+        ("up", "down", "zigzag"),
+        25,
+    ),
+    "sequence_lstm_regression": (make_forecast_windows, "sequence", "regression", "lstm", (), 25),
+}
+
+
+def _tiny_setup(tmp: Path, name: str, **compress_updates):
+    """Splits, meta, a trained teacher and the compress params for one of TABLE_FAMILIES."""
+    from components.dataset import ArraySet, DatasetMeta
+    from components.finetune import fit_network
+
+    make, kind, task, family, class_names, epochs = TABLE_FAMILIES[name]
+    x, y = make()
+    n_train, n_val = len(y) // 2, len(y) // 4
+    x = _standardised(x, n_train)
+    cut = {"train": slice(0, n_train), "val": slice(n_train, n_train + n_val),
+           "test": slice(n_train + n_val, None)}  # fmt: skip
+    splits = {s: ArraySet(x[c], y[c]) for s, c in cut.items()}
+    meta = DatasetMeta(
+        class_names=class_names, input_shape=tuple(x.shape[1:]), source=name,
+        split_sizes={s: len(v) for s, v in splits.items()}, kind=kind, task=task,
+    )  # fmt: skip
+    regression = task == "regression"
+    config = NetConfig(
+        family, tuple(x.shape[1:]), meta.num_outputs, (), (16,), 0.0, False, "relu", task=task,
+        input_scale=1.0, rnn_hidden_size=12,
+        target_mean=float(splits["train"].y.mean()) if regression else 0.0,
+        target_std=float(splits["train"].y.std()) if regression else 1.0,
+    )  # fmt: skip
+    # Calibrate on every training row: tiny standardised data has few rows near its extremes.
+    raw = _with(tiny_params_dict(tmp, "unused"), **{"calibration_samples": n_train,
+                                                    **compress_updates})  # fmt: skip
+    raw["compress"]["variants"]["sparse"] = ["prune_unstructured"]
+    raw["compress"]["pruning"].update(finetune_epochs=2)
+    raw["compress"]["distillation"].update(max_epochs=4)
+    params = parse_params(raw)
+    torch.manual_seed(0)
+    teacher = build_model(config)
+    fit_network(teacher, splits["train"], splits["val"], params.train, epochs, 0.01)
+    return teacher, config, meta, splits, params
+
+
+@pytest.fixture(scope="module", params=list(TABLE_FAMILIES))
+def tiny_compressed(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(request.param)
+    teacher, config, meta, splits, params = _tiny_setup(tmp, request.param)
+    out = tmp / "onnx"
+    out.mkdir()
+    result = compress.compress(teacher, config, meta, splits, params.compress, params.train, out)
+    return request.param, teacher, config, meta, splits, params, out, result
+
+
+REGRESSION_VARIANT_KEYS = {
+    "steps", "params", "nonzero_params", "size_bytes", "size_gzip_bytes", "r2", "rmse", "mae",
+    "r2_drop", "passed", "latency_ms_batch1", "latency_ms_batch64", "onnx_check",
+}  # fmt: skip
+
+
+def test_tables_and_sequences_get_every_variant_checked_measured_and_selected(tiny_compressed):
+    name, teacher, config, meta, splits, params, out, result = tiny_compressed
+    declared = {"fp32", *params.compress.variants}
+    assert set(result.variants) == declared
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}.onnx" for n in declared)
+    payload = json.loads(json.dumps(compress.result_payload(result, params.compress)))
+    assert payload["task"] == meta.task
+    assert payload["selected"] in declared and payload["selected_reason"]
+    assert result.variants[payload["selected"]].passed
+    for variant, v in payload["variants"].items():
+        assert v["size_bytes"] == (out / f"{variant}.onnx").stat().st_size
+        assert v["latency_ms_batch1"] > 0 and v["latency_ms_batch64"] > 0
+        check = v["onnx_check"]
+        quantized = result.variants[variant].steps[-1:] in (("quantize_static",),
+                                                            ("quantize_dynamic",))  # fmt: skip
+        if meta.is_regression:
+            assert set(v) == REGRESSION_VARIANT_KEYS, variant
+            assert v["r2_drop"] == pytest.approx(
+                payload["variants"]["fp32"]["r2"] - v["r2"], abs=1e-5
+            )
+            assert v["passed"] == (v["r2_drop"] <= params.compress.max_accuracy_drop + 1e-6)
+            expected = "within_tolerance_agreement" if quantized else "max_abs_diff_in_target_std"
+            if quantized:
+                assert check["tolerance"] == pytest.approx(0.1 * config.target_std, rel=1e-5)
+        else:
+            assert {"accuracy", "macro_f1", "accuracy_drop", "macro_f1_drop"} <= set(v)
+            assert not {"r2", "rmse", "mae", "r2_drop"} & set(v)
+            expected = "top1_agreement" if quantized else "max_abs_logit_diff"
+            assert "tolerance" not in check
+        assert check["kind"] == expected, variant
+        assert check["value"] >= check["threshold"] if quantized else check["value"] <= 1e-4
+    if meta.is_regression:
+        assert "int8_r2_drop" in payload and "int8_accuracy_drop" not in payload
+        assert payload["int8_r2_drop"] == pytest.approx(payload["variants"]["int8"]["r2_drop"])
+        assert payload["variants"]["fp32"]["r2"] > 0.5, "the teacher learnt something"
+        d = payload["distillation"]
+        assert d["gain_r2"] == pytest.approx(d["distilled_r2"] - d["alone_r2"], abs=1e-5)
+        assert "R^2" in compress.format_table(result)
+    else:
+        assert payload["variants"]["fp32"]["accuracy"] > 0.6, "the teacher learnt something"
+        assert "gain_points" in payload["distillation"]
+    # The fp32 export answers like PyTorch on the test split.
+    test = splits["test"]
+    expected_out = teacher(torch.from_numpy(test.x)).detach().numpy()
+    got = compress.run_onnx(out / "fp32.onnx", test.x)
+    scale = config.target_std if meta.is_regression else 1.0
+    np.testing.assert_allclose(got / scale, expected_out / scale, atol=1e-4)
+
+
+def test_tables_and_sequences_really_shrink(tiny_compressed):
+    name, teacher, config, meta, splits, params, out, result = tiny_compressed
+    v = result.variants
+    fp32 = v["fp32"]
+    assert v["pruned"].params < fp32.params / 2
+    assert v["student"].params == v["student_alone"].params < fp32.params
+    assert v["student_pruned_int8"].params < v["student"].params
+    assert v["sparse"].params == fp32.params and v["sparse"].nonzero_params < 0.5 * fp32.params
+    assert _int8_weights(out / "int8.onnx") and _int8_weights(out / "int8_dynamic.onnx")
+    if config.family in ("lstm", "gru"):
+        assert result.distillation["student_rnn_hidden_size"] == 6  # 12 x width 0.5
+
+
+def test_an_inapplicable_variant_is_refused_before_any_work(tmp_path):
+    teacher, config, meta, splits, params = _tiny_setup(
+        tmp_path, "table_mlp_regression", quantization__dynamic_op_types=["Conv"]
+    )
+    out = tmp_path / "onnx"
+    out.mkdir()
+    with pytest.raises(
+        StageError,
+        match=r"compress.variants.int8_dynamic: quantize_dynamic with compress.quantization."
+        r"dynamic_op_types \['Conv'\] quantizes nothing in a mlp network",
+    ):
+        compress.compress(teacher, config, meta, splits, params.compress, params.train, out)
+    assert list(out.iterdir()) == []
+
+
+def test_a_model_for_another_task_is_refused(tmp_path):
+    teacher, config, meta, splits, params = _tiny_setup(tmp_path, "table_mlp_regression")
+    other = dataclasses.replace(meta, task="classification", class_names=("a", "b"))
+    with pytest.raises(StageError, match="regression network but the prepared data"):
+        compress.compress(teacher, config, other, splits, params.compress, params.train, tmp_path)
+
+
+# ---------------------------------------------------------------- regression checks, pieces
+
+
+def _regressor(family="mlp", shape=(4,), std=10.0, **kw):
+    torch.manual_seed(0)
+    config = NetConfig(family, shape, 1, (), (8,), 0.0, False, "relu", task="regression",
+                       input_scale=1.0, rnn_hidden_size=6, target_mean=50.0, target_std=std,
+                       **kw)  # fmt: skip
+    return build_model(config).eval(), config
+
+
+def test_regression_exports_are_checked_in_target_standard_deviations(tmp_path, monkeypatch):
+    net, config = _regressor(std=1000.0)
+    samples = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)
+    check = compress.export_onnx(net, (4,), tmp_path / "m.onnx", 1e-4, samples, 1000.0)
+    assert check.kind == "max_abs_diff_in_target_std" and check.value <= 1e-4
+    real = compress.predict_logits
+    monkeypatch.setattr(compress, "predict_logits", lambda m, x: real(m, x) + 1.0)  # 1e-3 std
+    with pytest.raises(StageError, match=r"by 1\.00e-03 target standard deviations"):
+        compress.export_onnx(net, (4,), tmp_path / "m.onnx", 1e-4, samples, 1000.0)
+
+
+def test_a_quantized_regressor_that_disagrees_with_its_source_is_refused(tmp_path):
+    from components import quantize
+
+    net, config = _regressor()
+    samples = np.random.default_rng(0).standard_normal((64, 4)).astype(np.float32)
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    compress.export_onnx(net, (4,), fp32, 1e-4, samples, config.target_std)
+    q = parse_params(tiny_params_dict(tmp_path, "unused")).compress.quantization
+    quantize.quantize_static(fp32, int8, samples, q)
+    check = compress.check_quantized(net, int8, samples, 0.97, config.target_std)
+    assert check.kind == "within_tolerance_agreement" and check.value >= 0.97
+    assert check.tolerance == pytest.approx(1.0)  # 0.1 of the target's std, 10
+    other = copy.deepcopy(net)
+    with torch.no_grad():
+        other.classifier[-1].bias += 0.2  # 0.2 std = 2 target units off everywhere
+    with pytest.raises(StageError, match=r"agrees with its PyTorch source \(within 1, 0.1 target"):
+        compress.check_quantized(other, int8, samples, 0.97, config.target_std)
+
+
+@pytest.mark.parametrize(("family", "layers"), [("lstm", 1), ("gru", 1), ("lstm", 2), ("gru", 2)])
+def test_recurrent_pruning_removes_exactly_the_units_that_do_nothing(family, layers):
+    net, config = _regressor(family, (5, 3), rnn_layers=layers)
+    rnn, head = net.rnn, net.classifier[2]  # Flatten, Dropout, Linear(6 -> 8), ...
+    gates = rnn.weight_ih_l0.shape[0] // 6
+    dead = [0, 2, 5]  # no weight in or out in every layer: the net answers as without them
+    with torch.no_grad():
+        for layer in range(layers):
+            for name, p in rnn.named_parameters():
+                if name.endswith(f"_l{layer}"):
+                    p.view(gates, 6, -1)[:, dead] = 0
+            rnn.get_parameter(f"weight_hh_l{layer}")[:, dead] = 0
+            reader = rnn.get_parameter(f"weight_ih_l{layer + 1}") if layer + 1 < layers else None
+            (reader if reader is not None else head.weight)[:, dead] = 0
+        dead_head = [1, 3, 4, 6]  # and half the head's hidden units, for DepGraph to remove
+        head.weight[dead_head] = 0
+        head.bias[dead_head] = 0
+        net.classifier[-1].weight[:, dead_head] = 0
+    x = torch.randn(7, 5, 3)
+    pruned = prune.prune_structured(net, (5, 3), 0.5)
+    assert pruned.rnn.hidden_size == 3 and pruned.classifier[2].in_features == 3
+    assert pruned.classifier[2].out_features == 4  # the head's hidden layer halved by DepGraph
+    torch.testing.assert_close(pruned(x), net(x), atol=1e-5, rtol=1e-5)
+    assert distill.count_parameters(pruned) < 0.5 * distill.count_parameters(net)
+
+
+def test_unstructured_pruning_reaches_recurrent_weights_and_bakes_them_in():
+    net, _ = _regressor("gru", (5, 3))
+    sparse = prune.make_permanent(prune.prune_unstructured(net, 0.6))
+    assert not any(name.endswith("_orig") for name, _ in sparse.named_parameters())
+    assert float((sparse.rnn.weight_hh_l0 == 0).float().mean()) > 0.3
+    assert sparse(torch.randn(2, 5, 3)).shape == (2, 1)
+
+
+def test_a_recurrent_student_has_fewer_recurrent_units():
+    _, teacher = _regressor("lstm", (5, 3))
+    d = parse_params(tiny_params_dict(Path("/tmp"), "unused")).compress.distillation
+    student = distill.student_config(teacher, d)
+    assert (student.rnn_hidden_size, student.hidden_units) == (3, (4,))
+    cnn = NetConfig("cnn", (1, 8, 8), 3, (4, 8), (16,), 0.0, False, "relu")
+    assert distill.student_config(cnn, d).rnn_hidden_size == cnn.rnn_hidden_size  # untouched
+
+
+def test_regression_distillation_loss_reduces_to_its_parts():
+    from components.finetune import regression_distillation_loss
+
+    student = torch.tensor([[1.0], [3.0]])
+    teacher, y = torch.tensor([[2.0], [3.0]]), torch.tensor([1.0, 5.0])
+    # soft: mean((1-2)^2, 0) / 2^2 = 0.125; hard: mean(0, (3-5)^2) / 2^2 = 0.5
+    for weight, expected in ((1.0, 0.125), (0.0, 0.5), (0.5, 0.3125)):
+        loss = regression_distillation_loss(student, teacher, y, 2.0, weight)
+        assert float(loss) == pytest.approx(expected)

@@ -268,7 +268,10 @@ def test_first_run_without_a_champion_passes_and_says_so(project):
     }
     assert "no_regression" not in written["variants"]["fp32"]["gates"]  # only the served one
     rows = (Path(project.paths.metrics_dir) / "compression.csv").read_text().splitlines()
-    assert rows[0] == "variant,size_kib,latency_ms,accuracy,macro_f1,min_class_recall,served"
+    assert (
+        rows[0]
+        == "variant,size_kib,latency_ms,accuracy,macro_f1,min_class_recall,r2,rmse,mae,served"
+    )
     assert [r.split(",")[0] for r in rows[1:]] == ["fp32", "int8"]
 
 
@@ -358,3 +361,372 @@ def test_the_fingerprint_follows_the_content_not_the_file():
     assert base == champ.split_fingerprint(ImageSet(x.copy(), np.array([0, 1])), ("a", "b"))
     assert base != champ.split_fingerprint(ImageSet(x, np.array([1, 0])), ("a", "b"))
     assert base != champ.split_fingerprint(ImageSet(x, np.array([0, 1])), ("a", "c"))
+
+
+# -- regression: a table with a numeric target -----------------------------------------------
+#
+# A tiny table whose target is a known linear function of three standardised features, a real
+# regression MLP (components.model) with those weights, and ONNX variants of the same linear map,
+# so every R^2 is known without training.
+
+FEATURES = ("rooms", "area", "age")
+TARGET = "price"
+WEIGHT = np.array([2.0, -1.0, 0.5])
+BIAS = 10.0
+PREPROCESS = {
+    "version": 1,
+    "columns": [{"name": f, "type": "numeric", "mean": 0.0, "std": 1.0} for f in FEATURES],
+    "features": list(FEATURES),
+}
+REGRESSION_PARAMS = {
+    "evaluate.min_r2": 0.5,
+    "evaluate.max_regression": 0.05,
+    "compress.max_accuracy_drop": 0.05,
+}
+
+
+def regression_split(n: int = 40, seed: int = 0, noise: float = 0.1) -> ImageSet:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, (n, len(FEATURES))).astype(np.float32)
+    y = (x @ WEIGHT + BIAS + rng.normal(0, noise, n)).astype(np.float32)
+    return ImageSet(x, y)
+
+
+def regression_meta(n: int, **changes) -> DatasetMeta:
+    fields = {
+        "class_names": (),
+        "input_shape": (len(FEATURES),),
+        "source": "data/external/houses.csv",
+        "split_sizes": {"test": n},
+        "kind": "table",
+        "task": "regression",
+        "target": TARGET,
+        "feature_names": FEATURES,
+        "preprocess": PREPROCESS,
+    } | changes
+    return DatasetMeta(**fields)
+
+
+def write_regression_split(params: Params, split: ImageSet, **meta_changes) -> None:
+    prepared = Path(params.paths.prepared_dir)
+    save_images(split, prepared / "test.npz")
+    regression_meta(len(split), **meta_changes).save(prepared / "meta.json")
+
+
+def write_regression_model(params: Params, weight=WEIGHT, bias: float = BIAS) -> None:
+    """A real regression MLP (no hidden layer) predicting ``x @ weight + bias`` in target units
+    through its de-standardising buffers (mean 10, std 2), saved as train saves it."""
+    import torch
+
+    from components.model import NetConfig, build_model, save_model
+
+    mean, std = 10.0, 2.0
+    config = NetConfig(
+        family="mlp",
+        input_shape=(len(FEATURES),),
+        num_classes=1,
+        channels=(),
+        hidden_units=(),
+        dropout=0.0,
+        batch_norm=False,
+        activation="relu",
+        task="regression",
+        input_scale=1.0,
+        target_mean=mean,
+        target_std=std,
+    )
+    net = build_model(config)
+    linear = net.classifier[-1]
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor(np.asarray(weight) / std, dtype=torch.float32)[None])
+        linear.bias.fill_((bias - mean) / std)
+    save_model(
+        net,
+        config,
+        params.paths.model_dir,
+        extra={
+            "class_names": [],
+            "trained_epochs": 1,
+            "kind": "table",
+            "task": "regression",
+            "target": TARGET,
+            "feature_names": list(FEATURES),
+            "preprocess": PREPROCESS,
+        },
+    )
+
+
+def make_regression_onnx(path: Path, weight=WEIGHT, bias: float = BIAS) -> Path:
+    """A regressor shaped like the pipeline's exports: features in, (N, 1) target values out."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    n = len(FEATURES)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["features", "weight", "bias"], ["values"])],
+        "tiny_regressor",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", n])],
+        [helper.make_tensor_value_info("values", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[
+            numpy_helper.from_array(np.asarray(weight, np.float32).reshape(n, 1), "weight"),
+            numpy_helper.from_array(np.array([bias], np.float32), "bias"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def write_regression_challenger(params: Params, int8_weight=WEIGHT) -> dict:
+    """evaluate.json by the real evaluate stage on the exact model, then ONNX variants (fp32
+    exact, int8 with ``int8_weight``) and the compress.json a regression run leaves."""
+    write_regression_model(params)
+    evaluate.run(params)
+    onnx_dir = Path(params.paths.model_dir) / "onnx"
+    shutil.rmtree(onnx_dir, ignore_errors=True)
+    make_regression_onnx(onnx_dir / "fp32.onnx")
+    make_regression_onnx(onnx_dir / "int8.onnx", int8_weight)
+    test = load_images(Path(params.paths.prepared_dir) / "test.npz")
+    measured = {
+        v: gate.measure(onnx_dir / f"{v}.onnx", test, (), "regression") for v in ("fp32", "int8")
+    }
+    variants = {
+        v: {
+            "size_bytes": (onnx_dir / f"{v}.onnx").stat().st_size,
+            "r2": m["r2"],
+            "rmse": m["rmse"],
+            "mae": m["mae"],
+            "r2_drop": measured["fp32"]["r2"] - m["r2"],
+            "latency_ms_batch1": 0.02,
+        }
+        for v, m in measured.items()
+    }
+    (Path(params.paths.metrics_dir) / "compress.json").write_text(
+        json.dumps(
+            {
+                "variants": variants,
+                "served_variant": "int8",
+                "int8_r2_drop": variants["int8"]["r2_drop"],
+                "gate": {"max_accuracy_drop": params.compress.max_accuracy_drop, "passed": True},
+            }
+        )
+    )
+    return measured["int8"]
+
+
+@pytest.fixture
+def regression_project(tmp_path, monkeypatch) -> Params:
+    monkeypatch.chdir(tmp_path)
+    params = project_params(tmp_path, **REGRESSION_PARAMS)
+    write_regression_split(params, regression_split())
+    return params
+
+
+def regression_champion(params: Params, metrics: dict, **changes) -> champ.ChampionRecord:
+    """A regression champion measured on the regression project's current test split."""
+    test = load_images(Path(params.paths.prepared_dir) / "test.npz")
+    fields = {
+        "class_names": [],
+        "image_shape": [len(FEATURES)],
+        "test_split": champ.SplitInfo(sha256=champ.split_fingerprint(test, ()), examples=len(test)),
+        "task": "regression",
+        "kind": "table",
+        "target": TARGET,
+        "preprocess_sha256": champ.preprocess_fingerprint(PREPROCESS, FEATURES),
+    } | changes
+    return champion_record(params, metrics, **fields)
+
+
+def test_evaluate_measures_a_regression_model_in_target_units(regression_project):
+    params = regression_project
+    write_regression_model(params)
+    result = evaluate.run(params)
+    assert result.passed
+    test = load_images(Path(params.paths.prepared_dir) / "test.npz")
+    expected = test.x.astype(np.float64) @ WEIGHT + BIAS  # the net de-standardised its output
+    rmse = float(np.sqrt(((expected - test.y) ** 2).mean()))
+    metrics_dir = Path(params.paths.metrics_dir)
+    written = json.loads((metrics_dir / "evaluate.json").read_text())
+    assert written["task"] == "regression" and written["target"] == TARGET
+    assert written["rmse"] == pytest.approx(rmse, abs=1e-4) and written["r2"] > 0.99
+    assert written["mae"] <= written["rmse"] and written["test_examples"] == len(test)
+    assert "accuracy" not in written and "per_class" not in written and written["passed"]
+    assert set(written["gates"]) == {"r2"}
+    assert written["gates"]["r2"]["reason"].endswith(">= min 0.5000 (evaluate.min_r2)")
+    assert evaluate.read_evaluate_json(metrics_dir / "evaluate.json")["r2"] == written["r2"]
+    rows = (metrics_dir / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "actual,predicted,residual" and len(rows) == 1 + len(test)
+    actual, predicted, residual = (float(v) for v in rows[1].split(","))
+    assert actual == pytest.approx(test.y[0], abs=1e-4)
+    assert predicted == pytest.approx(expected[0], abs=1e-4)
+    assert residual == pytest.approx(predicted - actual, abs=1e-4)
+    # The classification plots DVC declares are still written, empty but for their header.
+    assert (metrics_dir / "confusion.csv").read_text() == "actual,predicted\n"
+    assert (metrics_dir / "per_class.csv").read_text() == "class,precision,recall,f1,support\n"
+
+
+def test_a_regression_model_below_min_r2_fails_naming_the_param(regression_project):
+    params = regression_project
+    write_regression_model(params, weight=np.zeros(len(FEATURES)))  # the mean, at best
+    with pytest.raises(
+        StageError,
+        match=r"^evaluation gate failed: R\^2 -?0\.\d{4} < min 0\.5000 \(evaluate\.min_r2\)$",
+    ):
+        evaluate.run(params)
+    written = json.loads((Path(params.paths.metrics_dir) / "evaluate.json").read_text())
+    assert not written["passed"] and written["gates"]["r2"]["value"] < 0.5
+    page = (Path(params.paths.reports_dir) / "report.html").read_text()
+    assert "Refused at evaluate: evaluation gate failed: R^2" in page
+
+
+def test_evaluate_refuses_a_model_of_another_task_or_target(regression_project, tmp_path):
+    params = regression_project
+    write_regression_model(params)
+    described = Path(params.paths.model_dir) / "model.json"
+    raw = json.loads(described.read_text())
+    described.write_text(json.dumps({**raw, "task": "classification"}))
+    with pytest.raises(StageError, match=r"trained for classification but the data is regression"):
+        evaluate.run(params)
+    described.write_text(json.dumps({**raw, "target": "rent"}))
+    with pytest.raises(StageError, match=r"predicts 'rent' but the data's target is 'price'"):
+        evaluate.run(params)
+    assert not (Path(params.paths.metrics_dir) / "evaluate.json").exists()
+
+
+def test_regression_targets_and_outputs_must_be_finite(regression_project):
+    split = regression_split(n=6)
+    with pytest.raises(StageError, match=r"1 target\(s\) that are not finite numbers \(first at"):
+        evaluate.check_targets(ImageSet(split.x, np.where(np.arange(6) == 2, np.nan, split.y)))
+    outputs = np.ones((6, 1))
+    outputs[4] = np.inf
+    with pytest.raises(StageError, match=r"not a finite number for 1 of 6 test examples"):
+        evaluate.evaluate_regression(outputs, split, regression_project.evaluate)
+    with pytest.raises(StageError, match=r"one value per example"):
+        evaluate.evaluate_regression(np.ones((6, 3)), split, regression_project.evaluate)
+
+
+def test_a_regression_evaluate_json_needs_its_own_keys(tmp_path):
+    path = tmp_path / "evaluate.json"
+    path.write_text(json.dumps({"format": 2, "task": "regression", "r2": 0.9, "gates": {}}))
+    with pytest.raises(StageError, match=r"lacks rmse, mae, passed"):
+        evaluate.read_evaluate_json(path)
+    path.write_text(json.dumps({"format": 2, "task": "ranking", "gates": {}, "passed": True}))
+    with pytest.raises(StageError, match=r"task 'ranking' is none of"):
+        evaluate.read_evaluate_json(path)
+
+
+def test_gate_judges_regression_variants_by_r2(regression_project):
+    params = regression_project
+    measured = write_regression_challenger(params)
+    result = gate.run(params)
+    assert result.passed and result.baseline.source == "none"
+    metrics_dir = Path(params.paths.metrics_dir)
+    written = json.loads((metrics_dir / "gate.json").read_text())
+    assert written["task"] == "regression" and written["kind"] == "table"
+    assert written["target"] == TARGET and written["class_names"] == []
+    assert written["preprocess_sha256"] == champ.preprocess_fingerprint(PREPROCESS, FEATURES)
+    assert set(written["network"]) == {"r2", "rmse", "mae"}
+    served = written["variants"]["int8"]
+    assert served["r2"] == pytest.approx(measured["r2"], abs=1e-6) and "accuracy" not in served
+    assert set(served["gates"]) == {"r2", "r2_drop", "no_regression"}
+    assert set(written["variants"]["fp32"]["gates"]) == {"r2", "r2_drop"}
+    rows = (metrics_dir / "compression.csv").read_text().splitlines()
+    assert (
+        rows[0]
+        == "variant,size_kib,latency_ms,accuracy,macro_f1,min_class_recall,r2,rmse,mae,served"
+    )
+    assert [r.split(",")[0] for r in rows[1:]] == ["fp32", "int8"]
+
+
+def test_a_regression_variant_losing_too_much_r2_fails(regression_project):
+    params = regression_project
+    write_regression_challenger(params, int8_weight=WEIGHT * 0.6)
+    with pytest.raises(
+        StageError,
+        match=r"gate failed for the int8 model: R\^2 drop vs the network \+0\.\d{4} "
+        r"\(0\.\d{4} -> 0\.\d{4}\) > max 0\.0500 \(compress\.max_accuracy_drop\)",
+    ):
+        gate.run(params)
+
+
+def test_a_better_regression_champion_on_the_same_split_refuses_the_challenger(regression_project):
+    strict = {**REGRESSION_PARAMS, "evaluate.max_regression": 0.005}
+    params = project_params(Path.cwd(), **strict)
+    measured = write_regression_challenger(params, int8_weight=WEIGHT * 0.9)  # R^2 about 0.99
+    better = {"r2": 1.0, "rmse": 0.0, "mae": 0.0}
+    champ.save_record(params.paths.champion_file, regression_champion(params, better))
+    with pytest.raises(StageError, match=r"R\^2 0\.\d{4} is 0\.\d{4} below champion rchampion0001"):
+        gate.run(params)
+    written = json.loads((Path(params.paths.metrics_dir) / "gate.json").read_text())
+    assert written["champion"]["source"] == "recorded"
+    assert written["champion"]["metrics"] == better
+    gates = written["variants"]["int8"]["gates"]
+    assert set(gates) == {"r2", "r2_drop", "no_regression_r2"}
+    assert gates["no_regression_r2"]["value"] == pytest.approx(measured["r2"] - 1.0, abs=1e-6)
+    within = {"r2": measured["r2"] + 0.004, "rmse": 0.1, "mae": 0.1}  # tolerance 0.005
+    champ.save_record(params.paths.champion_file, regression_champion(params, within))
+    assert gate.run(params).passed
+
+
+@pytest.mark.parametrize(
+    "changes, note",
+    [
+        ({"task": "classification", "kind": "image", "target": "", "image_shape": [1, 8, 8],
+          "class_names": ["a", "b", "c"], "preprocess_sha256": None},
+         "is an image classification of ['a', 'b', 'c'], inputs 1x8x8, this run a table "
+         "regression of 'price', inputs 3"),
+        ({"target": "rent"}, "is a table regression of 'rent', inputs 3, this run a table"),
+        ({"kind": "sequence"}, "is a sequence regression of 'price'"),
+        ({"image_shape": [4]}, "is a table regression of 'price', inputs 4, this run a table"),
+        ({"task": "classification", "class_names": ["cheap", "dear"]},
+         "is a table classification 'price' of ['cheap', 'dear'], inputs 3, this run a table "
+         "regression of 'price'"),
+        ({"test_split": champ.SplitInfo(sha256="f" * 64, examples=40),
+          "preprocess_sha256": "e" * 64},
+         "encodes its inputs with another preprocessing fit"),
+    ],
+    ids=[
+        "other-task",
+        "other-target",
+        "other-kind",
+        "other-shape",
+        "classes-of-the-target",
+        "other-preprocessing",
+    ],
+)  # fmt: skip
+def test_a_champion_predicting_other_data_is_not_comparable(regression_project, changes, note):
+    params = regression_project
+    write_regression_challenger(params)
+    record = regression_champion(params, {"r2": 1.0, "rmse": 0.0, "mae": 0.0}, **changes)
+    champ.save_record(params.paths.champion_file, record)
+    result = gate.run(params)
+    assert result.passed and result.baseline.source == "not comparable"
+    assert note in result.baseline.note and "this gate passes" in result.baseline.note
+
+
+def test_gate_refuses_an_evaluate_json_of_the_other_task(regression_project):
+    params = regression_project
+    write_regression_challenger(params)
+    write_test_split(params, labelled_split(make_tiny_onnx(Path("good.onnx"), GOOD_SEED)))
+    with pytest.raises(StageError, match=r"evaluate.json holds regression metrics but the data"):
+        gate.run(params)
+
+
+def test_the_fingerprint_works_for_float_targets():
+    split = regression_split(n=5)
+    base = champ.split_fingerprint(split, ())
+    assert base == champ.split_fingerprint(ImageSet(split.x.copy(), split.y.copy()), ())
+    nudged = split.y.copy()
+    nudged[3] += 1e-3
+    assert base != champ.split_fingerprint(ImageSet(split.x, nudged), ())
+    labels = ImageSet(split.x, np.arange(5, dtype=np.int64))
+    assert champ.split_fingerprint(labels, ()) != champ.split_fingerprint(
+        ImageSet(split.x, labels.y.astype(np.float32)), ()
+    )
+    assert champ.preprocess_fingerprint(None, ()) is None  # images: raw pixels in
+    assert champ.preprocess_fingerprint(PREPROCESS, FEATURES) != champ.preprocess_fingerprint(
+        {**PREPROCESS, "columns": [{**PREPROCESS["columns"][0], "mean": 1.0}]}, FEATURES
+    )

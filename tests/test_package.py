@@ -163,6 +163,11 @@ def test_package_builds_a_versioned_bento_into_the_store(built):
     assert card["metrics"] == {"accuracy": 0.75}
     assert (src / "model" / "model.onnx").stat().st_size == result.model_bytes
     assert not list(Path(bento.path).rglob("__pycache__"))
+    assert card["kind"] == "image" and card["task"] == "classification"
+    assert card["input_shape"] == list(IMAGE_SHAPE) and "preprocess" not in card
+    # The preprocessing of tables and sequences ships in every bento, as the repo has it.
+    shipped = Path(bento.path) / "src" / "components" / "features.py"
+    assert shipped.read_bytes() == (DEPLOY_DIR.parent / "components" / "features.py").read_bytes()
     requirements = (Path(bento.path) / "env" / "python" / "requirements.txt").read_text()
     for pkg in ("onnxruntime==", "numpy==", "bentoml==", "pillow==", "starlette=="):
         assert pkg in requirements
@@ -342,6 +347,94 @@ def test_model_that_does_not_fit_the_classes_is_refused(tmp_path):
         )
 
 
+def make_table_onnx(path: Path, n_features: int, n_outputs: int = 1) -> Path:
+    """A linear model on encoded table rows ("images" (batch, F) -> (batch, n_outputs))."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.linspace(-1, 1, n_features * n_outputs, dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["images", "weight", "bias"], ["logits"])],
+        "tiny_table",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", n_features])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_outputs])],
+        initializer=[
+            numpy_helper.from_array(weight.reshape(n_features, n_outputs), "weight"),
+            numpy_helper.from_array(np.full(n_outputs, 100.0, np.float32), "bias"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return path
+
+
+TABLE_SPEC = {
+    "version": 1,
+    "columns": [
+        {"name": "size", "type": "numeric", "mean": 80.0, "std": 20.0},
+        {"name": "city", "type": "categorical", "categories": ["east", "north"]},
+    ],
+    "features": ["size", "city=east", "city=north"],
+}
+
+
+def write_table_meta(path: Path, preprocess=TABLE_SPEC, **changes) -> Path:
+    values = dict(
+        class_names=(), input_shape=(3,), source="houses.csv", split_sizes={"train": 9},
+        kind="table", task="regression", target="price",
+        feature_names=("size", "city=east", "city=north"), preprocess=preprocess,
+    ) | changes  # fmt: skip
+    DatasetMeta(**values).save(path)
+    return path
+
+
+def _package_table(tmp_path: Path, onnx_file: Path, meta_file: Path):
+    return package(
+        onnx_file,
+        meta_file,
+        tiny_settings("tiny-table"),
+        served_variant="fp32",
+        staging_dir=tmp_path / "staging",
+        artefacts_dir=tmp_path / "artefacts",
+    )
+
+
+def test_table_regression_bento_carries_the_preprocessing(tmp_path):
+    import bentoml
+
+    onnx_file = make_table_onnx(tmp_path / "fp32.onnx", 3)
+    result = _package_table(tmp_path, onnx_file, write_table_meta(tmp_path / "meta.json"))
+    bento = bentoml.bentos.get(result.tag)
+    assert bento.info.entry_service == "TablePredictor"
+    assert bento.info.labels["kind"] == "table" and bento.info.labels["target"] == "price"
+    card = json.loads((Path(bento.path) / "src/deploy/model/model.json").read_text())
+    assert card["preprocess"] == TABLE_SPEC and card["task"] == "regression"
+    assert card["feature_names"] == TABLE_SPEC["features"] and card["input_shape"] == [3]
+    assert "/predict_rows" in bento.doc and "Predicts price" in bento.doc
+
+
+@pytest.mark.parametrize(
+    "outputs, meta, message",
+    [
+        (3, {}, r"a regression model answers one value each, \(2, 1\)"),
+        (1, {"preprocess": None}, r"a table model needs its preprocess spec"),
+        (1, {"input_shape": (4,)}, r"encodes 3 features but the model takes 4"),
+        (1, {"class_names": ("a", "b")}, r"a regression data set has no class_names"),
+        (1, {"kind": "sequence", "input_shape": (2, 3)}, r"window is 7 steps"),
+    ],
+    ids=["regression-outputs", "no-spec", "spec-width", "regression-classes", "window"],
+)
+def test_table_and_sequence_models_that_do_not_fit_are_refused(tmp_path, outputs, meta, message):
+    onnx_file = make_table_onnx(tmp_path / "fp32.onnx", 3, outputs)
+    if meta.get("kind") == "sequence":
+        meta["preprocess"] = {**TABLE_SPEC, "window": 7}
+    meta_file = write_table_meta(tmp_path / "meta.json", **meta)
+    with pytest.raises(StageError, match=message):
+        _package_table(tmp_path, onnx_file, meta_file)
+    assert not (tmp_path / "artefacts").exists()
+
+
 def test_broken_model_file_is_refused(tmp_path):
     onnx_file = tmp_path / "int8.onnx"
     onnx_file.write_bytes(b"not an onnx model")
@@ -367,6 +460,21 @@ def test_summarise_metrics_prefers_the_served_variant():
         "pytorch_macro_f1": 0.89,
     }
     assert summarise_metrics(None, None, "int8") == {}
+    # Regression: R^2, RMSE, MAE, read defensively (a missing or odd value is left out).
+    evaluate = {"r2": 0.8, "rmse": 2.0, "mae": 1.5, "n": 10, "passed": True}
+    compress = {"variants": {"int8": {"r2": 0.79, "rmse": "x", "r2_drop": 0.01}}}
+    assert summarise_metrics(evaluate, compress, "int8") == {
+        "mae": 1.5,
+        "pytorch_mae": 1.5,
+        "pytorch_r2": 0.8,
+        "pytorch_rmse": 2.0,
+        "r2": 0.79,
+        "rmse": 2.0,
+    }
+    assert summarise_metrics({"r2": 0.8}, {"variants": ["odd"]}, "int8") == {
+        "pytorch_r2": 0.8,
+        "r2": 0.8,
+    }
     assert summarise_metrics(None, {"variants": {"int8": {"accuracy": True}}}, "int8") == {}
 
 

@@ -30,9 +30,15 @@ from tests.conftest import REPO_ROOT
 from tests.test_evaluate_gates import (
     BAD_SEED,
     GOOD_SEED,
+    REGRESSION_PARAMS,
+    TARGET,
+    WEIGHT,
     labelled_split,
     project_params,
+    regression_split,
     write_challenger,
+    write_regression_challenger,
+    write_regression_split,
     write_test_split,
 )
 from tests.test_package import CLASS_NAMES, make_tiny_onnx
@@ -439,3 +445,71 @@ def test_on_a_changed_test_split_the_champion_is_measured_again_from_its_bento(s
     assert written["champion"]["source"] == "re-evaluated"
     assert "measured again on this test split" in written["champion"]["note"]
     assert written["champion"]["metrics"] == {"accuracy": 1.0, "macro_f1": 1.0}
+
+
+# -- regression: the record keeps the task and R^2, and the next run is gated against it -----
+
+
+def test_a_regression_run_is_recorded_with_its_task_and_the_next_is_gated_on_r2(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    tolerant = {**REGRESSION_PARAMS, "compress.max_accuracy_drop": 0.5}
+    params = project_params(tmp_path, **tolerant)
+    write_regression_split(params, regression_split())
+    write_regression_challenger(params, int8_weight=WEIGHT * 0.98)
+    gate.run(params)
+    gate_json = gate.read_gate_json(Path(params.paths.metrics_dir) / "gate.json")
+    sha = gate_json["variants"]["int8"]["model_sha256"]
+    bento = {
+        "tag": "tiny-regressor:r00000000000a",
+        "archive": "artefacts/tiny-regressor-r00000000000a.bento",  # not built: no MD5
+        "served_variant": "int8",
+        "model": f"tiny-regressor:int8-{sha[:12]}",
+        "model_version": "r00000000000a",
+    }
+    candidate = promote.run_record(gate_json, bento, tmp_path)
+    assert (candidate.task, candidate.kind, candidate.target) == ("regression", "table", TARGET)
+    assert candidate.class_names == [] and candidate.image_shape == [3]
+    assert candidate.preprocess_sha256 == gate_json["preprocess_sha256"] is not None
+    assert set(candidate.metrics) == {"r2", "rmse", "mae", "network_r2", "network_rmse",
+                                      "network_mae"}  # fmt: skip
+    assert candidate.metrics["r2"] == gate_json["variants"]["int8"]["r2"] > 0.9
+
+    path = Path(params.paths.champion_file)
+    record = champ.load_record(path)
+    result = promote.decide(record, candidate, gate_json, auto=True)
+    assert result.promoted and "no champion yet" in result.reason
+    champ.save_record(path, record)
+    assert champ.load_record(path).current().task == "regression"
+    shown = promote.describe(path)
+    assert f"table regression of 'price': R^2 {candidate.metrics['r2']:.4f}  RMSE" in shown
+
+    # A worse challenger on the same split: compared on R^2 with the recorded champion.
+    write_regression_challenger(params, int8_weight=WEIGHT * 0.7)
+    with pytest.raises(StageError, match=r"R\^2 0\.\d{4} is 0\.\d{4} below champion r00000000000a"):
+        gate.run(params)
+    written = json.loads((Path(params.paths.metrics_dir) / "gate.json").read_text())
+    assert written["champion"]["source"] == "recorded"
+    assert written["champion"]["metrics"]["r2"] == pytest.approx(candidate.metrics["r2"])
+
+    # A classifier of images next: the regression champion is not comparable.
+    images = labelled_split(make_tiny_onnx(tmp_path / "good.onnx", GOOD_SEED))
+    write_test_split(params, images)
+    write_challenger(params, GOOD_SEED)
+    result = gate.run(params)
+    assert result.passed and result.baseline.source == "not comparable"
+    assert "is a table regression of 'price'" in result.baseline.note
+
+
+def test_a_record_from_before_tables_reads_as_image_classifiers(story, tmp_path):
+    raw = json.loads(Path(story.params.paths.champion_file).read_text())
+    for run in raw["runs"].values():
+        for key in ("task", "kind", "target", "preprocess_sha256"):
+            run.pop(key, None)
+    path = tmp_path / "champion.json"
+    path.write_text(json.dumps(raw))
+    current = champ.load_record(path).current()
+    assert (current.task, current.kind, current.target) == ("classification", "image", "")
+    assert current.preprocess_sha256 is None
+    assert "accuracy 1.0000  macro F1 1.0000" in promote.describe(path)

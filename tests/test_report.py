@@ -25,7 +25,19 @@ import pytest
 from components import gate, report
 from components.config import Params
 from components.report import REPORT_FILE, write_report
-from tests.test_evaluate_gates import GOOD_SEED, project, write_challenger  # noqa: F401
+from tests.test_evaluate_gates import (  # noqa: F401
+    FEATURES,
+    GOOD_SEED,
+    REGRESSION_PARAMS,
+    TARGET,
+    WEIGHT,
+    project,
+    project_params,
+    regression_split,
+    write_challenger,
+    write_regression_challenger,
+    write_regression_split,
+)
 
 CHROMIUM_FLAGS = [
     "--no-sandbox",
@@ -44,9 +56,6 @@ def finished_run(params: Params) -> Params:
     write_challenger(params, GOOD_SEED)
     gate.run(params)
     metrics = Path(params.paths.metrics_dir)
-    (metrics / "validation.json").write_text(
-        json.dumps({"success": True, "evaluated_expectations": 33, "failed": []})
-    )
     (metrics / "train.json").write_text(
         json.dumps({"best_epoch": 3, "best_val_accuracy": 0.9, "epochs_run": 3})
     )
@@ -54,6 +63,15 @@ def finished_run(params: Params) -> Params:
         "epoch,train_loss,val_loss,val_accuracy\n1,null,0.9,0.6\n2,0.8,0.5,0.8\n3,0.4,0.3,0.9\n"
     )
     (metrics / "confusion.csv").write_text("actual,predicted\na,a\nb,b\nc,a\nc,c\n")
+    return other_stage_files(params)
+
+
+def other_stage_files(params: Params) -> Params:
+    """validation.json, promote.json, bento.json and the validation pages of a promoted run."""
+    metrics = Path(params.paths.metrics_dir)
+    (metrics / "validation.json").write_text(
+        json.dumps({"success": True, "evaluated_expectations": 33, "failed": []})
+    )
     (metrics / "promote.json").write_text(
         json.dumps(
             {
@@ -103,6 +121,7 @@ def test_the_report_is_one_self_contained_page_with_every_section(project):  # n
     for heading in ("Gates", "Test metrics", "Training", "Compression", "Data validation"):
         assert f"<h2>{heading}</h2>" in page
     assert "Promoted: run r0123456789ab is the champion (the first champion)" in page
+    assert "Data: images of 8x8 pixels, 1 channel(s); classification into 3 classes;" in page
     assert "no_regression" in page and "no champion yet" in page
     assert 'href="validation/summary.html"' in page and 'href="validation/index.html"' in page
     assert "int8 ONNX (served)" in page and "fp32 ONNX (not served)" in page
@@ -129,6 +148,46 @@ def test_missing_files_leave_a_note_not_a_crash(project):  # noqa: F811
     assert page.count("No result:") >= 4
     with pytest.raises(ValueError, match="unknown stage"):
         write_report(project, stopped_at="nowhere")
+
+
+def test_a_regression_report_shows_r2_and_predicted_vs_actual(tmp_path, monkeypatch):
+    """A table regression run (real evaluate and gate stages): R^2/RMSE/MAE instead of the
+    classification figures, the predicted-vs-actual plot, the data's target and features."""
+    monkeypatch.chdir(tmp_path)
+    params = project_params(tmp_path, **REGRESSION_PARAMS)
+    write_regression_split(params, regression_split())
+    write_regression_challenger(params, int8_weight=WEIGHT * 0.98)  # runs evaluate
+    gate.run(params)
+    metrics = Path(params.paths.metrics_dir)
+    (metrics / "train.json").write_text(json.dumps({"best_epoch": 2, "epochs_run": 3}))
+    (metrics / "train_history.csv").write_text(
+        "epoch,train_loss,val_loss,val_rmse\n1,null,0.9,2.5\n2,0.8,0.5,1.2\n3,0.4,0.6,1.3\n"
+    )
+    page = write_report(other_stage_files(params)).read_text()
+    evaluated = json.loads((metrics / "evaluate.json").read_text())
+
+    assert "Promoted: run r0123456789ab is the champion" in page
+    assert "Data: a table; regression of <code>price</code>; examples: test 40." in page
+    assert f"{len(FEATURES)} features (encoded from the columns rooms, area, age)" in page
+    assert "<th>model</th><th>R^2</th><th>RMSE</th><th>MAE</th>" in page
+    assert f"<td class=num>{evaluated['r2']:.4f}</td>" in page  # the network's R^2
+    assert f"MAE and RMSE in the units of <code>{TARGET}</code>" in page
+    assert "R^2 drop vs the network" in page and "(evaluate.min_r2)" in page
+    assert "int8 R^2 drop vs fp32" in page
+    assert "<th>latency batch 1 (ms)</th><th>R^2</th><th>RMSE</th><th>MAE</th>" in page
+    assert "accuracy" not in page.replace("max_accuracy_drop", "")  # no classification figure
+    assert "Per-class" not in page and "confusion" not in page
+    alts = re.findall(r'<img class="plot" alt="([^"]+)"', page)
+    assert alts == [
+        "predicted vs actual values of the test split, and the residuals",
+        "training and validation loss and rmse per epoch",
+        "compression trade-off: size, R^2 and latency",
+    ]
+    from PIL import Image
+
+    for data in _images(page):
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.format == "PNG" and image.width > 200 and image.height > 100
 
 
 def test_history_with_missing_values_still_plots():

@@ -622,6 +622,16 @@ def test_random_junk_never_gets_a_5xx(served):
     assert client.get("/readyz").status_code == 200  # still healthy after all that
 
 
+@pytest.mark.parametrize("route", ["/predict_rows", "/predict_row", "/forecast"])
+def test_table_and_sequence_routes_say_this_bento_serves_images(served, route):
+    _, client, _, _ = served
+    r = client.post(route, json={"rows": [{"a": 1}]})
+    assert r.status_code == 404, r.text
+    error = r.json()["error"]
+    assert error.startswith(f"{route}: this bento serves an image classification model")
+    assert "/predict_batch" in error
+
+
 def test_get_on_an_api_is_not_a_5xx(served):
     _, client, _, _ = served
     for route in ("/predict", "/predict_batch", "/predict_image", "/predict_array"):

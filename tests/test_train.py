@@ -80,7 +80,7 @@ def test_seed_config_three_block_cnn_sgd_on_rgb(tmp_path, rgb_source):
         learning_rate=0.01, momentum=0.9, max_epochs=2, batch_norm=True,
     )  # fmt: skip
     config = _model_json(params)["config"]
-    assert config["image_shape"] == [3, 32, 32] and config["channels"] == [8, 16, 32]
+    assert config["input_shape"] == [3, 32, 32] and config["channels"] == [8, 16, 32]
     assert result.epochs_run == 2
 
 

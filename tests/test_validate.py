@@ -29,7 +29,7 @@ PER_CLASS = 15
 PARAMS = ValidateParams(min_rows_per_class=10, max_missing_fraction=0.0)
 META = DatasetMeta(
     class_names=CLASSES,
-    image_shape=SHAPE,
+    input_shape=SHAPE,
     source="test",
     split_sizes={s: PER_CLASS * len(CLASSES) for s in SPLITS},
 )

@@ -1,0 +1,145 @@
+"""The preprocessing of tables and time series: fitted on the training split, applied everywhere.
+
+:func:`fit` learns a small JSON spec from the training rows: each numeric column's mean and
+standard deviation, each categorical column's categories. :func:`encode` turns rows into the
+model's ``float32`` features with that spec: numbers standardised (a missing number becomes the
+training mean, i.e. 0), categories one-hot (an unseen or missing category is all zeros).
+
+The spec is stored in ``meta.json`` and in ``model.json``, and this module is copied into the
+bento, so the served model applies exactly the transform the model was trained behind. It needs
+numpy only (the edge bento has no pandas); :func:`fit` alone takes a pandas frame.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+SPEC_VERSION = 1
+MAX_CATEGORIES = 100  # more distinct values than this is an ID or free text, not a category
+
+
+class FeatureError(ValueError):
+    """Rows that the fitted transform cannot encode; the message names the column and row."""
+
+
+def is_categorical(series) -> bool:
+    """Strings, booleans and pandas categories are one-hot encoded; numbers are standardised."""
+    import pandas as pd
+
+    return not pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series)
+
+
+def fit(frame, columns: Sequence[str], max_categories: int = MAX_CATEGORIES) -> dict:
+    """Learn the transform of ``columns`` from the training rows in ``frame`` (pandas)."""
+    specs = []
+    for name in columns:
+        series = frame[name]
+        if is_categorical(series):
+            values = sorted({str(v) for v in series.dropna().tolist()})
+            if len(values) > max_categories:
+                raise FeatureError(
+                    f"column {name!r} has {len(values)} distinct values: too many for a category "
+                    f"(at most {max_categories}); leave it out with ingest.features"
+                )
+            specs.append({"name": name, "type": "categorical", "categories": values})
+        else:
+            numbers = series.astype("float64").to_numpy()
+            finite = numbers[np.isfinite(numbers)]
+            if finite.size == 0:
+                raise FeatureError(f"column {name!r} has no numeric value in the training split")
+            std = float(finite.std())
+            specs.append(
+                {"name": name, "type": "numeric", "mean": float(finite.mean()),
+                 "std": std if std > 1e-12 else 1.0}
+            )  # fmt: skip
+    return {"version": SPEC_VERSION, "columns": specs, "features": feature_names(specs)}
+
+
+def feature_names(column_specs: Sequence[Mapping]) -> list[str]:
+    names: list[str] = []
+    for col in column_specs:
+        if col["type"] == "numeric":
+            names.append(col["name"])
+        else:
+            names += [f"{col['name']}={c}" for c in col["categories"]]
+    return names
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def encode(columns: Mapping[str, Sequence], spec: Mapping) -> np.ndarray:
+    """Encode rows given column-wise (name -> values) into ``(N, n_features)`` float32."""
+    specs = spec["columns"]
+    lengths = {len(columns[c["name"]]) for c in specs if c["name"] in columns}
+    missing = [c["name"] for c in specs if c["name"] not in columns]
+    if missing:
+        raise FeatureError(
+            f"missing column(s) {missing}; the model needs {[c['name'] for c in specs]}"
+        )
+    if len(lengths) > 1:
+        raise FeatureError("columns have different numbers of rows")
+    n = lengths.pop() if lengths else 0
+    blocks = []
+    for col in specs:
+        values = columns[col["name"]]
+        if col["type"] == "numeric":
+            out = np.empty(n, dtype=np.float64)
+            for i, v in enumerate(values):
+                if _is_missing(v):
+                    out[i] = col["mean"]
+                    continue
+                if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                    raise FeatureError(
+                        f"row {i}, column {col['name']!r}: expected a number, got {v!r}"
+                    )
+                if not math.isfinite(float(v)):
+                    raise FeatureError(f"row {i}, column {col['name']!r}: {v!r} is not finite")
+                out[i] = float(v)
+            blocks.append(((out - col["mean"]) / col["std"])[:, None])
+        else:
+            index = {c: j for j, c in enumerate(col["categories"])}
+            onehot = np.zeros((n, len(index)), dtype=np.float64)
+            for i, v in enumerate(values):
+                if _is_missing(v):
+                    continue
+                j = index.get(str(v))
+                if j is not None:
+                    onehot[i, j] = 1.0
+            blocks.append(onehot)
+    if not blocks:
+        return np.zeros((n, 0), dtype=np.float32)
+    return np.concatenate(blocks, axis=1).astype(np.float32)
+
+
+def encode_frame(frame, spec: Mapping) -> np.ndarray:
+    """Encode a pandas frame (training side)."""
+    columns = {}
+    for col in spec["columns"]:
+        if col["name"] not in frame.columns:
+            raise FeatureError(f"missing column {col['name']!r}")
+        series = frame[col["name"]]
+        if col["type"] == "numeric":
+            columns[col["name"]] = series.astype("float64").tolist()
+        else:
+            columns[col["name"]] = [None if _is_missing(v) else v for v in series.tolist()]
+    return encode(columns, spec)
+
+
+def encode_records(records: Sequence[Mapping], spec: Mapping) -> np.ndarray:
+    """Encode JSON rows (serving side): a list of ``{column: value}`` objects."""
+    names = [c["name"] for c in spec["columns"]]
+    for i, record in enumerate(records):
+        if not isinstance(record, Mapping):
+            raise FeatureError(f"row {i}: expected an object of column -> value, got {record!r}")
+        absent = [n for n in names if n not in record]
+        if absent:
+            raise FeatureError(f"row {i} lacks column(s) {absent} (use null for a missing value)")
+        unknown = sorted(set(record) - set(names))
+        if unknown:
+            raise FeatureError(f"row {i} has unknown column(s) {unknown}; known: {names}")
+    return encode({n: [r[n] for r in records] for n in names}, spec)

@@ -1,0 +1,311 @@
+"""The tuning flow for real: an Optuna study (SQLite storage) whose trials are DVC experiments
+of the real pipeline, run by the real Prefect flow in a fresh git + DVC repository on tiny data;
+resuming it, two workers at once, and every kind of bad input refused before any trial."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from components.config import apply_overrides, read_params_file
+from flows.tune import TuneError, check_space, preflight
+from tests.conftest import REPO_ROOT, TINY_CLASSES, TINY_OVERRIDES, make_images
+
+PROJECT_FILES = (
+    "components",
+    "flows",
+    "deploy",
+    "dvc.yaml",
+    "params.yaml",
+    "pyproject.toml",
+    ".gitignore",
+)
+# Tiny data, tiny space: each trial is a couple of seconds of training.
+TINY_SPACE = {
+    "train.learning_rate": {"low": 0.003, "high": 0.03, "log": True},
+    "train.model": {"choices": ["cnn", "mlp"]},
+    "train.hidden_units": {"choices": [[16], [8, 8]]},
+}
+
+
+def _write_tune(params_file: Path, space=None, **values) -> None:
+    """Replace the tune section's values (and space) in a params.yaml copy."""
+    raw = read_params_file(params_file)
+    raw["tune"].update(values)
+    if space is not None:
+        raw["tune"]["space"] = space
+    params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line naming the key, before any trial (no git, no DVC, no Prefect needed)
+
+
+@pytest.fixture
+def params_copy(tmp_path: Path) -> Path:
+    shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copy(REPO_ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    return tmp_path / "params.yaml"
+
+
+@pytest.mark.parametrize(
+    ("space", "values", "expected"),
+    [
+        ({"train.nope": {"low": 1, "high": 2}}, {}, "tune.space.train.nope"),
+        ({"train.learning_rate": {"low": 0.01, "high": 0.001}}, {}, "inverted range"),
+        ({"train.dropout": {"low": 0.2, "high": 0.2}}, {}, "empty or inverted range"),
+        ({"train.model": {"choices": []}}, {}, "empty choices"),
+        ({"train.model": {"choices": ["cnn", "resnet"]}}, {}, "tune.space.train.model: choice"),
+        ({"train.dropout": {"low": 0.0, "high": 1.5}}, {}, "tune.space.train.dropout"),
+        ({"orchestrate.retries": {"low": 1, "high": 3}}, {}, "tune.space.orchestrate.retries"),
+        (None, {"n_trials": 0}, "tune.n_trials"),
+        (None, {"timeout_seconds": 0}, "tune.timeout_seconds"),
+        (None, {"sampler": "grid"}, "grid sampler needs choices"),
+        (None, {"metric": "test_accuracy"}, "tune.metric"),
+        (None, {"trial_overrides": ["evaluate.nope=0"]}, "tune.trial_overrides"),
+    ],
+)
+def test_bad_input_is_refused_before_any_trial(params_copy, space, values, expected):
+    _write_tune(params_copy, space, **values)
+    with pytest.raises((TuneError, ValueError)) as err:
+        preflight(params_copy.parent, [])
+    message = str(err.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_set_takes_tune_keys_only_and_validates_them(params_copy):
+    with pytest.raises(TuneError, match="tune.\\* keys"):
+        preflight(params_copy.parent, ["train.max_epochs=3"])
+    with pytest.raises(ValueError, match="tune.n_trials"):
+        preflight(params_copy.parent, ["tune.n_trials=0"])
+
+
+def test_the_repository_space_is_valid():
+    from components.config import load_params
+
+    params = load_params(REPO_ROOT / "params.yaml")
+    check_space(params.tune, REPO_ROOT / "params.yaml")
+    assert "tune" not in " ".join(
+        p
+        for s in yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"].values()
+        for p in s.get("params", [])
+    ), "no stage may depend on the tune section: tuning settings must not re-run stages"
+
+
+def test_bad_input_from_the_command_line_is_one_line_and_exit_2(params_copy):
+    _write_tune(params_copy, {"train.model": {"choices": ["cnn", "resnet"]}})
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.tune", "--root", str(params_copy.parent)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("Tuning not started: tune.space.train.model")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The real flow, on a fresh repository
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tune-repo")
+    for name in PROJECT_FILES:
+        src = REPO_ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, root / name)
+    (root / "deploy" / "champion.json").unlink(missing_ok=True)
+    x, y = make_images(per_class=20)
+    (root / "data" / "external").mkdir(parents=True)
+    np.savez(root / "data" / "external" / "tiny.npz", x=x, y=y, class_names=np.array(TINY_CLASSES))
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    subprocess.run([*git, "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    shutil.copy(REPO_ROOT / ".dvc" / "config", root / ".dvc" / "config")
+    remote = tmp_path_factory.mktemp("tune-dvc-remote")
+    (root / ".dvc" / "config.local").write_text(f"['remote \"local\"']\n    url = {remote}\n")
+    tiny = [f"{s}.{k}={json.dumps(v)}" for s, vs in TINY_OVERRIDES.items() for k, v in vs.items()]
+    apply_overrides([*tiny, "ingest.source=data/external/tiny.npz"], root / "params.yaml")
+    _write_tune(root / "params.yaml", TINY_SPACE, n_trials=3, seed=1)
+    subprocess.run([*git, "add", "-A"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], cwd=root, check=True)
+    return root
+
+
+def _tune(root: Path, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.tune", *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def _study(root: Path):
+    import optuna
+
+    return optuna.load_study(study_name="digits", storage=f"sqlite:///{root}/build/tune/optuna.db")
+
+
+def _experiments(root: Path) -> set[str]:
+    refs = subprocess.run(
+        ["git", "for-each-ref", "--format=%(refname)", "refs/exps"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return {r.rsplit("/", 1)[1] for r in refs if r.count("/") == 4}
+
+
+@pytest.mark.slow
+def test_a_study_of_three_trials_leaves_three_experiments_and_a_best_trial(workspace):
+    result = _tune(workspace, "--no-final-run")
+    out = result.stdout + result.stderr
+    study = _study(workspace)
+    assert len(study.trials) == 3
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    assert {f"digits-t{i}" for i in range(3)} <= _experiments(workspace)
+    assert "best trial:" in out and "dvc exp apply digits-t" in out
+    # every trial ran through the train stage's pruning callback (env reached `--temp`), unless
+    # DVC's run-cache restored an identical trial
+    assert any(t.intermediate_values for t in study.trials)
+    # the objective is the validation metric the experiment recorded
+    best = study.best_trial
+    shown = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "show", "--json"],
+        cwd=workspace,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert best.user_attrs["experiment"] in shown
+    ref = next(
+        r
+        for r in subprocess.run(
+            ["git", "for-each-ref", "--format=%(refname)", "refs/exps"],
+            cwd=workspace,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        if r.endswith("/" + best.user_attrs["experiment"])
+    )
+    train = json.loads(
+        subprocess.run(
+            ["git", "show", f"{ref}:metrics/train.json"],
+            cwd=workspace,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    assert best.value == pytest.approx(train["best_val_accuracy"])
+    page = (workspace / "reports" / "tuning.html").read_text()
+    assert "data:image/png;base64," in page and "digits-t2" in page
+    assert len(json.loads((workspace / "reports" / "tuning" / "trials.json").read_text())) == 3
+    ensemble = json.loads((workspace / "reports" / "tuning" / "ensemble.json").read_text())
+    assert len(ensemble["members"]) == 3 and ensemble["onnx_check_max_prob_diff"] <= 1e-5
+
+
+@pytest.mark.slow
+def test_reopening_the_study_resumes_it(workspace):
+    before = len(_study(workspace).trials)
+    assert before >= 3
+    _tune(workspace, "--no-final-run", "--no-ensemble", "--set", "tune.n_trials=1")
+    study = _study(workspace)
+    assert len(study.trials) == before + 1
+    assert f"digits-t{before}" in _experiments(workspace)
+
+
+@pytest.mark.slow
+def test_two_workers_share_the_study_without_lock_errors_or_lost_trials(workspace):
+    before = len(_study(workspace).trials)
+    result = _tune(
+        workspace, "--no-final-run", "--no-ensemble", "--workers", "2", "--set", "tune.n_trials=2"
+    )
+    out = result.stdout + result.stderr
+    assert "Unable to acquire lock" not in out and "is busy" not in out
+    study = _study(workspace)
+    new = study.trials[before:]
+    assert len(new) == 2 and all(t.state.name == "COMPLETE" for t in new), [
+        (t.number, t.state.name, t.user_attrs) for t in new
+    ]
+    assert {f"digits-t{t.number}" for t in new} <= _experiments(workspace)
+    # they did run at the same time
+    starts = sorted(t.datetime_start for t in new)
+    ends = sorted(t.datetime_complete for t in new)
+    assert starts[1] < ends[0]
+
+
+@pytest.mark.slow
+def test_the_best_params_go_through_the_whole_pipeline(workspace):
+    result = _tune(workspace, "--no-ensemble", "--set", "tune.n_trials=1")
+    out = result.stdout + result.stderr
+    assert "Pipeline summary" in out and "gate before packaging: PASS" in out
+    study = _study(workspace)
+    params = read_params_file(workspace / "params.yaml")
+    for key, value in study.best_trial.params.items():
+        section, name = key.split(".")
+        expected = json.loads(value) if isinstance(value, str) and value[:1] == "[" else value
+        assert params[section][name] == expected  # written back to params.yaml
+    assert params["evaluate"]["min_accuracy"] == TINY_OVERRIDES["evaluate"]["min_accuracy"]
+    assert (workspace / "artefacts" / "bento.json").is_file()
+
+
+def test_an_unpromising_trial_is_pruned_by_the_real_train_stage(tiny_params, tmp_path, monkeypatch):
+    """The pruning callback in a real Lightning fit: earlier trials reported a far lower
+    val_loss at every epoch, so the median rule stops this one after its first epoch."""
+    import optuna
+
+    from components import ingest, train
+    from components.stage import StageError
+    from components.trial import (
+        ENV_METRIC,
+        ENV_PRUNER,
+        ENV_STORAGE,
+        ENV_STUDY,
+        ENV_TRIAL_ID,
+        PRUNED_MARK,
+        open_storage,
+    )  # fmt: skip
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(
+        study_name="prune-me",
+        storage=open_storage(url),
+        direction="minimize",
+    )
+    for _ in range(2):
+        done = study.ask()
+        for epoch in (1, 2, 3):
+            done.report(1e-6, step=epoch)
+        study.tell(done, 1e-6)
+    trial = study.ask()
+    monkeypatch.setenv(ENV_STORAGE, url)
+    monkeypatch.setenv(ENV_STUDY, "prune-me")
+    monkeypatch.setenv(ENV_TRIAL_ID, str(trial._trial_id))
+    monkeypatch.setenv(ENV_METRIC, "val_loss")
+    pruning = {"enabled": True, "startup_trials": 1, "warmup_epochs": 0}
+    monkeypatch.setenv(ENV_PRUNER, json.dumps(pruning))
+
+    ingest.run(tiny_params)
+    with pytest.raises(StageError, match=f"{PRUNED_MARK} after epoch 1"):
+        train.run(tiny_params)
+    assert not (Path(tiny_params.paths.model_dir) / "model.pt").exists()  # no half-trained model
+    reported = optuna.load_study(study_name="prune-me", storage=open_storage(url)).trials[-1]
+    assert list(reported.intermediate_values) == [1]
