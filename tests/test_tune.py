@@ -223,41 +223,29 @@ def test_a_study_of_three_trials_leaves_three_experiments_and_a_best_trial(works
 
 
 @pytest.mark.slow
-def test_reopening_the_study_resumes_it(workspace):
+def test_reopened_by_two_workers_the_study_resumes_and_its_best_params_are_released(workspace):
+    """One more `make tune WORKERS=2` on the same study: it resumes (trials are added, not
+    started over), both workers run trials at the same time without a lock error or a lost
+    trial, and the best params then go through the whole pipeline and its gates."""
     before = len(_study(workspace).trials)
     assert before >= 3
-    _tune(workspace, "--no-final-run", "--no-ensemble", "--set", "tune.n_trials=1")
-    study = _study(workspace)
-    assert len(study.trials) == before + 1
-    assert f"digits-t{before}" in _experiments(workspace)
-
-
-@pytest.mark.slow
-def test_two_workers_share_the_study_without_lock_errors_or_lost_trials(workspace):
-    before = len(_study(workspace).trials)
-    result = _tune(
-        workspace, "--no-final-run", "--no-ensemble", "--workers", "2", "--set", "tune.n_trials=2"
-    )
+    result = _tune(workspace, "--no-ensemble", "--workers", "2", "--set", "tune.n_trials=2")
     out = result.stdout + result.stderr
     assert "Unable to acquire lock" not in out and "is busy" not in out
     study = _study(workspace)
     new = study.trials[before:]
-    assert len(new) == 2 and all(t.state.name == "COMPLETE" for t in new), [
+    # Finished, none lost; with 3 trials done the median rule may prune one (it then leaves
+    # no experiment: its train stage stopped without a model).
+    assert len(new) == 2 and all(t.state.name in ("COMPLETE", "PRUNED") for t in new), [
         (t.number, t.state.name, t.user_attrs) for t in new
     ]
-    assert {f"digits-t{t.number}" for t in new} <= _experiments(workspace)
-    # they did run at the same time
+    done = {f"digits-t{t.number}" for t in new if t.state.name == "COMPLETE"}
+    assert done <= _experiments(workspace)
     starts = sorted(t.datetime_start for t in new)
     ends = sorted(t.datetime_complete for t in new)
-    assert starts[1] < ends[0]
+    assert starts[1] < ends[0]  # they did run at the same time
 
-
-@pytest.mark.slow
-def test_the_best_params_go_through_the_whole_pipeline(workspace):
-    result = _tune(workspace, "--no-ensemble", "--set", "tune.n_trials=1")
-    out = result.stdout + result.stderr
     assert "Pipeline summary" in out and "gate before packaging: PASS" in out
-    study = _study(workspace)
     params = read_params_file(workspace / "params.yaml")
     for key, value in study.best_trial.params.items():
         section, name = key.split(".")
