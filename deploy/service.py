@@ -61,7 +61,11 @@ from deploy.common import (
     ModelCard,
     Prediction,
     RequestGuard,
+    RowField,
+    RowsField,
+    SequencesField,
     ValuePrediction,
+    WindowField,
     bad_request,
     check_session,
     class_answer,
@@ -395,30 +399,6 @@ class TableGuard(RequestGuard):
 class SequenceGuard(RequestGuard):
     limits = {"json": 1 << 20}
     upload_routes: dict[str, str] = {}
-
-
-RowField = Annotated[
-    dict[str, Any],
-    Field(
-        description="one row: an object of column -> value (numbers for numeric columns, "
-        "text for categorical ones, null for a missing value); see /info for the columns"
-    ),
-]
-RowsField = Annotated[
-    list[Any], Field(description="a list of rows, each as for /predict_row; at most max_batch_size")
-]
-WindowField = Annotated[
-    list[Any],
-    Field(
-        description="one sequence of exactly T steps (the window, see /info), oldest first; "
-        "each step a list of one value per column, in the order /info lists them, or an "
-        "object of column -> value"
-    ),
-]
-SequencesField = Annotated[
-    list[Any],
-    Field(description="a list of sequences, each as for /forecast; at most max_batch_size"),
-]
 
 
 class _RecordModel:

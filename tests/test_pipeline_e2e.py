@@ -4,8 +4,6 @@ ending with a real bento served by `bentoml serve` and answering over HTTP."""
 from __future__ import annotations
 
 import json
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,8 +13,8 @@ import httpx
 import numpy as np
 import pytest
 
-from components.config import apply_overrides
-from tests.conftest import REPO_ROOT, TINY_CLASSES, TINY_OVERRIDES, make_images
+from tests.conftest import TINY_CLASSES, TINY_OVERRIDES, make_images
+from tests.helpers import flatten, free_port, project_repo, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -31,46 +29,22 @@ STAGES = (
     "promote",
     "report",
 )
-PROJECT_FILES = ("components", "flows", "deploy", "dvc.yaml", "params.yaml", "pyproject.toml")
-
-
-def _flatten(overrides: dict) -> list[str]:
-    return [
-        f"{section}.{key}={json.dumps(value)}"
-        for section, values in overrides.items()
-        for key, value in values.items()
-    ]
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """A fresh clone-like repository: our code, git, DVC, and a tiny .npz as the source."""
-    root = tmp_path_factory.mktemp("repo")
-    for name in PROJECT_FILES:
-        src = REPO_ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, root / name)
-    # A fresh start: the repository's own champion (if committed) is another data set's.
-    (root / "deploy" / "champion.json").unlink(missing_ok=True)
-    x, y = make_images(per_class=20)
-    (root / "data" / "external").mkdir(parents=True)
-    np.savez(root / "data" / "external" / "tiny.npz", x=x, y=y, class_names=np.array(TINY_CLASSES))
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
-    subprocess.run([*git, "init", "-q"], cwd=root, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
-    # The project's DVC config; its default remote (in HOME) redirected to a throw-away folder.
-    shutil.copy(REPO_ROOT / ".dvc" / "config", root / ".dvc" / "config")
-    remote = tmp_path_factory.mktemp("dvc-remote")
-    (root / ".dvc" / "config.local").write_text(f"['remote \"local\"']\n    url = {remote}\n")
-    apply_overrides(
-        [*_flatten(TINY_OVERRIDES), "ingest.source=data/external/tiny.npz"],
-        root / "params.yaml",
+
+    def write_data(external: Path) -> None:
+        x, y = make_images(per_class=20)
+        np.savez(external / "tiny.npz", x=x, y=y, class_names=np.array(TINY_CLASSES))
+
+    return project_repo(
+        tmp_path_factory.mktemp("repo"),
+        tmp_path_factory.mktemp("dvc-remote"),
+        write_data,
+        [*flatten(TINY_OVERRIDES), "ingest.source=data/external/tiny.npz"],
     )
-    subprocess.run([*git, "add", "-A"], cwd=root, check=True)
-    subprocess.run([*git, "commit", "-qm", "init"], cwd=root, check=True)
-    return root
 
 
 def _run_flow(root: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -83,12 +57,6 @@ def _run_flow(root: Path, *overrides: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=600,
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +92,7 @@ def test_flow_runs_every_stage_and_prints_a_summary(workspace, first_run):
 
 def test_bento_serves_over_http(workspace, first_run):
     bento = json.loads((workspace / "artefacts" / "bento.json").read_text())
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [
             sys.executable,
@@ -143,17 +111,7 @@ def test_bento_serves_over_http(workspace, first_run):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, "bentoml serve exited early"
-            time.sleep(0.5)
-        else:
-            pytest.fail("bentoml serve did not become ready in 90 s")
+        wait_ready(base, server)
 
         x, y = make_images(per_class=3, seed=7)  # fresh images the model never saw
         correct = 0

@@ -14,19 +14,11 @@ import numpy as np
 import pytest
 import yaml
 
-from components.config import apply_overrides, read_params_file
+from components.config import read_params_file
 from flows.tune import TuneError, check_space, preflight
 from tests.conftest import REPO_ROOT, TINY_CLASSES, TINY_OVERRIDES, make_images
+from tests.helpers import flatten, project_repo
 
-PROJECT_FILES = (
-    "components",
-    "flows",
-    "deploy",
-    "dvc.yaml",
-    "params.yaml",
-    "pyproject.toml",
-    ".gitignore",
-)
 # Tiny data, tiny space: each trial is a couple of seconds of training.
 TINY_SPACE = {
     "train.learning_rate": {"low": 0.003, "high": 0.03, "log": True},
@@ -120,29 +112,17 @@ def test_bad_input_from_the_command_line_is_one_line_and_exit_2(params_copy):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tune-repo")
-    for name in PROJECT_FILES:
-        src = REPO_ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, root / name)
-    (root / "deploy" / "champion.json").unlink(missing_ok=True)
-    x, y = make_images(per_class=20)
-    (root / "data" / "external").mkdir(parents=True)
-    np.savez(root / "data" / "external" / "tiny.npz", x=x, y=y, class_names=np.array(TINY_CLASSES))
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
-    subprocess.run([*git, "init", "-q"], cwd=root, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
-    shutil.copy(REPO_ROOT / ".dvc" / "config", root / ".dvc" / "config")
-    remote = tmp_path_factory.mktemp("tune-dvc-remote")
-    (root / ".dvc" / "config.local").write_text(f"['remote \"local\"']\n    url = {remote}\n")
-    tiny = [f"{s}.{k}={json.dumps(v)}" for s, vs in TINY_OVERRIDES.items() for k, v in vs.items()]
-    apply_overrides([*tiny, "ingest.source=data/external/tiny.npz"], root / "params.yaml")
-    _write_tune(root / "params.yaml", TINY_SPACE, n_trials=3, seed=1)
-    subprocess.run([*git, "add", "-A"], cwd=root, check=True)
-    subprocess.run([*git, "commit", "-qm", "init"], cwd=root, check=True)
-    return root
+    def write_data(external: Path) -> None:
+        x, y = make_images(per_class=20)
+        np.savez(external / "tiny.npz", x=x, y=y, class_names=np.array(TINY_CLASSES))
+
+    return project_repo(
+        tmp_path_factory.mktemp("tune-repo"),
+        tmp_path_factory.mktemp("tune-dvc-remote"),
+        write_data,
+        [*flatten(TINY_OVERRIDES), "ingest.source=data/external/tiny.npz"],
+        lambda params_file: _write_tune(params_file, TINY_SPACE, n_trials=3, seed=1),
+    )
 
 
 def _tune(root: Path, *args: str) -> subprocess.CompletedProcess:
