@@ -37,8 +37,11 @@ pipeline: setup repo-init ## run the whole pipeline (Prefect flow over the DVC s
 repro: setup ## the same stages with plain `dvc repro` (no Prefect)
 	$(VENV)/bin/dvc repro
 
-test: setup browser ## run the test suite (fast tests and the end-to-end test)
-	$(PY) -m pytest
+# Test files in TEST_WORKERS processes (pytest-xdist; a module's tests stay together, so
+# its fixtures are built once). 2 on the 2-core CI machine: most tests wait on one process.
+TEST_WORKERS ?= 2
+test: setup browser ## run the test suite (fast tests and the end-to-end tests), TEST_WORKERS=2 at once
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The report test renders reports/report.html in a real headless Chromium: Debian's, since no
 # test tool may download its own browser here. Installed when missing and we are root; the
