@@ -467,15 +467,55 @@ def apply_overrides(overrides: list[str], path: Path = PARAMS_FILE) -> dict[str,
         return applied
     yaml_rt = YAML()
     yaml_rt.preserve_quotes = True
+    yaml_rt.indent(mapping=2, sequence=4, offset=2)  # params.yaml's own layout
+    # `null` stays `null` (ruamel would write an empty value, which reads the same but differs).
+    yaml_rt.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
     doc = yaml_rt.load(path.read_text())
     for key, value in applied.items():
         *parents, leaf = key.split(".")
         node = doc
         for part in parents:
             node = node[part]
-        node[leaf] = value
+        old = node.get(leaf)
+        if isinstance(value, list) and isinstance(old, list) and old.fa.flow_style() is False:
+            # A block list keeps its node (and the comments ruamel hangs on it): new items in
+            # place, the comments of items that are gone dropped with them.
+            for index in [i for i in old.ca.items if i >= len(value)]:
+                del old.ca.items[index]
+            old[:] = [_flow_style(v) for v in value]
+        else:
+            node[leaf] = _flow_style(value)
     tmp = path.with_suffix(".yaml.tmp")
     with tmp.open("w") as fh:
         yaml_rt.dump(doc, fh)
+    # Never leave a file that does not read back as the values just applied.
+    written = yaml.safe_load(tmp.read_text())
+    for key, value in applied.items():
+        node = written
+        for part in key.split("."):
+            node = node[part]
+        if node != value:
+            tmp.unlink()
+            raise ParamsError(f"override {key!r}: params.yaml would not keep {value!r}; unchanged")
+    parse_params(written)
     tmp.replace(path)
     return applied
+
+
+def _flow_style(value):
+    """Lists and mappings written inline (``[64, 32]``), as params.yaml writes them: a block
+    sequence in place of an inline one misplaces the comment after it (ruamel keeps it on the
+    old token), and an empty one then swallows the next line's line break."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    if isinstance(value, list):
+        seq = CommentedSeq(_flow_style(v) for v in value)
+        seq.fa.set_flow_style()
+        return seq
+    if isinstance(value, dict):
+        mapping = CommentedMap((k, _flow_style(v)) for k, v in value.items())
+        mapping.fa.set_flow_style()
+        return mapping
+    return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import shutil
 from pathlib import Path
@@ -116,3 +117,27 @@ def test_bad_override_leaves_params_untouched(params_copy: Path, override: str, 
     with pytest.raises(ParamsError, match=fragment):
         apply_overrides(["train.max_epochs=3", override], params_copy)
     assert params_copy.read_bytes() == before
+
+
+def test_a_run_of_list_overrides_keeps_params_yaml_readable_and_laid_out(params_copy: Path):
+    """Once `[64, 32]` then `[]` for hidden_units garbled the next line (ruamel kept the old
+    list's comment): every override must leave a file that reads back as what was applied."""
+    before = params_copy.read_text()
+    steps = [
+        ["train.hidden_units=[64, 32]"],
+        ["train.hidden_units=[]", "train.rnn_hidden_size=32"],
+        ["train.hidden_units=[8]"],
+        ['tune.trial_overrides=["evaluate.min_accuracy=0", "train.seed=3"]'],  # a block list
+    ]
+    for overrides in steps:
+        apply_overrides(overrides, params_copy)
+    raw = yaml.safe_load(params_copy.read_text())
+    assert raw["train"]["hidden_units"] == [8] and raw["train"]["rnn_hidden_size"] == 32
+    assert raw["tune"]["trial_overrides"] == ["evaluate.min_accuracy=0", "train.seed=3"]
+    text = params_copy.read_text()
+    assert "  hidden_units: [8]  " in text  # inline, as written, with its comment after it
+    assert "    - train.seed=3" in text  # the block list keeps its indentation
+    assert "channels: null" in text  # null stays null
+    diff = difflib.ndiff(before.splitlines(), text.splitlines())
+    changed = [line for line in diff if line[:1] in "+-"]
+    assert len(changed) <= 10, changed  # 3 values and a 4-item list became 2 items: no more
