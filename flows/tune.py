@@ -148,8 +148,9 @@ TASK_METRICS = {
 
 
 def check_metric_fits_task(params: Params, root: Path) -> None:
-    """``tune.metric`` must be one the train stage logs for this data's task: the task of the
-    prepared data when there is some, else ``ingest.task`` when it is not ``auto``."""
+    """``tune.metric`` must be one the train stage logs for this data's task (the task of the
+    prepared data when there is some, else ``ingest.task`` when it is not ``auto``), and every
+    model the space offers must read this kind of data (a cnn needs images, ...)."""
     from components.dataset import DatasetMeta, meta_path
 
     task = params.ingest.task if params.ingest.task != "auto" else None
@@ -161,6 +162,19 @@ def check_metric_fits_task(params: Params, root: Path) -> None:
             f"tune.metric {params.tune.metric}: the data is a {task} task, whose train stage "
             f"logs {' and '.join(TASK_METRICS[task])}"
         )
+    from components.ingest import resolve_kind
+
+    kind = DatasetMeta.load(meta_file).kind if meta_file.is_file() else resolve_kind(params.ingest)
+    unfit = {"image": (), "sequence": ("cnn",), "table": ("cnn", "lstm", "gru")}[kind]
+    dim = params.tune.space.get("train.model")
+    choices = list(dim.choices) if dim is not None and dim.choices is not None else []
+    for model in choices or [params.train.model]:
+        if model in unfit:
+            where = "tune.space.train.model: choice" if choices else "train.model"
+            fits = [m for m in ("cnn", "mlp", "lstm", "gru") if m not in unfit]
+            raise TuneError(
+                f"{where} {model!r} cannot read this data (a {kind}); use {', '.join(fits)}"
+            )
 
 
 def preflight(root: Path, overrides: list[str]) -> tuple[Params, str]:

@@ -5,6 +5,7 @@ resuming it, two workers at once, and every kind of bad input refused before any
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,27 @@ def test_bad_input_is_refused_before_any_trial(params_copy, space, values, expec
     message = str(err.value)
     assert expected in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("ingest", "metric", "expected"),
+    [
+        ({"source": "data/external/houses.csv"}, "val_accuracy",
+         "choice 'cnn' cannot read this data (a table); use mlp"),
+        ({"source": "data/external/load.csv", "kind": "sequence"}, "val_rmse",
+         "choice 'cnn' cannot read this data (a sequence)"),
+        ({"source": "data/external/houses.csv", "task": "regression"}, "val_accuracy",
+         "tune.metric val_accuracy: the data is a regression task"),
+    ],
+)  # fmt: skip
+def test_a_space_or_metric_that_does_not_fit_the_data_is_refused(params_copy, ingest, metric,
+                                                                 expected):  # fmt: skip
+    raw = yaml.safe_load(params_copy.read_text())
+    raw["ingest"].update(ingest)
+    raw["tune"]["metric"] = metric
+    params_copy.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(TuneError, match=re.escape(expected)):
+        preflight(params_copy.parent, [])
 
 
 def test_set_takes_tune_keys_only_and_validates_them(params_copy):
