@@ -704,31 +704,27 @@ def result_payload(result: CompressResult, params: CompressParams) -> dict:
 
 
 def format_table(result: CompressResult) -> str:
+    """One line per variant: size, latency, then the task's metrics and the drop gate."""
     if any(v.task == "regression" for v in result.variants.values()):
-        return _format_regression_table(result)
+        head = f"{'R^2':>7} {'drop':>7} {'RMSE':>9} {'MAE':>9}"
+
+        def metrics(v: VariantReport) -> str:
+            return f"{v.r2:7.4f} {v.r2_drop:+7.4f} {v.rmse:9.4g} {v.mae:9.4g}"
+    else:
+        head = f"{'acc':>7} {'drop pt':>7} {'F1':>7}"
+
+        def metrics(v: VariantReport) -> str:
+            return f"{v.accuracy:7.4f} {100 * v.accuracy_drop:+7.2f} {v.macro_f1:7.4f}"
+
     lines = [
         f"{'variant':20} {'params':>8} {'KiB':>7} {'gz KiB':>7} {'b1 ms':>7} {'b64 ms':>7} "
-        f"{'acc':>7} {'drop pt':>7} {'F1':>7}  gate"
+        f"{head}  gate"
     ]
     for v in result.variants.values():
         lines.append(
             f"{v.name:20} {v.params:8d} {v.size_bytes / 1024:7.1f} {v.size_gzip_bytes / 1024:7.1f} "
-            f"{v.latency_ms_batch1:7.4f} {v.latency_ms_batch64:7.3f} {v.accuracy:7.4f} "
-            f"{100 * v.accuracy_drop:+7.2f} {v.macro_f1:7.4f}  {'pass' if v.passed else 'FAIL'}"
-        )
-    return "\n".join(lines)
-
-
-def _format_regression_table(result: CompressResult) -> str:
-    lines = [
-        f"{'variant':20} {'params':>8} {'KiB':>7} {'gz KiB':>7} {'b1 ms':>7} {'b64 ms':>7} "
-        f"{'R^2':>7} {'drop':>7} {'RMSE':>9} {'MAE':>9}  gate"
-    ]
-    for v in result.variants.values():
-        lines.append(
-            f"{v.name:20} {v.params:8d} {v.size_bytes / 1024:7.1f} {v.size_gzip_bytes / 1024:7.1f} "
-            f"{v.latency_ms_batch1:7.4f} {v.latency_ms_batch64:7.3f} {v.r2:7.4f} "
-            f"{v.r2_drop:+7.4f} {v.rmse:9.4g} {v.mae:9.4g}  {'pass' if v.passed else 'FAIL'}"
+            f"{v.latency_ms_batch1:7.4f} {v.latency_ms_batch64:7.3f} {metrics(v)}  "
+            f"{'pass' if v.passed else 'FAIL'}"
         )
     return "\n".join(lines)
 

@@ -17,6 +17,7 @@ import contextlib
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -225,3 +226,21 @@ def push_experiment_ref(root: Path, git_remote: str, name: str) -> None:
 
     with Repo(str(root)) as repo:
         repo.experiments.push(git_remote, [name], push_cache=False)
+
+
+# The names of a flow's Failed state when it did not start: its checks refused the input, or
+# another run holds the workspace. The command lines turn them into exit codes 2 and 3.
+NOT_STARTED = "NotStarted"
+BUSY = "WorkspaceBusy"
+
+
+def exit_code(state, what: str) -> int:
+    """A flow's final state as a command's exit code, with a line on stderr when it failed:
+    0 completed, 1 failed, 2 not started (bad input), 3 not started (workspace busy)."""
+    if state.name in (NOT_STARTED, BUSY):
+        print(f"\n{what} not started: {state.message}", file=sys.stderr)
+        return 2 if state.name == NOT_STARTED else 3
+    if not state.is_completed():
+        print(f"\n{what} failed: {state.message}", file=sys.stderr)
+        return 1
+    return 0

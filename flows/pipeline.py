@@ -45,11 +45,14 @@ from components.config import (  # noqa: E402
     read_params_file,
 )
 from flows.experiments import (  # noqa: E402
+    BUSY,
     FALLBACK_IDENTITY,
+    NOT_STARTED,
     PreflightError,
     check_dvc_remote,
     check_git_remote,
     existing_experiment_names,
+    exit_code,
     experiment_name,
     has_commit,
     push_data,
@@ -60,8 +63,6 @@ from flows.workspace_lock import WorkspaceBusy, lock_path, workspace_lock  # noq
 
 # Final-state names the CLI and the tests read: the run did not start, or another run holds
 # the workspace; a stage failed with its own one-line reason (so retrying cannot help).
-NOT_STARTED = "NotStarted"
-BUSY = "WorkspaceBusy"
 STAGE_FAILED = "StageFailed"
 
 
@@ -443,13 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         root=str(root),
         return_state=True,
     )
-    if state.name in (NOT_STARTED, BUSY):
-        print(f"\nPipeline not started: {state.message}", file=sys.stderr)
-        return 2 if state.name == NOT_STARTED else 3
-    if not state.is_completed():
-        print(f"\nPipeline failed: {state.message}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_code(state, "Pipeline")
 
 
 if __name__ == "__main__":

@@ -61,12 +61,10 @@ from components.trial import (  # noqa: E402
     open_storage,
     pruner_from,
 )
-from flows.experiments import PreflightError  # noqa: E402
+from flows.experiments import BUSY, NOT_STARTED, PreflightError, exit_code  # noqa: E402
 from flows.workspace_lock import WorkspaceBusy, workspace_lock  # noqa: E402
 
 DEFAULT_STORAGE = Path("build") / "tune" / "optuna.db"
-NOT_STARTED = "NotStarted"
-BUSY = "WorkspaceBusy"
 # Not a model's params. The data's sections neither: trials must be compared on one validation
 # split, and the best trial's test split must be unseen by every ensemble member.
 UNTUNABLE_SECTIONS = ("paths", "orchestrate", "tune", "ingest", "validate")
@@ -881,13 +879,7 @@ def main(argv: list[str] | None = None) -> int:
         package_ensemble=args.package_ensemble,
         return_state=True,
     )
-    if state.name in (NOT_STARTED, BUSY):
-        print(f"\nTuning not started: {state.message}", file=sys.stderr)
-        return 2 if state.name == NOT_STARTED else 3
-    if not state.is_completed():
-        print(f"\nTuning failed: {state.message}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_code(state, "Tuning")
 
 
 if __name__ == "__main__":
