@@ -54,6 +54,9 @@ browser: ## Chromium for the report's browser test (apt-get, when missing and ro
 	      || echo "could not install chromium: the browser test will skip"; \
 	  else echo "no chromium and not root: the report's browser test will skip"; fi
 
+deps: setup ## make each dvc.yaml stage's code deps the modules it imports (tests/test_structure.py checks)
+	$(PY) -m tools.code_deps --write
+
 lint: setup ## ruff lint and format check
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
@@ -105,4 +108,4 @@ schedule: setup repo-init ## serve the nightly + by-hand deployments (make prefe
 clean: ## remove tool state and build scratch (keeps data, models and the DVC cache)
 	rm -rf build .pytest_cache .ruff_cache
 
-.PHONY: help setup repo-init pipeline repro test browser lint serve champion promote rollback bench bench-serve serve-edge clean tune bench-tune
+.PHONY: help setup repo-init pipeline repro test browser deps lint serve champion promote rollback bench bench-serve serve-edge clean tune bench-tune

@@ -32,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from components.compress import INPUT_NAME, OUTPUT_NAME, pick_calibration, run_onnx
+from components.compress import pick_calibration
 from components.config import load_params
 from components.dataset import DatasetMeta, load_images, meta_path, split_path
+from components.onnx_files import INPUT_NAME, OUTPUT_NAME, run_onnx
 
 ROUNDS = 60
 MEDIANS: dict = {}  # the median round of the last measurement, per session and batch size
@@ -199,8 +200,8 @@ def width_study(meta, params, calibration, shape, threads, tmp: Path) -> list[di
     import torch
 
     from components import quantize
-    from components.compress import export_onnx
     from components.model import build_model
+    from components.onnx_files import export_onnx
     from components.train import net_config
 
     rows = []

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from components.compress import INPUT_NAME, OUTPUT_NAME, VARIANTS, _session, run_onnx
+from components.compress import VARIANTS
 from components.config import load_params
 from components.dataset import load_images, split_path
+from components.onnx_files import INPUT_NAME, OUTPUT_NAME, open_session, run_onnx
 
 
 def median_ms(session, x: np.ndarray, repeats: int) -> float:
@@ -41,7 +42,7 @@ def main() -> None:
         path = onnx_dir / f"{name}.onnx"
         if not path.is_file():
             raise SystemExit(f"{path} not found: run `make pipeline` first")
-        session = _session(path)
+        session = open_session(path)
         accuracy = float((run_onnx(path, test.x).argmax(axis=1) == test.y).mean())
         rows[name] = {
             "size_bytes": path.stat().st_size,

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from components.config import load_params
 from components.dataset import DatasetMeta, load_images, meta_path, split_path
 from components.model import build_model
-from components.train import _lightning_module, net_config
+from components.train import lightning_module, net_config
 
 EPOCHS = 4
 REPEATS = 7  # alternate the two loops and keep each one's best: less noise from the machine
@@ -77,7 +77,7 @@ def lightning_loop(params, meta, train) -> tuple[float, float]:
 
     torch.manual_seed(params.seed)
     net = build_model(net_config(meta, params, train.y))
-    module = _lightning_module(net, params)
+    module = lightning_module(net, params)
     timer = EpochTimer()
     trainer = L.Trainer(
         max_epochs=EPOCHS, accelerator="cpu", devices=1, logger=False,

@@ -37,7 +37,6 @@ dynamic int8 quantizes the dense layers, and an LSTM too where ``dynamic_op_type
 
 from __future__ import annotations
 
-import gzip
 import logging
 import shutil
 import tempfile
@@ -58,38 +57,26 @@ from components.config import (
 )
 from components.dataset import DatasetMeta, ImageSet, load_images, meta_path, split_path
 from components.metrics import task_metrics
-from components.model import NetConfig, config_from_dict, load_model, predict_logits
+from components.model import NetConfig, config_from_dict, load_model
+from components.onnx_files import (
+    CALLS_PER_ROUND,
+    CHECK_SAMPLES,
+    LATENCY_BATCHES,
+    LATENCY_ROUNDS,
+    OnnxCheck,
+    check_quantized,
+    export_onnx,
+    gzip_size,
+    int8_initializers,
+    measure_latencies,
+    run_onnx,
+)
 from components.stage import StageError, main, write_json
 
 log = logging.getLogger("pipeline.compress")
 
-INPUT_NAME, OUTPUT_NAME = "images", "logits"  # the names the bentos feed and read, any data
 VARIANTS = (REFERENCE_VARIANT, EDGE_INT8_VARIANT)  # always written: other stages read them
-LATENCY_BATCHES = (1, 64)
-LATENCY_ROUNDS = 30  # rounds over all variants, interleaved so load changes hit all alike
-CALLS_PER_ROUND = {1: 20, 64: 3}
-CHECK_SAMPLES = 512  # examples for the ONNX-vs-PyTorch check of quantized models
-PROBE_SAMPLES = 7  # training examples for the fp32 export check (not the exported batch size)
-# Regression: a quantized model agrees with its source on an example when their predictions
-# differ by at most this many standard deviations of the training target. (If every example
-# missed by exactly that much, R^2 would fall by about its square, 0.01.)
-REGRESSION_AGREEMENT_STD = 0.1
 EPS = 1e-9
-
-
-@dataclass(frozen=True)
-class OnnxCheck:
-    """How an ONNX file was checked against the PyTorch network it came from."""
-
-    # "max_abs_logit_diff" (fp32 exports) | "top1_agreement" (quantized classifiers) |
-    # "max_abs_diff_in_target_std" (fp32 regression exports: the worst difference / target std)
-    # | "within_tolerance_agreement" (quantized regression: share within ``tolerance``)
-    kind: str
-    value: float
-    threshold: float
-    samples: int
-    max_abs_logit_diff: float  # the worst raw output difference (target units for regression)
-    tolerance: float | None = None  # within_tolerance_agreement: the allowed |difference|
 
 
 @dataclass(frozen=True)
@@ -135,169 +122,6 @@ class CompressResult:
     distillation: dict | None = None
 
 
-# ---------------------------------------------------------------- ONNX export, run, checks
-
-
-def _rows(samples: np.ndarray, n: int, start: int = 0) -> np.ndarray:
-    """``n`` rows of ``samples`` from ``start`` on, cycling when there are fewer."""
-    return samples[(start + np.arange(n)) % len(samples)]
-
-
-def _export(model, image_shape: tuple[int, ...], path: Path, samples=None) -> None:
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if samples is None:  # random pixels: only right for images (the benchmark's use)
-        example = torch.randint(0, 256, (4, *image_shape)).float()
-    else:
-        example = torch.from_numpy(_rows(samples, 4).astype(np.float32))
-    program = torch.onnx.export(
-        model.eval(),
-        (example,),
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
-        external_data=False,
-        dynamo=True,
-        verbose=False,
-    )
-    program.save(str(path), external_data=False)
-
-
-def export_onnx(
-    model,
-    image_shape: tuple[int, ...],
-    path: Path,
-    tolerance: float,
-    samples: np.ndarray | None = None,
-    target_std: float | None = None,
-) -> OnnxCheck:
-    """Export with a dynamic batch dimension and check it against PyTorch on sample inputs.
-
-    ``samples`` are real examples of the data (training split, the dtype the model gets);
-    without them the probe is random pixels, which suits images only. With ``target_std`` (a
-    regression network) the difference is measured in standard deviations of the target, so
-    the tolerance means the same whatever the target's units.
-    """
-    import torch
-
-    _export(model, image_shape, path, samples)
-    if samples is None:
-        probe = torch.randint(0, 256, (PROBE_SAMPLES, *image_shape)).float().numpy()
-    else:  # another batch size than exported, and other rows
-        probe = _rows(samples, PROBE_SAMPLES, start=4).astype(np.float32)
-    expected = predict_logits(model, probe).numpy()
-    worst = float(np.abs(expected - run_onnx(path, probe)).max())
-    if target_std is None:
-        if not worst <= tolerance:
-            raise StageError(
-                f"ONNX export of {path.name} differs from PyTorch by {worst:.2e} "
-                f"(compress.onnx_tolerance is {tolerance:.0e})"
-            )
-        return OnnxCheck("max_abs_logit_diff", worst, tolerance, len(probe), worst)
-    scaled = worst / (target_std or 1.0)
-    if not scaled <= tolerance:
-        raise StageError(
-            f"ONNX export of {path.name} differs from PyTorch by {scaled:.2e} target standard "
-            f"deviations ({worst:.3g} in target units; compress.onnx_tolerance is "
-            f"{tolerance:.0e})"
-        )
-    return OnnxCheck("max_abs_diff_in_target_std", scaled, tolerance, len(probe), worst)
-
-
-def check_quantized(
-    source,
-    path: Path,
-    samples: np.ndarray,
-    min_agreement: float,
-    target_std: float | None = None,
-) -> OnnxCheck:
-    """A quantized model must agree with its PyTorch source on ``min_agreement`` of
-    ``samples`` (real examples: int8 ranges are calibrated on them, noise would saturate).
-
-    A classifier agrees on an example when it picks the same top class; a regression network
-    (``target_std`` given) when its prediction is within ``REGRESSION_AGREEMENT_STD`` target
-    standard deviations of its source's.
-    """
-    expected = predict_logits(source, samples).numpy()
-    got = run_onnx(path, samples)
-    difference = np.abs(expected - got)
-    worst = float(difference.max())
-    if target_std is None:
-        agreement = float((expected.argmax(1) == got.argmax(1)).mean())
-        if agreement < min_agreement:
-            raise StageError(
-                f"{path.name} agrees with its PyTorch source on the top class for only "
-                f"{agreement:.1%} of {len(samples)} sample images (compress.quantization."
-                f"min_agreement is {min_agreement:.1%}; max logit difference {worst:.3g})"
-            )
-        return OnnxCheck("top1_agreement", agreement, min_agreement, len(samples), worst)
-    allowed = REGRESSION_AGREEMENT_STD * (target_std or 1.0)
-    agreement = float((difference.reshape(len(samples), -1).max(axis=1) <= allowed).mean())
-    if agreement < min_agreement:
-        raise StageError(
-            f"{path.name} agrees with its PyTorch source (within {allowed:.3g}, "
-            f"{REGRESSION_AGREEMENT_STD} target standard deviations) for only {agreement:.1%} "
-            f"of {len(samples)} sample examples (compress.quantization.min_agreement is "
-            f"{min_agreement:.1%}; max difference {worst:.3g})"
-        )
-    return OnnxCheck(
-        "within_tolerance_agreement", agreement, min_agreement, len(samples), worst, allowed
-    )
-
-
-def _session(path: Path, threads: int = 1):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads  # fixed threads: comparable latencies across variants
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def run_onnx(path: Path, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    session = _session(path)
-    outs = [
-        session.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + batch_size].astype(np.float32)})[0]
-        for i in range(0, len(x), batch_size)
-    ]
-    return np.concatenate(outs)
-
-
-def measure_latencies(
-    paths: dict[str, Path], samples, threads: int, rounds: int = LATENCY_ROUNDS
-) -> dict[str, dict[int, float]]:
-    """Milliseconds per call, per variant and batch size (1 and 64): the fastest round.
-
-    The inputs are ``samples`` (training examples, cycled to fill a batch), so int8 models run
-    on activations in their calibrated ranges; an input shape tuple instead gives random
-    pixels (images only). The variants take turns within each round, so a burst of load from
-    another process slows them all alike instead of one of them; and of all rounds the
-    fastest one counts (the mean per call within it), as ``timeit`` advises: slower rounds
-    measure the other processes on a shared machine, not the model.
-    """
-    if isinstance(samples, tuple | list):  # an input shape: random pixels
-        rng = np.random.default_rng(0)
-        samples = rng.integers(0, 256, (max(LATENCY_BATCHES), *samples)).astype(np.float32)
-    inputs = {b: {INPUT_NAME: _rows(samples, b).astype(np.float32)} for b in LATENCY_BATCHES}
-    sessions = {name: _session(path, threads) for name, path in paths.items()}
-    for session in sessions.values():
-        for feed in inputs.values():
-            for _ in range(3):
-                session.run([OUTPUT_NAME], feed)
-    times: dict[str, dict[int, list[float]]] = {n: {b: [] for b in inputs} for n in sessions}
-    for _ in range(rounds):
-        for name, session in sessions.items():
-            for b, feed in inputs.items():
-                calls = CALLS_PER_ROUND[b]
-                start = time.perf_counter()
-                for _ in range(calls):
-                    session.run([OUTPUT_NAME], feed)
-                times[name][b].append((time.perf_counter() - start) / calls)
-    return {n: {b: float(np.min(t) * 1000) for b, t in per.items()} for n, per in times.items()}
-
-
 def pick_calibration(train: ImageSet, n: int, seed: int = 0) -> np.ndarray:
     """At most ``n`` training examples, seeded: all of them for a small training split."""
     if n >= len(train):
@@ -307,18 +131,6 @@ def pick_calibration(train: ImageSet, n: int, seed: int = 0) -> np.ndarray:
         return train.x
     idx = np.random.default_rng(seed).choice(len(train), size=n, replace=False)
     return train.x[np.sort(idx)]
-
-
-def gzip_size(path: Path) -> int:
-    return len(gzip.compress(Path(path).read_bytes(), compresslevel=9, mtime=0))
-
-
-def _int8_initializers(path: Path) -> int:
-    """How many weight tensors of an ONNX file are stored as int8."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return sum(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)
 
 
 # The op types each family's graph hands the quantizer (dense layers arrive as MatMul: the
@@ -456,7 +268,7 @@ def build_variants(
                     quantize.quantize_static(fp32_path, path, calibration, params.quantization)
                 else:
                     quantize.quantize_dynamic(fp32_path, path, params.quantization)
-                if not _int8_initializers(path):
+                if not int8_initializers(path):
                     raise StageError(
                         f"compress.variants.{name}: {steps[-1]} left no int8 weight in "
                         f"{path.name} (compress.quantization: {params.quantization.format}, "

@@ -142,10 +142,10 @@ def export_ensemble(
 ) -> float:
     """Write ONE ONNX file (dynamic batch) and check that the softmax of its output equals the
     members' averaged probabilities; returns the largest difference found."""
-    from components.compress import _export, run_onnx
+    from components.onnx_files import export_graph, run_onnx
 
     module = AveragedProbabilities(nets, weights).eval()
-    _export(module, input_shape, Path(path))
+    export_graph(module, input_shape, Path(path))
     probe = torch.randint(0, 256, (7, *input_shape)).float()
     expected = averaged_probabilities(nets, weights, probe)
     worst = float(np.abs(softmax(run_onnx(Path(path), probe.numpy())) - expected).max())
@@ -159,8 +159,8 @@ def export_ensemble(
 
 def measure(paths: dict[str, Path], test, class_names, input_shape, threads: int = 1) -> dict:
     """Test accuracy and macro F1, file size and ONNX Runtime latency at batch 1 and 64."""
-    from components.compress import measure_latencies, run_onnx
     from components.metrics import classification_metrics
+    from components.onnx_files import measure_latencies, run_onnx
 
     latencies = measure_latencies(paths, input_shape, threads, rounds=LATENCY_ROUNDS)
     out = {}
@@ -193,10 +193,10 @@ def build_and_measure(
     absolute gates of ``evaluate``), and packaged into its own bento when asked and it passes.
     ``data_dir`` holds the data set's ``meta.json`` and ``test.npz`` (default: the workspace's
     ``paths.prepared_dir``). Returns the summary written to ``out_dir/ensemble.json``."""
-    from components.compress import export_onnx
     from components.dataset import DatasetMeta, load_images, meta_path, split_path
-    from components.evaluate import absolute_gates
+    from components.onnx_files import export_onnx
     from components.stage import write_json
+    from components.tasks import CLASSIFICATION
 
     paths = params.paths
     out_dir = Path(out_dir)
@@ -220,7 +220,7 @@ def build_and_measure(
         params.compress.latency_threads,
     )
     ens, single = measured[ENSEMBLE_VARIANT], measured["best_single"]
-    gates = absolute_gates(ens, params.evaluate)
+    gates = CLASSIFICATION.gates(ens, params.evaluate)
     passed = all(g.passed for g in gates)
     gain = ens["accuracy"] - single["accuracy"]
     verdict = (

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from components.config import TrainParams
 from components.dataset import ImageSet
-from components.train import _lightning_module, augment_batch
+from components.train import augment_batch, lightning_module
 
 log = logging.getLogger("pipeline.compress")
 
@@ -91,7 +91,7 @@ def _augmenting(params: TrainParams) -> bool:
 
 
 def _module(net, params: TrainParams, teacher: Teacher | None):
-    base = _lightning_module(net, params)
+    base = lightning_module(net, params)
     if teacher is None:
         return base
 

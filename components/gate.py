@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from components import champion as champ
+from components import records, tasks
 from components.config import Params
 from components.dataset import (
     DatasetMeta,
@@ -59,31 +60,11 @@ from components.dataset import (
     split_path,
     table_path,
 )
-from components.evaluate import (
-    COMPARED_KEYS,
-    HEADLINE_KEYS,
-    REGRESSION,
-    Gate,
-    absolute_gates,
-    check_labels,
-    check_targets,
-    drop_gates,
-    failed_reasons,
-    metrics_task,
-    read_evaluate_json,
-    read_metrics_file,
-    regression_gates,
-    regression_values,
-    write_failure_report,
-)
-from components.metrics import classification_metrics, regression_metrics
-from components.stage import StageError, main, write_json
+from components.gates import Gate, champion_gates, drop_gates, failed_reasons
+from components.records import CompressSummary, GateReport, read, write_json
+from components.stage import StageError, main
 
 log = logging.getLogger("pipeline.gate")
-
-GATE_FORMAT = 1
-# compress.json has no format number of its own: these are the keys we read from it.
-COMPRESS_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -160,12 +141,7 @@ def onnx_predict(path: Path, x: np.ndarray, batch_size: int = 512) -> np.ndarray
 
 def measure(path: Path, test: ImageSet, class_names, task: str = "classification") -> dict:
     """Test metrics of one ONNX model, with the same code as evaluate."""
-    if task == REGRESSION:
-        values = regression_values(onnx_outputs(path, test.x), len(test), str(path))
-        return regression_metrics(test.y, values)
-    metrics = classification_metrics(test.y, onnx_predict(path, test.x), class_names)
-    metrics["min_class_recall"] = min(c["recall"] for c in metrics["per_class"].values())
-    return metrics
+    return tasks.get(task).metrics(test.y, onnx_outputs(path, test.x), class_names, str(path))
 
 
 @dataclass(frozen=True)
@@ -205,7 +181,7 @@ class Described:
         """E.g. "an image classification of ['a', 'b'], inputs 1x8x8"."""
         inputs = "x".join(str(d) for d in self.input_shape)
         article = "an" if self.kind[:1] in "aeiou" else "a"
-        if self.task == REGRESSION:
+        if not tasks.get(self.task).has_classes:
             return f"{article} {self.kind} regression of {self.target!r}, inputs {inputs}"
         classes = list(self.class_names)
         if len(classes) > 10:
@@ -260,7 +236,7 @@ def champion_baseline(
     why = _not_comparable(current, ours)
     if why is not None:
         return Baseline(current.run, None, "not comparable", why)
-    compared = COMPARED_KEYS[ours.task]
+    compared = tasks.get(ours.task).compared_keys
     recorded = all(isinstance(current.metrics.get(k), int | float) for k in compared)
     if current.test_split.sha256 == fingerprint and recorded:
         return Baseline(
@@ -321,16 +297,8 @@ def encode_with(raw_test, spec: dict | None, test: ImageSet, ours: Described) ->
 
 
 def read_compress_json(path: Path) -> dict:
-    data = read_metrics_file(path, COMPRESS_FORMAT, "compress", ("variants",))
-    variants = data["variants"]
-    if not isinstance(variants, dict) or not variants:
-        raise StageError(f"{path}: 'variants' must name at least one model: re-run compress")
-    for name, v in variants.items():
-        if not isinstance(v, dict) or not isinstance(v.get("size_bytes"), int):
-            raise StageError(
-                f"{path}: variant {name!r} lacks size_bytes (an older format?): re-run compress"
-            )
-    return data
+    """compress.json, checked (:class:`components.records.CompressSummary`), as a dict."""
+    return read(CompressSummary, path, "compress").model_dump()
 
 
 def gate(
@@ -345,15 +313,12 @@ def gate(
     raw_test=None,
 ) -> GateResult:
     """The core, on loaded inputs: measure every variant and judge it."""
-    task = meta.task
-    if task == REGRESSION:
-        check_targets(test)
-    else:
-        check_labels(test, meta.class_names)
-    if metrics_task(evaluated) != task:
+    task = tasks.get(meta.task)
+    task.check_test(test.y, meta.class_names)
+    if tasks.of_metrics(evaluated) is not task:
         raise StageError(
-            f"evaluate.json holds {metrics_task(evaluated)} metrics but the data is {task} "
-            "(prepared meta.json): re-run the evaluate stage"
+            f"evaluate.json holds {tasks.of_metrics(evaluated).name} metrics but the data is "
+            f"{task.name} (prepared meta.json): re-run the evaluate stage"
         )
     served = compressed.get("served_variant")
     if served not in compressed["variants"]:
@@ -383,13 +348,17 @@ def gate(
                 )
             log.warning("%s not found: variant %s is not judged (it is not served)", path, name)
             continue
-        metrics = measure(path, test, meta.class_names, task)
-        gates = [*absolute_gates(metrics, cfg)]
-        gates += drop_gates(metrics, evaluated, params.compress.max_accuracy_drop, "the network")
+        metrics = measure(path, test, meta.class_names, task.name)
+        gates = [*task.gates(metrics, cfg)]
+        gates += drop_gates(
+            metrics, evaluated, params.compress.max_accuracy_drop, "the network",
+            task.drop_keys, task.drop_param,
+        )  # fmt: skip
         if name == served:
-            gates += regression_gates(
-                metrics, baseline.metrics, cfg.max_regression, str(baseline.run), baseline.note
-            )
+            gates += champion_gates(
+                metrics, baseline.metrics, cfg.max_regression, str(baseline.run), baseline.note,
+                task.compared_keys,
+            )  # fmt: skip
         latency = info.get("latency_ms_batch1")
         verdicts[name] = VariantVerdict(
             name=name,
@@ -405,25 +374,25 @@ def gate(
 
 def result_payload(result: GateResult, meta: DatasetMeta, evaluated: dict) -> dict:
     base = result.baseline
-    task = meta.task
+    task = tasks.get(meta.task)
     champion_metrics = None
     if base.metrics is not None:
         champion_metrics = {
-            k: round(float(base.metrics[k]), 6) for k in HEADLINE_KEYS[task] if k in base.metrics
+            k: round(float(base.metrics[k]), 6) for k in task.headline_keys if k in base.metrics
         }
     return {
-        "format": GATE_FORMAT,
+        "format": GateReport.model_fields["format"].default,
         "passed": result.passed,
         "failed": result.failed,
         "served_variant": result.served,
-        "task": task,
+        "task": task.name,
         "kind": meta.kind,
         "target": meta.target,
         "class_names": list(meta.class_names),
         "image_shape": list(meta.image_shape),
         "preprocess_sha256": champ.preprocess_fingerprint(meta.preprocess, meta.feature_names),
         "test_split": {"sha256": result.fingerprint, "examples": result.examples},
-        "network": {k: round(float(evaluated[k]), 6) for k in HEADLINE_KEYS[task]},
+        "network": {k: round(float(evaluated[k]), 6) for k in task.headline_keys},
         "champion": {
             "run": base.run,
             "source": base.source,
@@ -450,12 +419,6 @@ def result_payload(result: GateResult, meta: DatasetMeta, evaluated: dict) -> di
     }
 
 
-COMPRESSION_COLUMNS = {
-    "classification": ("accuracy", "macro_f1", "min_class_recall"),
-    "regression": ("r2", "rmse", "mae"),
-}
-
-
 def write_compression_csv(path: Path, result: GateResult) -> None:
     """One row per variant: the compression trade-off that `dvc plots diff` compares.
 
@@ -464,7 +427,7 @@ def write_compression_csv(path: Path, result: GateResult) -> None:
     """
     # Every task's columns, the other task's left empty: the plots declared once in dvc.yaml
     # must find their fields whatever the data.
-    columns = [c for cols in COMPRESSION_COLUMNS.values() for c in cols]
+    columns = [c for task in tasks.TASKS.values() for c in task.record_keys]
     lines = [",".join(("variant", "size_kib", "latency_ms", *columns, "served"))]
     for v in result.variants.values():
         latency = "" if v.latency_ms is None else f"{v.latency_ms:.4f}"
@@ -476,12 +439,8 @@ def write_compression_csv(path: Path, result: GateResult) -> None:
 
 
 def read_gate_json(path: Path) -> dict:
-    return read_metrics_file(
-        path,
-        GATE_FORMAT,
-        "gate",
-        ("passed", "served_variant", "test_split", "variants", "champion", "class_names"),
-    )
+    """gate.json, checked (:class:`components.records.GateReport`), as a dict."""
+    return read(GateReport, path, "gate").model_dump()
 
 
 def run(params: Params) -> GateResult:
@@ -489,9 +448,11 @@ def run(params: Params) -> GateResult:
     metrics_dir = Path(paths.metrics_dir)
     meta = DatasetMeta.load(meta_path(paths.prepared_dir))
     test = load_images(split_path(paths.prepared_dir, "test"))
-    evaluated = read_evaluate_json(metrics_dir / "evaluate.json")
-    if not evaluated["passed"]:
-        raise StageError("evaluate.json says the network failed its gates: nothing to package")
+    evaluated = records.read_evaluate(metrics_dir).numbers()
+    if not records.read_evaluate_gates(metrics_dir).passed:
+        raise StageError(
+            f"{records.EVALUATE_GATES_FILE} says the network failed its gates: nothing to package"
+        )
     compressed = read_compress_json(metrics_dir / "compress.json")
     record = champ.load_record(paths.champion_file)
     raw_file = table_path(paths.prepared_dir, "test")
@@ -520,7 +481,6 @@ def run(params: Params) -> GateResult:
             )
     if not result.passed:
         reason = f"gate failed for the {result.served} model: " + "; ".join(result.failed)
-        write_failure_report(params, "gate", reason)
         raise StageError(reason)
     return result
 

@@ -35,16 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components import champion as champ
+from components import records, tasks
 from components.config import Params, ParamsError, load_params
-from components.evaluate import (
-    CLASSIFICATION,
-    HEADLINE_KEYS,
-    LABELS,
-    RECORD_KEYS,
-    read_metrics_file,
-)
-from components.gate import read_gate_json
-from components.stage import StageError, main, set_quiet_env, write_json
+from components.gates import LABELS
+from components.records import write_json
+from components.stage import StageError, main, set_quiet_env
 
 log = logging.getLogger("pipeline.promote")
 
@@ -59,15 +54,6 @@ class PromoteResult:
     reason: str
     champion_before: str | None
     champion_after: str | None
-
-
-def read_bento_json(path: Path) -> dict:
-    data = read_metrics_file(
-        path, 1, "package", ("tag", "archive", "served_variant", "model", "model_version")
-    )
-    if ":" not in data["tag"] or data["tag"].endswith(":latest"):
-        raise StageError(f"{path}: bento tag {data['tag']!r} is not a pinned name:version")
-    return data
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -93,16 +79,14 @@ def run_record(gate: dict, bento: dict, root: Path = Path(".")) -> champ.RunReco
             f"(sha256 {verdict['model_sha256'][:12]}): stale files; re-run the pipeline"
         )
     archive = Path(bento["archive"])
-    task = gate.get("task", CLASSIFICATION)  # gate.json before regression: classification
-    if task not in RECORD_KEYS:
-        raise StageError(f"gate.json: unknown task {task!r}: re-run the gate stage")
-    missing = [k for k in RECORD_KEYS[task] if not isinstance(verdict.get(k), int | float)]
+    task = tasks.get(gate["task"])
+    missing = [k for k in task.record_keys if not isinstance(verdict.get(k), int | float)]
     if missing:
         raise StageError(
-            f"gate.json: the {served} variant lacks the {task} metrics {', '.join(missing)}: "
+            f"gate.json: the {served} variant lacks the {task.name} metrics {', '.join(missing)}: "
             "re-run the gate stage"
         )
-    metrics = {k: float(verdict[k]) for k in RECORD_KEYS[task]}
+    metrics = {k: float(verdict[k]) for k in task.record_keys}
     metrics.update({f"network_{k}": float(v) for k, v in gate["network"].items()})
     return champ.RunRecord(
         run=bento["model_version"],
@@ -120,10 +104,10 @@ def run_record(gate: dict, bento: dict, root: Path = Path(".")) -> champ.RunReco
         edge_bento_tag=(bento.get("edge") or {}).get("tag"),
         git_commit=champ.git_commit(root),
         prefect_flow_run=os.environ.get("PREFECT__FLOW_RUN_ID"),
-        task=task,
-        kind=gate.get("kind", "image"),
-        target=gate.get("target", ""),
-        preprocess_sha256=gate.get("preprocess_sha256"),
+        task=task.name,
+        kind=gate["kind"],
+        target=gate["target"],
+        preprocess_sha256=gate["preprocess_sha256"],
     )
 
 
@@ -204,8 +188,8 @@ def _promote(record: champ.ChampionRecord, name: str, by: str, reason: str) -> N
 
 def run(params: Params) -> PromoteResult:
     paths = params.paths
-    gate = read_gate_json(Path(paths.metrics_dir) / "gate.json")
-    bento = read_bento_json(Path(paths.artefacts_dir) / "bento.json")
+    gate = records.read_gate(paths.metrics_dir).model_dump()
+    bento = records.read_bento(paths.artefacts_dir).model_dump()
     record = champ.load_record(paths.champion_file)
     candidate = run_record(gate, bento)
     champ.ensure_bento(candidate)  # a bento restored by DVC's run-cache is imported here
@@ -286,9 +270,9 @@ def headline(run: champ.RunRecord) -> str:
     0.9709" or "regression of 'price': R^2 0.8123  RMSE 1.2345"."""
     m = run.metrics
     numbers = "  ".join(
-        f"{LABELS[k]} {m.get(k, float('nan')):.4f}" for k in HEADLINE_KEYS[run.task]
+        f"{LABELS[k]} {m.get(k, float('nan')):.4f}" for k in tasks.get(run.task).headline_keys
     )
-    if run.task == CLASSIFICATION:
+    if tasks.get(run.task).has_classes:
         return numbers if run.kind == "image" else f"{run.kind}: {numbers}"
     return f"{run.kind} regression of {run.target!r}: {numbers}"
 

@@ -9,9 +9,8 @@ result (with links to our validation summary and the Great Expectations Data Doc
 champion's lineage. Plots are drawn with matplotlib and inlined as PNG: the page needs no
 network, no JavaScript and no other file (the validation pages it links to sit next to it).
 
-The ``report`` stage runs last. A run that a gate stops never reaches it, so the stage that
-stops (evaluate or gate) writes this same page through :func:`write_report` before failing,
-with only the sections of the stages that ran.
+The ``report`` stage runs last. A run that a stage stops never reaches it: the flow writes that
+run's page, ``stopped.html``, with :func:`write_stopped`.
 """
 
 from __future__ import annotations
@@ -26,8 +25,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from components import records, tasks
 from components.config import Params
-from components.evaluate import REGRESSION, metrics_task
 from components.stage import StageError, main
 
 log = logging.getLogger("pipeline.report")
@@ -45,6 +44,7 @@ class ReportInputs:
     train: dict | None = None
     history: list[dict] | None = None
     evaluate: dict | None = None
+    evaluate_gates: dict | None = None  # evaluate's verdicts on the network
     confusion: list[tuple[str, str]] | None = None
     predictions: list[tuple[float, float]] | None = None  # regression: (actual, predicted)
     meta: dict | None = None  # the prepared data's meta.json: kind, task, target, features
@@ -120,7 +120,8 @@ def gather(params: Params, stopped_at: str | None = None, stop_reason: str | Non
         inputs.train = _json(metrics / "train.json")
         inputs.history = _history(metrics / "train_history.csv")
     if "evaluate" in reached:
-        inputs.evaluate = _json(metrics / "evaluate.json")
+        inputs.evaluate = _json(metrics / records.EVALUATE_FILE)
+        inputs.evaluate_gates = _json(metrics / records.EVALUATE_GATES_FILE)
         inputs.confusion = _confusion(metrics / "confusion.csv")
         inputs.predictions = _predictions(metrics / "predictions.csv")
     if "compress" in reached:
@@ -357,7 +358,7 @@ def _headline(inputs: ReportInputs) -> tuple[str, str]:
 def _task(inputs: ReportInputs) -> str:
     """classification or regression: what evaluate measured, else what the data is."""
     if inputs.evaluate:
-        return metrics_task(inputs.evaluate)
+        return tasks.of_metrics(inputs.evaluate).name
     return (inputs.meta or {}).get("task") or "classification"
 
 
@@ -375,7 +376,7 @@ def data_facts(meta: dict | None) -> str:
         facts.append(f"sequences of {shape[0]} steps of {shape[1]} values")
     else:
         facts.append(f"{'a table' if kind == 'table' else _e(kind)}")
-    if task == REGRESSION:
+    if not tasks.get(task).has_classes:
         facts.append(f"regression of <code>{_e(meta.get('target', ''))}</code>")
     else:
         target = f" of <code>{_e(meta['target'])}</code>" if meta.get("target") else ""
@@ -398,8 +399,8 @@ def data_facts(meta: dict | None) -> str:
 
 def section_gates(inputs: ReportInputs) -> str:
     rows = []
-    if inputs.evaluate and "gates" in inputs.evaluate:
-        rows += _gate_rows("network (PyTorch)", inputs.evaluate["gates"])
+    if inputs.evaluate_gates and "gates" in inputs.evaluate_gates:
+        rows += _gate_rows("network (PyTorch)", inputs.evaluate_gates["gates"])
     if inputs.gate:
         variants = inputs.gate.get("variants", {})
         for name in sorted(variants, key=lambda n: not variants[n].get("served")):
@@ -455,7 +456,7 @@ def section_metrics(inputs: ReportInputs) -> str:
     ev = inputs.evaluate
     if not ev:
         return "<h2>Test metrics</h2>" + _not_reached("evaluate", inputs)
-    if metrics_task(ev) == REGRESSION:
+    if not tasks.of_metrics(ev).has_classes:
         return section_regression_metrics(inputs)
     keys = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "min_class_recall")
     head = "".join(f"<th>{_e(k.replace('_', ' '))}</th>" for k in keys)
@@ -497,7 +498,7 @@ def section_compression(inputs: ReportInputs) -> str:
     if not comp or not isinstance(comp.get("variants"), dict):
         return "<h2>Compression</h2>" + _not_reached("compress", inputs)
     measured = (inputs.gate or {}).get("variants", {})
-    regression = _task(inputs) == REGRESSION
+    regression = not tasks.get(_task(inputs)).has_classes
     # compress.json's own figures, overridden by what the gate measured on the test split.
     keys = ("r2", "rmse", "mae") if regression else ("accuracy", "macro_f1")
     labels = [REGRESSION_COLUMNS[k] for k in keys] if regression else ["accuracy", "macro F1"]
@@ -630,6 +631,40 @@ def write_report(
     tmp.write_text(page)
     tmp.replace(path)
     log.info("report: %s", path)
+    return path
+
+
+STOPPED_FILE = "stopped.html"
+# The report inputs each stage's files fill (see gather).
+STAGE_INPUTS = {
+    "validate": ("validation",),
+    "train": ("train", "history"),
+    "evaluate": ("evaluate", "evaluate_gates", "confusion", "predictions"),
+    "compress": ("compress",),
+    "gate": ("gate",),
+    "package": ("bento",),
+    "promote": ("promote",),
+}
+
+
+def write_stopped(params: Params, stopped_at: str, reason: str) -> Path:
+    """The page of a run that a stage stopped: its reason, and what the stages before it wrote.
+
+    Written to ``reports/stopped.html``, beside the last good run's ``report.html`` (an output
+    of the report stage, which this run never reached). The stopped stage's own files are the
+    last good run's again (a failed stage puts them back), so the page leaves them out: the
+    reason holds the numbers that stopped it.
+    """
+    if stopped_at not in STAGES:
+        raise ValueError(f"unknown stage {stopped_at!r}; expected one of {STAGES}")
+    inputs = gather(params, stopped_at, reason)
+    for name in STAGE_INPUTS[stopped_at]:
+        setattr(inputs, name, None)
+    path = Path(params.paths.reports_dir) / STOPPED_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render(inputs))
+    tmp.replace(path)
     return path
 
 

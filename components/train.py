@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from components import tasks
 from components.config import Params, TrainParams
 from components.dataset import DatasetMeta, ImageSet, load_images, meta_path, split_path
 from components.model import NetConfig, build_model, load_state_dict, save_model
@@ -32,7 +33,6 @@ log = logging.getLogger("pipeline.train")
 # The history file has every column for either task (the other task's is left empty), so the
 # plot declared once in dvc.yaml finds its fields whatever the data.
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_rmse")
-TASK_METRIC = {"classification": "val_accuracy", "regression": "val_rmse"}
 LAST_CHECKPOINT = "last.ckpt"
 
 
@@ -185,8 +185,9 @@ def augment_batch(x, params):
 # ---------------------------------------------------------------- Lightning glue
 
 
-def _lightning_module(net, params: TrainParams):
-    """Wrap the plain network in a LightningModule (imported lazily: Lightning is slow)."""
+def lightning_module(net, params: TrainParams):
+    """Wrap the plain network in a LightningModule (imported lazily: Lightning is slow); the
+    fine-tunes of compress (components/finetune.py) train through the same module."""
     import lightning as L
     import torch
     from torch.nn import functional as F
@@ -196,15 +197,12 @@ def _lightning_module(net, params: TrainParams):
         or params.augment.max_rotation_degrees
         or params.augment.horizontal_flip
     )
-    # Regression: the net answers in target units; the loss is taken on the standardised
-    # scale (MSE / variance of the training targets) so learning rates carry across data sets.
     regression = bool(getattr(net, "regression", False))
+    task = tasks.REGRESSION if regression else tasks.CLASSIFICATION
     target_var = float(net.target_std) ** 2 if regression else 1.0
 
     def task_loss(out, y):
-        if regression:
-            return F.mse_loss(out[:, 0], y.float()) / target_var
-        return F.cross_entropy(out, y)
+        return task.loss(out, y, target_var)
 
     class ClassifierModule(L.LightningModule):
         def __init__(self):
@@ -391,7 +389,7 @@ def fit(
             log.info("resuming from %s after epoch %d of %d", resume_from, resumed_epoch,
                      params.max_epochs)  # fmt: skip
 
-    module = _lightning_module(net, params)
+    module = lightning_module(net, params)
     started = time.perf_counter()
     trainer.fit(
         module,
@@ -439,7 +437,7 @@ def run(params: Params) -> TrainResult | None:
         },
     )
     metrics_dir = Path(paths.metrics_dir)
-    key = TASK_METRIC[meta.task]
+    key = tasks.get(meta.task).val_metric
     summary = {"epochs_run": len(history), "best_epoch": best["epoch"]}
     summary.update({f"best_{k}": best[k] for k in ("val_loss", key)})
     write_json(metrics_dir / "train.json", summary)

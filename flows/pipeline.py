@@ -192,6 +192,55 @@ def push_run(root: str, remote: str, git_remote: str, experiment: str | None) ->
     return said
 
 
+def _read_lock(root: Path) -> bytes | None:
+    lock = root / "dvc.lock"
+    return lock.read_bytes() if lock.is_file() else None
+
+
+def roll_back(root: Path, last_good_lock: bytes | None, logger) -> str:
+    """After a failed stage: dvc.lock and every output back as the last good run left them.
+
+    The failed stage put its own outputs back (components/restore.py); the stages of this run
+    that finished before it changed dvc.lock and their outputs: both go back too, so a run
+    that fails changes nothing a later run or `make serve` relies on. ``dvc status`` then lists
+    what is stale. Returns one line for the failure message.
+    """
+    lock = root / "dvc.lock"
+    if last_good_lock is None:
+        return "no earlier good run to go back to"
+    if lock.is_file() and lock.read_bytes() == last_good_lock:
+        return "outputs as the last good run left them (dvc status lists what is stale)"
+    lock.write_bytes(last_good_lock)
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "checkout", "--force", "--quiet"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        problem = " ".join((done.stderr or done.stdout).split())[:300]
+        logger.warning("dvc checkout after the failure: %s", problem)
+        return f"dvc.lock put back, but dvc checkout failed ({problem}): run `dvc checkout`"
+    logger.info("dvc.lock and the outputs of this run's earlier stages put back (dvc checkout)")
+    return (
+        "dvc.lock and every output back as the last good run left them (dvc status lists what "
+        "is stale)"
+    )
+
+
+def write_stopped_report(root: Path, stage: str, reason: str, logger) -> Path | None:
+    """The report page of a run that stopped at ``stage``, beside the last good run's report."""
+    from components.report import STAGES, write_stopped
+
+    if stage not in STAGES:
+        return None
+    try:
+        return write_stopped(load_params(root / "params.yaml"), stage, reason)
+    except Exception as exc:  # the stage's reason matters more than its page
+        logger.warning("could not write the report of the stopped run: %s", exc)
+        return None
+
+
 def params_with_overrides(root: Path, overrides: list[str]) -> Params:
     """params.yaml as it will be once the overrides are applied; nothing is written."""
     path = root / "params.yaml"
@@ -233,6 +282,7 @@ def read_summary(root: Path) -> dict:
 
     return {
         "evaluate": read(metrics_dir / "evaluate.json"),
+        "evaluate_gates": read(metrics_dir / "evaluate_gates.json"),
         "compress": read(metrics_dir / "compress.json"),
         "gate": read(metrics_dir / "gate.json"),
         "bento": read(root / params.paths.artefacts_dir / "bento.json"),
@@ -249,14 +299,14 @@ def format_summary(summary: dict, outcomes: dict[str, str], notes: list[str] = (
         "  stages: " + ", ".join(f"{s} {o}" for s, o in outcomes.items()),
         *(f"  {note}" for note in notes),
     ]
-    regression = (ev or {}).get("task") == "regression"
-    headline = "r2" if regression else "accuracy"
+    from components import tasks
+
+    task = tasks.of_metrics(ev or {})
+    headline = task.selection_key
     if ev:
-        keys = ("r2", "rmse", "mae") if regression else (
-            "accuracy", "macro_precision", "macro_recall", "macro_f1"
-        )  # fmt: skip
+        keys = task.summary_keys
         lines.append("  test metrics: " + ", ".join(f"{k} {ev[k]:.4f}" for k in keys if k in ev))
-        for name, gate in ev.get("gates", {}).items():
+        for name, gate in (summary.get("evaluate_gates") or {}).get("gates", {}).items():
             verdict = "PASS" if gate["passed"] else "FAIL"
             lines.append(
                 f"  gate {name}: {verdict} ({gate['value']:.4f} vs min {gate['threshold']})"
@@ -374,13 +424,18 @@ def _run_holding_the_workspace(
     retry = {"retries": orc.retries, "retry_delay_seconds": orc.retry_delay_seconds}
 
     outcomes: dict[str, str] = {}
+    last_good_lock = _read_lock(root)
     for stage in order:
         state = run_stage.with_options(name=stage, task_run_name=stage, **retry)(
             stage, str(root), return_state=True
         )
         if not state.is_completed():
             logger.info("not saved as an experiment: %s failed", stage)
-            return Failed(message=state.message or f"{stage} did not complete")
+            reason = state.message or f"{stage} did not complete"
+            # The page first: it shows what this run's earlier stages wrote, before they go back.
+            page = write_stopped_report(root, stage, reason, logger)
+            said = roll_back(root, last_good_lock, logger)
+            return Failed(message=f"{reason}; {said}" + (f"; report: {page}" if page else ""))
         outcomes[stage] = "skipped" if state.name == "Skipped" else "ran"
 
     notes: list[str] = []

@@ -15,10 +15,15 @@ import numpy as np
 import pytest
 
 from components import champion as champ
-from components import evaluate, gate
+from components import evaluate, gate, records
 from components.config import Params, parse_params
 from components.dataset import DatasetMeta, ImageSet, load_images, save_images
-from components.stage import StageError
+from components.gates import champion_gates, drop_gates
+from components.records import Verdicts
+from components.report import write_stopped
+from components.stage import StageError, write_json
+from components.tasks import CLASSIFICATION, REGRESSION
+from components.tasks.classification import class_recall_gate
 from tests.conftest import tiny_params_dict
 from tests.test_package import CLASS_NAMES, IMAGE_SHAPE, make_tiny_onnx
 
@@ -92,18 +97,10 @@ def write_challenger(params: Params, int8_seed: int, fp32_seed: int | None = Non
         json.dumps({"variants": variants, "served_variant": "int8"})
     )
     network = measured["fp32"]  # the network answers like its fp32 export
-    result = evaluate.EvaluateResult(network, evaluate.absolute_gates(network, params.evaluate))
-    (metrics_dir / "evaluate.json").write_text(
-        json.dumps(
-            {
-                "format": evaluate.EVALUATE_FORMAT,
-                **evaluate.metrics_payload(network),
-                "gates": {g.name: g.to_json() for g in result.gates},
-                "passed": result.passed,
-                "failed": [],
-            }
-        )
-    )
+    meta = DatasetMeta.load(Path(params.paths.prepared_dir) / "meta.json")
+    write_json(metrics_dir / "evaluate.json", evaluate.metrics_record(network, meta, len(test)))
+    verdicts = Verdicts.of(CLASSIFICATION.gates(network, params.evaluate))
+    write_json(metrics_dir / "evaluate_gates.json", verdicts)
     return measured["int8"]
 
 
@@ -153,7 +150,7 @@ def _metrics(accuracy=0.9, macro_f1=0.9, recalls=(0.9, 0.8, 1.0), supports=(5, 5
 
 def test_absolute_gates_give_a_verdict_and_a_reason_each(project):
     strict = project.evaluate.model_copy(update={"min_accuracy": 0.95, "min_class_recall": 0.85})
-    gates = {g.name: g for g in evaluate.absolute_gates(_metrics(), strict)}
+    gates = {g.name: g for g in CLASSIFICATION.gates(_metrics(), strict)}
     assert set(gates) == {"accuracy", "macro_f1", "min_class_recall"}
     assert not gates["accuracy"].passed
     assert gates["accuracy"].reason == "accuracy 0.9000 < min 0.9500"
@@ -172,36 +169,35 @@ def test_absolute_gates_give_a_verdict_and_a_reason_each(project):
 
 def test_a_threshold_met_up_to_float_noise_passes(project):
     exact = project.evaluate.model_copy(update={"min_accuracy": 0.9})
-    gates = evaluate.absolute_gates(_metrics(accuracy=0.8999999999999), exact)
+    gates = CLASSIFICATION.gates(_metrics(accuracy=0.8999999999999), exact)
     assert gates[0].passed
 
 
 def test_a_class_without_test_examples_fails_the_recall_gate(project):
-    gate_ = evaluate.class_recall_gate(_metrics(supports=(5, 0, 5))["per_class"], 0.0)
+    gate_ = class_recall_gate(_metrics(supports=(5, 0, 5))["per_class"], 0.0)
     assert not gate_.passed
     assert "class 'b' has no test examples" in gate_.reason
 
 
+KEYS = ("accuracy", "macro_f1")
+
+
 def test_drop_gates_bound_the_loss_of_a_compressed_variant():
     reference = {"accuracy": 0.95, "macro_f1": 0.95}
-    ok = evaluate.drop_gates({"accuracy": 0.94, "macro_f1": 0.95}, reference, 0.01, "fp32")
+    ok = drop_gates({"accuracy": 0.94, "macro_f1": 0.95}, reference, 0.01, "fp32", KEYS, "")
     assert all(g.passed for g in ok)
-    bad = evaluate.drop_gates({"accuracy": 0.90, "macro_f1": 0.95}, reference, 0.01, "fp32")
+    bad = drop_gates({"accuracy": 0.90, "macro_f1": 0.95}, reference, 0.01, "fp32", KEYS, "")
     assert [g.passed for g in bad] == [False, True]
     assert bad[0].reason == "accuracy drop vs fp32 +0.0500 (0.9500 -> 0.9000) > max 0.0100"
 
 
-def test_regression_gates_against_the_champion():
+def test_champion_gates_against_the_champion():
     champion = {"accuracy": 0.95, "macro_f1": 0.94}
-    none = evaluate.regression_gates(champion, None, 0.01, "None", "no champion yet: passes")
+    none = champion_gates(champion, None, 0.01, "None", "no champion yet: passes", KEYS)
     assert len(none) == 1 and none[0].passed and none[0].reason == "no champion yet: passes"
-    within = evaluate.regression_gates(
-        {"accuracy": 0.945, "macro_f1": 0.94}, champion, 0.01, "r1", ""
-    )
+    within = champion_gates({"accuracy": 0.945, "macro_f1": 0.94}, champion, 0.01, "r1", "", KEYS)
     assert all(g.passed for g in within)
-    worse = evaluate.regression_gates(
-        {"accuracy": 0.93, "macro_f1": 0.95}, champion, 0.01, "r1", ""
-    )
+    worse = champion_gates({"accuracy": 0.93, "macro_f1": 0.95}, champion, 0.01, "r1", "", KEYS)
     assert [g.passed for g in worse] == [False, True]
     assert worse[0].reason == (
         "accuracy 0.9300 is 0.0200 below champion r1 0.9500, more than the 0.0100 allowed"
@@ -216,23 +212,25 @@ def test_an_evaluate_json_of_the_first_format_is_refused_with_what_to_do(tmp_pat
     old = {"accuracy": 0.97, "macro_f1": 0.97, "gates": {}, "passed": True, "per_class": {}}
     path = tmp_path / "evaluate.json"
     path.write_text(json.dumps(old))  # no "format": the layout of the first version
-    with pytest.raises(StageError, match=r"format 1, this code reads format 2.*dvc repro evaluate"):
-        evaluate.read_evaluate_json(path)
-    path.write_text(json.dumps({"format": 2, "accuracy": 0.9}))
+    with pytest.raises(StageError, match=r"format 1, this code reads format 3.*dvc repro evaluate"):
+        records.read_evaluate(tmp_path)
+    path.write_text(
+        json.dumps({"format": 3, "task": "classification", "accuracy": 0.9, "test_examples": 9})
+    )
     with pytest.raises(StageError, match=r"lacks macro_f1, min_class_recall"):
-        evaluate.read_evaluate_json(path)
+        records.read_evaluate(tmp_path)
     path.write_text("{not json")
     with pytest.raises(StageError, match=r"not valid JSON"):
-        evaluate.read_evaluate_json(path)
+        records.read_evaluate(tmp_path)
     with pytest.raises(StageError, match=r"not found: run the evaluate stage"):
-        evaluate.read_evaluate_json(tmp_path / "missing.json")
+        records.read_evaluate(tmp_path / "missing")
 
 
 def test_a_compress_json_without_sizes_is_refused(project):
     write_challenger(project, GOOD_SEED)
     path = Path(project.paths.metrics_dir) / "compress.json"
     path.write_text(json.dumps({"variants": {"int8": {"accuracy": 0.9}}}))
-    with pytest.raises(StageError, match=r"variant 'int8' lacks size_bytes"):
+    with pytest.raises(StageError, match=r"variants\.int8\.size_bytes: Field required"):
         gate.run(project)
     assert not (Path(project.paths.metrics_dir) / "gate.json").exists()
 
@@ -281,7 +279,9 @@ def test_a_worse_challenger_fails_with_the_reason_and_the_report_says_so(project
     champ.save_record(project.paths.champion_file, record)
     before = Path(project.paths.champion_file).read_bytes()
 
-    with pytest.raises(StageError, match=r"gate failed for the int8 model: accuracy 0\.\d+ is"):
+    with pytest.raises(
+        StageError, match=r"gate failed for the int8 model: accuracy 0\.\d+ is"
+    ) as failure:
         gate.run(project)
 
     written = json.loads((Path(project.paths.metrics_dir) / "gate.json").read_text())
@@ -290,7 +290,8 @@ def test_a_worse_challenger_fails_with_the_reason_and_the_report_says_so(project
     assert written["champion"]["source"] == "recorded"
     assert any("below champion rchampion0001 1.0000" in r for r in written["failed"])
     assert Path(project.paths.champion_file).read_bytes() == before  # the gate never writes it
-    page = (Path(project.paths.reports_dir) / "report.html").read_text()
+    # The flow writes the stopped run's page from the stage's reason (flows/pipeline.py).
+    page = write_stopped(project, "gate", str(failure.value)).read_text()
     assert "Refused at gate" in page and "below champion rchampion0001" in page
 
 
@@ -349,7 +350,7 @@ def test_unknown_class_and_empty_test_split_are_clear_errors(project):
 
 def test_a_failed_evaluate_json_is_never_gated_into_a_package(project):
     write_challenger(project, GOOD_SEED)
-    path = Path(project.paths.metrics_dir) / "evaluate.json"
+    path = Path(project.paths.metrics_dir) / "evaluate_gates.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "passed": False}))
     with pytest.raises(StageError, match=r"failed its gates: nothing to package"):
         gate.run(project)
@@ -550,13 +551,14 @@ def test_evaluate_measures_a_regression_model_in_target_units(regression_project
     rmse = float(np.sqrt(((expected - test.y) ** 2).mean()))
     metrics_dir = Path(params.paths.metrics_dir)
     written = json.loads((metrics_dir / "evaluate.json").read_text())
+    written |= json.loads((metrics_dir / "evaluate_gates.json").read_text())
     assert written["task"] == "regression" and written["target"] == TARGET
     assert written["rmse"] == pytest.approx(rmse, abs=1e-4) and written["r2"] > 0.99
     assert written["mae"] <= written["rmse"] and written["test_examples"] == len(test)
     assert "accuracy" not in written and "per_class" not in written and written["passed"]
     assert set(written["gates"]) == {"r2"}
     assert written["gates"]["r2"]["reason"].endswith(">= min 0.5000 (evaluate.min_r2)")
-    assert evaluate.read_evaluate_json(metrics_dir / "evaluate.json")["r2"] == written["r2"]
+    assert records.read_evaluate(metrics_dir).r2 == written["r2"]
     rows = (metrics_dir / "predictions.csv").read_text().splitlines()
     assert rows[0] == "actual,predicted,residual" and len(rows) == 1 + len(test)
     actual, predicted, residual = (float(v) for v in rows[1].split(","))
@@ -574,11 +576,11 @@ def test_a_regression_model_below_min_r2_fails_naming_the_param(regression_proje
     with pytest.raises(
         StageError,
         match=r"^evaluation gate failed: R\^2 -?0\.\d{4} < min 0\.5000 \(evaluate\.min_r2\)$",
-    ):
+    ) as failure:
         evaluate.run(params)
-    written = json.loads((Path(params.paths.metrics_dir) / "evaluate.json").read_text())
+    written = json.loads((Path(params.paths.metrics_dir) / "evaluate_gates.json").read_text())
     assert not written["passed"] and written["gates"]["r2"]["value"] < 0.5
-    page = (Path(params.paths.reports_dir) / "report.html").read_text()
+    page = write_stopped(params, "evaluate", str(failure.value)).read_text()
     assert "Refused at evaluate: evaluation gate failed: R^2" in page
 
 
@@ -599,23 +601,23 @@ def test_evaluate_refuses_a_model_of_another_task_or_target(regression_project, 
 def test_regression_targets_and_outputs_must_be_finite(regression_project):
     split = regression_split(n=6)
     with pytest.raises(StageError, match=r"1 target\(s\) that are not finite numbers \(first at"):
-        evaluate.check_targets(ImageSet(split.x, np.where(np.arange(6) == 2, np.nan, split.y)))
+        REGRESSION.check_test(np.where(np.arange(6) == 2, np.nan, split.y), ())
     outputs = np.ones((6, 1))
     outputs[4] = np.inf
     with pytest.raises(StageError, match=r"not a finite number for 1 of 6 test examples"):
-        evaluate.evaluate_regression(outputs, split, regression_project.evaluate)
+        evaluate.evaluate(outputs, split, (), regression_project.evaluate, REGRESSION)
     with pytest.raises(StageError, match=r"one value per example"):
-        evaluate.evaluate_regression(np.ones((6, 3)), split, regression_project.evaluate)
+        evaluate.evaluate(np.ones((6, 3)), split, (), regression_project.evaluate, REGRESSION)
 
 
 def test_a_regression_evaluate_json_needs_its_own_keys(tmp_path):
     path = tmp_path / "evaluate.json"
-    path.write_text(json.dumps({"format": 2, "task": "regression", "r2": 0.9, "gates": {}}))
-    with pytest.raises(StageError, match=r"lacks rmse, mae, passed"):
-        evaluate.read_evaluate_json(path)
-    path.write_text(json.dumps({"format": 2, "task": "ranking", "gates": {}, "passed": True}))
-    with pytest.raises(StageError, match=r"task 'ranking' is none of"):
-        evaluate.read_evaluate_json(path)
+    path.write_text(json.dumps({"format": 3, "task": "regression", "r2": 0.9, "test_examples": 9}))
+    with pytest.raises(StageError, match=r"lacks rmse, mae"):
+        records.read_evaluate(tmp_path)
+    path.write_text(json.dumps({"format": 3, "task": "ranking", "test_examples": 9}))
+    with pytest.raises(StageError, match=r"task: Input should be 'classification' or 'regression'"):
+        records.read_evaluate(tmp_path)
 
 
 def test_gate_judges_regression_variants_by_r2(regression_project):

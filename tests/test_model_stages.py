@@ -14,6 +14,7 @@ from components.config import parse_params
 from components.dataset import ImageSet, load_images, save_images, split_path
 from components.metrics import classification_metrics
 from components.model import NetConfig, build_model, load_model
+from components.report import write_stopped
 from components.stage import StageError
 from tests.conftest import TINY_CLASSES, make_images, tiny_params_dict
 
@@ -73,9 +74,10 @@ def test_evaluate_writes_metrics_confusion_and_gates(trained):
     result = evaluate.run(params)
     assert result.passed
     written = json.loads((Path(params.paths.metrics_dir) / "evaluate.json").read_text())
+    written |= json.loads((Path(params.paths.metrics_dir) / "evaluate_gates.json").read_text())
     assert set(written["gates"]) == {"accuracy", "macro_f1", "min_class_recall"}
     assert all(g["reason"] and g["passed"] for g in written["gates"].values())
-    assert written["format"] == evaluate.EVALUATE_FORMAT and written["failed"] == []
+    assert written["format"] == 1 and written["failed"] == []  # evaluate_gates.json's format
     assert written["accuracy"] == pytest.approx(result.metrics["accuracy"], abs=1e-6)
     rows = (Path(params.paths.metrics_dir) / "confusion.csv").read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == 1 + written["test_examples"]
@@ -90,7 +92,7 @@ def test_failed_gate_names_the_metric(trained):
     test = load_images(split_path(params.paths.prepared_dir, "test"))
     strict = params.evaluate.model_copy(update={"min_accuracy": 1.01})
     predicted = np.zeros(len(test), dtype=np.int64)
-    result = evaluate.evaluate(predicted, test, ("a", "b", "c"), strict)
+    result = evaluate.evaluate(np.eye(3)[predicted], test, ("a", "b", "c"), strict)
     assert not result.passed
     assert "accuracy" in [g.name for g in result.gates if not g.passed]
 
@@ -108,11 +110,12 @@ def test_a_failed_evaluate_gate_stops_the_stage_and_writes_the_report(trained, t
     )
     with pytest.raises(
         StageError, match=r"evaluation gate failed: lowest class recall .* < min 1\.0100"
-    ):
+    ) as failure:
         evaluate.run(strict)
-    written = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
+    written = json.loads((tmp_path / "metrics" / "evaluate_gates.json").read_text())
     assert not written["passed"] and written["failed"][0].startswith("lowest class recall")
-    page = (tmp_path / "reports" / "report.html").read_text()
+    # The flow writes the stopped run's page from the stage's reason (flows/pipeline.py).
+    page = write_stopped(strict, "evaluate", str(failure.value)).read_text()
     assert (
         "Refused at evaluate" in page and "Not reached: the run stopped at <b>evaluate</b>" in page
     )
@@ -123,10 +126,10 @@ def test_evaluate_refuses_unknown_class_and_empty_split(trained):
     test = load_images(split_path(params.paths.prepared_dir, "test"))
     unknown = ImageSet(test.x, np.full_like(test.y, 5))
     with pytest.raises(StageError, match="label 5, which the model does not know"):
-        evaluate.evaluate(test.y, unknown, ("a", "b", "c"), params.evaluate)
+        evaluate.evaluate(np.eye(3)[test.y], unknown, ("a", "b", "c"), params.evaluate)
     empty = ImageSet(test.x[:0], test.y[:0])
     with pytest.raises(StageError, match="test split is empty"):
-        evaluate.evaluate(test.y[:0], empty, ("a", "b", "c"), params.evaluate)
+        evaluate.evaluate(np.eye(3)[test.y[:0]], empty, ("a", "b", "c"), params.evaluate)
 
 
 def test_compress_exports_checks_and_quantizes(trained):

@@ -235,7 +235,7 @@ def _passing_gate(story: Story, params: Params) -> Path:
             lambda d: {**d, "passed": False, "failed": ["accuracy 0.1 < min 0.9"]},
             "failed its gates",
         ),
-        (lambda d: {k: v for k, v in d.items() if k != "variants"}, "lacks variants"),
+        (lambda d: {k: v for k, v in d.items() if k != "variants"}, "variants: Field required"),
         (lambda d: {**d, "format": 7}, "format 7, this code reads format 1"),
         (
             lambda d: {

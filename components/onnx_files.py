@@ -1,0 +1,220 @@
+"""ONNX files of our networks: export with a check against PyTorch, run, time, size.
+
+Every ONNX file of the pipeline takes one input, ``images`` (raw pixels, encoded table rows or
+sequences: the name predates tables and stays, as the bentos and every exported file use it),
+and gives one output, ``logits`` (class scores, or the predicted value for regression). The
+compress stage, the gate stage and the tuning flow's ensembles share these functions.
+"""
+
+from __future__ import annotations
+
+import gzip
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from components.model import predict_logits
+from components.stage import StageError
+
+INPUT_NAME, OUTPUT_NAME = "images", "logits"  # the names the bentos feed and read, any data
+LATENCY_BATCHES = (1, 64)
+LATENCY_ROUNDS = 30  # rounds over all variants, interleaved so load changes hit all alike
+CALLS_PER_ROUND = {1: 20, 64: 3}
+CHECK_SAMPLES = 512  # examples for the ONNX-vs-PyTorch check of quantized models
+PROBE_SAMPLES = 7  # training examples for the fp32 export check (not the exported batch size)
+# Regression: a quantized model agrees with its source on an example when their predictions
+# differ by at most this many standard deviations of the training target. (If every example
+# missed by exactly that much, R^2 would fall by about its square, 0.01.)
+REGRESSION_AGREEMENT_STD = 0.1
+
+
+@dataclass(frozen=True)
+class OnnxCheck:
+    """How an ONNX file was checked against the PyTorch network it came from."""
+
+    # "max_abs_logit_diff" (fp32 exports) | "top1_agreement" (quantized classifiers) |
+    # "max_abs_diff_in_target_std" (fp32 regression exports: the worst difference / target std)
+    # | "within_tolerance_agreement" (quantized regression: share within ``tolerance``)
+    kind: str
+    value: float
+    threshold: float
+    samples: int
+    max_abs_logit_diff: float  # the worst raw output difference (target units for regression)
+    tolerance: float | None = None  # within_tolerance_agreement: the allowed |difference|
+
+
+def rows(samples: np.ndarray, n: int, start: int = 0) -> np.ndarray:
+    """``n`` rows of ``samples`` from ``start`` on, cycling when there are fewer."""
+    return samples[(start + np.arange(n)) % len(samples)]
+
+
+def export_graph(model, image_shape: tuple[int, ...], path: Path, samples=None) -> None:
+    """Write ``model`` as one self-contained ONNX file with a dynamic batch dimension (no check:
+    :func:`export_onnx` checks against PyTorch). ``samples`` are real inputs to trace with;
+    without them random pixels, which suit images only."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if samples is None:  # random pixels: only right for images (the benchmark's use)
+        example = torch.randint(0, 256, (4, *image_shape)).float()
+    else:
+        example = torch.from_numpy(rows(samples, 4).astype(np.float32))
+    program = torch.onnx.export(
+        model.eval(),
+        (example,),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
+        external_data=False,
+        dynamo=True,
+        verbose=False,
+    )
+    program.save(str(path), external_data=False)
+
+
+def export_onnx(
+    model,
+    image_shape: tuple[int, ...],
+    path: Path,
+    tolerance: float,
+    samples: np.ndarray | None = None,
+    target_std: float | None = None,
+) -> OnnxCheck:
+    """Export with a dynamic batch dimension and check it against PyTorch on sample inputs.
+
+    ``samples`` are real examples of the data (training split, the dtype the model gets);
+    without them the probe is random pixels, which suits images only. With ``target_std`` (a
+    regression network) the difference is measured in standard deviations of the target, so
+    the tolerance means the same whatever the target's units.
+    """
+    import torch
+
+    export_graph(model, image_shape, path, samples)
+    if samples is None:
+        probe = torch.randint(0, 256, (PROBE_SAMPLES, *image_shape)).float().numpy()
+    else:  # another batch size than exported, and other rows
+        probe = rows(samples, PROBE_SAMPLES, start=4).astype(np.float32)
+    expected = predict_logits(model, probe).numpy()
+    worst = float(np.abs(expected - run_onnx(path, probe)).max())
+    if target_std is None:
+        if not worst <= tolerance:
+            raise StageError(
+                f"ONNX export of {path.name} differs from PyTorch by {worst:.2e} "
+                f"(compress.onnx_tolerance is {tolerance:.0e})"
+            )
+        return OnnxCheck("max_abs_logit_diff", worst, tolerance, len(probe), worst)
+    scaled = worst / (target_std or 1.0)
+    if not scaled <= tolerance:
+        raise StageError(
+            f"ONNX export of {path.name} differs from PyTorch by {scaled:.2e} target standard "
+            f"deviations ({worst:.3g} in target units; compress.onnx_tolerance is "
+            f"{tolerance:.0e})"
+        )
+    return OnnxCheck("max_abs_diff_in_target_std", scaled, tolerance, len(probe), worst)
+
+
+def check_quantized(
+    source,
+    path: Path,
+    samples: np.ndarray,
+    min_agreement: float,
+    target_std: float | None = None,
+) -> OnnxCheck:
+    """A quantized model must agree with its PyTorch source on ``min_agreement`` of
+    ``samples`` (real examples: int8 ranges are calibrated on them, noise would saturate).
+
+    A classifier agrees on an example when it picks the same top class; a regression network
+    (``target_std`` given) when its prediction is within ``REGRESSION_AGREEMENT_STD`` target
+    standard deviations of its source's.
+    """
+    expected = predict_logits(source, samples).numpy()
+    got = run_onnx(path, samples)
+    difference = np.abs(expected - got)
+    worst = float(difference.max())
+    if target_std is None:
+        agreement = float((expected.argmax(1) == got.argmax(1)).mean())
+        if agreement < min_agreement:
+            raise StageError(
+                f"{path.name} agrees with its PyTorch source on the top class for only "
+                f"{agreement:.1%} of {len(samples)} sample images (compress.quantization."
+                f"min_agreement is {min_agreement:.1%}; max logit difference {worst:.3g})"
+            )
+        return OnnxCheck("top1_agreement", agreement, min_agreement, len(samples), worst)
+    allowed = REGRESSION_AGREEMENT_STD * (target_std or 1.0)
+    agreement = float((difference.reshape(len(samples), -1).max(axis=1) <= allowed).mean())
+    if agreement < min_agreement:
+        raise StageError(
+            f"{path.name} agrees with its PyTorch source (within {allowed:.3g}, "
+            f"{REGRESSION_AGREEMENT_STD} target standard deviations) for only {agreement:.1%} "
+            f"of {len(samples)} sample examples (compress.quantization.min_agreement is "
+            f"{min_agreement:.1%}; max difference {worst:.3g})"
+        )
+    return OnnxCheck(
+        "within_tolerance_agreement", agreement, min_agreement, len(samples), worst, allowed
+    )
+
+
+def open_session(path: Path, threads: int = 1):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads  # fixed threads: comparable latencies across variants
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: Path, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    session = open_session(path)
+    outs = [
+        session.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + batch_size].astype(np.float32)})[0]
+        for i in range(0, len(x), batch_size)
+    ]
+    return np.concatenate(outs)
+
+
+def measure_latencies(
+    paths: dict[str, Path], samples, threads: int, rounds: int = LATENCY_ROUNDS
+) -> dict[str, dict[int, float]]:
+    """Milliseconds per call, per variant and batch size (1 and 64): the fastest round.
+
+    The inputs are ``samples`` (training examples, cycled to fill a batch), so int8 models run
+    on activations in their calibrated ranges; an input shape tuple instead gives random
+    pixels (images only). The variants take turns within each round, so a burst of load from
+    another process slows them all alike instead of one of them; and of all rounds the
+    fastest one counts (the mean per call within it), as ``timeit`` advises: slower rounds
+    measure the other processes on a shared machine, not the model.
+    """
+    if isinstance(samples, tuple | list):  # an input shape: random pixels
+        rng = np.random.default_rng(0)
+        samples = rng.integers(0, 256, (max(LATENCY_BATCHES), *samples)).astype(np.float32)
+    inputs = {b: {INPUT_NAME: rows(samples, b).astype(np.float32)} for b in LATENCY_BATCHES}
+    sessions = {name: open_session(path, threads) for name, path in paths.items()}
+    for session in sessions.values():
+        for feed in inputs.values():
+            for _ in range(3):
+                session.run([OUTPUT_NAME], feed)
+    times: dict[str, dict[int, list[float]]] = {n: {b: [] for b in inputs} for n in sessions}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            for b, feed in inputs.items():
+                calls = CALLS_PER_ROUND[b]
+                start = time.perf_counter()
+                for _ in range(calls):
+                    session.run([OUTPUT_NAME], feed)
+                times[name][b].append((time.perf_counter() - start) / calls)
+    return {n: {b: float(np.min(t) * 1000) for b, t in per.items()} for n, per in times.items()}
+
+
+def gzip_size(path: Path) -> int:
+    return len(gzip.compress(Path(path).read_bytes(), compresslevel=9, mtime=0))
+
+
+def int8_initializers(path: Path) -> int:
+    """How many weight tensors of an ONNX file are stored as int8."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return sum(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)

@@ -1,0 +1,268 @@
+"""The files stages hand each other, one typed model each, read and written here only.
+
+A stage reads another stage's output only through these models, so a file that lacks a key, holds
+a wrong type or comes from another version of the code is refused with one line that names the
+file, the key and the stage to re-run, instead of being half-read with ``.get(...)``.
+Writes (components/stage.py ``write_json``) go through a temporary file and ``os.replace``: a
+killed run never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from components.stage import StageError, write_json
+
+# Where each hand-off lives: in ``paths.metrics_dir`` (bento.json: ``paths.artefacts_dir``).
+EVALUATE_FILE = "evaluate.json"
+EVALUATE_GATES_FILE = "evaluate_gates.json"
+COMPRESS_FILE = "compress.json"
+GATE_FILE = "gate.json"
+BENTO_FILE = "bento.json"
+
+
+class Record(BaseModel):
+    """A hand-off file: unknown keys are refused, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def read(model: type[R], path: Path, stage: str) -> R:
+    """``path`` as ``model``, or a StageError naming the file, the problem and what to re-run."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path} not found: run the {stage} stage first")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise StageError(f"{path} is not valid JSON ({exc}): re-run the {stage} stage") from None
+    if not isinstance(data, dict):
+        raise StageError(f"{path} must hold a JSON object: re-run the {stage} stage")
+    expected = model.model_fields.get("format")
+    if expected is not None and data.get("format") != expected.default:
+        raise StageError(
+            f"{path} is in format {data.get('format', 1)}, this code reads format "
+            f"{expected.default} (written by an older or newer version): re-run the {stage} "
+            f"stage (dvc repro {stage})"
+        )
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'file'}: {e['msg']}" for e in exc.errors()
+        )
+        raise StageError(
+            f"{path} does not hold what the {stage} stage writes ({problems}): re-run the "
+            f"{stage} stage (dvc repro {stage})"
+        ) from None
+
+
+# -- evaluate ------------------------------------------------------------------------------
+
+
+class ClassFigures(Record):
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+class EvaluateMetrics(Record):
+    """``metrics/evaluate.json``: the network's test metrics, numbers only. The verdicts are in
+    :class:`Verdicts` (``evaluate_gates.json``), so that a changed threshold leaves this file, and
+    the stages that read it (compress), unchanged."""
+
+    format: Literal[3] = 3
+    task: Literal["classification", "regression"]
+    target: str = ""
+    test_examples: int
+    # classification
+    accuracy: float | None = None
+    macro_precision: float | None = None
+    macro_recall: float | None = None
+    macro_f1: float | None = None
+    min_class_recall: float | None = None
+    per_class: dict[str, ClassFigures] | None = None
+    # regression
+    r2: float | None = None
+    rmse: float | None = None
+    mae: float | None = None
+
+    @model_validator(mode="after")
+    def _the_task_metrics(self) -> EvaluateMetrics:
+        from components import tasks
+
+        missing = [k for k in tasks.get(self.task).required_metrics if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"lacks {', '.join(missing)} (a {self.task} run writes them)")
+        return self
+
+    def numbers(self) -> dict:
+        """The metrics that are set, by key (per-class figures as plain dicts)."""
+        return self.model_dump(exclude_none=True, exclude={"format", "task", "target"})
+
+
+class GateJson(Record):
+    value: float | None = None
+    threshold: float | None = None
+    op: Literal[">=", "<="]
+    passed: bool
+    reason: str
+
+
+class Verdicts(Record):
+    """``metrics/evaluate_gates.json``: evaluate's verdict on the network, one reason per gate."""
+
+    format: Literal[1] = 1
+    passed: bool
+    failed: list[str]
+    gates: dict[str, GateJson]
+
+    @classmethod
+    def of(cls, gates) -> Verdicts:
+        return cls(
+            passed=all(g.passed for g in gates),
+            failed=[g.reason for g in gates if not g.passed],
+            gates={g.name: g.to_json() for g in gates},
+        )
+
+
+# -- compress ------------------------------------------------------------------------------
+
+
+class CompressedVariant(Record):
+    """One compressed model as compress measured it. The keys stages read are typed; the rest
+    (steps, parameters, the ONNX check, the task's metrics and drops) are details for people
+    and the report."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    size_bytes: int
+    latency_ms_batch1: float | None = None
+
+
+class CompressSummary(Record):
+    """``metrics/compress.json``: every variant compress built and the one it picked to serve."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    served_variant: str
+    variants: dict[str, CompressedVariant]
+
+    @model_validator(mode="after")
+    def _serves_a_variant(self) -> CompressSummary:
+        if not self.variants:
+            raise ValueError("variants must name at least one model")
+        if self.served_variant not in self.variants:
+            raise ValueError(
+                f"served_variant {self.served_variant!r} is not one of {sorted(self.variants)}"
+            )
+        return self
+
+
+# -- gate ----------------------------------------------------------------------------------
+
+
+class SplitFingerprint(Record):
+    sha256: str
+    examples: int
+
+
+class ChampionComparison(Record):
+    run: str | None = None
+    source: Literal["none", "not comparable", "recorded", "re-evaluated"]
+    note: str
+    metrics: dict[str, float] | None = None
+
+
+class JudgedVariant(Record):
+    """One ONNX variant as the gate stage measured and judged it (metrics keys: its task's)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    served: bool
+    passed: bool
+    model_sha256: str
+    size_bytes: int
+    latency_ms_batch1: float | None = None
+    gates: dict[str, GateJson]
+
+
+class GateReport(Record):
+    """``metrics/gate.json``: the verdict on the model about to be packaged, and on what data."""
+
+    format: Literal[1] = 1
+    passed: bool
+    failed: list[str]
+    served_variant: str
+    task: Literal["classification", "regression"]
+    kind: str
+    target: str
+    class_names: list[str]
+    image_shape: list[int]
+    preprocess_sha256: str | None = None
+    test_split: SplitFingerprint
+    network: dict[str, float]
+    champion: ChampionComparison
+    variants: dict[str, JudgedVariant]
+
+    def served(self) -> JudgedVariant:
+        return self.variants[self.served_variant]
+
+
+# -- package -------------------------------------------------------------------------------
+
+
+class EdgeBento(Record):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    tag: str | None = None
+
+
+class BentoSummary(Record):
+    """``artefacts/bento.json``: the bentos package built (tags pinned, never ``latest``)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    tag: str
+    archive: str
+    served_variant: str
+    model: str
+    model_version: str
+    edge: EdgeBento | None = None
+
+    @model_validator(mode="after")
+    def _pinned(self) -> BentoSummary:
+        if ":" not in self.tag or self.tag.endswith(":latest"):
+            raise ValueError(f"bento tag {self.tag!r} is not a pinned name:version")
+        return self
+
+
+def read_evaluate(metrics_dir: Path) -> EvaluateMetrics:
+    return read(EvaluateMetrics, Path(metrics_dir) / EVALUATE_FILE, "evaluate")
+
+
+def read_evaluate_gates(metrics_dir: Path) -> Verdicts:
+    return read(Verdicts, Path(metrics_dir) / EVALUATE_GATES_FILE, "evaluate")
+
+
+def read_compress(metrics_dir: Path) -> CompressSummary:
+    return read(CompressSummary, Path(metrics_dir) / COMPRESS_FILE, "compress")
+
+
+def read_gate(metrics_dir: Path) -> GateReport:
+    return read(GateReport, Path(metrics_dir) / GATE_FILE, "gate")
+
+
+def read_bento(artefacts_dir: Path) -> BentoSummary:
+    return read(BentoSummary, Path(artefacts_dir) / BENTO_FILE, "package")
+
+
+__all__ = ["write_json"]  # the one JSON writer, re-exported for the stages that write records

@@ -1,0 +1,176 @@
+"""Put a failed stage's outputs back as the last good run left them.
+
+DVC deletes a stage's outputs before it runs the command (all but ``persist`` ones), so a
+stage that fails would otherwise leave nothing, or half-written files, where the last good
+outputs were. :func:`keep_last_good` wraps a stage run: it copies the outputs that are still
+there (``persist`` ones) aside when the stage starts, and when the stage fails or is killed it
+puts every output back, from that copy or from DVC's cache by the hash ``dvc.lock`` records
+for it. ``dvc status`` then tells what is stale.
+
+Only files are read (``dvc.lock`` and the cache folder): the stage runs inside ``dvc repro``,
+which holds the repository's lock, so no DVC command may run here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger("pipeline")
+
+LOCK_FILE = "dvc.lock"
+
+
+@dataclass(frozen=True)
+class LockedOutput:
+    """One output of a stage as ``dvc.lock`` records it."""
+
+    path: Path
+    md5: str | None  # "<hex>" for a file, "<hex>.dir" for a folder; None when not hashed
+
+
+def locked_outputs(root: Path, stage: str) -> list[LockedOutput]:
+    """The outputs ``dvc.lock`` records for ``stage`` (none before its first good run)."""
+    lock = Path(root) / LOCK_FILE
+    if not lock.is_file():
+        return []
+    try:
+        data = yaml.safe_load(lock.read_text()) or {}
+    except yaml.YAMLError:
+        return []
+    entry = (data.get("stages") or {}).get(stage) or {}
+    return [LockedOutput(Path(o["path"]), o.get("md5")) for o in entry.get("outs") or []]
+
+
+def cache_dir(root: Path) -> Path:
+    """Where DVC keeps file contents by hash (``cache.dir`` of the DVC config, if set)."""
+    import configparser
+
+    for name in ("config.local", "config"):
+        config = configparser.ConfigParser()
+        try:
+            config.read(Path(root) / ".dvc" / name)
+        except configparser.Error:
+            continue
+        if config.has_option("cache", "dir"):
+            where = Path(os.path.expanduser(config.get("cache", "dir")))
+            # A relative cache.dir is relative to the .dvc folder that holds the config.
+            return where if where.is_absolute() else Path(root) / ".dvc" / where
+    return Path(root) / ".dvc" / "cache"
+
+
+def cached_object(root: Path, md5: str) -> Path:
+    """The cache file of a hash (DVC 3 layout: files/md5/ab/cdef...)."""
+    return cache_dir(root) / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def _restore_from_cache(root: Path, out: LockedOutput) -> str | None:
+    """Copy ``out`` back from the cache; the reason it could not be, or None."""
+    if not out.md5:
+        return f"{out.path}: dvc.lock records no hash"
+    target = Path(root) / out.path
+    obj = cached_object(root, out.md5)
+    if not obj.is_file():
+        return f"{out.path}: not in the DVC cache (dvc pull, then dvc checkout)"
+    if not out.md5.endswith(".dir"):
+        _remove(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(obj, target)
+        return None
+    entries = json.loads(obj.read_text())
+    missing = [e["relpath"] for e in entries if not cached_object(root, e["md5"]).is_file()]
+    if missing:
+        return f"{out.path}: {len(missing)} file(s) not in the DVC cache (dvc pull)"
+    _remove(target)
+    for entry in entries:
+        dest = target / entry["relpath"]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cached_object(root, entry["md5"]), dest)
+    return None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _copy(src: Path, dest: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dest, symlinks=True)
+    else:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest)
+
+
+@dataclass
+class Restored:
+    """What :func:`keep_last_good` did: whether it guarded any output, and what it could not
+    put back (one line each)."""
+
+    guarded: bool = False
+    problems: list[str] = field(default_factory=list)
+
+    def note(self) -> str:
+        """The end of a failure line: what became of the outputs."""
+        if not self.guarded:
+            return ""
+        if self.problems:
+            return f" [{RESTORED_NOTE}, except: {'; '.join(self.problems)}]"
+        return f" [{RESTORED_NOTE}]"
+
+
+RESTORED_NOTE = "outputs put back as the last good run left them"
+
+
+@contextmanager
+def keep_last_good(stage: str | None, root: Path = Path(".")) -> Iterator[Restored]:
+    """Run the body; if it raises (a failure, Ctrl-C, SIGTERM), put ``stage``'s outputs back.
+
+    Does nothing for a stage that ``dvc.lock`` does not know (no good run yet).
+    """
+    outs = locked_outputs(root, stage) if stage else []
+    restored = Restored(guarded=bool(outs))
+    problems = restored.problems
+    if not outs:
+        yield restored
+        return
+    with tempfile.TemporaryDirectory(prefix=f"last-good-{stage}-", dir=_scratch(root)) as tmp:
+        saved: dict[Path, Path] = {}
+        for i, out in enumerate(outs):
+            here = Path(root) / out.path
+            if here.exists():  # persist outputs: DVC leaves them in place when it starts
+                saved[out.path] = Path(tmp) / str(i)
+                _copy(here, saved[out.path])
+        try:
+            yield restored
+        except BaseException:
+            for out in outs:
+                try:
+                    if out.path in saved:
+                        _remove(Path(root) / out.path)
+                        _copy(saved[out.path], Path(root) / out.path)
+                    else:
+                        problem = _restore_from_cache(root, out)
+                        if problem:
+                            problems.append(problem)
+                except OSError as exc:
+                    problems.append(f"{out.path}: {exc}")
+            raise
+
+
+def _scratch(root: Path) -> Path:
+    """DVC's own scratch folder (inside the repository, so copies stay on one disk)."""
+    where = Path(root) / ".dvc" / "tmp"
+    where.mkdir(parents=True, exist_ok=True)
+    return where

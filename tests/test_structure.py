@@ -1,0 +1,37 @@
+"""The structure keeps the stage contract: honest DVC code deps, no import cycles, no module
+reaching into another's private names."""
+
+from __future__ import annotations
+
+from tools.code_deps import differences, import_graph
+
+
+def test_every_stage_lists_exactly_the_modules_it_imports():
+    found = differences()
+    assert not found, (
+        "dvc.yaml's code deps differ from the stages' imports (run `make deps`): "
+        + "; ".join(f"{s}: missing {m}, not imported {x}" for s, (m, x) in found.items())
+    )
+
+
+def test_no_import_cycles():
+    assert import_graph().cycles() == []
+
+
+def test_no_module_imports_another_modules_private_names():
+    assert import_graph().private == []
+
+
+def test_the_check_sees_a_missing_dep(tmp_path):
+    """The check can fail: a stage that imports a module dvc.yaml does not list is named."""
+    (tmp_path / "components").mkdir()
+    (tmp_path / "deploy").mkdir()
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "components" / "a.py").write_text("from components import b\n")
+    (tmp_path / "components" / "b.py").write_text("def _hidden(): ...\n")
+    (tmp_path / "components" / "c.py").write_text("from components.b import _hidden\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  a:\n    cmd: python -m components.a\n    deps: [components/a.py]\n"
+    )
+    assert differences(tmp_path) == {"a": (["components/b.py"], [])}
+    assert import_graph(tmp_path).private == ["components.c imports components.b._hidden"]
