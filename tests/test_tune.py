@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from components.config import read_params_file
-from flows.tune import TuneError, check_space, preflight
+from components.tuning.study import TuneError, check_space
+from flows.tune import preflight
 from tests.conftest import REPO_ROOT, TINY_CLASSES, TINY_OVERRIDES, make_images
 from tests.helpers import flatten, project_repo
 
