@@ -4,6 +4,7 @@ resuming it, two workers at once, and every kind of bad input refused before any
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -16,7 +17,8 @@ import pytest
 import yaml
 
 from components.config import read_params_file
-from flows.tune import TuneError, check_space, preflight
+from components.tuning.study import TuneError, check_space
+from flows.tune import preflight
 from tests.conftest import REPO_ROOT, TINY_CLASSES, TINY_OVERRIDES, make_images
 from tests.helpers import flatten, project_repo
 
@@ -126,6 +128,93 @@ def test_bad_input_from_the_command_line_is_one_line_and_exit_2(params_copy):
     assert result.returncode == 2
     assert result.stderr.startswith("Tuning not started: tune.space.train.model")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The study and its page, without DVC: trials told by hand
+
+
+def test_a_study_resumes_draws_list_choices_and_reports_its_best_trial(tmp_path):
+    import base64
+
+    import optuna
+
+    from components.config import TuneParams, load_params
+    from components.tuning.page import png_img, summarise, trials_table, write_report
+    from components.tuning.study import (
+        ask,
+        best_overrides,
+        grid_exhausted,
+        open_study,
+        shared_sampler,
+        storage_url,
+    )  # fmt: skip
+
+    space = {k: v for k, v in TINY_SPACE.items() if "choices" in v}
+    raw = load_params(REPO_ROOT / "params.yaml").tune.model_dump(mode="json")
+    tune = TuneParams.model_validate(
+        {**raw, "space": space, "sampler": "grid", "study_name": "by-hand", "storage": ""}
+    )
+    url = storage_url(tmp_path, tune)
+    assert url == f"sqlite:///{tmp_path / 'build' / 'tune' / 'optuna.db'}"
+    open_study(url, tune, create=True)
+    key = shared_sampler(url, tune, offset=0)
+    drawn = []
+    for value in (0.5, 0.9, 0.7, 0.6):  # the grid has 4 points
+        study, trial, values = ask(url, tune, key)
+        assert values["train.hidden_units"] in ([16], [8, 8])  # lists, not their JSON text
+        trial.set_user_attr("experiment", f"by-hand-t{trial.number}")
+        with contextlib.suppress(RuntimeError):  # the grid sampler's "grid exhausted"
+            study.tell(trial, value)
+        compact = json.dumps(values["train.hidden_units"], separators=(",", ":"))
+        drawn.append((values["train.model"], compact))
+    assert len(set(drawn)) == 4 and grid_exhausted(key, study)
+
+    study = open_study(url, tune)  # resumed from storage
+    best = study.best_trial
+    assert best.value == 0.9 and tune.metric == "val_accuracy"
+    model, hidden = drawn[1]
+    # as `dvc exp run -S` and `--set` take them: compact JSON, a list as a list
+    assert best_overrides(study, tune) == [f'train.model="{model}"', f"train.hidden_units={hidden}"]
+    rows = trials_table(study)
+    summary = summarise(study, tune, url, 0, 4, rows)
+    assert summary["complete"] == 4 and summary["best_experiment"] == "by-hand-t1"
+    page = write_report(tmp_path / "tuning.html", tmp_path / "tuning", summary, rows, study, tune)
+    assert "data:image/png;base64," in page.read_text() and "by-hand-t3" in page.read_text()
+    assert json.loads((tmp_path / "tuning" / "summary.json").read_text())["importance"]
+    assert json.loads((tmp_path / "tuning" / "trials.json").read_text())[1]["value"] == 0.9
+
+    from matplotlib import pyplot as plt
+
+    img = png_img(plt.subplots()[0], alt="a <plot>")
+    assert img.startswith('<img class="plot" alt="a &lt;plot&gt;" src="data:image/png;base64,')
+    assert base64.b64decode(img.split("base64,")[1].rstrip('">')).startswith(b"\x89PNG")
+    assert optuna.trial.TrialState.RUNNING not in {t.state for t in study.trials}
+
+
+def test_the_tuning_modules_import_no_private_name_and_make_no_cycle():
+    """components/tuning/ and flows/tune.py meet only through public names, one way."""
+    import ast
+
+    tuning = sorted((REPO_ROOT / "components" / "tuning").glob("*.py"))
+    files = [*tuning, REPO_ROOT / "flows" / "tune.py"]
+    graph = {}
+    for path in files:
+        name = ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts)
+        graph[name] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{name} imports {private} from {node.module}"
+                graph[name].add(node.module)
+
+    def visit(module, seen):
+        for dep in graph.get(module, ()):
+            assert dep not in seen, f"import cycle: {' -> '.join([*seen, dep])}"
+            visit(dep, [*seen, dep])
+
+    for module in graph:
+        visit(module, [module])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,206 @@
+"""The Optuna study: its storage, search space, sampler, pruner and each trial's params.
+
+The study lives in Optuna storage (SQLite under build/tune/ by default, or a database URL), so
+opening it again resumes it and workers on other machines can share it. Values go to DVC and
+Hydra as compact JSON (:func:`encode`); a choice that is not a plain value (a list of layer
+sizes) is offered to Optuna as its JSON text.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+from components.config import ParamsError, SearchDimension, TuneParams, check_overrides
+from components.trial import open_storage, pruner_from
+
+DEFAULT_STORAGE = Path("build") / "tune" / "optuna.db"
+# Not a model's params. The data's sections neither: trials must be compared on one validation
+# split, and the best trial's test split must be unseen by every ensemble member.
+UNTUNABLE_SECTIONS = ("paths", "orchestrate", "tune", "ingest", "validate")
+
+
+class TuneError(ValueError):
+    """The study cannot start as configured; the message names the key."""
+
+
+def storage_url(root: Path, tune: TuneParams) -> str:
+    """The study's database URL; a relative SQLite path is taken from the repository root (the
+    train stage of a trial runs in a temporary copy and must find the same file)."""
+    url = tune.storage or f"sqlite:///{DEFAULT_STORAGE}"
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if str(path) != ":memory:":
+            path = (Path(root) / path).resolve()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            url = f"sqlite:///{path}"
+    if url.endswith(":memory:"):
+        raise TuneError("tune.storage: an in-memory database cannot be shared with the trials")
+    return url
+
+
+def encode(value) -> str:
+    """A value as ``-S`` / ``--set`` take it (YAML and Hydra both read compact JSON)."""
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _is_plain(value) -> bool:
+    return value is None or isinstance(value, bool | int | float | str)
+
+
+def dimension_values(dim: SearchDimension) -> list:
+    """The values of one dimension that must each validate: every choice, or both ends."""
+    if dim.choices is not None:
+        return list(dim.choices)
+    return [dim.low, dim.high]
+
+
+def check_space(tune: TuneParams, params_file: Path) -> None:
+    """Every key of ``tune.space`` must be a param of params.yaml and every choice (and both
+    ends of every range) a value params.yaml accepts there. Raises :class:`TuneError` naming
+    the key, before any trial starts."""
+    for key, dim in tune.space.items():
+        where = f"tune.space.{key}"
+        if key.split(".")[0] in UNTUNABLE_SECTIONS:
+            raise TuneError(
+                f"{where}: {key.split('.')[0]}.* is not a model param (the data and its splits "
+                "stay fixed across trials); tune another"
+            )
+        for value in dimension_values(dim):
+            try:
+                check_overrides([f"{key}={encode(value)}"], params_file)
+            except ParamsError as exc:
+                what = "choice" if dim.choices is not None else "range end"
+                detail = str(exc).replace("invalid params: ", "")
+                raise TuneError(f"{where}: {what} {value!r} is refused: {detail}") from None
+
+
+def direction(tune: TuneParams) -> str:
+    return "minimize" if tune.metric in ("val_loss", "val_rmse") else "maximize"
+
+
+def grid_space(tune: TuneParams) -> dict[str, list]:
+    grid = {}
+    for key, dim in tune.space.items():
+        if dim.choices is not None:
+            choices = list(dim.choices)
+            grid[key] = choices if all(map(_is_plain, choices)) else [encode(c) for c in choices]
+        else:
+            step = int(dim.step or 1)
+            grid[key] = list(range(int(dim.low), int(dim.high) + 1, step))
+    return grid
+
+
+def make_sampler(tune: TuneParams, offset: int = 0):
+    """The sampler; ``offset`` (the trials the study already had) moves the seed, so a resumed
+    study does not draw its first trials' random params again."""
+    import optuna
+
+    seed = tune.seed + offset
+    if tune.sampler == "grid":
+        return optuna.samplers.GridSampler(grid_space(tune), seed=tune.seed)
+    if tune.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+# One sampler per study and process, shared by the worker threads: samplers keep their own
+# random state, and a fresh one per trial (same seed) would draw the same params every time.
+# Asking is serialised (samplers are not thread-safe); running the trials is not.
+_SAMPLERS: dict[str, object] = {}
+_ASK_LOCK = threading.Lock()
+
+
+def shared_sampler(url: str, tune: TuneParams, offset: int) -> str:
+    """Make (once) this process's sampler for the study; returns its key for the trials."""
+    key = json.dumps([url, tune.study_name, tune.sampler, tune.seed, grid_space(tune)])
+    if key not in _SAMPLERS:
+        _SAMPLERS[key] = make_sampler(tune, offset)
+    return key
+
+
+def grid_exhausted(sampler_key: str, study) -> bool:
+    """Whether the shared sampler is a grid whose every point the study has tried (other
+    samplers never run out)."""
+    import optuna
+
+    sampler = _SAMPLERS[sampler_key]
+    return isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study)
+
+
+def open_study(url: str, tune: TuneParams, create: bool = False, sampler=None):
+    """The study, created on first use and resumed afterwards (``load_if_exists``)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = sampler or make_sampler(tune)
+    pruner, storage = pruner_from(tune.pruning.model_dump()), open_storage(url)
+    if create:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=tune.study_name,
+            direction=direction(tune),
+            sampler=sampler,
+            pruner=pruner,
+            load_if_exists=True,
+        )
+        wanted = optuna.study.StudyDirection[direction(tune).upper()]
+        if study.direction != wanted:
+            raise TuneError(
+                f"tune.study_name: study {tune.study_name!r} in {url} was made to "
+                f"{study.direction.name.lower()} and tune.metric {tune.metric} needs "
+                f"{direction(tune)}: use another study name"
+            )
+        return study
+    return optuna.load_study(
+        study_name=tune.study_name, storage=storage, sampler=sampler, pruner=pruner
+    )
+
+
+def suggest(trial, key: str, dim: SearchDimension):
+    """The trial's value for one key of the space."""
+    if dim.choices is not None:
+        choices = list(dim.choices)
+        if all(map(_is_plain, choices)):
+            return trial.suggest_categorical(key, choices)
+        return json.loads(trial.suggest_categorical(key, [encode(c) for c in choices]))
+    if dim.is_int:
+        return trial.suggest_int(
+            key, int(dim.low), int(dim.high), step=int(dim.step or 1), log=dim.log
+        )
+    return trial.suggest_float(key, dim.low, dim.high, step=dim.step, log=dim.log)
+
+
+def ask(url: str, tune: TuneParams, sampler_key: str = ""):
+    """A new trial of the study and its params (``{key: value}`` for every key of the space),
+    drawn by this process's shared sampler when ``sampler_key`` names one."""
+    with _ASK_LOCK:
+        study = open_study(url, tune, sampler=_SAMPLERS.get(sampler_key))
+        trial = study.ask()
+        values = {key: suggest(trial, key, dim) for key, dim in tune.space.items()}
+    return study, trial, values
+
+
+def finished(study) -> list:
+    """The study's COMPLETE trials (a value each), in trial order."""
+    import optuna
+
+    return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def best_overrides(study, tune: TuneParams) -> list[str]:
+    """The best trial's params as ``key=value`` overrides of params.yaml."""
+    best = study.best_trial
+    out = []
+    for key, dim in tune.space.items():
+        value = best.params[key]
+        if dim.choices is not None and not all(map(_is_plain, dim.choices)):
+            value = json.loads(value)
+        out.append(f"{key}={encode(value)}")
+    return out
+
+
+def experiment_of(study_name: str, number: int) -> str:
+    """The DVC experiment name of a trial."""
+    return f"{study_name}-t{number}"

@@ -1,0 +1,188 @@
+"""One trial of the study as a DVC experiment, and what the experiment recorded.
+
+A trial asks the study for params and runs the real pipeline up to evaluate as ``dvc exp run
+--temp -n <study>-t<number> -S key=value ... evaluate``: a temporary copy of the workspace, so
+trials run side by side while DVC's lock is held only for the moments DVC needs it
+(``--wait-for-lock`` queues them instead of failing). The objective is the validation metric
+``tune.metric`` the train stage wrote (``metrics/train.json`` of the experiment), never the
+test split; the train stage reports each epoch to the trial (components/trial.py) and stops a
+trial the pruner judges unpromising.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from components.config import ParamsError, TuneParams, check_overrides, read_params_file
+from components.stage import FAILURE_PREFIX
+from components.trial import (
+    ENV_METRIC,
+    ENV_PRUNER,
+    ENV_STORAGE,
+    ENV_STUDY,
+    ENV_TRIAL_ID,
+    PRUNED_MARK,
+)
+from components.tuning.study import TuneError, ask, encode, experiment_of
+
+# One `dvc exp run` at a time through its launch (stash) phase is DVC's own business
+# (--wait-for-lock); this only keeps our log lines of two trials from interleaving.
+_LOG_LOCK = threading.Lock()
+
+
+def check_trial_overrides(tune: TuneParams, params_file: Path) -> None:
+    """``tune.trial_overrides`` (set in every trial) must be valid overrides of params.yaml."""
+    try:
+        check_overrides(list(tune.trial_overrides), params_file)
+    except ParamsError as exc:
+        raise TuneError(f"tune.trial_overrides: {exc}") from None
+
+
+def trial_threads(workers: int, env: dict) -> dict:
+    """Share the cores between trials that run at once: torch (OpenMP) takes every core in each
+    process otherwise, and two trials of 2 threads on 2 cores ran ~5x slower each than alone.
+    A thread count set by the user (OMP_NUM_THREADS) is kept."""
+    if workers <= 1 or env.get("OMP_NUM_THREADS"):
+        return {}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = str(max(1, (cores or 1) // workers))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=root, capture_output=True, text=True, check=False
+    ).stdout.strip()
+
+
+def experiment_ref(root: Path, name: str) -> str | None:
+    """The git ref of the newest experiment called ``name`` (refs/exps/<baseline>/<name>)."""
+    refs = _git(root, "for-each-ref", "--sort=-committerdate", "--format=%(refname)", "refs/exps")
+    for ref in refs.split():
+        if ref.rsplit("/", 1)[-1] == name and ref.count("/") == 4:
+            return ref
+    return None
+
+
+def experiment_rev(root: Path, ref: str) -> str:
+    """The commit an experiment's ref points at."""
+    return _git(root, "rev-parse", ref)
+
+
+def experiment_metrics(root: Path, ref: str, metrics_dir: str) -> dict:
+    """The train stage's metrics (train.json) as the experiment recorded them."""
+    path = (Path(metrics_dir) / "train.json").as_posix()
+    text = _git(root, "show", f"{ref}:{path}")
+    if not text:
+        raise TuneError(f"experiment {ref} has no {path}")
+    return json.loads(text)
+
+
+def _tell(study, trial, value=None, state=None) -> None:
+    """``study.tell``; the grid sampler's "grid exhausted" RuntimeError (raised after the
+    result is stored, since it tries to stop an ``optimize`` loop we do not use) is no error."""
+    with contextlib.suppress(RuntimeError):
+        study.tell(trial, value, state=state)
+
+
+def _command(name: str, sets: list[str]) -> list[str]:
+    """``dvc exp run`` of the pipeline up to evaluate, in a temporary copy, as experiment
+    ``name`` with the ``-S`` overrides ``sets``."""
+    sets_args = (a for s in sets for a in ("-S", s))
+    return [
+        sys.executable, "-m", "dvc", "--wait-for-lock",
+        "exp", "run", "--temp", "-n", name, *sets_args, "evaluate",
+    ]  # fmt: skip
+
+
+def _env(url: str, tune: TuneParams, trial) -> dict:
+    """The environment of a trial's ``dvc exp run``: where its train stage finds the trial."""
+    env = {
+        **os.environ,
+        # dvc.yaml's commands say `python`: this interpreter (the project's venv).
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        ENV_STORAGE: url,
+        ENV_STUDY: tune.study_name,
+        ENV_TRIAL_ID: str(trial._trial_id),  # Optuna has no public id of a live trial
+        ENV_METRIC: tune.metric,
+        # Optuna does not store a study's pruner: the stage builds the same one from this.
+        ENV_PRUNER: json.dumps(tune.pruning.model_dump()),
+    }
+    env.update(trial_threads(tune.workers, env))
+    return env
+
+
+def run_trial(root: Path, url: str, tune: TuneParams, sampler_key: str, logger) -> dict:
+    """Ask the study for params, run them as a DVC experiment up to evaluate, tell the result.
+
+    Returns the trial's row: number, experiment, params, seconds, state (COMPLETE, PRUNED or
+    FAIL) and its value or the reason it has none. The trial is never left RUNNING."""
+    import optuna
+
+    study, trial, values = ask(url, tune, sampler_key)
+    name = experiment_of(tune.study_name, trial.number)
+    trial.set_user_attr("experiment", name)
+    sets = [*tune.trial_overrides, *(f"{key}={encode(v)}" for key, v in values.items())]
+    logger.info("trial %d (%s): %s", trial.number, name, " ".join(sets))
+    started = time.monotonic()
+    process = subprocess.run(
+        _command(name, sets),
+        cwd=root,
+        env=_env(url, tune, trial),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    seconds = time.monotonic() - started
+    output = process.stdout + process.stderr
+    trial.set_user_attr("seconds", round(seconds, 1))
+    with _LOG_LOCK:
+        for line in output.splitlines()[-12:]:
+            logger.info("[%s] %s", name, line)
+    row = {
+        "number": trial.number,
+        "experiment": name,
+        "params": values,
+        "seconds": round(seconds, 1),
+    }
+    if process.returncode == 0:
+        ref = experiment_ref(root, name)
+        if ref is None:
+            _tell(study, trial, state=optuna.trial.TrialState.FAIL)
+            return {**row, "state": "FAIL", "reason": f"dvc exp run left no experiment {name}"}
+        try:
+            metrics_dir = str(read_params_file(root / "params.yaml")["paths"]["metrics_dir"])
+            metrics = experiment_metrics(root, ref, metrics_dir)
+            value = float(metrics[f"best_{tune.metric}"])
+        except (KeyError, TypeError, ValueError, OSError) as exc:
+            # Never leave the trial RUNNING in the study: a resumed study would wait on it.
+            reason = f"experiment {name} has no usable best_{tune.metric} in train.json ({exc})"
+            trial.set_user_attr("reason", reason[:300])
+            _tell(study, trial, state=optuna.trial.TrialState.FAIL)
+            return {**row, "state": "FAIL", "reason": reason}
+        trial.set_user_attr("epochs_run", metrics.get("epochs_run"))
+        _tell(study, trial, value)
+        logger.info("trial %d: %s %.4f in %.0f s", trial.number, tune.metric, value, seconds)
+        return {**row, "state": "COMPLETE", "value": value}
+    reasons = [
+        line.split(FAILURE_PREFIX, 1)[1].strip()
+        for line in output.splitlines()
+        if FAILURE_PREFIX in line
+    ]
+    reason = reasons[-1] if reasons else (output.strip().splitlines() or ["?"])[-1]
+    trial.set_user_attr("reason", reason[:300])  # before tell: a finished trial is read-only
+    if PRUNED_MARK in output:
+        _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
+        trial_state = "PRUNED"
+    else:
+        _tell(study, trial, state=optuna.trial.TrialState.FAIL)
+        trial_state = "FAIL"
+    logger.info("trial %d: %s: %s", trial.number, trial_state, reason)
+    return {**row, "state": trial_state, "reason": reason}
