@@ -204,7 +204,7 @@ def lightning_module(net, params: TrainParams):
     def task_loss(out, y):
         return task.loss(out, y, target_var)
 
-    class ClassifierModule(L.LightningModule):
+    class NetworkModule(L.LightningModule):
         def __init__(self):
             super().__init__()
             self.net = net
@@ -276,7 +276,7 @@ def lightning_module(net, params: TrainParams):
                 return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "step"}}
             return opt
 
-    return ClassifierModule()
+    return NetworkModule()
 
 
 def _history_callback():

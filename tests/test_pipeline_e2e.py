@@ -3,7 +3,9 @@ ending with a real bento served by `bentoml serve` and answering over HTTP."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
+from components.config import apply_overrides
 from tests.conftest import TINY_CLASSES, TINY_OVERRIDES, make_images
 from tests.helpers import flatten, free_port, project_repo, wait_ready
 
@@ -145,9 +148,10 @@ def test_second_run_with_nothing_changed_runs_no_stage(workspace, first_run):
 def test_changing_one_param_reruns_that_stage_and_later_ones_only(workspace, first_run):
     result = _run_flow(workspace, "evaluate.min_accuracy=0.55")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "ingest skipped, validate skipped, train skipped, evaluate ran" in (
-        result.stdout + result.stderr
-    )
+    out = result.stdout + result.stderr
+    assert "ingest skipped, validate skipped, train skipped, evaluate ran" in out
+    # The threshold is a verdict, not a metric: compress reads only the metrics, so it stays.
+    assert "compress skipped, gate ran" in out
 
 
 def test_failed_validation_stops_the_flow_and_keeps_earlier_artefacts(workspace, first_run):
@@ -160,6 +164,76 @@ def test_failed_validation_stops_the_flow_and_keeps_earlier_artefacts(workspace,
     # Nothing downstream ran: the trained model and the packaged bento are as they were.
     assert (workspace / "models" / "model.pt").read_bytes() == model_before
     assert (workspace / "artefacts" / "bento.json").read_text() == bento_before
+    assert "outputs put back as the last good run left them" in result.stderr
+    stopped = (workspace / "reports" / "stopped.html").read_text()
+    assert "Refused at validate" in stopped and "1000" in stopped
+
+
+OUTPUT_FOLDERS = ("data/raw", "data/prepared", "models", "artefacts", "metrics", "reports")
+
+
+def _outputs(root: Path) -> dict[str, str]:
+    """The hash of every file the stages write."""
+    return {
+        str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for folder in OUTPUT_FOLDERS
+        for f in sorted((root / folder).rglob("*"))
+        if f.is_file() and f.name != "stopped.html"
+    }
+
+
+def _break_params(root: Path, override: str):
+    before = (root / "params.yaml").read_bytes()
+    apply_overrides([override], root / "params.yaml")
+    return lambda: (root / "params.yaml").write_bytes(before)
+
+
+def _break_file(root: Path, name: str, junk: bytes = b"{not json"):
+    path = root / name
+    before = path.read_bytes()
+    path.write_bytes(junk)
+    return lambda: path.write_bytes(before)
+
+
+# One bad input per stage: a param it refuses, or an input file that is not what it expects
+# (a crash, not a one-line reason, for compress: the outputs must come back all the same).
+BAD_INPUTS = {
+    "ingest": lambda root: _break_params(root, "ingest.source=data/external/missing.npz"),
+    "validate": lambda root: _break_params(root, "validate.min_rows_per_class=1000"),
+    "train": lambda root: _break_params(root, "train.init_from=models/missing.pt"),
+    "evaluate": lambda root: _break_file(root, "models/model.json"),
+    "compress": lambda root: _break_file(root, "models/model.pt", b"not a state dict"),
+    "gate": lambda root: _break_file(root, "models/onnx/int8.onnx", b"not onnx"),
+    "package": lambda root: _break_file(root, "metrics/compress.json"),
+    "promote": lambda root: _break_file(root, "artefacts/bento.json"),
+}
+
+
+def test_a_failed_stage_leaves_its_outputs_as_the_last_good_run_left_them(workspace, first_run):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for stage, breaks in BAD_INPUTS.items():
+        before = _outputs(workspace)
+        unbreak = breaks(workspace)
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "dvc", "repro", "--single-item", stage],
+                cwd=workspace, env=env, capture_output=True, text=True, timeout=600,
+            )  # fmt: skip
+            assert result.returncode != 0, f"{stage} did not fail: {result.stdout[-2000:]}"
+            assert "outputs put back as the last good run left them" in result.stderr, (
+                stage,
+                result.stderr[-2000:],
+            )
+            status = subprocess.run(
+                [sys.executable, "-m", "dvc", "status", stage],
+                cwd=workspace, env=env, capture_output=True, text=True,
+            )  # fmt: skip
+            assert stage in status.stdout, (stage, status.stdout)  # DVC says what is stale
+        finally:
+            unbreak()
+        after = _outputs(workspace)
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        assert not changed, (stage, changed)
 
 
 def test_bad_override_fails_before_any_stage(workspace, first_run):

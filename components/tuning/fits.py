@@ -8,14 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from components import tasks
 from components.config import MODELS, Params
 from components.tuning.study import TuneError
 
-# The validation metrics the train stage logs, per task.
-TASK_METRICS = {
-    "classification": ("val_loss", "val_accuracy"),
-    "regression": ("val_loss", "val_rmse"),
-}
 # The model families that cannot read a kind of data (a cnn needs images, lstm/gru sequences).
 UNFIT_MODELS = {"image": (), "sequence": ("cnn",), "table": ("cnn", "lstm", "gru")}
 
@@ -30,10 +26,11 @@ def check_fits_data(params: Params, root: Path) -> None:
     meta_file = meta_path(root / params.paths.prepared_dir)
     meta = DatasetMeta.load(meta_file) if meta_file.is_file() else None
     task = meta.task if meta else params.ingest.task if params.ingest.task != "auto" else None
-    if task is not None and params.tune.metric not in TASK_METRICS[task]:
+    logged = ("val_loss", tasks.get(task).val_metric) if task is not None else ()
+    if task is not None and params.tune.metric not in logged:
         raise TuneError(
             f"tune.metric {params.tune.metric}: the data is a {task} task, whose train stage "
-            f"logs {' and '.join(TASK_METRICS[task])}"
+            f"logs {' and '.join(logged)}"
         )
     kind = meta.kind if meta else resolve_kind(params.ingest)
     unfit = UNFIT_MODELS[kind]
