@@ -644,7 +644,7 @@ def test_get_on_an_api_is_not_a_5xx(served):
 def test_to_chw_layouts_and_the_ambiguous_case():
     from bentoml.exceptions import InvalidArgument
 
-    from deploy.common import to_chw
+    from deploy.image import to_chw
 
     img = np.arange(2 * 3 * 4).reshape(2, 3, 4) % 256
     chw = to_chw(img.tolist(), (2, 3, 4))
@@ -658,7 +658,7 @@ def test_to_chw_layouts_and_the_ambiguous_case():
 
 
 def test_request_limit_fits_a_full_batch_of_long_floats():
-    from deploy.common import request_limit
+    from deploy.image import request_limit
 
     full = json.dumps({"images": [np.full((H, W), 254.99999999999997).tolist()] * MAX_BATCH})
     assert len(full) < request_limit(IMAGE_SHAPE, MAX_BATCH)
@@ -681,7 +681,7 @@ def test_decode_image_checks_size_before_decoding_pixels():
 
     from bentoml.exceptions import InvalidArgument
 
-    from deploy.service import decode_image
+    from deploy.image import decode_image
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return (
