@@ -1,20 +1,12 @@
 """The one service behind every bento: a data kind's adapter on top, ONNX Runtime below.
 
-:class:`ModelService` loads the model card and the ONNX model once, configures the request
-guard, and answers every route its data kind's adapter declares (``image.py``, ``table.py``,
-``sequence.py``): decode and check the request, queue it for the adaptive batcher, answer.
-The edge (``edge_service.py``) derives from it. BentoML wants one importable class per
-bento: :func:`service_class` makes it from a base and an adapter; ``service.py`` and
-``edge_service.py`` decorate them with ``@bentoml.service``.
-
-Adaptive batching: only *checked* inputs are queued, because a merged batch that fails fails
-every client in it. The routes are plain async endpoints that check their input, then await
-:class:`deploy.batching.AdaptiveBatcher`, which runs one ONNX Runtime call for every request
-waiting (at most ``max_batch_size`` examples). Why not ``@bentoml.api(batchable=True)``: a
-batchable API called from another API of the same service goes through BentoML's
-self-proxy, an HTTP client over the app with JSON both ways (measured ~4x slower, and 500s
-under concurrent load), and BentoML's dispatcher added ~10 ms per request to a lone client
-after a burst (see ``batching.py``, and README, "Serving").
+:class:`ModelService` loads the model card and the ONNX model once, fills in its request
+guard's rules, and answers every route its data kind's adapter declares (``image.py``,
+``table.py``, ``sequence.py``): decode and check the request, queue it for the adaptive
+batcher (only checked inputs: a merged batch that fails fails every client in it; why not
+BentoML's ``batchable=True``: see ``batching.py``), answer. The edge (``edge_service.py``)
+derives from it. BentoML wants one importable class per bento: :func:`service_class` makes
+it from a base and an adapter, and ``service.py`` / ``edge_service.py`` decorate it.
 """
 
 from __future__ import annotations

@@ -218,7 +218,7 @@ def _read_shape(card: dict, where: Path) -> tuple[int, ...]:
 
 class ImageInfo(ServiceInfo):
     image_shape: list[int] = Field(description="(C, H, W) the model expects")
-    max_image_bytes: int = Field(description="largest /predict_image upload accepted")
+    max_image_bytes: int = Field(description="largest /predict_image upload (the cloud's)")
 
 
 ImageField = Annotated[
