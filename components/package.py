@@ -77,6 +77,12 @@ class BentoKind:
         return self.services[kind]
 
 
+# What both bentos' service modules import from deploy/: the base service, its guard and
+# batcher, and one adapter per data kind (numpy only: the edge stays lean).
+SERVING_FILES = (
+    "base.py", "common.py", "guard.py", "batching.py", "image.py", "table.py", "sequence.py",
+)  # fmt: skip
+
 # uvicorn serves faster with uvloop and httptools when they are installed (~15 % less CPU).
 SERVER_EXTRAS = ("uvloop", "httptools")
 CLOUD = BentoKind(
@@ -86,17 +92,17 @@ CLOUD = BentoKind(
         "table": "deploy.service:TablePredictor",
         "sequence": "deploy.service:SequencePredictor",
     },
-    service_files=("service.py", "batching.py", "common.py"),
+    service_files=("service.py", *SERVING_FILES),
     packages=("bentoml", "onnxruntime", "numpy", "pillow", *SERVER_EXTRAS),
 )
 EDGE = BentoKind(
     role="edge",
     services={
-        "image": "deploy.edge_service:EdgeClassifier",
+        "image": "deploy.edge_service:EdgeImageClassifier",
         "table": "deploy.edge_service:EdgeTablePredictor",
         "sequence": "deploy.edge_service:EdgeSequencePredictor",
     },
-    service_files=("edge_service.py", "common.py"),
+    service_files=("edge_service.py", *SERVING_FILES),
     packages=("bentoml", "onnxruntime", "numpy", "httpx", *SERVER_EXTRAS),
 )
 
@@ -589,7 +595,7 @@ def check_meta(meta: DatasetMeta, meta_file: Path) -> None:
                 f"{meta_file}: images must be shaped (C, H, W), got {meta.input_shape}"
             )
         return
-    from deploy.common import check_spec  # imports bentoml: not at module level (see above)
+    from deploy.table import check_spec  # imports bentoml: not at module level (see above)
 
     rank = 1 if meta.kind == "table" else 2
     if len(meta.input_shape) != rank:

@@ -1,12 +1,9 @@
-"""The edge service: the int8 model on a small CPU box, asking the cloud when unsure.
+"""The edge services: the int8 model on a small CPU box, asking the cloud when unsure.
 
-A lean bento: this file, ``common.py``, ``components/features.py`` and the model; it needs
-ONNX Runtime and numpy (and BentoML to serve it), no torch, Lightning, Prefect, pandas or
-Pillow. Input is JSON only, checked exactly as the cloud service checks it. One service per
-kind of data, like the cloud's: :class:`EdgeClassifier` (images: ``/predict``,
-``/predict_batch``), :class:`EdgeTablePredictor` (``/predict_row``, ``/predict_rows``) and
-:class:`EdgeSequencePredictor` (``/forecast``, ``/predict_sequences``), the last two applying
-the model's preprocessing spec like the cloud does.
+A lean bento: deploy/ minus ``service.py``, ``components/features.py`` and the model; it
+needs ONNX Runtime and numpy (and BentoML to serve it), no torch, Lightning, Prefect, pandas
+or Pillow. The cloud's JSON routes, checked exactly as the cloud checks them:
+:data:`EdgeImageClassifier`, :data:`EdgeTablePredictor`, :data:`EdgeSequencePredictor`.
 
 Hybrid mode (classification): an example whose top probability reaches
 ``confidence_threshold`` is answered here; the rest are forwarded, as the client sent them, to
@@ -24,307 +21,28 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, ClassVar, Literal
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import InvalidArgument
 from pydantic import BaseModel, Field
 
-from deploy.common import (
-    CARD_FILE,
-    INPUT_NAME,
-    MAX_BYTES_ENV,
-    MODEL_FILE,
-    ROUTES,
-    Answer,
-    ModelCard,
-    Prediction,
-    RequestGuard,
-    RowField,
-    RowsField,
-    SequencesField,
-    ValuePrediction,
-    WindowField,
-    bad_request,
-    check_session,
-    encode_row,
-    encode_rows,
-    encode_sequences,
-    encode_window,
-    foreign_routes,
-    load_card,
-    model_dir_from_env,
-    model_outputs,
-    open_session,
-    read_card,
-    records_limit,
-    request_limit,
-    require_kind,
-    softmax,
-    to_batch,
-    to_chw,
-    tracing_off_unless_asked,
-)
+from deploy.base import IMAGE, SEQUENCE, TABLE, ModelService, service_class, with_guard
+from deploy.common import Answer, DataKind, Prediction, Route, ValuePrediction
 
-tracing_off_unless_asked()
-
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "model"
 CLOUD_URL_ENV = "CLOUD_URL"
 THRESHOLD_ENV = "EDGE_CONFIDENCE_THRESHOLD"
 DEFAULT_THRESHOLD = 0.9
 DEFAULT_TIMEOUT_S = 2.0
 DEFAULT_RETRY_S = 10.0
-# The routes each kind is served on at the edge: the cloud's JSON routes.
-EDGE_ROUTES = {
-    "image": ("/predict", "/predict_batch"),
-    **{k: ROUTES[k] for k in ("table", "sequence")},
-}
 
 
 class EdgePrediction(Prediction):
     answered_by: Literal["edge", "cloud"] = Field(description="which model gave this answer")
     edge_confidence: float = Field(description="the edge model's top probability")
     cloud_error: str | None = Field(
-        None, description="why an unsure image was answered here and not by the cloud"
+        None, description="why an unsure example was answered here and not by the cloud"
     )
-
-
-class EdgeBatchPrediction(BaseModel):
-    predictions: list[EdgePrediction]
-
-
-class EdgeInfo(BaseModel):
-    model_version: str
-    model: str
-    class_names: list[str]
-    image_shape: list[int]
-    max_batch_size: int
-    confidence_threshold: float
-    cloud_url: str | None
-    cloud_timeout_s: float
-
-
-class EdgeGuard(RequestGuard):
-    limits = {"json": 1 << 20}
-    upload_routes: dict[str, str] = {}
-
-
-ImageField = Annotated[
-    list[Any],
-    Field(description="one image of raw pixel values 0-255 as nested lists (see /info)"),
-]
-ImagesField = Annotated[
-    list[Any], Field(description="a list of images, each as for /predict; at most max_batch_size")
-]
-
-
-def cloud_url(url: str) -> str | None:
-    """The cloud's base URL without a trailing slash; None when empty; ValueError when bad."""
-    url = url.strip().rstrip("/")
-    if not url:
-        return None
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in ("http", "https") or not rest:
-        raise ValueError(f"cloud URL {url!r} must look like http://host:port ({CLOUD_URL_ENV})")
-    return url
-
-
-def _setting(section: dict, key: str, default: float) -> float:
-    value = section.get(key)
-    return default if value is None else value
-
-
-class CloudUnavailable(Exception):
-    """The cloud could not answer; the message says why, for the client."""
-
-
-class _Hybrid:
-    """The edge's side of the hand-off, for every kind: the settings, the cloud client, and
-    answering each example here or forwarding the unsure ones. Not a service itself."""
-
-    class_names: list[str]
-    model_version: str
-    model: str
-    max_batch_size: int
-
-    def _hybrid_settings(self, card: dict) -> None:
-        edge = card.get("edge") or {}
-        threshold = os.environ.get(THRESHOLD_ENV) or edge.get("confidence_threshold")
-        self.threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
-        if not 0 <= self.threshold <= 1:
-            raise ValueError(f"confidence threshold {self.threshold} must lie in [0, 1]")
-        self.cloud_url = cloud_url(os.environ.get(CLOUD_URL_ENV, edge.get("cloud_url") or ""))
-        self.cloud_timeout_s = float(_setting(edge, "cloud_timeout_s", DEFAULT_TIMEOUT_S))
-        self.cloud_retry_s = float(_setting(edge, "cloud_retry_s", DEFAULT_RETRY_S))
-        self._cloud_down_until = 0.0
-        self._cloud_last_error = ""
-        self._client = None  # an httpx.AsyncClient, made in the server's event loop
-
-    @bentoml.on_shutdown
-    async def _close_client(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-
-    def _edge_answer(self, row: np.ndarray, cloud_error: str | None) -> EdgePrediction:
-        idx = int(row.argmax())
-        return EdgePrediction(
-            label=self.class_names[idx],
-            class_index=idx,
-            probabilities=dict(zip(self.class_names, row.tolist(), strict=True)),
-            model_version=self.model_version,
-            model=self.model,
-            answered_by="edge",
-            edge_confidence=float(row[idx]),
-            cloud_error=cloud_error,
-        )
-
-    async def _ask_cloud(self, items: Any, route: str, key: str) -> list[Prediction]:
-        """The cloud's answers for checked examples (an array of images, or the rows or
-        sequences as the client sent them), from its ``route`` taking ``{key: [...]}``; or
-        :class:`CloudUnavailable`."""
-        import httpx
-
-        if self.cloud_url is None:
-            raise CloudUnavailable("no cloud configured (package.edge.cloud_url / CLOUD_URL)")
-        now = time.monotonic()
-        if now < self._cloud_down_until:
-            raise CloudUnavailable(
-                f"{self._cloud_last_error}; cloud not asked again for another "
-                f"{self._cloud_down_until - now:.0f} s"
-            )
-        if self._client is None:
-            self._client = httpx.AsyncClient(base_url=self.cloud_url, timeout=self.cloud_timeout_s)
-        answers: list[Prediction] = []
-        try:
-            for start in range(0, len(items), self.max_batch_size):
-                chunk = items[start : start + self.max_batch_size]
-                answers += await self._cloud_batch(chunk, route, key)
-        except httpx.HTTPError as exc:
-            problem = f"cloud unreachable at {self.cloud_url} ({type(exc).__name__})"
-        except CloudUnavailable as exc:
-            problem = str(exc)
-        else:
-            return answers
-        self._cloud_last_error = problem
-        self._cloud_down_until = time.monotonic() + self.cloud_retry_s
-        raise CloudUnavailable(problem)
-
-    async def _cloud_batch(self, chunk: Any, route: str, key: str) -> list[Prediction]:
-        payload = chunk.tolist() if isinstance(chunk, np.ndarray) else list(chunk)
-        reply = await self._client.post(route, json={key: payload})
-        if reply.status_code != 200:
-            raise CloudUnavailable(
-                f"cloud at {self.cloud_url} answered HTTP {reply.status_code}: {reply.text[:200]}"
-            )
-        try:
-            got = reply.json()["predictions"]
-            if not isinstance(got, list) or len(got) != len(chunk):
-                raise ValueError("not one prediction per example")
-            return [Prediction.model_validate(p) for p in got]
-        except (ValueError, KeyError, TypeError):  # ValidationError is a ValueError
-            raise CloudUnavailable(f"cloud at {self.cloud_url} sent a malformed answer") from None
-
-    async def _hybrid_answers(
-        self, probs: np.ndarray, items: Any, route: str, key: str
-    ) -> list[EdgePrediction]:
-        """Class probabilities of the edge model -> answers, the unsure ones the cloud's."""
-        confidence = probs.max(axis=1)
-        unsure = np.flatnonzero(confidence < self.threshold)
-        answers = [self._edge_answer(row, None) for row in probs]
-        if len(unsure):
-            if isinstance(items, np.ndarray):
-                forwarded = items[unsure]
-            else:
-                forwarded = [items[i] for i in unsure]
-            try:
-                cloud = await self._ask_cloud(forwarded, route, key)
-            except CloudUnavailable as exc:
-                for i in unsure:
-                    answers[i] = self._edge_answer(probs[i], f"{exc}; answered by the edge")
-            else:
-                for i, answer in zip(unsure, cloud, strict=True):
-                    answers[i] = EdgePrediction(
-                        **answer.model_dump(),
-                        answered_by="cloud",
-                        edge_confidence=float(confidence[i]),
-                    )
-        return answers
-
-
-@bentoml.service(traffic={"timeout": 30}, logging={"access": {"enabled": False}})
-class EdgeClassifier(_Hybrid):
-    """Answer confident images locally with the int8 model; forward the rest to the cloud."""
-
-    def __init__(self) -> None:
-        model_dir = model_dir_from_env(DEFAULT_MODEL_DIR)
-        card = read_card(model_dir)
-        require_kind(card, "image", "deploy.edge_service:EdgeClassifier", model_dir / CARD_FILE)
-        self.class_names = [str(n) for n in card["class_names"]]
-        self.image_shape: tuple[int, int, int] = tuple(int(d) for d in card["image_shape"])
-        self.model_version = str(card["model_version"])
-        self.model = str(card.get("model") or "unknown")
-        self.max_batch_size = int(card.get("max_batch_size") or 64)
-        self._hybrid_settings(card)
-        EdgeGuard.limits = {
-            "json": int(
-                os.environ.get(MAX_BYTES_ENV)
-                or card.get("max_request_bytes")
-                or request_limit(self.image_shape, self.max_batch_size)
-            )
-        }
-        EdgeGuard.foreign = foreign_routes(
-            "image",
-            f"an image classification model of {len(self.class_names)} classes",
-            EDGE_ROUTES["image"],
-        )
-        self.session = open_session(model_dir / MODEL_FILE)
-        check_session(self.session, self.image_shape, len(self.class_names))
-
-    def _local(self, batch: np.ndarray) -> np.ndarray:
-        return softmax(self.session.run(None, {INPUT_NAME: batch})[0])
-
-    async def _hybrid(self, batch: np.ndarray) -> list[EdgePrediction]:
-        return await self._hybrid_answers(self._local(batch), batch, "/predict_batch", "images")
-
-    @bentoml.api
-    async def predict(self, image: ImageField) -> EdgePrediction:
-        """Classify one image; unsure ones are forwarded to the cloud when one is set."""
-        try:
-            arr = to_chw(image, self.image_shape, "image")
-        except InvalidArgument as exc:
-            return bad_request(exc)
-        return (await self._hybrid(arr[None]))[0]
-
-    @bentoml.api
-    async def predict_batch(self, images: ImagesField) -> EdgeBatchPrediction:
-        """Classify up to ``max_batch_size`` images; the unsure ones go to the cloud together."""
-        try:
-            batch = to_batch(images, self.image_shape, self.max_batch_size)
-        except InvalidArgument as exc:
-            return bad_request(exc)
-        return EdgeBatchPrediction(predictions=await self._hybrid(batch))
-
-    @bentoml.api
-    def info(self) -> EdgeInfo:
-        """The edge model, its limits and its hybrid settings."""
-        return EdgeInfo(
-            model_version=self.model_version,
-            model=self.model,
-            class_names=self.class_names,
-            image_shape=list(self.image_shape),
-            max_batch_size=self.max_batch_size,
-            confidence_threshold=self.threshold,
-            cloud_url=self.cloud_url,
-            cloud_timeout_s=self.cloud_timeout_s,
-        )
-
-
-EdgeClassifier.add_asgi_middleware(EdgeGuard)
-
-
-# -- tables and sequences -------------------------------------------------------------------
 
 
 class EdgeValuePrediction(ValuePrediction):
@@ -334,8 +52,8 @@ class EdgeValuePrediction(ValuePrediction):
 
 
 class EdgeAnswer(Answer):
-    """One answer of the edge's table or sequence service, as its OpenAPI page documents it:
-    an :class:`EdgePrediction` (classification) or an :class:`EdgeValuePrediction`."""
+    """One answer of an edge service, as its OpenAPI page documents it: an
+    :class:`EdgePrediction` (classification) or an :class:`EdgeValuePrediction`."""
 
     answered_by: Literal["edge", "cloud"] = Field(description="which model gave this answer")
     edge_confidence: float | None = Field(
@@ -350,18 +68,9 @@ class EdgePredictions(BaseModel):
     predictions: list[EdgePrediction | EdgeValuePrediction]
 
 
-class EdgePredictorInfo(BaseModel):
-    model_version: str
-    model: str
-    kind: str
-    task: str
-    target: str
-    class_names: list[str]
-    input_shape: list[int]
-    columns: list[str] = Field(description="the input columns, in order")
-    window: int | None = Field(None, description="sequences: the steps each one must hold")
-    preprocess: dict[str, Any] = Field(description="the transform applied before the model")
-    max_batch_size: int
+class HandOffInfo(BaseModel):
+    """What /info adds at the edge: the hand-off settings."""
+
     hybrid: bool = Field(
         description="whether unsure answers may go to the cloud (not for regression)"
     )
@@ -370,148 +79,151 @@ class EdgePredictorInfo(BaseModel):
     cloud_timeout_s: float
 
 
-class EdgeTableGuard(RequestGuard):
-    limits = {"json": 1 << 20}
-    upload_routes: dict[str, str] = {}
+def cloud_url(url: str) -> str | None:
+    """The cloud's base URL without a trailing slash; None when empty; ValueError when bad."""
+    url = url.strip().rstrip("/")
+    if not url:
+        return None
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or not rest:
+        raise ValueError(f"cloud URL {url!r} must look like http://host:port ({CLOUD_URL_ENV})")
+    return url
 
 
-class EdgeSequenceGuard(RequestGuard):
-    limits = {"json": 1 << 20}
-    upload_routes: dict[str, str] = {}
+class CloudUnavailable(Exception):
+    """The cloud could not answer; the message says why, for the client."""
 
 
-class _EdgeRecords(_Hybrid):
-    """What the edge's table and sequence services share. Not a service itself."""
+class EdgeService(ModelService):
+    """Answer confident examples with the edge model; forward the unsure ones to the cloud."""
 
-    kind = ""
-    cloud_route, cloud_key = "", ""  # where unsure examples go, as the client sent them
+    # One worker: an edge box is small (no "cpu_count" as in the cloud).
+    options: ClassVar[dict] = {
+        "traffic": {"timeout": 30},
+        "logging": {"access": {"enabled": False}},
+    }
+    answer_doc = EdgeAnswer
+    batch_doc = EdgePredictions
+    info_mixins = (HandOffInfo,)
 
-    def _load(self, guard: type[RequestGuard]) -> None:
-        model_dir = model_dir_from_env(DEFAULT_MODEL_DIR)
-        card = self.card = load_card(
-            model_dir, self.kind, f"deploy.edge_service:{type(self).__name__}"
-        )
-        self.class_names = list(card.class_names)
-        self.model_version, self.model = card.model_version, card.model
-        self.max_batch_size = card.max_batch_size
-        self.spec = card.preprocess
-        self._hybrid_settings(card.raw)
-        steps = card.input_shape[0] if self.kind == "sequence" else 1
-        guard.limits = {
-            "json": int(
-                os.environ.get(MAX_BYTES_ENV)
-                or card.raw.get("max_request_bytes")
-                or records_limit(self.spec, self.max_batch_size, steps)
-            )
+    @classmethod
+    def serves(cls, route: Route) -> bool:
+        return route.upload_limit is None  # JSON only: no Pillow, no multipart at the edge
+
+    def __init__(self) -> None:
+        super().__init__()
+        edge = self.card.raw.get("edge") or {}
+        threshold = os.environ.get(THRESHOLD_ENV) or edge.get("confidence_threshold")
+        self.threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"confidence threshold {self.threshold} must lie in [0, 1]")
+        self.cloud_url = cloud_url(os.environ.get(CLOUD_URL_ENV, edge.get("cloud_url") or ""))
+        self.cloud_timeout_s = float(_setting(edge, "cloud_timeout_s", DEFAULT_TIMEOUT_S))
+        self.cloud_retry_s = float(_setting(edge, "cloud_retry_s", DEFAULT_RETRY_S))
+        self._cloud_down_until = 0.0
+        self._cloud_last_error = ""
+        self._client = None  # an httpx.AsyncClient, made in the server's event loop
+
+    def info_fields(self) -> dict[str, Any]:
+        hybrid = self.card.task.hands_off
+        return {
+            **super().info_fields(),
+            "hybrid": hybrid,
+            "confidence_threshold": self.threshold if hybrid else None,
+            "cloud_url": self.cloud_url,
+            "cloud_timeout_s": self.cloud_timeout_s,
         }
-        guard.foreign = foreign_routes(self.kind, card.summary, EDGE_ROUTES[self.kind])
-        self.session = open_session(model_dir / MODEL_FILE)
-        check_session(self.session, card.input_shape, card.num_outputs, card.task)
-        self.window = steps if self.kind == "sequence" else None
 
-    async def answer(self, batch: np.ndarray, items: list) -> list:
-        """Encoded examples (and the same as the client sent them, for the cloud) -> answers."""
-        out = model_outputs(self.session.run(None, {INPUT_NAME: batch})[0], self.card.regression)
-        if self.card.regression:  # answered here, always: see the module's docstring
-            return [
-                EdgeValuePrediction(
-                    value=float(v),
-                    target=self.card.target,
-                    model_version=self.model_version,
-                    model=self.model,
-                )
-                for v in out
-            ]
-        return await self._hybrid_answers(out, items, self.cloud_route, self.cloud_key)
+    @bentoml.on_shutdown
+    async def _close_client(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
 
-    def _info(self) -> EdgePredictorInfo:
-        card: ModelCard = self.card
-        return EdgePredictorInfo(
-            model_version=self.model_version,
-            model=self.model,
-            kind=card.kind,
-            task=card.task,
-            target=card.target,
-            class_names=self.class_names,
-            input_shape=list(card.input_shape),
-            columns=card.columns,
-            window=self.window,
-            preprocess=self.spec,
-            max_batch_size=self.max_batch_size,
-            hybrid=not card.regression,
-            confidence_threshold=None if card.regression else self.threshold,
-            cloud_url=self.cloud_url,
-            cloud_timeout_s=self.cloud_timeout_s,
-        )
-
-
-@bentoml.service(traffic={"timeout": 30}, logging={"access": {"enabled": False}})
-class EdgeTablePredictor(_EdgeRecords):
-    """Table rows: answered by the int8 model, unsure classifications by the cloud."""
-
-    kind = "table"
-    cloud_route, cloud_key = "/predict_rows", "rows"
-
-    def __init__(self) -> None:
-        self._load(EdgeTableGuard)
-
-    @bentoml.api
-    async def predict_row(self, row: RowField) -> EdgeAnswer:
-        """One row of column -> value: its class or value."""
+    async def answer(self, batch: np.ndarray, items: list) -> list[BaseModel]:
+        """Checked examples (and the same as the client sent them, for the cloud) -> one
+        answer each: the edge model's, or the cloud's for those it is unsure about."""
+        outputs = await self.batcher(batch)
+        answers = [self.card.task.answer(row, self.card) for row in outputs]
+        if not self.card.task.hands_off:  # regression: answered here, always
+            return [EdgeValuePrediction.model_construct(**dict(a)) for a in answers]
+        confidence = self.card.task.confidence(outputs)
+        mine = [
+            EdgePrediction.model_construct(
+                **dict(a), answered_by="edge", edge_confidence=float(c), cloud_error=None
+            )
+            for a, c in zip(answers, confidence, strict=True)
+        ]
+        unsure = np.flatnonzero(confidence < self.threshold)
+        if len(unsure) == 0:
+            return mine
         try:
-            x = encode_row(row, self.spec)
-        except InvalidArgument as exc:
-            return bad_request(exc)
-        return (await self.answer(x, [row]))[0]
+            theirs = await self._ask_cloud([items[i] for i in unsure])
+        except CloudUnavailable as exc:
+            for i in unsure:
+                mine[i].cloud_error = f"{exc}; answered by the edge"
+            return mine
+        for i, answer in zip(unsure, theirs, strict=True):
+            mine[i] = EdgePrediction.model_construct(
+                **dict(answer), answered_by="cloud", edge_confidence=float(confidence[i])
+            )
+        return mine
 
-    @bentoml.api
-    async def predict_rows(self, rows: RowsField) -> EdgePredictions:
-        """Up to ``max_batch_size`` rows; the unsure ones go to the cloud together."""
+    async def _ask_cloud(self, items: list) -> list[Prediction]:
+        """The cloud's answers for checked examples, as the client sent them, from the kind's
+        batch route (``/predict_batch {"images": [...]}``, ...); or :class:`CloudUnavailable`."""
+        import httpx
+
+        if self.cloud_url is None:
+            raise CloudUnavailable("no cloud configured (package.edge.cloud_url / CLOUD_URL)")
+        now = time.monotonic()
+        if now < self._cloud_down_until:
+            raise CloudUnavailable(
+                f"{self._cloud_last_error}; cloud not asked again for another "
+                f"{self._cloud_down_until - now:.0f} s"
+            )
+        if self._client is None:
+            self._client = httpx.AsyncClient(base_url=self.cloud_url, timeout=self.cloud_timeout_s)
+        answers: list[Prediction] = []
         try:
-            x = encode_rows(rows, self.spec, self.max_batch_size)
-        except InvalidArgument as exc:
-            return bad_request(exc)
-        return EdgePredictions(predictions=await self.answer(x, rows))
+            for start in range(0, len(items), self.card.max_batch_size):
+                answers += await self._cloud_batch(items[start : start + self.card.max_batch_size])
+        except httpx.HTTPError as exc:
+            problem = f"cloud unreachable at {self.cloud_url} ({type(exc).__name__})"
+        except CloudUnavailable as exc:
+            problem = str(exc)
+        else:
+            return answers
+        self._cloud_last_error = problem
+        self._cloud_down_until = time.monotonic() + self.cloud_retry_s
+        raise CloudUnavailable(problem)
 
-    @bentoml.api
-    def info(self) -> EdgePredictorInfo:
-        """The edge model, its columns and preprocessing, limits and hybrid settings."""
-        return self._info()
-
-
-@bentoml.service(traffic={"timeout": 30}, logging={"access": {"enabled": False}})
-class EdgeSequencePredictor(_EdgeRecords):
-    """Sequences: forecasts answered here; unsure classifications by the cloud."""
-
-    kind = "sequence"
-    cloud_route, cloud_key = "/predict_sequences", "sequences"
-
-    def __init__(self) -> None:
-        self._load(EdgeSequenceGuard)
-
-    @bentoml.api
-    async def forecast(self, window: WindowField) -> EdgeAnswer:
-        """One sequence of T steps: the forecast value (regression) or its class."""
+    async def _cloud_batch(self, chunk: list) -> list[Prediction]:
+        route = self.kind.batch_route
+        reply = await self._client.post(route.path, json={route.field: chunk})
+        if reply.status_code != 200:
+            raise CloudUnavailable(
+                f"cloud at {self.cloud_url} answered HTTP {reply.status_code}: {reply.text[:200]}"
+            )
         try:
-            x = encode_window(window, self.spec, self.card.input_shape)
-        except InvalidArgument as exc:
-            return bad_request(exc)
-        return (await self.answer(x, [window]))[0]
-
-    @bentoml.api
-    async def predict_sequences(self, sequences: SequencesField) -> EdgePredictions:
-        """Up to ``max_batch_size`` sequences; the unsure ones go to the cloud together."""
-        try:
-            x = encode_sequences(sequences, self.spec, self.card.input_shape, self.max_batch_size)
-        except InvalidArgument as exc:
-            return bad_request(exc)
-        return EdgePredictions(predictions=await self.answer(x, sequences))
-
-    @bentoml.api
-    def info(self) -> EdgePredictorInfo:
-        """The edge model, its window, columns and preprocessing, limits and hybrid settings."""
-        return self._info()
+            got = reply.json()["predictions"]
+            if not isinstance(got, list) or len(got) != len(chunk):
+                raise ValueError("not one prediction per example")
+            return [Prediction.model_validate(p) for p in got]
+        except (ValueError, KeyError, TypeError):  # ValidationError is a ValueError
+            raise CloudUnavailable(f"cloud at {self.cloud_url} sent a malformed answer") from None
 
 
-EdgeTablePredictor.add_asgi_middleware(EdgeTableGuard)
-EdgeSequencePredictor.add_asgi_middleware(EdgeSequenceGuard)
+def _setting(section: dict, key: str, default: float) -> float:
+    value = section.get(key)
+    return default if value is None else value
+
+
+def _edge(kind: DataKind, name: str) -> bentoml.Service:
+    return with_guard(
+        bentoml.service(**EdgeService.options)(service_class(EdgeService, kind, name, __name__))
+    )
+
+
+EdgeImageClassifier = _edge(IMAGE, "EdgeImageClassifier")
+EdgeTablePredictor = _edge(TABLE, "EdgeTablePredictor")
+EdgeSequencePredictor = _edge(SEQUENCE, "EdgeSequencePredictor")

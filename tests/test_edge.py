@@ -163,12 +163,12 @@ def test_with_the_cloud_stopped_the_edge_answers_itself_and_says_so(hybrid):
 
 
 def test_edge_without_a_cloud_answers_everything_itself(hybrid, monkeypatch):
-    from deploy.edge_service import EdgeClassifier
+    from deploy.edge_service import EdgeImageClassifier
 
     staged = Path(hybrid["edge_onnx"]).parents[2] / "build" / "bento" / "tiny-hybrid-edge"
     monkeypatch.setenv("MODEL_DIR", str(staged / "deploy" / "model"))
     monkeypatch.delenv("CLOUD_URL", raising=False)
-    svc = EdgeClassifier.inner()
+    svc = EdgeImageClassifier.inner()
     unsure = IMAGES[~hybrid["sure"]][0]
     answer = asyncio.run(svc.predict(image=unsure.tolist()))
     assert answer.answered_by == "edge"
@@ -176,13 +176,13 @@ def test_edge_without_a_cloud_answers_everything_itself(hybrid, monkeypatch):
 
 
 def test_a_bad_cloud_url_fails_at_start_up(hybrid, monkeypatch):
-    from deploy.edge_service import EdgeClassifier
+    from deploy.edge_service import EdgeImageClassifier
 
     staged = Path(hybrid["edge_onnx"]).parents[2] / "build" / "bento" / "tiny-hybrid-edge"
     monkeypatch.setenv("MODEL_DIR", str(staged / "deploy" / "model"))
     monkeypatch.setenv("CLOUD_URL", "ftp://somewhere")
     with pytest.raises(ValueError, match=r"must look like http://host:port \(CLOUD_URL\)"):
-        EdgeClassifier.inner()
+        EdgeImageClassifier.inner()
 
 
 def test_edge_service_imports_no_training_stack():

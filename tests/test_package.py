@@ -30,6 +30,7 @@ from components.package import (  # noqa: E402
     CLOUD,
     DEPLOY_DIR,
     EDGE,
+    SERVING_FILES,
     PackageResult,
     content_version,
     dependency_closure,
@@ -149,8 +150,8 @@ def test_package_builds_a_versioned_bento_into_the_store(built):
     assert bento.info.labels["role"] == "cloud"
     src = Path(bento.path) / "src" / "deploy"
     files = sorted(p.name for p in src.glob("*.py"))
-    assert files == ["__init__.py", "batching.py", "common.py", "service.py"]
-    for name in ("service.py", "batching.py", "common.py"):
+    assert files == sorted(["__init__.py", "service.py", *SERVING_FILES])
+    for name in ("service.py", *SERVING_FILES):
         assert (src / name).read_bytes() == (DEPLOY_DIR / name).read_bytes()
     card = json.loads((src / "model" / "model.json").read_text())
     assert card["class_names"] == list(CLASS_NAMES)
@@ -214,13 +215,12 @@ def test_edge_bento_is_lean_and_carries_its_hybrid_settings(built):
     _, result = built
     bento = bentoml.bentos.get(result.edge.tag)
     assert bento.info.labels["role"] == "edge"
-    assert bento.info.entry_service == "EdgeClassifier"
+    assert bento.info.entry_service == "EdgeImageClassifier"
     src = Path(bento.path) / "src" / "deploy"
-    assert sorted(p.name for p in src.glob("*.py")) == [
-        "__init__.py",
-        "common.py",
-        "edge_service.py",
-    ]
+    # The cloud's service module (and what only it needs, Pillow) stays out.
+    assert sorted(p.name for p in src.glob("*.py")) == sorted(
+        ["__init__.py", "edge_service.py", *SERVING_FILES]
+    )
     card = json.loads((src / "model" / "model.json").read_text())
     assert card["served_variant"] == "int8"
     assert card["edge"] == {

@@ -482,6 +482,15 @@ def test_bodies_that_are_not_a_json_object_are_refused(served, body, content_typ
     assert message in r.text
 
 
+def test_the_guard_reads_the_first_content_type_as_bentoml_does(served):
+    _, client, _, _ = served
+    body = json.dumps({"image": GOOD}).encode()
+    two = [("content-type", "text/plain"), ("content-type", "application/json")]
+    r = client.post("/predict", content=body, headers=two)
+    assert r.status_code == 415, r.text
+    assert "got 'text/plain'" in r.json()["error"]
+
+
 def test_oversized_body_is_a_413_before_parsing(served):
     _, client, _, _ = served
     huge = {"images": [GOOD] * 2000}  # ~1 MB; a full batch of 4 needs a few kB
@@ -644,7 +653,7 @@ def test_get_on_an_api_is_not_a_5xx(served):
 def test_to_chw_layouts_and_the_ambiguous_case():
     from bentoml.exceptions import InvalidArgument
 
-    from deploy.common import to_chw
+    from deploy.image import to_chw
 
     img = np.arange(2 * 3 * 4).reshape(2, 3, 4) % 256
     chw = to_chw(img.tolist(), (2, 3, 4))
@@ -658,10 +667,38 @@ def test_to_chw_layouts_and_the_ambiguous_case():
 
 
 def test_request_limit_fits_a_full_batch_of_long_floats():
-    from deploy.common import request_limit
+    from deploy.image import request_limit
 
     full = json.dumps({"images": [np.full((H, W), 254.99999999999997).tolist()] * MAX_BATCH})
     assert len(full) < request_limit(IMAGE_SHAPE, MAX_BATCH)
+
+
+def test_every_bento_class_serves_its_kinds_routes_and_documents_them():
+    """The classes made from the base and each kind's adapter: the cloud's serve every route
+    of their kind, the edge's the JSON ones; all are on the OpenAPI page, with examples."""
+    from deploy import edge_service, service
+    from deploy.base import KINDS
+
+    classes = {
+        "image": (service.ImageClassifier, edge_service.EdgeImageClassifier),
+        "table": (service.TablePredictor, edge_service.EdgeTablePredictor),
+        "sequence": (service.SequencePredictor, edge_service.EdgeSequencePredictor),
+    }
+    assert set(classes) == {kind.name for kind in KINDS}
+    for kind in KINDS:
+        every = {r.path for r in kind.routes}
+        json_only = {r.path for r in kind.routes if r.upload_limit is None}
+        cloud, edge = classes[kind.name]
+        for svc, routes in ((cloud, every), (edge, json_only)):
+            assert {api.route for api in svc.apis.values()} == routes | {"/info"}, svc
+            paths = svc.openapi_spec.asdict()["paths"]
+            assert routes | {"/info"} <= set(paths), svc
+            for route in kind.routes:
+                if route.path in json_only:
+                    body = paths[route.path]["post"]["requestBody"]["content"]
+                    field = body["application/json"]["schema"]["properties"][route.field]
+                    assert field["description"] and field["examples"], (svc, route.path)
+        assert edge.inner.guard_rules is not cloud.inner.guard_rules  # one guard each
 
 
 def test_swagger_page_and_openapi_are_served_locally(served):
@@ -681,7 +718,7 @@ def test_decode_image_checks_size_before_decoding_pixels():
 
     from bentoml.exceptions import InvalidArgument
 
-    from deploy.service import decode_image
+    from deploy.image import decode_image
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return (

@@ -458,7 +458,7 @@ def test_sequence_edge_hands_unsure_sequences_to_the_cloud(sequences, monkeypatc
 
 
 def test_window_steps_as_lists_or_objects_encode_like_training():
-    from deploy.common import encode_window
+    from deploy.sequence import encode_window
 
     frame = sequence_frame()
     spec = {**features.fit(frame, list(frame.columns)), "window": STEPS}

@@ -1,0 +1,245 @@
+"""The one service behind every bento: a data kind's adapter on top, ONNX Runtime below.
+
+:class:`ModelService` loads the model card and the ONNX model once, fills in its request
+guard's rules, and answers every route its data kind's adapter declares (``image.py``,
+``table.py``, ``sequence.py``): decode and check the request, queue it for the adaptive
+batcher (only checked inputs: a merged batch that fails fails every client in it; why not
+BentoML's ``batchable=True``: see ``batching.py``), answer. The edge (``edge_service.py``)
+derives from it. BentoML wants one importable class per bento: :func:`service_class` makes
+it from a base and an adapter, and ``service.py`` / ``edge_service.py`` decorate it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+from pathlib import Path
+from typing import Any, ClassVar
+
+import bentoml
+import numpy as np
+from bentoml.exceptions import InvalidArgument
+from pydantic import BaseModel, create_model
+
+from deploy.batching import AdaptiveBatcher
+from deploy.common import (
+    INPUT_NAME,
+    MAX_BYTES_ENV,
+    MODEL_FILE,
+    Answer,
+    DataKind,
+    Predictions,
+    Route,
+    check_session,
+    load_card,
+    model_dir_from_env,
+    open_session,
+    tracing_off_unless_asked,
+)
+from deploy.guard import GuardRules, RequestGuard, bad_request
+from deploy.image import IMAGE
+from deploy.sequence import SEQUENCE
+from deploy.table import TABLE
+
+tracing_off_unless_asked()
+
+# Every data kind served: a new kind is one adapter module, listed here.
+KINDS: tuple[DataKind, ...] = (IMAGE, TABLE, SEQUENCE)
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "model"
+# A merged batch up to this many examples runs on the event loop: a thread hand-off costs
+# more than the ~50 us per image the CNN needs. Bigger batches run in a worker thread so the
+# loop keeps reading requests meanwhile (ONNX Runtime releases the GIL).
+INLINE_ROWS = 16
+
+_BATCH_HISTOGRAMS: dict = {}  # one per process and name: prometheus refuses a second one
+
+
+def batch_size_histogram(max_batch_size: int, name: str):
+    """Examples per model call, on /metrics as ``name`` (``image_classifier_batch_size``)."""
+    if name not in _BATCH_HISTOGRAMS:
+        # Imported here, not at module level: BentoML sets PROMETHEUS_MULTIPROC_DIR in the
+        # worker after importing this module, and prometheus_client reads it on import.
+        from prometheus_client import Histogram
+
+        buckets = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, max_batch_size})
+        _BATCH_HISTOGRAMS[name] = Histogram(
+            name,
+            "Examples per ONNX Runtime call after adaptive batching",
+            buckets=[b for b in buckets if b <= max_batch_size] + [float("inf")],
+        )
+    return _BATCH_HISTOGRAMS[name]
+
+
+def foreign_routes(kind: DataKind, summary: str, own: list[str]) -> dict[str, str]:
+    """The other kinds' routes -> why this bento does not serve them (a 404 from the guard)."""
+    return {
+        route.path: (
+            f"{route.path}: this bento serves {summary}, not {other.name}s; its routes are "
+            + ", ".join(own)
+        )
+        for other in KINDS
+        if other.name != kind.name
+        for route in other.routes
+        if route.path not in own
+    }
+
+
+class ModelService:
+    """Serve the ONNX model in the bento (or in ``MODEL_DIR``) on a data kind's routes.
+
+    This is the cloud service; :class:`deploy.edge_service.EdgeService` derives from it.
+    :func:`service_class` fills in the class attributes, once per bento class.
+    """
+
+    kind: ClassVar[DataKind]
+    service_name: ClassVar[str]  # "module:Class", for messages
+    guard_rules: ClassVar[GuardRules]  # this class's guard's: filled in by __init__
+    info_model: ClassVar[type[BaseModel]]  # the kind's /info answer (+ the info_mixins)
+    # @bentoml.service options. One process per core (cgroup-aware): HTTP + JSON, not the
+    # model, take the CPU, and one Python process uses one core. Each worker batches its own
+    # requests. Override with BENTOML_CONFIG_OPTIONS="services.<Class>.workers=N". One
+    # access-log line per request costs ~30 % of the throughput; /metrics counts requests.
+    options: ClassVar[dict] = {
+        "workers": "cpu_count",
+        "traffic": {"timeout": 30},
+        "logging": {"access": {"enabled": False}},
+    }
+    answer_doc: ClassVar[type[BaseModel]] = Answer  # what the OpenAPI page shows
+    batch_doc: ClassVar[type[BaseModel]] = Predictions
+    info_mixins: ClassVar[tuple[type[BaseModel], ...]] = ()
+
+    @classmethod
+    def serves(cls, route: Route) -> bool:
+        return True
+
+    def __init__(self) -> None:
+        model_dir = model_dir_from_env(DEFAULT_MODEL_DIR)
+        card = self.card = load_card(
+            model_dir, self.kind.name, self.kind.read_shape, self.service_name
+        )
+        self.max_request_bytes = int(
+            os.environ.get(MAX_BYTES_ENV)
+            or card.raw.get("max_request_bytes")
+            or self.kind.request_limit(card)
+        )
+        routes = [r for r in self.kind.routes if self.serves(r)]
+        self.guard_rules.json_limit = self.max_request_bytes
+        self.guard_rules.uploads = {
+            r.path: (r.field, r.upload_limit(card, self.max_request_bytes))
+            for r in routes
+            if r.upload_limit is not None
+        }
+        self.guard_rules.foreign = foreign_routes(self.kind, card.summary, [r.path for r in routes])
+        self.session = open_session(model_dir / MODEL_FILE)
+        check_session(self.session, card)
+        # e.g. image_classifier_batch_size for ImageClassifier
+        metric = re.sub(r"(?<!^)(?=[A-Z])", "_", type(self).__name__).lower() + "_batch_size"
+        self.batch_sizes = batch_size_histogram(card.max_batch_size, metric)
+        self.batcher = AdaptiveBatcher(
+            self._outputs, card.max_batch_size, card.max_latency_ms / 1000, INLINE_ROWS
+        )
+
+    def describe(self) -> BaseModel:
+        """What /info answers."""
+        return self.info_model(**self.info_fields())
+
+    def info_fields(self) -> dict[str, Any]:
+        card = self.card
+        return {
+            "model_version": card.model_version,
+            "model": card.model,
+            "kind": card.kind,
+            "task": card.task.name,
+            "target": card.target,
+            "class_names": list(card.class_names),
+            "input_shape": list(card.input_shape),
+            "max_batch_size": card.max_batch_size,
+            "max_latency_ms": card.max_latency_ms,
+            "max_request_bytes": self.max_request_bytes,
+            "served_variant": card.raw.get("served_variant"),
+            "metrics": {k: float(v) for k, v in (card.raw.get("metrics") or {}).items()},
+            **self.kind.info_fields(card),
+        }
+
+    def _outputs(self, batch: np.ndarray) -> np.ndarray:
+        self.batch_sizes.observe(batch.shape[0])
+        return self.card.task.outputs(self.session.run(None, {INPUT_NAME: batch})[0])
+
+    async def answer(self, batch: np.ndarray, items: list) -> list[BaseModel]:
+        """Checked examples (and the same as the client sent them) -> one answer each."""
+        outputs = await self.batcher(batch)
+        return [self.card.task.answer(row, self.card) for row in outputs]
+
+    async def serve(self, route: Route, value: Any) -> Any:
+        """One request to ``route``: its answer, or a 400 naming the field and the rule."""
+        try:
+            batch = route.decode(value, self.card)
+        except InvalidArgument as exc:
+            return bad_request(exc)
+        answers = await self.answer(batch, value if route.many else [value])
+        return self.batch_doc.model_construct(predictions=answers) if route.many else answers[0]
+
+
+def _endpoint(route: Route, answers: type[BaseModel]) -> Any:
+    """``async def <route.name>(self, <route.field>: <route.schema>) -> answers``, as API."""
+
+    async def endpoint(self: ModelService, **request: Any) -> Any:
+        return await self.serve(route, request[route.field])
+
+    endpoint.__name__ = endpoint.__qualname__ = route.name
+    endpoint.__doc__ = route.doc
+    # BentoML reads the request fields and the answer's schema from the signature.
+    endpoint.__signature__ = inspect.Signature(
+        [
+            inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            inspect.Parameter(
+                route.field, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=route.schema
+            ),
+        ],
+        return_annotation=answers,
+    )
+    return bentoml.api(endpoint)
+
+
+def _info_endpoint(info: type[BaseModel]) -> Any:
+    def info_endpoint(self: ModelService) -> Any:
+        return self.describe()
+
+    info_endpoint.__name__ = info_endpoint.__qualname__ = "info"
+    info_endpoint.__doc__ = (
+        "What this service serves: the model and its version, what goes in (shape; columns "
+        "and their preprocessing), its limits and test metrics."
+    )
+    info_endpoint.__signature__ = inspect.Signature(
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)],
+        return_annotation=info,
+    )
+    return bentoml.api(info_endpoint)
+
+
+def service_class(base: type[ModelService], kind: DataKind, name: str, module: str) -> type:
+    """The class ``module:name``: ``base`` answering ``kind``'s routes (those it serves),
+    and /info. Decorate it with ``@bentoml.service`` in ``module``, then :func:`with_guard`."""
+    info = create_model(f"{name}Info", __base__=(*base.info_mixins, kind.info))
+    namespace: dict[str, Any] = {
+        "__module__": module,
+        "__qualname__": name,
+        "__doc__": f"{base.__doc__.splitlines()[0]} ({kind.name} data)",
+        "kind": kind,
+        "service_name": f"{module}:{name}",
+        "guard_rules": GuardRules(),
+        "info_model": info,
+        "info": _info_endpoint(info),
+    }
+    for route in kind.routes:
+        if base.serves(route):
+            answers = base.batch_doc if route.many else base.answer_doc
+            namespace[route.name] = _endpoint(route, answers)
+    return type(name, (base,), namespace)
+
+
+def with_guard(service: bentoml.Service) -> bentoml.Service:
+    """Put the service's request guard in front of it, with the rules its class fills in."""
+    service.add_asgi_middleware(RequestGuard, rules=service.inner.guard_rules)
+    return service

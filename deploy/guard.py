@@ -1,0 +1,155 @@
+"""The ASGI guard in front of every service: refuses bodies of the wrong type or size (415,
+413, 400) and other kinds' routes (404) before BentoML parses anything.
+
+Without it a multipart body without a boundary answers 500 (BentoML's form parser), a form
+field holding a URL makes BentoML download it, and a huge body is parsed into Python objects
+before any check of ours runs. Every refusal is ``{"error": "<field>: <rule>"}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from bentoml.exceptions import InvalidArgument
+from starlette.responses import JSONResponse
+
+from deploy.common import MAX_BYTES_ENV
+
+
+@dataclass
+class GuardRules:
+    """What one service's guard lets through. The service fills it in once it has read its
+    model card (the guard exists before the service: Starlette builds it on the first
+    event, the lifespan start-up that creates the service)."""
+
+    json_limit: int = 1 << 20  # bytes of a JSON body
+    # Routes taking a multipart upload -> (the one file field, bytes of the whole body).
+    uploads: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # Routes of another kind of model (a table bento asked for /predict_image) -> a 404 that
+    # says what this bento serves instead.
+    foreign: dict[str, str] = field(default_factory=dict)
+
+
+def bad_request(exc: InvalidArgument, status: int = 400) -> JSONResponse:
+    # BentoML 1.4.39 answers an InvalidArgument with the body `[{"error": ...}]` (a stray
+    # tuple); we answer `{"error": ...}`, the shape its own schema errors have.
+    return JSONResponse({"error": str(exc)}, status_code=status)
+
+
+class RequestGuard:
+    """ASGI middleware enforcing one service's :class:`GuardRules`.
+
+    JSON is the only body accepted, except on the upload routes: there a multipart form with
+    exactly one file, in the field the route names, and nothing else.
+    """
+
+    def __init__(self, app: Any, rules: GuardRules) -> None:
+        self.app = app
+        self.rules = rules
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"].rstrip("/") or "/"
+        problem = self.rules.foreign.get(route)
+        if problem is not None:
+            return await _reject(scope, send, 404, problem)
+        if scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        # Starlette and BentoML read the first Content-Type header: so do we.
+        headers = dict(reversed(scope["headers"]))
+        content_type = headers.get(b"content-type", b"application/json").decode("latin-1")
+        media = content_type.split(";")[0].strip().lower()
+        upload_field, limit = self.rules.uploads.get(route, (None, self.rules.json_limit))
+        if upload_field is not None and media != "multipart/form-data":
+            message = (
+                f"request body: must be a multipart/form-data upload with the file in "
+                f"field {upload_field!r}, got Content-Type {media!r}"
+            )
+            return await _reject(scope, send, 415, message)
+        if upload_field is None and media != "application/json":
+            message = (
+                f"request body: must be JSON sent as Content-Type: application/json, got {media!r}"
+            )
+            return await _reject(scope, send, 415, message)
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                return await _reject(scope, send, 400, "Content-Length: must be a whole number")
+            if int(declared) > limit:
+                return await _reject(scope, send, 413, _too_large(int(declared), limit))
+            if upload_field is None:
+                return await self.app(scope, receive, send)
+        # Read the body here, within the limit, then replay it: chunked uploads (no declared
+        # length) and the multipart forms we check before BentoML sees them.
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                return await _reject(scope, send, 413, _too_large(len(body), limit))
+        if upload_field is not None:
+            problem = await check_upload_form(content_type, bytes(body), upload_field)
+            if problem:
+                return await _reject(scope, send, 400, problem)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+def _too_large(size: int, limit: int) -> str:
+    return (
+        f"request body: {size} bytes is more than the {limit} allowed "
+        f"(package.max_request_bytes / max_image_bytes in params.yaml, or {MAX_BYTES_ENV})"
+    )
+
+
+async def _reject(scope: dict, send: Any, status: int, message: str) -> None:
+    await JSONResponse({"error": message}, status_code=status)(scope, None, send)
+
+
+async def check_upload_form(content_type: str, body: bytes, field: str) -> str | None:
+    """Why a multipart body is not exactly one file in ``field`` (None when it is)."""
+    from starlette.datastructures import Headers, UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    if "boundary=" not in content_type.lower():
+        return "request body: multipart/form-data needs a boundary in its Content-Type"
+
+    async def stream():
+        yield body
+
+    headers = Headers({"content-type": content_type, "content-length": str(len(body))})
+    parser = MultiPartParser(headers, stream(), max_files=2, max_fields=2)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        return f"request body: malformed multipart/form-data ({exc.message})"
+    except Exception as exc:  # python-multipart raises its own types on garbage
+        return f"request body: malformed multipart/form-data ({type(exc).__name__})"
+    try:
+        names = list(form.keys())
+        values = form.getlist(field)
+        if not values:
+            return f"{field}: missing; send the file in form field {field!r}"
+        if set(names) != {field}:
+            others = sorted(set(names) - {field})
+            return f"{others[0]}: unknown form field; only {field!r} is accepted"
+        if len(values) != 1:
+            return f"{field}: exactly one file per request"
+        if not isinstance(values[0], UploadFile):
+            return f"{field}: must be an uploaded file (a form field with a filename), not text"
+        return None
+    finally:
+        await form.close()
