@@ -60,11 +60,11 @@ def export_net(config, path: Path, seed: int = 0) -> Path:
     """A freshly initialised network of ``config``, exported as the compress stage does."""
     import torch
 
-    from components.compress import _export
+    from components.onnx_files import export_graph
     from components.model import build_model
 
     torch.manual_seed(seed)
-    _export(build_model(config), tuple(config.input_shape), path)
+    export_graph(build_model(config), tuple(config.input_shape), path)
     return path
 
 
