@@ -1,7 +1,7 @@
 """Ingest: read the data source, keep an immutable raw snapshot, make the splits.
 
 ``ingest.source`` names the data; ``ingest.kind`` (``auto`` guesses from the source) names the
-data kind in components/kinds/ that reads it, splits it and encodes it: images (stratified),
+data kind (components/kinds/) that reads it, splits it and encodes it: images (stratified),
 tables (stratified for classes, random for regression), sequences (a time series split in time,
 or per-sample sequences). This stage only asks the kind and writes what it returns: the raw
 snapshot to ``paths.raw_dir``, the splits and ``meta.json`` to ``paths.prepared_dir``.
