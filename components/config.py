@@ -38,7 +38,7 @@ class Paths(_Section):
 
 class IngestParams(_Section):
     source: str = Field(min_length=1)
-    kind: Literal["auto", "image", "table", "sequence"]
+    kind: str  # auto | image | table | sequence | a plugin "package.module:Class"
     target: str  # tables and time series: the column to predict
     task: Literal["auto", "classification", "regression"]
     features: tuple[str, ...]  # tables and time series: input columns (empty: all but target)
@@ -47,6 +47,18 @@ class IngestParams(_Section):
     test_fraction: float = Field(gt=0, lt=1)
     val_fraction: float = Field(gt=0, lt=1)
     seed: int
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        from components.kinds import registry  # names only: the kinds build on the data layer
+
+        if value != "auto" and not registry.is_known(value):
+            raise ValueError(
+                f"unknown data kind {value!r}: use auto, one of {list(registry.names())} or a "
+                "plugin 'package.module:Class'"
+            )
+        return value
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> IngestParams:

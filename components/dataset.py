@@ -1,30 +1,24 @@
 """The on-disk format that stages share: input arrays plus targets, and the data set's metadata.
 
-Three kinds of data (``DatasetMeta.kind``), one layout: ``x`` is ``(N, *input_shape)`` and
-``y`` is ``(N,)``.
+Every kind of data (``DatasetMeta.kind``; components/kinds/ says what each one is) has one
+layout: ``x`` is ``(N, *input_shape)`` and ``y`` is ``(N,)``. Images are ``uint8`` pixels
+``(N, C, H, W)``; tables ``float32`` encoded features ``(N, F)``; sequences ``float32``
+``(N, T, F)``. Targets are ``int64`` class indices into ``class_names`` for classification and
+``float32`` values in the target's own units for regression (``class_names`` is then empty).
 
-- ``image``: ``uint8`` arrays shaped ``(N, C, H, W)`` holding raw pixel values 0-255. Scaling to
-  0-1 happens inside the model, so the exported ONNX model and the bento take raw pixels too.
-- ``table``: ``float32`` features ``(N, F)`` already transformed by the preprocessing that ingest
-  fitted on the training split (standardised numbers, one-hot categories; components/features.py).
-  That transform travels in ``meta.preprocess`` and is applied again by the served bento.
-- ``sequence``: ``float32`` ``(N, T, F)``: windows cut from a time series (forecasting) or one
-  sequence per sample (classification), standardised the same way.
-
-Targets are ``int64`` class indices into ``class_names`` for classification, and ``float32``
-values in the target's own units for regression (``class_names`` is then empty).
+Each file has its read and write here: the splits (``prepared/<split>.npz``), the rows of a
+table or series as read (``prepared/<split>.parquet``), the raw snapshot and ``meta.json``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 SPLITS = ("train", "val", "test")
-KINDS = ("image", "table", "sequence")
 TASKS = ("classification", "regression")
 
 
@@ -49,7 +43,7 @@ class ArraySet:
         return len(self.y)
 
 
-ImageSet = ArraySet  # the name the image-only stages grew up with
+ImageSet = ArraySet  # old name: gate, evaluate, compress, finetune, distill, champion, prune
 
 
 @dataclass(frozen=True)
@@ -58,21 +52,26 @@ class DatasetMeta:
     input_shape: tuple[int, ...]  # one example: (C, H, W) | (F,) | (T, F)
     source: str
     split_sizes: dict[str, int]
-    kind: str = "image"  # image | table | sequence
+    kind: str = "image"  # a data kind's name: image | table | sequence | package.module:Class
     task: str = "classification"  # classification | regression
     target: str = ""  # the target column of a table or time series
     feature_names: tuple[str, ...] = ()  # the model's input features, after encoding
     preprocess: dict | None = field(default=None, compare=False)  # components/features.py spec
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise DatasetError(f"unknown data kind {self.kind!r}; expected one of {KINDS}")
+        from components.kinds import registry  # names only: the kinds build on this module
+
+        if not registry.is_known(self.kind):
+            raise DatasetError(
+                f"unknown data kind {self.kind!r}; expected one of {registry.names()} or a "
+                "plugin 'package.module:Class'"
+            )
         if self.task not in TASKS:
             raise DatasetError(f"unknown task {self.task!r}; expected one of {TASKS}")
 
     @property
     def image_shape(self) -> tuple[int, ...]:
-        """The input shape (the name from when every input was an image)."""
+        """Old name of ``input_shape``, still read by gate.py and package.py."""
         return self.input_shape
 
     @property
@@ -89,24 +88,23 @@ class DatasetMeta:
 
     @classmethod
     def load(cls, path: Path) -> DatasetMeta:
+        """Read what :meth:`save` wrote; any other layout is an error naming the fix."""
         path = Path(path)
         if not path.is_file():
             raise DatasetError(f"{path} not found: run the ingest stage first")
         raw = json.loads(path.read_text())
-        return cls(
-            class_names=tuple(raw["class_names"]),
-            input_shape=tuple(raw.get("input_shape") or raw["image_shape"]),
-            source=raw["source"],
-            split_sizes=dict(raw["split_sizes"]),
-            kind=raw.get("kind", "image"),
-            task=raw.get("task", "classification"),
-            target=raw.get("target", ""),
-            feature_names=tuple(raw.get("feature_names", ())),
-            preprocess=raw.get("preprocess"),
-        )
+        expected = {f.name for f in fields(cls)}
+        if not isinstance(raw, dict) or set(raw) != expected:
+            got = set(raw) if isinstance(raw, dict) else set()
+            raise DatasetError(
+                f"{path}: not this version's data set metadata (missing {sorted(expected - got)}, "
+                f"unknown {sorted(got - expected)}): re-run the ingest stage"
+            )
+        tuples = ("class_names", "input_shape", "feature_names")
+        return cls(**{k: tuple(v) if k in tuples else v for k, v in raw.items()})
 
 
-def save_images(data: ArraySet, path: Path) -> None:
+def save_arrays(data: ArraySet, path: Path) -> None:
     """Write a split as an uncompressed .npz (fast to load, DVC dedupes by content)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +112,7 @@ def save_images(data: ArraySet, path: Path) -> None:
         np.savez(fh, x=data.x, y=data.y)
 
 
-def load_images(path: Path) -> ArraySet:
+def load_arrays(path: Path) -> ArraySet:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path} not found: run the stage that makes it first")
@@ -123,6 +121,31 @@ def load_images(path: Path) -> ArraySet:
         if missing:
             raise DatasetError(f"{path} lacks arrays {sorted(missing)}")
         return ArraySet(x=npz["x"], y=npz["y"])
+
+
+# Old names, still imported by gate, evaluate, compress, ensemble, train, bench and tests.
+save_images, load_images = save_arrays, load_arrays
+
+
+def save_frame(frame, path: Path) -> None:
+    """Rows as read (a pandas frame) as Parquet, without the index."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(path, index=False)
+
+
+def load_frame(path: Path):
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path} not found: run the stage that makes it first")
+    return pd.read_parquet(path)
+
+
+def raw_path(raw_dir: Path, rows: bool) -> Path:
+    """The raw snapshot: the rows of a table or series as Parquet, arrays as .npz."""
+    return Path(raw_dir) / ("dataset.parquet" if rows else "dataset.npz")
 
 
 def split_path(prepared_dir: Path, split: str) -> Path:

@@ -58,6 +58,27 @@ def fit(frame, columns: Sequence[str], max_categories: int = MAX_CATEGORIES) -> 
     return {"version": SPEC_VERSION, "columns": specs, "features": feature_names(specs)}
 
 
+def fit_numeric(rows: np.ndarray, names: Sequence[str]) -> list[dict]:
+    """Column specs standardising each column of ``rows`` (training rows, ``(n, len(names))``).
+
+    For arrays without a frame (per-sample sequences): no categories, no missing values.
+    """
+    rows = np.asarray(rows).astype(np.float64)
+    std = rows.std(axis=0)
+    return [
+        {"name": name, "type": "numeric", "mean": float(rows[:, j].mean()),
+         "std": float(std[j]) if std[j] > 1e-12 else 1.0}
+        for j, name in enumerate(names)
+    ]  # fmt: skip
+
+
+def standardise(x: np.ndarray, column_specs: Sequence[Mapping]) -> np.ndarray:
+    """``x`` (..., F) standardised with numeric column specs, as ``float32``."""
+    mean = np.array([c["mean"] for c in column_specs])
+    scale = np.array([c["std"] for c in column_specs])
+    return ((x - mean) / scale).astype(np.float32)
+
+
 def feature_names(column_specs: Sequence[Mapping]) -> list[str]:
     names: list[str] = []
     for col in column_specs:

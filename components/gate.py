@@ -50,15 +50,15 @@ from pathlib import Path
 import numpy as np
 
 from components import champion as champ
-from components import records, tasks
+from components import kinds, records, tasks
 from components.config import Params
 from components.dataset import (
+    DatasetError,
     DatasetMeta,
     ImageSet,
     load_images,
     meta_path,
     split_path,
-    table_path,
 )
 from components.gates import Gate, champion_gates, drop_gates, failed_reasons
 from components.records import CompressSummary, GateReport, read, write_json
@@ -246,6 +246,8 @@ def champion_baseline(
             f"champion {current.run}'s metrics as recorded on this same test split",
         )
     refit = current.preprocess_sha256 != ours.preprocess_sha256
+    if refit and callable(raw_test):  # read only when needed: most runs never need it
+        raw_test = raw_test()
     if refit and raw_test is None:
         return Baseline(
             current.run,
@@ -266,7 +268,12 @@ def champion_baseline(
     if refit:
         # The champion reads features of its own fit: encode this split's raw rows with it.
         card = json.loads((model_file.parent / "model.json").read_text())
-        test = encode_with(raw_test, card.get("preprocess"), test, ours)
+        try:
+            test = kinds.get(ours.kind).reencode(
+                raw_test, card.get("preprocess"), test, ours.target
+            )
+        except StageError as exc:
+            raise StageError(f"the champion cannot read this test split: {exc}") from None
         how = ", its inputs encoded with its own fitted preprocessing"
     metrics = measure(model_file, test, class_names, ours.task)
     return Baseline(
@@ -276,24 +283,6 @@ def champion_baseline(
         f"champion {current.run} measured again on this test split{how} (its record is for "
         f"another split: {current.test_split.sha256[:12]} vs {fingerprint[:12]})",
     )
-
-
-def encode_with(raw_test, spec: dict | None, test: ImageSet, ours: Described) -> ImageSet:
-    """This test split as another preprocessing fit (``spec``) encodes it: a table's rows
-    (targets as in ``test``), or a time series cut into that fit's windows."""
-    from components import features
-    from components.ingest import windows
-
-    if not spec:
-        raise StageError("the champion's bento carries no preprocessing spec to encode with")
-    try:
-        x = features.encode_frame(raw_test, spec)
-    except features.FeatureError as exc:
-        raise StageError(f"the champion cannot read this test split: {exc}") from None
-    if ours.kind == "table":
-        return ImageSet(x, test.y)
-    target = raw_test[ours.target].astype("float64").to_numpy()
-    return windows(x, target, int(spec["window"]), int(spec["horizon"]))
 
 
 def read_compress_json(path: Path) -> dict:
@@ -455,12 +444,15 @@ def run(params: Params) -> GateResult:
         )
     compressed = read_compress_json(metrics_dir / "compress.json")
     record = champ.load_record(paths.champion_file)
-    raw_file = table_path(paths.prepared_dir, "test")
-    raw_test = None
-    if meta.kind != "image" and raw_file.is_file():
-        import pandas as pd
 
-        raw_test = pd.read_parquet(raw_file)
+    def raw_test():
+        """The test split as read (tables, series), to encode with a champion's own fit;
+        None when it was not kept (the champion is then not comparable, and the gate says so)."""
+        try:
+            raws = kinds.get(meta.kind).raw_splits(paths.prepared_dir, meta)
+        except DatasetError:
+            return None
+        return raws["test"] if raws else None
 
     result = gate(
         test, meta, evaluated, compressed, Path(paths.model_dir), params, record, raw_test=raw_test

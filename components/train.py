@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from components import tasks
+from components import kinds, tasks
 from components.config import Params, TrainParams
 from components.dataset import DatasetMeta, ImageSet, load_images, meta_path, split_path
 from components.model import NetConfig, build_model, load_state_dict, save_model
@@ -73,7 +73,7 @@ def net_config(meta: DatasetMeta, params: TrainParams, train_y=None) -> NetConfi
         batch_norm=params.batch_norm,
         activation=params.activation,
         task=meta.task,
-        input_scale=1 / 255 if meta.kind == "image" else 1.0,
+        input_scale=kinds.get(meta.kind).input_scale,
         rnn_hidden_size=params.rnn_hidden_size,
         rnn_layers=params.rnn_layers,
         target_mean=target_mean,
@@ -83,22 +83,14 @@ def net_config(meta: DatasetMeta, params: TrainParams, train_y=None) -> NetConfi
 
 def check_model_fits_data(meta: DatasetMeta, params: TrainParams) -> None:
     """Refuse a model family that cannot read this kind of data, before any training."""
-    if params.model == "cnn" and meta.kind != "image":
-        raise StageError(
-            f"train.model: cnn needs images, but {meta.source} is a {meta.kind}; "
-            f"use {'mlp' if meta.kind == 'table' else 'lstm, gru or mlp'}"
-        )
-    if params.model in ("lstm", "gru") and meta.kind == "table":
-        raise StageError(
-            f"train.model: {params.model} needs sequences, but {meta.source} is a table (one row "
-            "per example); use mlp, or ingest.kind sequence for a time series"
-        )
+    kind = kinds.get(meta.kind)
+    kind.check_model(params.model, meta.source)
     aug = params.augment
-    if meta.kind != "image" and (
+    if not kind.augmentable and (
         aug.crop_padding or aug.max_rotation_degrees or aug.horizontal_flip
     ):
         raise StageError(
-            f"train.augment: crops, rotations and flips are for images, not a {meta.kind}; "
+            f"train.augment: crops, rotations and flips are for images, not a {kind.noun}; "
             "set them to 0 / false"
         )
 

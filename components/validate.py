@@ -1,24 +1,17 @@
 """Validate: check the prepared splits against the data set's metadata before training.
 
-Great Expectations (1.x API) runs two expectation suites on small pandas tables built from
-each split, never on the raw pixels (a 785-column pixel table is slow):
+Great Expectations (1.x API) runs expectation suites on small pandas tables built from each
+split. What those tables and suites are is the data kind's (components/kinds/): a summary row
+per image, the rows of a table or time series as read, a summary row per sequence. One suite is
+the same for every kind: ``class_counts`` (one row per known class, zero-count rows included,
+so an absent class fails too) needs ``validate.min_rows_per_class`` examples of every class in
+every split of a classification. Plain numpy checks (also the kind's) cover what a summary
+table cannot see, such as the arrays' dtypes.
 
-- ``images``: one row per image (label, channels, height, width, pixel min/max/mean, has_nan):
-  shape equals ``meta.image_shape``, pixels within 0-255, labels in the known class set, and
-  at most ``validate.max_missing_fraction`` of the images hold a NaN pixel;
-- ``class_counts``: one row per known class (zero-count rows included, so an absent class
-  fails too): every class has at least ``validate.min_rows_per_class`` images in every split.
-
-Tables and time series are checked as they were read (``prepared/<split>.parquet``), by a
-``rows`` suite: every input column has at most ``validate.max_missing_fraction`` missing values
-and every row has a target. Per-sample sequences get a ``sequences`` suite on one row per
-sequence (steps, features, NaN). Class counts apply to every classification.
-
-Plain numpy checks cover what a summary table cannot see: the arrays' dtypes (pixels
-``uint8``, labels ``int64``). GX state lives in an in-memory (ephemeral) context; only the
-Data Docs HTML is written, to ``paths.reports_dir/validation``, next to our own summary in
-``paths.metrics_dir/validation.json``. A failed validation raises :class:`StageError` naming
-every failed check, after both outputs are written.
+GX state lives in an in-memory (ephemeral) context; only the Data Docs HTML is written, to
+``paths.reports_dir/validation``, next to our own summary in ``paths.metrics_dir/validation.json``.
+A failed validation raises :class:`StageError` naming every failed check, after both outputs
+are written.
 """
 
 from __future__ import annotations
@@ -27,58 +20,32 @@ import html
 import logging
 import os
 import shutil
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from components import kinds
 from components.config import Params, ValidateParams
-from components.dataset import (
-    SPLITS,
-    DatasetMeta,
-    ImageSet,
-    load_images,
-    meta_path,
-    split_path,
-    table_path,
-)
+from components.dataset import SPLITS, ArraySet, DatasetMeta, load_arrays, meta_path, split_path
+from components.kinds.checks import Check, Detail, Expectation
 from components.stage import StageError, main, write_json
 
 log = logging.getLogger("pipeline.validate")
 
 DOCS_SITE = "validation"
-IMAGES_SUITE = "images"
 COUNTS_SUITE = "class_counts"
-ROWS_SUITE = "rows"
-SEQUENCES_SUITE = "sequences"
-FEATURE_DTYPE = np.dtype(np.float32)
-TARGET_DTYPE = np.dtype(np.float32)
-PIXEL_DTYPE = np.dtype(np.uint8)
-LABEL_DTYPE = np.dtype(np.int64)
 
-
-@dataclass(frozen=True)
-class Check:
-    """One evaluated expectation (GX or numpy) on one split."""
-
-    split: str
-    description: str  # what was expected, e.g. "pixel max <= 255"
-    passed: bool
-    detail: str = ""  # what was found, when it failed
-
-    def __str__(self) -> str:
-        text = f"{self.split}: {self.description}"
-        return f"{text} ({self.detail})" if self.detail else text
+__all__ = ["Check", "ValidationResult", "check_splits", "class_count_table", "run"]
 
 
 @dataclass(frozen=True)
 class ValidationResult:
     success: bool
     checks: tuple[Check, ...]
-    stats: dict[str, dict]  # per split: images, class_counts, pixel_mean, dtypes
+    stats: dict[str, dict]  # per split: examples, class_counts, dtypes (what the kind reports)
     docs_index: Path | None = None  # Data Docs index.html, when docs were built
     failed: tuple[str, ...] = field(init=False)
 
@@ -90,133 +57,13 @@ class ValidationResult:
         return len(self.checks)
 
 
-# ---------------------------------------------------------------- tables (pure pandas/numpy)
-
-
-def image_table(images: ImageSet) -> pd.DataFrame:
-    """One row per image: label, shape and pixel summary (min, max, mean, has_nan)."""
-    x = images.x
-    n, channels, height, width = x.shape
-    pixels = x.reshape(n, channels * height * width)
-    numeric = np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_
-    if numeric and pixels.shape[1] > 0 and n > 0:
-        has_nan = (
-            np.isnan(pixels).any(axis=1)
-            if np.issubdtype(x.dtype, np.inexact)
-            else np.zeros(n, bool)
-        )
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN images: NaN stats
-            pixel_min = np.nanmin(pixels, axis=1).astype(np.float64)
-            pixel_max = np.nanmax(pixels, axis=1).astype(np.float64)
-            pixel_mean = np.nanmean(pixels, axis=1, dtype=np.float64)
-    else:  # no pixels, or not numbers (the dtype check reports it): nothing to summarise
-        has_nan = np.zeros(n, bool)
-        pixel_min = pixel_max = pixel_mean = np.full(n, np.nan)
-    return pd.DataFrame(
-        {
-            "label": images.y,
-            "channels": np.full(n, channels, np.int64),
-            "height": np.full(n, height, np.int64),
-            "width": np.full(n, width, np.int64),
-            "pixel_min": pixel_min,
-            "pixel_max": pixel_max,
-            "pixel_mean": pixel_mean,
-            "has_nan": has_nan,
-        }
-    )
-
-
-def sequence_table(data: ImageSet) -> pd.DataFrame:
-    """One row per sequence: label, steps, features and whether it holds a NaN."""
-    n = len(data)
-    flat = data.x.reshape(n, -1).astype(np.float64)
-    return pd.DataFrame(
-        {
-            "label": data.y,
-            "steps": np.full(n, data.x.shape[1], np.int64),
-            "features": np.full(n, data.x.shape[2] if data.x.ndim == 3 else 1, np.int64),
-            "has_nan": ~np.isfinite(flat).all(axis=1) if flat.size else np.zeros(n, bool),
-        }
-    )
+# ---------------------------------------------------------------- class counts (every kind)
 
 
 def class_count_table(labels: np.ndarray, n_classes: int) -> pd.DataFrame:
-    """One row per known class with its number of images; absent classes get a 0 row."""
+    """One row per known class with its number of examples; absent classes get a 0 row."""
     counts = pd.Series(labels).value_counts().reindex(range(n_classes), fill_value=0)
     return pd.DataFrame({"label": np.arange(n_classes), "count": counts.to_numpy(np.int64)})
-
-
-def dtype_checks(split: str, images: ImageSet, meta: DatasetMeta | None = None) -> list[Check]:
-    """Numpy checks the summary tables cannot see: the arrays' dtypes."""
-    if meta is not None and meta.kind != "image":
-        want_y = TARGET_DTYPE if meta.is_regression else LABEL_DTYPE
-        checks = [
-            Check(split, f"feature dtype == {FEATURE_DTYPE}", images.x.dtype == FEATURE_DTYPE,
-                  f"found {images.x.dtype}"),
-            Check(split, f"target dtype == {want_y}", images.y.dtype == want_y,
-                  f"found {images.y.dtype}"),
-            Check(split, f"example shape == {tuple(meta.input_shape)}",
-                  tuple(images.x.shape[1:]) == tuple(meta.input_shape),
-                  f"found {tuple(images.x.shape[1:])}"),
-        ]  # fmt: skip
-        if meta.is_regression:
-            bad = int((~np.isfinite(images.y)).sum())
-            checks.append(Check(split, "every target is a finite number", bad == 0,
-                                f"{bad} of {len(images)} are NaN or infinite"))  # fmt: skip
-        return checks
-    return [
-        Check(
-            split,
-            f"pixel dtype == {PIXEL_DTYPE}",
-            images.x.dtype == PIXEL_DTYPE,
-            f"found {images.x.dtype}",
-        ),
-        Check(
-            split,
-            f"label dtype == {LABEL_DTYPE}",
-            images.y.dtype == LABEL_DTYPE,
-            f"found {images.y.dtype}",
-        ),
-    ]
-
-
-# ---------------------------------------------------------------- expectation suites
-
-# Turns a failed expectation's GX result (and our context: class names) into "found ...".
-Detail = Callable[[dict, dict], str]
-
-
-def _images(n: int) -> str:
-    return f"{n} image" if n == 1 else f"{n} images"
-
-
-def _fmt(value) -> str:
-    value = value.item() if isinstance(value, np.generic) else value
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _found(pick: Callable[[list], object]) -> Detail:
-    """Detail for a column check: the worst offending value and how many rows failed."""
-
-    def detail(result: dict, _ctx: dict) -> str:
-        values = [v for v in result.get("partial_unexpected_list", []) if v is not None]
-        worst = f"found {_fmt(pick(values))} in " if values else ""
-        return f"{worst}{result['unexpected_count']} of {_images(result['element_count'])}"
-
-    return detail
-
-
-def _nan_detail(result: dict, _ctx: dict) -> str:
-    count, total = result["unexpected_count"], result["element_count"]
-    return f"{count} of {_images(total)}, {count / total:.1%}" if total else "no images"
-
-
-def _labels_detail(result: dict, _ctx: dict) -> str:
-    values = sorted({_fmt(v) for v in result.get("partial_unexpected_list", [])})
-    return f"found {', '.join(values)} in {_images(result['unexpected_count'])}"
 
 
 def _counts_detail(result: dict, ctx: dict) -> str:
@@ -225,6 +72,17 @@ def _counts_detail(result: dict, ctx: dict) -> str:
     text = "; ".join(f"class '{names[int(r['label'])]}' has {int(r['count'])}" for r in rows)
     more = result["unexpected_count"] - len(rows)  # GX lists at most 20 rows in a summary
     return f"{text}; and {more} more classes" if more > 0 else text
+
+
+def counts_expectations(params: ValidateParams) -> list[Expectation]:
+    return [
+        Expectation("ExpectColumnValuesToBeBetween", "count",
+                    f"label counts per class >= {params.min_rows_per_class}", _counts_detail,
+                    {"min_value": params.min_rows_per_class}),
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- expectation suites
 
 
 def _gx():
@@ -237,95 +95,12 @@ def _gx():
     return gx
 
 
-def _rows_detail(result: dict, _ctx: dict) -> str:
-    count, total = result["unexpected_count"], result["element_count"]
-    return f"{count} of {total} rows, {count / total:.1%}" if total else "no rows"
-
-
-def _specs_to_suites(named: dict) -> dict[str, list[tuple[object, Detail]]]:
-    return {
-        name: [
-            (cls(column=col, description=desc, **kw), detail)
-            for cls, detail, col, desc, kw in specs
-        ]
-        for name, specs in named.items()
-    }
-
-
-def _counts_specs(e, params: ValidateParams) -> list:
-    return [
-        (e.ExpectColumnValuesToBeBetween, _counts_detail, "count",
-         f"label counts per class >= {params.min_rows_per_class}",
-         {"min_value": params.min_rows_per_class}),
-    ]  # fmt: skip
-
-
-def _other_suites(meta: DatasetMeta, params: ValidateParams, has_rows: bool) -> dict:
-    """Tables and time series (``rows``), per-sample sequences (``sequences``)."""
-    e = _gx().expectations
-    mostly = 1.0 - params.max_missing_fraction
-    named: dict[str, list] = {}
-    if has_rows:
-        columns = [c["name"] for c in (meta.preprocess or {}).get("columns", [])]
-        rows = [
-            (e.ExpectColumnValuesToNotBeNull, _rows_detail, name,
-             f"column {name!r}: missing values <= {params.max_missing_fraction:.1%}",
-             {"mostly": mostly})
-            for name in columns
-        ]  # fmt: skip
-        if meta.target and meta.target not in columns:
-            rows.append(
-                (e.ExpectColumnValuesToNotBeNull, _rows_detail, meta.target,
-                 f"every row has a target {meta.target!r}", {})
-            )  # fmt: skip
-        named[ROWS_SUITE] = rows
-    else:
-        steps, width = (tuple(meta.input_shape) + (1,))[:2]
-        named[SEQUENCES_SUITE] = [
-            (e.ExpectColumnValuesToBeInSet, _found(max), "steps", f"sequence steps == {steps}",
-             {"value_set": [steps]}),
-            (e.ExpectColumnValuesToBeInSet, _found(max), "features",
-             f"sequence features == {width}", {"value_set": [width]}),
-            (e.ExpectColumnValuesToBeInSet, _nan_detail, "has_nan",
-             f"sequences with NaN <= {params.max_missing_fraction:.1%}",
-             {"value_set": [False], "mostly": mostly}),
-        ]  # fmt: skip
+def suites_for(meta: DatasetMeta, params: ValidateParams) -> dict[str, list[Expectation]]:
+    """The kind's suites, then the class counts of a classification."""
+    named = dict(kinds.get(meta.kind).expectations(meta, params))
     if not meta.is_regression:
-        named[COUNTS_SUITE] = _counts_specs(e, params)
-    return _specs_to_suites(named)
-
-
-def _suites(
-    meta: DatasetMeta, params: ValidateParams, has_rows: bool = False
-) -> dict[str, list[tuple[object, Detail]]]:
-    """The suites as (expectation, detail formatter) pairs, keyed by suite name."""
-    if meta.kind != "image":
-        return _other_suites(meta, params, has_rows)
-    e = _gx().expectations
-    channels, height, width = meta.image_shape
-    n_classes = len(meta.class_names)
-    images = [
-        (e.ExpectColumnValuesToBeInSet, _found(max), "channels", f"image channels == {channels}",
-         {"value_set": [channels]}),
-        (e.ExpectColumnValuesToBeInSet, _found(max), "height", f"image height == {height}",
-         {"value_set": [height]}),
-        (e.ExpectColumnValuesToBeInSet, _found(max), "width", f"image width == {width}",
-         {"value_set": [width]}),
-        (e.ExpectColumnValuesToBeBetween, _found(min), "pixel_min", "pixel min >= 0",
-         {"min_value": 0}),
-        (e.ExpectColumnValuesToBeBetween, _found(max), "pixel_max", "pixel max <= 255",
-         {"max_value": 255}),
-        # `mostly` is the share of rows that must pass: 1 - the share allowed to have a NaN.
-        (e.ExpectColumnValuesToBeInSet, _nan_detail, "has_nan",
-         f"images with NaN pixels <= {params.max_missing_fraction:.1%}",
-         {"value_set": [False], "mostly": 1.0 - params.max_missing_fraction}),
-        (e.ExpectColumnValuesToNotBeNull, _found(max), "label", "every image has a label", {}),
-        (e.ExpectColumnValuesToBeInSet, _labels_detail, "label",
-         f"labels in the known class set 0..{n_classes - 1}",
-         {"value_set": list(range(n_classes))}),
-    ]  # fmt: skip
-    counts = _counts_specs(e, params)
-    return _specs_to_suites({IMAGES_SUITE: images, COUNTS_SUITE: counts})
+        named[COUNTS_SUITE] = counts_expectations(params)
+    return named
 
 
 def _context(docs_dir: Path | None):
@@ -367,7 +142,7 @@ def _describe_failure(result, detail: Detail, ctx: dict) -> str:
 
 
 def check_splits(
-    splits: Mapping[str, ImageSet],
+    splits: Mapping[str, ArraySet],
     meta: DatasetMeta,
     params: ValidateParams,
     docs_dir: Path | None = None,
@@ -375,39 +150,34 @@ def check_splits(
 ) -> ValidationResult:
     """Run every check on every split; build Data Docs into ``docs_dir`` when given.
 
-    ``frames`` are a table's or time series' splits as read (checked by the ``rows`` suite).
+    ``frames`` are the splits' rows as read, for kinds that keep them (tables, time series).
     Never raises on bad data: the result's ``success`` and ``failed`` say what is wrong.
     """
     gx = _gx()
     from great_expectations.core.run_identifier import RunIdentifier
 
+    kind = kinds.get(meta.kind)
     context = _context(docs_dir)
     source = context.data_sources.add_pandas("prepared")
-    suites = {}
-    for name, pairs in _suites(meta, params, has_rows=bool(frames)).items():
-        suite = context.suites.add(
-            gx.ExpectationSuite(name=name, expectations=[exp for exp, _ in pairs])
-        )
-        details = {exp.description: detail for exp, detail in pairs}
-        suites[name] = (suite, details)
+    suites: dict[str, tuple[object, dict[str, Detail]]] = {}
+    for name, expectations in suites_for(meta, params).items():
+        configured = [
+            getattr(gx.expectations, e.type)(column=e.column, description=e.description,
+                                             **e.options)
+            for e in expectations
+        ]  # fmt: skip
+        suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=configured))
+        suites[name] = (suite, {e.description: e.detail for e in expectations})
     run_id = RunIdentifier(run_name="validate")
     ctx = {"class_names": meta.class_names}
 
     checks: list[Check] = []
     stats: dict[str, dict] = {}
-    for split, images in splits.items():
-        counts = class_count_table(images.y, len(meta.class_names))
-        if meta.kind == "image":
-            table = image_table(images)
-            tables = {IMAGES_SUITE: table, COUNTS_SUITE: counts}
-            checks += dtype_checks(split, images)
-        else:
-            tables = {COUNTS_SUITE: counts}
-            if frames:
-                tables[ROWS_SUITE] = frames[split]
-            else:
-                tables[SEQUENCES_SUITE] = sequence_table(images)
-            checks += dtype_checks(split, images, meta)
+    for split, data in splits.items():
+        tables = dict(kind.summary_tables(data, meta, frames[split] if frames else None))
+        counts = class_count_table(data.y, len(meta.class_names))
+        tables[COUNTS_SUITE] = counts
+        checks += kind.array_checks(split, data, meta)
         for name, (suite, details) in suites.items():
             # One asset per split and table, so each Data Docs page names its split.
             batch = source.add_dataframe_asset(
@@ -434,23 +204,7 @@ def check_splits(
             meta.class_names[i]: int(c)
             for i, c in zip(counts["label"], counts["count"], strict=True)
         }
-        if meta.kind == "image":
-            stats[split] = {
-                "images": len(images),
-                "class_counts": class_counts,
-                "pixel_mean": float(table["pixel_mean"].mean()) if len(table) else None,
-                "pixel_dtype": str(images.x.dtype),
-                "label_dtype": str(images.y.dtype),
-            }
-        else:
-            stats[split] = {
-                "examples": len(images),
-                "class_counts": class_counts,
-                "feature_dtype": str(images.x.dtype),
-                "target_dtype": str(images.y.dtype),
-            }
-            if meta.is_regression and len(images):
-                stats[split]["target_mean"] = float(np.nanmean(images.y.astype(np.float64)))
+        stats[split] = kind.split_stats(data, tables, meta, class_counts)
 
     docs_index = None
     if docs_dir is not None:
@@ -492,10 +246,9 @@ def run(params: Params) -> ValidationResult:
     """Load the prepared splits, validate them, write the reports; raise if a check failed."""
     paths = params.paths
     meta = DatasetMeta.load(meta_path(paths.prepared_dir))
-    splits = {split: load_images(split_path(paths.prepared_dir, split)) for split in SPLITS}
-    frames = None
-    if meta.kind != "image" and table_path(paths.prepared_dir, "train").is_file():
-        frames = {s: pd.read_parquet(table_path(paths.prepared_dir, s)) for s in SPLITS}
+    kind = kinds.get(meta.kind)
+    splits = {split: load_arrays(split_path(paths.prepared_dir, split)) for split in SPLITS}
+    frames = kind.raw_splits(Path(paths.prepared_dir), meta)
     docs_dir = Path(paths.reports_dir) / "validation"
     if docs_dir.exists():
         shutil.rmtree(docs_dir)  # Data Docs keeps one page per run: drop the stale ones
@@ -512,10 +265,7 @@ def run(params: Params) -> ValidationResult:
     log.info(
         "%d checks on %s, %d failed; report: %s",
         result.evaluated_expectations,
-        ", ".join(
-            f"{s} ({st['images']} images)" if "images" in st else f"{s} ({st['examples']} examples)"
-            for s, st in result.stats.items()
-        ),
+        ", ".join(f"{s} ({len(splits[s])} {kind.plural})" for s in result.stats),
         len(result.failed),
         docs_dir / "summary.html",
     )

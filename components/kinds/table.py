@@ -1,0 +1,310 @@
+"""Tables: one example per row, the target a column; inputs encoded to ``float32`` ``(N, F)``.
+
+Sources: a ``.csv`` or ``.parquet`` under ``data/external/``, or one of the small tables that
+scikit-learn ships (``sklearn:iris``, ``sklearn:wine``, ``sklearn:breast_cancer``,
+``sklearn:diabetes``; target column ``target``). Classification (split stratified by class) or
+regression (split at random). Inputs are encoded by components/features.py with a transform
+fitted on the training split only; the spec travels in ``meta.preprocess`` to training and
+serving. Validation checks the rows as read (missing values per column, a target in every row).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from components import features
+from components.dataset import SPLITS, ArraySet, DatasetError, DatasetMeta, load_frame, table_path
+from components.kinds.base import (
+    BUILTIN_TABLES,
+    DataKind,
+    Prepared,
+    local_source,
+    random_split,
+    sizes,
+    stratified_split,
+)
+from components.kinds.checks import Check, Expectation, share
+from components.stage import StageError
+
+TABLE_SUFFIXES = (".csv", ".parquet")
+MAX_AUTO_CLASSES = 20  # task auto: an integer target with at most this many values is a class
+ROWS_SUITE = "rows"
+FEATURE_DTYPE = np.dtype(np.float32)
+TARGET_DTYPE = np.dtype(np.float32)
+LABEL_DTYPE = np.dtype(np.int64)
+
+
+# ---------------------------------------------------------------- reading (tables and series)
+
+
+def load_builtin_table(name: str):
+    from sklearn import datasets
+
+    bunch = getattr(datasets, "load_" + name.split(":", 1)[1])(as_frame=True)
+    frame = bunch.frame.copy()
+    if "target_names" in bunch:  # a classification set: name the classes, not 0, 1, 2
+        names = [str(n) for n in bunch.target_names]
+        frame["target"] = [names[int(i)] for i in frame["target"]]
+    return frame
+
+
+def read_frame(cfg, external_dir: Path):
+    """A table or time series as a pandas frame."""
+    import pandas as pd
+
+    if cfg.source in BUILTIN_TABLES:
+        return load_builtin_table(cfg.source)
+    path = local_source(cfg.source, external_dir)
+    suffix = path.suffix.lower()
+    if path.is_dir() or suffix not in TABLE_SUFFIXES:
+        raise StageError(
+            f"ingest.source {cfg.source!r}: a table or time series must be a .csv or .parquet file"
+        )
+    try:
+        frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+    except Exception as exc:  # pandas raises many types for a malformed file
+        raise StageError(f"{path}: not a readable {suffix} table ({exc})") from None
+    if frame.empty:
+        raise StageError(f"{path}: the table has no rows")
+    return frame
+
+
+def choose_columns(frame, cfg, numeric_only: bool) -> tuple[str, list[str]]:
+    """The target column and the input columns, checked against the table."""
+    import pandas as pd
+
+    columns = [str(c) for c in frame.columns]
+    target = cfg.target or ("target" if cfg.source in BUILTIN_TABLES else "")
+    if not target:
+        raise StageError(f"ingest.target: name the column to predict; the columns are {columns}")
+    if target not in columns:
+        raise StageError(
+            f"ingest.target {target!r} is not a column of {cfg.source}; the columns are {columns}"
+        )
+    if cfg.features:
+        unknown = [c for c in cfg.features if c not in columns]
+        if unknown:
+            raise StageError(
+                f"ingest.features {unknown} are not columns of {cfg.source}; the columns are "
+                f"{columns}"
+            )
+        chosen = list(cfg.features)
+    elif numeric_only:  # a time series: every numeric column, the target's own past included
+        chosen = [c for c in columns if pd.api.types.is_numeric_dtype(frame[c])]
+        chosen = [c for c in chosen if not pd.api.types.is_bool_dtype(frame[c])]
+    else:
+        chosen = [c for c in columns if c != target]
+    if not numeric_only and target in chosen:
+        raise StageError(f"ingest.features: the target {target!r} cannot also be an input")
+    if numeric_only:
+        text = [c for c in chosen if features.is_categorical(frame[c])]
+        if text:
+            raise StageError(
+                f"ingest.features: column(s) {text} of {cfg.source} are not numeric; a time "
+                "series' inputs must be numbers"
+            )
+    if not chosen:
+        raise StageError(f"ingest.features: {cfg.source} has no input column besides the target")
+    return target, chosen
+
+
+def resolve_task(target, cfg) -> str:
+    """``ingest.task``, or for ``auto``: text or a few integer values -> classes."""
+    import pandas as pd
+
+    if cfg.task != "auto":
+        if cfg.task == "regression" and not pd.api.types.is_numeric_dtype(target):
+            raise StageError(
+                f"ingest.task regression: target column {target.name!r} holds text, not numbers"
+            )
+        return cfg.task
+    if features.is_categorical(target):
+        return "classification"
+    values = target.dropna()
+    integral = pd.api.types.is_integer_dtype(values) or bool(
+        (values.astype("float64") % 1 == 0).all()
+    )
+    return "classification" if integral and values.nunique() <= MAX_AUTO_CLASSES else "regression"
+
+
+def encode_target(target, task: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Class indices and names, or float32 values; a missing target is an error."""
+    missing = int(target.isna().sum())
+    if missing:
+        raise StageError(
+            f"target column {target.name!r} is empty in {missing} row(s): drop or fill them first"
+        )
+    if task == "regression":
+        return target.astype("float64").to_numpy().astype(np.float32), ()
+    values = target.map(str).to_numpy()
+    names = sorted(set(values.tolist()))
+    index = {n: i for i, n in enumerate(names)}
+    return np.array([index[v] for v in values], dtype=np.int64), tuple(names)
+
+
+def fit_spec(train_frame, columns: list[str]) -> dict:
+    try:
+        return features.fit(train_frame, columns)
+    except features.FeatureError as exc:
+        raise StageError(f"ingest.features: {exc}") from None
+
+
+# ---------------------------------------------------------------- validation (tables and series)
+
+
+def rows_expectations(meta: DatasetMeta, params) -> list[Expectation]:
+    """Every input column has at most the allowed share missing; every row has a target."""
+    columns = [c["name"] for c in (meta.preprocess or {}).get("columns", [])]
+    rows = [
+        Expectation("ExpectColumnValuesToNotBeNull", name,
+                    f"column {name!r}: missing values <= {params.max_missing_fraction:.1%}",
+                    share("row"), {"mostly": 1.0 - params.max_missing_fraction})
+        for name in columns
+    ]  # fmt: skip
+    if meta.target and meta.target not in columns:
+        rows.append(
+            Expectation("ExpectColumnValuesToNotBeNull", meta.target,
+                        f"every row has a target {meta.target!r}", share("row"))
+        )  # fmt: skip
+    return rows
+
+
+def read_rows(prepared_dir: Path) -> dict:
+    """Each split's rows as ingest read them (``prepared/<split>.parquet``)."""
+    if not table_path(prepared_dir, "train").is_file():
+        raise DatasetError(
+            f"{table_path(prepared_dir, 'train')} not found: run the ingest stage first"
+        )
+    return {s: load_frame(table_path(prepared_dir, s)) for s in SPLITS}
+
+
+def encoded_checks(split: str, data: ArraySet, meta: DatasetMeta) -> list[Check]:
+    """Encoded features are float32 of the meta's shape; targets as the task needs them."""
+    want_y = TARGET_DTYPE if meta.is_regression else LABEL_DTYPE
+    checks = [
+        Check(split, f"feature dtype == {FEATURE_DTYPE}", data.x.dtype == FEATURE_DTYPE,
+              f"found {data.x.dtype}"),
+        Check(split, f"target dtype == {want_y}", data.y.dtype == want_y,
+              f"found {data.y.dtype}"),
+        Check(split, f"example shape == {tuple(meta.input_shape)}",
+              tuple(data.x.shape[1:]) == tuple(meta.input_shape),
+              f"found {tuple(data.x.shape[1:])}"),
+    ]  # fmt: skip
+    if meta.is_regression:
+        bad = int((~np.isfinite(data.y)).sum())
+        checks.append(Check(split, "every target is a finite number", bad == 0,
+                            f"{bad} of {len(data)} are NaN or infinite"))  # fmt: skip
+    return checks
+
+
+def encoded_stats(data: ArraySet, meta: DatasetMeta, class_counts: dict) -> dict:
+    stats = {
+        "examples": len(data),
+        "class_counts": class_counts,
+        "feature_dtype": str(data.x.dtype),
+        "target_dtype": str(data.y.dtype),
+    }
+    if meta.is_regression and len(data):
+        stats["target_mean"] = float(np.nanmean(data.y.astype(np.float64)))
+    return stats
+
+
+def feature_card(meta: DatasetMeta) -> dict:
+    """A table's or series' card: what the service needs to encode rows as training did."""
+    return {
+        "target": meta.target,
+        "feature_names": list(meta.feature_names),
+        "preprocess": meta.preprocess,
+    }
+
+
+# ---------------------------------------------------------------- the kind
+
+
+class TableKind(DataKind):
+    name = "table"
+    noun = "table"
+    models = ("mlp",)
+
+    def recognises(self, source: str) -> bool:
+        return source in BUILTIN_TABLES or Path(source).suffix.lower() in TABLE_SUFFIXES
+
+    def prepare(self, cfg, external_dir: Path) -> Prepared:
+        frame = read_frame(cfg, external_dir)
+        target_name, inputs = choose_columns(frame, cfg, numeric_only=False)
+        frame = frame[[*inputs, target_name]].reset_index(drop=True)
+        task = resolve_task(frame[target_name], cfg)
+        y, class_names = encode_target(frame[target_name], task)
+        if task == "classification":
+            if len(class_names) < 2:
+                raise StageError(
+                    f"target column {target_name!r} has {len(class_names)} class(es): "
+                    "need at least 2"
+                )
+            idx = stratified_split(y, cfg.test_fraction, cfg.val_fraction, cfg.seed)
+        else:
+            idx = random_split(len(y), cfg.test_fraction, cfg.val_fraction, cfg.seed)
+        frames = {s: frame.iloc[i].reset_index(drop=True) for s, i in idx.items()}
+        spec = fit_spec(frames["train"][inputs], inputs)
+        splits = {s: ArraySet(features.encode_frame(frames[s], spec), y[i]) for s, i in idx.items()}
+        meta = DatasetMeta(
+            class_names=class_names,
+            input_shape=(len(spec["features"]),),
+            source=cfg.source,
+            split_sizes=sizes(splits),
+            kind=self.name,
+            task=task,
+            target=target_name,
+            feature_names=tuple(spec["features"]),
+            preprocess=spec,
+        )
+        classes = f", {len(class_names)} classes" if class_names else ""
+        summary = (
+            f"table of {len(frame)} rows, {len(inputs)} input columns -> "
+            f"{len(spec['features'])} features, target {target_name!r} ({task}{classes}), "
+            f"splits {meta.split_sizes}"
+        )
+        return Prepared(meta, splits, frame, frames, len(frame), summary)
+
+    def check_model(self, family: str, source: str) -> None:
+        if family == "cnn":
+            raise StageError(f"train.model: cnn needs images, but {source} is a table; use mlp")
+        if family in ("lstm", "gru"):
+            raise StageError(
+                f"train.model: {family} needs sequences, but {source} is a table (one row "
+                "per example); use mlp, or ingest.kind sequence for a time series"
+            )
+        super().check_model(family, source)
+
+    def raw_splits(self, prepared_dir: Path, meta: DatasetMeta) -> dict:
+        return read_rows(prepared_dir)
+
+    def reencode(self, raw, spec, test: ArraySet, target: str) -> ArraySet:
+        return ArraySet(encode_with(raw, spec), test.y)
+
+    def expectations(self, meta: DatasetMeta, params) -> dict[str, list[Expectation]]:
+        return {ROWS_SUITE: rows_expectations(meta, params)}
+
+    def summary_tables(self, data: ArraySet, meta: DatasetMeta, frame=None) -> dict:
+        return {ROWS_SUITE: frame}
+
+    def array_checks(self, split: str, data: ArraySet, meta: DatasetMeta) -> list[Check]:
+        return encoded_checks(split, data, meta)
+
+    def split_stats(self, data: ArraySet, tables, meta, class_counts) -> dict:
+        return encoded_stats(data, meta, class_counts)
+
+    def card_fields(self, meta: DatasetMeta) -> dict:
+        return feature_card(meta)
+
+
+def encode_with(raw, spec) -> np.ndarray:
+    """Rows as read, encoded by a preprocessing fit (a StageError naming what does not fit)."""
+    if not spec:
+        raise StageError("the model carries no preprocessing spec to encode with")
+    try:
+        return features.encode_frame(raw, spec)
+    except features.FeatureError as exc:
+        raise StageError(f"the model cannot read these rows: {exc}") from None
