@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components import kinds
-from components.config import IngestParams, Params
+from components.config import Params
 from components.dataset import (
     SPLITS,
     meta_path,
@@ -27,7 +27,6 @@ from components.dataset import (
     split_path,
     table_path,
 )
-from components.kinds.sequence import windows  # noqa: F401  (gate.py imports it from here)
 from components.stage import main
 
 log = logging.getLogger("pipeline.ingest")
@@ -39,11 +38,6 @@ class IngestResult:
     n_examples: int
     class_names: tuple[str, ...]
     split_sizes: dict[str, int]
-
-
-def resolve_kind(cfg: IngestParams) -> str:
-    """``ingest.kind``, or for ``auto`` the kind the source looks like (flows/tune.py asks)."""
-    return kinds.detect(cfg)
 
 
 def save(prepared: kinds.Prepared, raw_dir: Path, prepared_dir: Path) -> None:

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from components import tasks
+from components import kinds, tasks
 from components.config import MODELS, Params
 from components.tuning.study import TuneError
-
-# The model families that cannot read a kind of data (a cnn needs images, lstm/gru sequences).
-UNFIT_MODELS = {"image": (), "sequence": ("cnn",), "table": ("cnn", "lstm", "gru")}
 
 
 def check_fits_data(params: Params, root: Path) -> None:
@@ -21,7 +18,6 @@ def check_fits_data(params: Params, root: Path) -> None:
     prepared data when there is some, else ``ingest.task`` when it is not ``auto``), and every
     model the space offers must read this kind of data. Raises :class:`TuneError`."""
     from components.dataset import DatasetMeta, meta_path
-    from components.ingest import resolve_kind
 
     meta_file = meta_path(root / params.paths.prepared_dir)
     meta = DatasetMeta.load(meta_file) if meta_file.is_file() else None
@@ -32,8 +28,8 @@ def check_fits_data(params: Params, root: Path) -> None:
             f"tune.metric {params.tune.metric}: the data is a {task} task, whose train stage "
             f"logs {' and '.join(logged)}"
         )
-    kind = meta.kind if meta else resolve_kind(params.ingest)
-    unfit = UNFIT_MODELS[kind]
+    kind = meta.kind if meta else kinds.detect(params.ingest)
+    unfit = [m for m in MODELS if m not in kinds.get(kind).models]  # the kind says what reads it
     dim = params.tune.space.get("train.model")
     choices = list(dim.choices) if dim is not None and dim.choices is not None else []
     for model in choices or [params.train.model]:

@@ -1,0 +1,21 @@
+"""The docs' examples run as written: the stage cores compose in a user's own Prefect flow."""
+
+from __future__ import annotations
+
+import runpy
+
+import numpy as np
+
+from tests.conftest import REPO_ROOT, TINY_CLASSES, make_images
+
+
+def test_two_families_example_trains_both_and_keeps_the_better(tmp_path, monkeypatch):
+    # The flow starts a temporary Prefect server, slow to come up on a busy 2-core machine.
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    x, y = make_images(per_class=20)
+    np.savez(tmp_path / "digits.npz", x=x, y=y, class_names=np.array(TINY_CLASSES))
+    example = runpy.run_path(str(REPO_ROOT / "docs" / "examples" / "two_families.py"))
+    result = example["two_families"](str(tmp_path / "digits.npz"), str(tmp_path), max_epochs=3)
+    assert set(result["val_accuracy"]) == {"cnn", "mlp"}
+    assert result["best"] == max(result["val_accuracy"], key=result["val_accuracy"].get)
+    assert 0.5 <= result["test_accuracy"] <= 1.0 and result["passed"]
