@@ -93,7 +93,7 @@ serve-edge: setup ## serve the newest edge bento on :3001 (CLOUD_URL=http://host
 	@test -f artefacts/bento.json || (echo "no bento yet: run 'make pipeline' first" && exit 1)
 	$(VENV)/bin/bentoml serve "$$($(PY) -c 'import json;print(json.load(open("artefacts/bento.json"))["edge"]["tag"])')" --host 127.0.0.1 --port 3001
 
-# Schedules and the Prefect UI (README: "Schedules, triggers, and reproducing any run").
+# Schedules and the Prefect UI (docs/orchestration.md).
 PREFECT_PORT ?= 4200
 
 prefect-server: setup ## the Prefect server and its UI on http://127.0.0.1:4200 (SQLite in .prefect/)

@@ -67,7 +67,7 @@ def scratch_repo(budget_epochs: int | None) -> Path:
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
     _run([*git, "init", "-q"], root)
     _run([sys.executable, "-m", "dvc", "init", "-q"], root)
-    from components.config import apply_overrides
+    from components.overrides import apply_overrides
 
     if budget_epochs is not None:
         apply_overrides([f"train.max_epochs={budget_epochs}"], root / "params.yaml")

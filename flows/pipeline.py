@@ -38,12 +38,11 @@ from prefect.states import Completed, Failed  # noqa: E402
 from components.config import (  # noqa: E402
     Params,
     ParamsError,
-    apply_overrides,
-    check_overrides,
     load_params,
     parse_params,
     read_params_file,
 )
+from components.overrides import apply_overrides, check_overrides  # noqa: E402
 from flows.experiments import (  # noqa: E402
     BUSY,
     FALLBACK_IDENTITY,

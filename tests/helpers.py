@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from components.config import apply_overrides
+from components.overrides import apply_overrides
 from tests.conftest import REPO_ROOT
 
 # What a clone of the project holds that the pipeline needs (not tests, docs or state).

@@ -13,12 +13,11 @@ import yaml
 from components.config import (
     Params,
     ParamsError,
-    apply_overrides,
-    check_overrides,
     load_params,
     parse_params,
     read_params_file,
 )
+from components.overrides import apply_overrides, check_overrides
 from tests.conftest import REPO_ROOT
 
 

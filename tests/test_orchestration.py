@@ -27,7 +27,7 @@ import psutil
 import pytest
 import yaml
 
-from components.config import apply_overrides
+from components.overrides import apply_overrides
 from tests.conftest import REPO_ROOT, TINY_CLASSES, TINY_OVERRIDES, make_images
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from components.config import apply_overrides
+from components.overrides import apply_overrides
 from tests.conftest import TINY_CLASSES, TINY_OVERRIDES, make_images
 from tests.helpers import flatten, free_port, project_repo, wait_ready
 

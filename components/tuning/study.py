@@ -12,7 +12,8 @@ import json
 import threading
 from pathlib import Path
 
-from components.config import ParamsError, SearchDimension, TuneParams, check_overrides
+from components.config import ParamsError, SearchDimension, TuneParams
+from components.overrides import check_overrides
 from components.trial import open_storage, pruner_from
 
 DEFAULT_STORAGE = Path("build") / "tune" / "optuna.db"

@@ -20,7 +20,8 @@ import threading
 import time
 from pathlib import Path
 
-from components.config import ParamsError, TuneParams, check_overrides, read_params_file
+from components.config import ParamsError, TuneParams, read_params_file
+from components.overrides import check_overrides
 from components.stage import FAILURE_PREFIX
 from components.trial import (
     ENV_METRIC,
