@@ -200,7 +200,7 @@ class _Networks:
                 self.student_config, *data, self.train_params, self.params.distillation
             )
         if step in ("prune_structured", "prune_unstructured"):
-            shape = tuple(self.teacher_config.image_shape)
+            shape = tuple(self.teacher_config.input_shape)
             return prune.prune_and_finetune(
                 net, step, shape, *data, self.train_params, self.params.pruning
             )
@@ -225,7 +225,7 @@ def build_variants(
     from components import quantize
     from components.prune import make_permanent
 
-    shape = tuple(teacher_config.image_shape)
+    shape = tuple(teacher_config.input_shape)
     nets = _Networks(teacher, teacher_config, student_config, (train, val), train_params, params)
     samples = np.concatenate([val.x, train.x])[:CHECK_SAMPLES]
     probes = train.x[:CHECK_SAMPLES]  # real examples for exporting and checking fp32 files
@@ -545,8 +545,8 @@ def run(params: Params) -> CompressResult:
     paths, cfg = params.paths, params.compress
     meta = DatasetMeta.load(meta_path(paths.prepared_dir))
     splits = {s: load_images(split_path(paths.prepared_dir, s)) for s in ("train", "val", "test")}
-    model, described = load_model(paths.model_dir)
-    config = config_from_dict(described["config"])
+    model, card = load_model(paths.model_dir)
+    config = config_from_dict(card.config)
 
     # Build into a scratch folder and swap it in only when everything passed, so a failed
     # run leaves the previous good exports in place.

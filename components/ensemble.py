@@ -66,12 +66,8 @@ def weights_from_scores(scores: list[float], metric: str, weighting: str) -> lis
     return [r / sum(raw) for r in raw]
 
 
-def _input_shape(described: dict) -> tuple[int, ...]:
-    config = described["config"]
-    shape = config.get("image_shape") or config.get("input_shape")
-    if not shape:
-        raise ValueError("model.json names no input shape")
-    return tuple(int(n) for n in shape)
+def _input_shape(card) -> tuple[int, ...]:
+    return tuple(int(n) for n in card.config["input_shape"])
 
 
 def load_members(model_dirs: list[Path]) -> tuple[list[nn.Module], dict]:
@@ -82,7 +78,7 @@ def load_members(model_dirs: list[Path]) -> tuple[list[nn.Module], dict]:
     nets, first = [], None
     for model_dir in model_dirs:
         net, described = load_model(Path(model_dir))
-        task = described["config"].get("task", "classification")
+        task = described.task
         if task != "classification":
             raise ValueError(
                 f"ensemble member {model_dir} is a {task} model: ensembles average class "
@@ -93,10 +89,10 @@ def load_members(model_dirs: list[Path]) -> tuple[list[nn.Module], dict]:
         else:
             for what, get in (
                 ("input shape", _input_shape),
-                ("classes", lambda d: d.get("class_names")),
-                ("data kind", lambda d: d.get("kind", "image")),
+                ("classes", lambda d: d.class_names),
+                ("data kind", lambda d: d.kind),
                 # Members must read the same features: one fitted transform for all of them.
-                ("input preprocessing", lambda d: d.get("preprocess")),
+                ("input preprocessing", lambda d: d.preprocess),
             ):
                 if get(described) != get(first):
                     raise ValueError(

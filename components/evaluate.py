@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from components import tasks
 from components.config import EvaluateParams, Params
@@ -31,6 +32,9 @@ from components.records import (
 )
 from components.stage import StageError, main
 from components.tasks import Task
+
+if TYPE_CHECKING:  # the model module imports torch: only the stage run needs it
+    from components.model import ModelCard
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -98,28 +102,26 @@ def write_predictions_csv(path: Path, actual=None, predicted=None) -> None:
     Path(path).write_text("\n".join(lines) + "\n")
 
 
-def check_model_fits(described: dict, meta: DatasetMeta, test: ArraySet, model_dir) -> None:
+def check_model_fits(card: ModelCard, meta: DatasetMeta, test: ArraySet, model_dir) -> None:
     """The trained model (model.json) is for this data (meta.json): task, classes, input shape."""
-    config = described.get("config") or {}
-    task = described.get("task") or config.get("task") or meta.task
     where = Path(model_dir) / "model.json"
-    if task != meta.task:
+    if card.task != meta.task:
         raise StageError(
-            f"{where}: the model was trained for {task} but the data is {meta.task} "
+            f"{where}: the model was trained for {card.task} but the data is {meta.task} "
             f"(prepared meta.json task): re-run the train stage"
         )
-    if tuple(described.get("class_names", ())) != meta.class_names:
+    if tuple(card.class_names) != meta.class_names:
         raise StageError(
-            "the model was trained on classes "
-            f"{described.get('class_names', [])} but the data has {list(meta.class_names)}"
+            f"the model was trained on classes {card.class_names} but the data has "
+            f"{list(meta.class_names)}"
         )
-    if (described.get("target") or meta.target) != meta.target:
+    if card.target != meta.target:
         raise StageError(
-            f"{where}: the model predicts {described['target']!r} but the data's target is "
+            f"{where}: the model predicts {card.target!r} but the data's target is "
             f"{meta.target!r}: re-run the train stage"
         )
-    shape = tuple(config.get("input_shape") or config.get("image_shape") or ())
-    if shape and len(test) and tuple(test.x.shape[1:]) != shape:
+    shape = tuple(card.config["input_shape"])
+    if len(test) and tuple(test.x.shape[1:]) != shape:
         raise StageError(
             f"{where}: the model takes examples shaped {shape} but the test split's are "
             f"{tuple(test.x.shape[1:])}: re-run the train stage"
@@ -133,8 +135,8 @@ def run(params: Params) -> EvaluateResult:
     meta = DatasetMeta.load(meta_path(paths.prepared_dir))
     task = tasks.get(meta.task)
     test = load_images(split_path(paths.prepared_dir, "test"))
-    model, described = load_model(paths.model_dir)
-    check_model_fits(described, meta, test, paths.model_dir)
+    model, card = load_model(paths.model_dir)
+    check_model_fits(card, meta, test, paths.model_dir)
     task.check_test(test.y, meta.class_names)  # before running the model on it
     outputs = predict_logits(model, test.x).numpy()
     result = evaluate(outputs, test, meta.class_names, params.evaluate, task)

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 WEIGHTS_FILE = "model.pt"
@@ -46,10 +48,6 @@ class NetConfig:
     rnn_layers: int = 1
     target_mean: float = 0.0  # regression: the training target's mean and standard deviation
     target_std: float = 1.0
-
-    @property
-    def image_shape(self) -> tuple[int, ...]:
-        return self.input_shape
 
 
 def _dense_stack(in_features: int, config: NetConfig) -> list[nn.Module]:
@@ -111,7 +109,7 @@ class SmallCNN(_Net):
         if height < 1 or width < 1:
             raise ValueError(
                 f"train.channels: {len(config.channels)} pooling blocks shrink a "
-                f"{config.image_shape[1]}x{config.image_shape[2]} image to nothing; use fewer"
+                f"{config.input_shape[1]}x{config.input_shape[2]} image to nothing; use fewer"
             )
         self.features = nn.Sequential(*blocks)
         self.classifier = nn.Sequential(*_dense_stack(in_channels * height * width, config))
@@ -181,34 +179,59 @@ def build_model(config: NetConfig) -> nn.Module:
     return FAMILIES[config.family](config)
 
 
+class ModelCard(BaseModel):
+    """``model.json``: how to rebuild the network and what it was trained for. Written by the
+    train stage beside the weights; read here only (:func:`load_model`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    config: dict  # the NetConfig fields (checked by config_from_dict)
+    class_names: list[str]  # empty for regression
+    trained_epochs: int
+    kind: str
+    task: Literal["classification", "regression"]
+    target: str
+    feature_names: list[str]
+    preprocess: dict | None
+
+
 def save_model(model: nn.Module, config: NetConfig, model_dir: Path, extra: dict) -> None:
-    """Write the weights and a JSON description (architecture, class names, ...)."""
+    """Write the weights and ``model.json`` (``extra``: the :class:`ModelCard` fields beside
+    the architecture)."""
+    card = ModelCard(config=asdict(config), **extra)
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     torch.save(state, model_dir / WEIGHTS_FILE)
-    (model_dir / CONFIG_FILE).write_text(
-        json.dumps({"config": asdict(config), **extra}, indent=2) + "\n"
-    )
+    (model_dir / CONFIG_FILE).write_text(json.dumps(card.model_dump(), indent=2) + "\n")
 
 
 def config_from_dict(raw: dict) -> NetConfig:
-    return NetConfig(
-        family=raw["family"],
-        input_shape=tuple(raw.get("input_shape") or raw["image_shape"]),
-        num_classes=raw["num_classes"],
-        channels=tuple(raw["channels"]),
-        hidden_units=tuple(raw["hidden_units"]),
-        dropout=raw["dropout"],
-        batch_norm=raw["batch_norm"],
-        activation=raw["activation"],
-        **{k: raw[k] for k in _OPTIONAL_FIELDS if k in raw},
-    )
+    known = {f.name for f in fields(NetConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown network settings {unknown}; known: {sorted(known)}")
+    values = {**raw, "input_shape": tuple(raw["input_shape"])}
+    for key in ("channels", "hidden_units"):
+        values[key] = tuple(raw[key])
+    return NetConfig(**values)
 
 
-_OPTIONAL_FIELDS = (
-    "task", "input_scale", "rnn_hidden_size", "rnn_layers", "target_mean", "target_std",
-)  # fmt: skip
+def read_card(model_dir: Path) -> ModelCard:
+    """``model.json`` of ``model_dir``, checked; a ValueError naming what is wrong."""
+    path = Path(model_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the train stage first")
+    try:
+        card = ModelCard.model_validate(json.loads(path.read_text()))
+        config_from_dict(card.config)
+    except (json.JSONDecodeError, ValidationError, KeyError, TypeError, ValueError) as exc:
+        problem = " ".join(str(exc).split())[:400]
+        raise ValueError(
+            f"{path} does not describe a model this code can build ({problem}): re-run the "
+            "train stage"
+        ) from None
+    return card
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -222,24 +245,16 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_model(model_dir: Path) -> tuple[nn.Module, dict]:
+def load_model(model_dir: Path) -> tuple[nn.Module, ModelCard]:
     """Rebuild the network from ``model.json`` and load ``model.pt`` (weights only)."""
     model_dir = Path(model_dir)
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
-        if not (model_dir / name).is_file():
-            raise FileNotFoundError(f"{model_dir / name} not found: run the train stage first")
-    described = json.loads((model_dir / CONFIG_FILE).read_text())
-    try:
-        config = config_from_dict(described["config"])
-    except KeyError as exc:
-        raise ValueError(
-            f"{model_dir / CONFIG_FILE} lacks {exc} (written by an older version?): "
-            "re-run the train stage"
-        ) from None
-    model = build_model(config)
+    if not (model_dir / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{model_dir / WEIGHTS_FILE} not found: run the train stage first")
+    card = read_card(model_dir)
+    model = build_model(config_from_dict(card.config))
     model.load_state_dict(load_state_dict(model_dir / WEIGHTS_FILE))
     model.eval()
-    return model, described
+    return model, card
 
 
 @torch.no_grad()

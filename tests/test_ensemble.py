@@ -38,7 +38,13 @@ def tiny_member(root: Path, seed: int, family: str = "cnn", classes=CLASSES) -> 
     torch.manual_seed(seed)
     net = build_model(config)
     out = root / f"member-{seed}-{family}"
-    save_model(net, config, out, extra={"class_names": list(classes)})
+    save_model(
+        net, config, out,
+        extra={
+            "class_names": list(classes), "trained_epochs": 1, "kind": "image",
+            "task": "classification", "target": "", "feature_names": [], "preprocess": None,
+        },
+    )  # fmt: skip
     return out
 
 
