@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from components import tasks
 from components.config import (
     EDGE_INT8_VARIANT,
     LAST_ONLY,
@@ -103,13 +104,13 @@ class VariantReport:
 
     @property
     def score(self) -> float:
-        """The headline metric: accuracy, or R^2 for regression."""
-        return self.r2 if self.task == "regression" else self.accuracy
+        """The task's headline metric: accuracy, or R^2 for regression."""
+        return getattr(self, tasks.get(self.task).selection_key)
 
     @property
     def drop(self) -> float:
         """The headline metric's drop vs fp32."""
-        return self.r2_drop if self.task == "regression" else self.accuracy_drop
+        return getattr(self, f"{tasks.get(self.task).selection_key}_drop")
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,7 @@ def build_variants(
     samples = np.concatenate([val.x, train.x])[:CHECK_SAMPLES]
     probes = train.x[:CHECK_SAMPLES]  # real examples for exporting and checking fp32 files
     # Regression: differences are judged in standard deviations of the training target.
-    target_std = teacher_config.target_std if teacher_config.task == "regression" else None
+    target_std = None if tasks.get(teacher_config.task).has_classes else teacher_config.target_std
     fp32_exports: dict[tuple[str, ...], Path] = {}
     scratch = Path(tempfile.mkdtemp(prefix="fp32-", dir=out_dir))
 
@@ -456,20 +457,9 @@ def _distillation_summary(teacher, student_cfg, reports, params: CompressParams)
 
 
 def _variant_json(v: VariantReport) -> dict:
-    if v.task == "regression":
-        metrics = {
-            "r2": round(v.r2, 6),
-            "rmse": round(v.rmse, 6),
-            "mae": round(v.mae, 6),
-            "r2_drop": round(v.r2_drop, 6),
-        }
-    else:
-        metrics = {
-            "accuracy": round(v.accuracy, 6),
-            "macro_f1": round(v.macro_f1, 6),
-            "accuracy_drop": round(v.accuracy_drop, 6),
-            "macro_f1_drop": round(v.macro_f1_drop, 6),
-        }
+    task = tasks.get(v.task)
+    keys = [*task.variant_keys, *(f"{k}_drop" for k in task.drop_keys)]
+    metrics = {k: round(getattr(v, k), 6) for k in keys}
     return {
         "steps": " -> ".join(v.steps) or "none",
         "params": v.params,
@@ -488,8 +478,7 @@ def _variant_json(v: VariantReport) -> dict:
 
 def result_payload(result: CompressResult, params: CompressParams) -> dict:
     fp32, int8 = result.variants[REFERENCE_VARIANT], result.variants[EDGE_INT8_VARIANT]
-    regression = int8.task == "regression"
-    drop_key = "int8_r2_drop" if regression else "int8_accuracy_drop"
+    drop_key = f"int8_{tasks.get(int8.task).selection_key}_drop"
     return {
         "task": int8.task,
         "variants": {v.name: _variant_json(v) for v in result.variants.values()},

@@ -159,7 +159,7 @@ def test_an_unknown_kind_is_named_where_it_is_set(tmp_path):
 @pytest.mark.parametrize("kind", ["image", "table", "sequence"])
 def test_card_fields_are_what_the_package_card_adds_for_the_kind(tmp_path, kind):
     """The kind's card fields can replace package.py's branch on the kind, field for field."""
-    from components.package import _model_card
+    from components.bento_card import model_card
 
     spec = {"version": 1, "columns": [{"name": "a", "type": "numeric", "mean": 0, "std": 1}],
             "features": ["a"]}  # fmt: skip
@@ -168,7 +168,7 @@ def test_card_fields_are_what_the_package_card_adds_for_the_kind(tmp_path, kind)
     meta = DatasetMeta(("x", "y"), shape, "test", {"train": 3}, kind=kind, **extra)
     onnx_file = tmp_path / "m.onnx"
     onnx_file.write_bytes(b"not really a model")
-    card = _model_card(onnx_file, meta, "m", "fp32")
+    card = model_card(onnx_file, meta, "m", "fp32")
     common = {"model", "model_sha256", "served_variant", "kind", "task", "class_names",
               "input_shape"}  # fmt: skip
     assert {k: v for k, v in card.items() if k not in common} == kinds.get(kind).card_fields(meta)

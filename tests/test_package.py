@@ -488,19 +488,30 @@ def test_run_uses_params_paths_and_metrics(tmp_path, monkeypatch):
     make_tiny_onnx(Path(paths.model_dir) / "onnx" / f"{variant}.onnx")
     write_meta(Path(paths.prepared_dir) / "meta.json")
     Path(paths.metrics_dir).mkdir(parents=True)
-    (Path(paths.metrics_dir) / "evaluate.json").write_text('{"accuracy": 0.5}')
+    figures = {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    (Path(paths.metrics_dir) / "evaluate.json").write_text(
+        json.dumps(
+            {"format": 3, "task": "classification", "test_examples": 6, "accuracy": 0.5,
+             "macro_f1": 0.4, "min_class_recall": 0.5,
+             "per_class": {c: figures for c in CLASS_NAMES}}
+        )
+    )  # fmt: skip
+    onnx_bytes = (Path(paths.model_dir) / "onnx" / f"{variant}.onnx").stat().st_size
     (Path(paths.metrics_dir) / "compress.json").write_text(
         json.dumps(
-            {"variants": {variant: {"accuracy": 0.625, "macro_f1": 0.5}}, "served_variant": variant}
+            {"variants": {variant: {"accuracy": 0.625, "macro_f1": 0.5, "size_bytes": onnx_bytes}},
+             "served_variant": variant}
         )
-    )
+    )  # fmt: skip
 
     result = run(params)
 
     assert result.tag.startswith(params.package.bento_name + ":")
     assert result.served_variant == variant
     info = json.loads((Path(paths.artefacts_dir) / "bento.json").read_text())
-    assert info["metrics"] == {"accuracy": 0.625, "macro_f1": 0.5, "pytorch_accuracy": 0.5}
+    assert info["metrics"] == {
+        "accuracy": 0.625, "macro_f1": 0.5, "pytorch_accuracy": 0.5, "pytorch_macro_f1": 0.4,
+    }  # fmt: skip
     assert (tmp_path / "build" / "bento" / params.package.bento_name / "deploy").is_dir()
 
 

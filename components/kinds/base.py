@@ -112,6 +112,23 @@ class DataKind:
         """What the served model's card (model.json in the bento) carries for this kind."""
         return {}
 
+    # ------------------------------------------------------------ serving (what package says)
+
+    def check_servable(self, meta: DatasetMeta, meta_file: Path) -> None:
+        """Refuse, before any build, metadata the kind's serving adapter cannot serve."""
+
+    def inputs_phrase(self, card: dict) -> str:
+        """What the bento takes, for its description: "1x28x28 images (...)"."""
+        return f"{self.noun}s shaped {'x'.join(str(d) for d in card['input_shape'])}"
+
+    def routes_phrase(self, card: dict, role: str) -> str:
+        """The bento's routes, for its description (role: "cloud" or "edge")."""
+        return "`POST /info`"
+
+    def shape_labels(self, card: dict) -> dict[str, str]:
+        """The bento labels saying what the model takes."""
+        return {"input_shape": "x".join(str(d) for d in card["input_shape"])}
+
 
 __all__ = ["Check", "DataKind", "Expectation", "Prepared"]
 

@@ -275,3 +275,25 @@ class ImageKind(DataKind):
 
     def card_fields(self, meta: DatasetMeta) -> dict:
         return {"image_shape": list(meta.input_shape)}
+
+    def check_servable(self, meta: DatasetMeta, meta_file) -> None:
+        if len(meta.input_shape) != 3:
+            raise StageError(
+                f"{meta_file}: images must be shaped (C, H, W), got {meta.input_shape}"
+            )
+
+    def inputs_phrase(self, card: dict) -> str:
+        shape = "x".join(str(d) for d in card["image_shape"])
+        return f"{shape} images (C x H x W, raw pixel values 0-255)"
+
+    def routes_phrase(self, card: dict, role: str) -> str:
+        routes = '`POST /predict {"image": [[...]]}`, `POST /predict_batch {"images": [...]}`'
+        if role == "edge":
+            return routes + ", `POST /info`"
+        return (
+            f"{routes} (at most {card['max_batch_size']}), `POST /predict_image` (multipart "
+            "PNG/JPEG, field `image`), `POST /info`"
+        )
+
+    def shape_labels(self, card: dict) -> dict[str, str]:
+        return {"image_shape": "x".join(str(d) for d in card["image_shape"])}

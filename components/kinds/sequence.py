@@ -30,11 +30,13 @@ from components.kinds.checks import Check, Expectation, found, share
 from components.kinds.table import (
     ROWS_SUITE,
     choose_columns,
+    columns_phrase,
     encode_target,
     encode_with,
     encoded_checks,
     encoded_stats,
     feature_card,
+    feature_labels,
     fit_spec,
     read_frame,
     read_rows,
@@ -237,3 +239,33 @@ class SequenceKind(DataKind):
 
     def card_fields(self, meta: DatasetMeta) -> dict:
         return feature_card(meta)
+
+    def check_servable(self, meta: DatasetMeta, meta_file) -> None:
+        from deploy.table import check_spec  # the serving adapter's own check of the spec
+
+        if len(meta.input_shape) != 2:
+            raise StageError(
+                f"{meta_file}: input_shape of {self.name} data must have {2} dimension(s), "
+                f"got {meta.input_shape}"
+            )
+        try:
+            check_spec(meta.preprocess, meta.input_shape, self.name, f"{meta_file}: preprocess")
+        except ValueError as exc:
+            raise StageError(str(exc)) from None
+
+    def shape_labels(self, card: dict) -> dict[str, str]:
+        return {**feature_labels(card), "window": str(card["input_shape"][0])}
+
+    def inputs_phrase(self, card: dict) -> str:
+        return (
+            f"sequences of {card['input_shape'][0]} steps of columns {columns_phrase(card)} "
+            "(encoded first by the preprocessing fitted on the training data, model.json "
+            "`preprocess`)"
+        )
+
+    def routes_phrase(self, card: dict, role: str) -> str:
+        return (
+            f'`POST /forecast {{"window": [step x {card["input_shape"][0]}]}}` (a step: one '
+            'value per column, or {column: value}), `POST /predict_sequences {"sequences": '
+            f"[...]}}` (at most {card['max_batch_size']}), `POST /info` (columns, preprocessing)"
+        )

@@ -299,6 +299,34 @@ class TableKind(DataKind):
     def card_fields(self, meta: DatasetMeta) -> dict:
         return feature_card(meta)
 
+    def check_servable(self, meta: DatasetMeta, meta_file) -> None:
+        from deploy.table import check_spec  # the serving adapter's own check of the spec
+
+        if len(meta.input_shape) != 1:
+            raise StageError(
+                f"{meta_file}: input_shape of {self.name} data must have {1} dimension(s), "
+                f"got {meta.input_shape}"
+            )
+        try:
+            check_spec(meta.preprocess, meta.input_shape, self.name, f"{meta_file}: preprocess")
+        except ValueError as exc:
+            raise StageError(str(exc)) from None
+
+    def shape_labels(self, card: dict) -> dict[str, str]:
+        return feature_labels(card)
+
+    def inputs_phrase(self, card: dict) -> str:
+        return (
+            f"table rows of columns {columns_phrase(card)} (encoded first by the preprocessing "
+            "fitted on the training data, model.json `preprocess`)"
+        )
+
+    def routes_phrase(self, card: dict, role: str) -> str:
+        return (
+            '`POST /predict_row {"row": {column: value, ...}}`, `POST /predict_rows {"rows": '
+            f"[...]}}` (at most {card['max_batch_size']}), `POST /info` (columns, preprocessing)"
+        )
+
 
 def encode_with(raw, spec) -> np.ndarray:
     """Rows as read, encoded by a preprocessing fit (a StageError naming what does not fit)."""
@@ -308,3 +336,19 @@ def encode_with(raw, spec) -> np.ndarray:
         return features.encode_frame(raw, spec)
     except features.FeatureError as exc:
         raise StageError(f"the model cannot read these rows: {exc}") from None
+
+
+def columns_phrase(card: dict) -> str:
+    """The card's input columns, the first dozen by name."""
+    columns = [c["name"] for c in card["preprocess"]["columns"]]
+    more = f", ... ({len(columns)} in all)" if len(columns) > 12 else ""
+    return ", ".join(columns[:12]) + more
+
+
+def feature_labels(card: dict) -> dict[str, str]:
+    """Bento labels of a model reading encoded features (tables, sequences)."""
+    return {
+        "input_shape": "x".join(str(d) for d in card["input_shape"]),
+        "num_features": str(card["input_shape"][-1]),
+        "columns": str(len(card["preprocess"]["columns"])),
+    }

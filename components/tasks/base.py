@@ -22,6 +22,7 @@ class Task:
     record_keys: tuple[str, ...]  # what the champion record keeps of the served model
     compared_keys: tuple[str, ...]  # what the no-regression gate compares with the champion
     drop_keys: tuple[str, ...]  # what a compressed model may lose at most max_drop of
+    variant_keys: tuple[str, ...]  # the metrics compress.json records per variant
     selection_key: str  # the one metric that ranks compressed variants
     val_metric: str  # the per-epoch validation metric train logs (besides val_loss)
     val_maximise: bool  # whether a larger val_metric is better

@@ -73,6 +73,7 @@ CLASSIFICATION = Classification(
     record_keys=("accuracy", "macro_f1", "min_class_recall"),
     compared_keys=("accuracy", "macro_f1"),
     drop_keys=("accuracy", "macro_f1"),
+    variant_keys=("accuracy", "macro_f1"),
     selection_key="accuracy",
     val_metric="val_accuracy",
     required_metrics=("accuracy", "macro_f1", "min_class_recall", "per_class"),

@@ -73,6 +73,7 @@ REGRESSION = Regression(
     # R^2 is a share of the target's variance explained, on accuracy's 0-1 scale: the same
     # tolerance applies.
     drop_keys=("r2",),
+    variant_keys=("r2", "rmse", "mae"),
     selection_key="r2",
     val_metric="val_rmse",
     required_metrics=("r2", "rmse", "mae"),
