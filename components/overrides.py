@@ -107,10 +107,10 @@ def flow_style(value):
 
     if isinstance(value, list):
         seq = CommentedSeq(flow_style(v) for v in value)
-        seq.fa.setflow_style()
+        seq.fa.set_flow_style()
         return seq
     if isinstance(value, dict):
         mapping = CommentedMap((k, flow_style(v)) for k, v in value.items())
-        mapping.fa.setflow_style()
+        mapping.fa.set_flow_style()
         return mapping
     return value
