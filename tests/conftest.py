@@ -1,10 +1,17 @@
-"""Shared fixtures: tiny data made in the test, and the real params.yaml shrunk to fit it."""
+"""Shared fixtures: tiny data made in the test, the real params.yaml shrunk to fit it, a gate
+project on disk, and one served cloud bento per test process.
+
+The builders behind them live in tests/helpers.py (repositories, flows, servers),
+tests/tiny_models.py (tiny ONNX classifiers and their bentos) and tests/gate_project.py.
+"""
 
 from __future__ import annotations
 
 import copy
 import os
+import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +155,52 @@ def params_with(root: Path, source: str, *overrides: dict) -> dict:
         for section, values in extra.items():
             raw[section].update(values)
     return raw
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A project root (the cwd) with a test split labelled by the good model; its Params."""
+    from tests.gate_project import GOOD_SEED, labelled_split, project_params, write_test_split
+    from tests.tiny_models import make_tiny_onnx
+
+    monkeypatch.chdir(tmp_path)
+    params = project_params(tmp_path)
+    good = make_tiny_onnx(tmp_path / "reference" / "good.onnx", GOOD_SEED)
+    write_test_split(params, labelled_split(good))
+    return params
+
+
+@dataclass(frozen=True)
+class Served:
+    url: str
+    onnx_file: Path  # the model it serves, for in-process comparison
+    result: object  # the PackageResult
+    root: Path
+    log: Path  # the server's stdout and stderr
+
+
+@pytest.fixture(scope="session")
+def cloud() -> Served:
+    """The cloud bento of a tiny model, served from its archive in a fresh BENTOML_HOME, the way
+    another machine would: nothing but the archive, a new store, a folder without our code.
+
+    One per test process (a start costs seconds, a request milliseconds), shared by every
+    module that asks for it; no test may stop or change it.
+    """
+    from tests.helpers import BENTOML, serving
+    from tests.tiny_models import package_tiny
+
+    root = Path(tempfile.mkdtemp(prefix="served-cloud-"))
+    result = package_tiny(root, seed=7, name="tiny-served")
+    elsewhere = root / "elsewhere"
+    elsewhere.mkdir()
+    env = {"BENTOML_HOME": str(root / "fresh-bentoml-home"), "MODEL_DIR": ""}
+    subprocess.run(
+        [*BENTOML, "import", str(result.archive)],
+        cwd=elsewhere,
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
+    )
+    with serving(result.tag, elsewhere, env) as server:
+        yield Served(server.url, root / "models" / "onnx" / "int8.onnx", result, root, server.log)
