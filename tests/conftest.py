@@ -26,6 +26,11 @@ os.environ.update(
     PREFECT_SERVER_ANALYTICS_ENABLED="false",
     GX_ANALYTICS_ENABLED="False",
 )
+# `make test` runs 2 test processes on 2 cores: torch (OpenMP) would give each of them, and every
+# stage process they start, a thread per core, and two such processes side by side ran ~5x
+# slower each than alone. A thread count set by the caller is kept.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
 # Always a fresh store: tests must not build bentos into the project's own .bentoml.
 os.environ["BENTOML_HOME"] = str(_STATE / "bentoml")
 os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
@@ -34,6 +39,31 @@ from components.config import parse_params, read_params_file  # noqa: E402
 from components.dataset import ImageSet  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The files that take a minute or more, longest first (measured on the 2-core machine, alone).
+# `make test` hands whole files to 2 processes (--dist loadfile) in collection order, and the
+# run ends when the last file does: a long file that starts late decides it. So these are
+# collected first; every other file, and the tests inside each file, keep their order.
+SLOWEST_FIRST = (
+    "test_pipeline_e2e.py",
+    "test_tune.py",
+    "test_orchestration.py",
+    "test_compress.py",
+    "test_train.py",
+    "test_pipeline_kinds.py",
+    "test_service_tabular.py",
+    "test_service_fuzz.py",
+    "test_promote.py",
+    "test_ensemble.py",
+    "test_model_stages.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort
+
+
 TINY_CLASSES = ("circle", "square", "cross")
 
 # The repository's own params.yaml, shrunk: tiny network, 3 epochs, CPU, one process.
@@ -204,3 +234,23 @@ def cloud() -> Served:
     )
     with serving(result.tag, elsewhere, env) as server:
         yield Served(server.url, root / "models" / "onnx" / "int8.onnx", result, root, server.log)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory) -> str:
+    """One Prefect server per test process (loopback, its own SQLite); its API URL."""
+    from tests.helpers import serving_prefect
+
+    with serving_prefect(tmp_path_factory.mktemp("prefect-server"), dict(os.environ)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def prefect_api(prefect_server: str) -> str:
+    """For a module that runs flows in subprocesses (``pytestmark =
+    pytest.mark.usefixtures("prefect_api")``): PREFECT_API_URL names the session's server while
+    the module runs, so a flow run does not start its own temporary server and wait for it
+    (10-25 s each on a busy 2-core machine; a run against a server costs under 2 s)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_API_URL", prefect_server)
+        yield prefect_server

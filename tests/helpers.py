@@ -1,5 +1,6 @@
 """What several test modules need: a fresh project repository, a flow run the way a user starts
-it, a free port, and a bento served by ``bentoml serve`` until the test is done with it."""
+it, a free port, a Prefect server, and a bento served by ``bentoml serve`` until the test is
+done with it."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from components.overrides import apply_overrides
 from tests.conftest import REPO_ROOT
@@ -27,6 +29,9 @@ PROJECT_FILES = (
     "components", "flows", "deploy", "dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore",
 )  # fmt: skip
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+# Two cheap compressed variants (no fine-tuning, no student) for the tests of something else
+# than compression: the variants themselves are tests/test_compress.py's.
+QUICK_VARIANTS = {"int8": ["quantize_static"], "int8_dynamic": ["quantize_dynamic"]}
 BENTOML = [sys.executable, "-m", "bentoml"]
 
 
@@ -81,6 +86,13 @@ def project_repo(
     return root
 
 
+def only_variants(params_file: Path, variants: dict = QUICK_VARIANTS) -> None:
+    """Make ``compress.variants`` exactly ``variants`` (a whole mapping: no --set override)."""
+    params = yaml.safe_load(params_file.read_text())
+    params["compress"]["variants"] = variants
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def run_flow(root: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Start the flow the way a user does: `python -m flows.pipeline --set ...`."""
     args = [a for o in overrides for a in ("--set", o)]
@@ -101,6 +113,45 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving_prefect(root: Path, env: dict, seconds: float = 90) -> Iterator[str]:
+    """A real Prefect server on a free loopback port, its SQLite database and log in ``root``;
+    yields its API URL; stopped (its whole process group) on the way out."""
+    port = free_port()
+    server_env = {
+        **env,
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect.db'}",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    server_env.pop("PREFECT_API_URL", None)  # it is the API; it asks no other one
+    log_file = root / "server.log"
+    with log_file.open("w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+            + ["--port", str(port)],
+            env=server_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        url = f"http://127.0.0.1:{port}/api"
+        try:
+            deadline = time.monotonic() + seconds
+            while True:
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert server.poll() is None, log_file.read_text()[-3000:]
+                assert time.monotonic() < deadline, f"prefect server did not start in {seconds} s"
+                time.sleep(0.3)
+            yield url
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(30)
 
 
 def wait_ready(
