@@ -1,10 +1,17 @@
-"""Shared fixtures: tiny data made in the test, and the real params.yaml shrunk to fit it."""
+"""Shared fixtures: tiny data made in the test, the real params.yaml shrunk to fit it, a gate
+project on disk, and one served cloud bento per test process.
+
+The builders behind them live in tests/helpers.py (repositories, flows, servers),
+tests/tiny_models.py (tiny ONNX classifiers and their bentos) and tests/gate_project.py.
+"""
 
 from __future__ import annotations
 
 import copy
 import os
+import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +26,11 @@ os.environ.update(
     PREFECT_SERVER_ANALYTICS_ENABLED="false",
     GX_ANALYTICS_ENABLED="False",
 )
+# `make test` runs 2 test processes on 2 cores: torch (OpenMP) would give each of them, and every
+# stage process they start, a thread per core, and two such processes side by side ran ~5x
+# slower each than alone. A thread count set by the caller is kept.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
 # Always a fresh store: tests must not build bentos into the project's own .bentoml.
 os.environ["BENTOML_HOME"] = str(_STATE / "bentoml")
 os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
@@ -27,6 +39,31 @@ from components.config import parse_params, read_params_file  # noqa: E402
 from components.dataset import ImageSet  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The files that take a minute or more, longest first (measured on the 2-core machine, alone).
+# `make test` hands whole files to 2 processes (--dist loadfile) in collection order, and the
+# run ends when the last file does: a long file that starts late decides it. So these are
+# collected first; every other file, and the tests inside each file, keep their order.
+SLOWEST_FIRST = (
+    "test_pipeline_e2e.py",
+    "test_tune.py",
+    "test_orchestration.py",
+    "test_compress.py",
+    "test_train.py",
+    "test_pipeline_kinds.py",
+    "test_service_tabular.py",
+    "test_service_fuzz.py",
+    "test_promote.py",
+    "test_ensemble.py",
+    "test_model_stages.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort
+
+
 TINY_CLASSES = ("circle", "square", "cross")
 
 # The repository's own params.yaml, shrunk: tiny network, 3 epochs, CPU, one process.
@@ -148,3 +185,72 @@ def params_with(root: Path, source: str, *overrides: dict) -> dict:
         for section, values in extra.items():
             raw[section].update(values)
     return raw
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A project root (the cwd) with a test split labelled by the good model; its Params."""
+    from tests.gate_project import GOOD_SEED, labelled_split, project_params, write_test_split
+    from tests.tiny_models import make_tiny_onnx
+
+    monkeypatch.chdir(tmp_path)
+    params = project_params(tmp_path)
+    good = make_tiny_onnx(tmp_path / "reference" / "good.onnx", GOOD_SEED)
+    write_test_split(params, labelled_split(good))
+    return params
+
+
+@dataclass(frozen=True)
+class Served:
+    url: str
+    onnx_file: Path  # the model it serves, for in-process comparison
+    result: object  # the PackageResult
+    root: Path
+    log: Path  # the server's stdout and stderr
+
+
+@pytest.fixture(scope="session")
+def cloud() -> Served:
+    """The cloud bento of a tiny model, served from its archive in a fresh BENTOML_HOME, the way
+    another machine would: nothing but the archive, a new store, a folder without our code.
+
+    One per test process (a start costs seconds, a request milliseconds), shared by every
+    module that asks for it; no test may stop or change it.
+    """
+    from tests.helpers import BENTOML, serving
+    from tests.tiny_models import package_tiny
+
+    root = Path(tempfile.mkdtemp(prefix="served-cloud-"))
+    result = package_tiny(root, seed=7, name="tiny-served")
+    elsewhere = root / "elsewhere"
+    elsewhere.mkdir()
+    env = {"BENTOML_HOME": str(root / "fresh-bentoml-home"), "MODEL_DIR": ""}
+    subprocess.run(
+        [*BENTOML, "import", str(result.archive)],
+        cwd=elsewhere,
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
+    )
+    with serving(result.tag, elsewhere, env) as server:
+        yield Served(server.url, root / "models" / "onnx" / "int8.onnx", result, root, server.log)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory) -> str:
+    """One Prefect server per test process (loopback, its own SQLite); its API URL."""
+    from tests.helpers import serving_prefect
+
+    with serving_prefect(tmp_path_factory.mktemp("prefect-server"), dict(os.environ)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def prefect_api(prefect_server: str) -> str:
+    """For a module that runs flows in subprocesses (``pytestmark =
+    pytest.mark.usefixtures("prefect_api")``): PREFECT_API_URL names the session's server while
+    the module runs, so a flow run does not start its own temporary server and wait for it
+    (10-25 s each on a busy 2-core machine; a run against a server costs under 2 s)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_API_URL", prefect_server)
+        yield prefect_server

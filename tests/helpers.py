@@ -1,18 +1,25 @@
-"""What several test modules need: a fresh project repository, a free port, a ready server."""
+"""What several test modules need: a fresh project repository, a flow run the way a user starts
+it, a free port, a Prefect server, and a bento served by ``bentoml serve`` until the test is
+done with it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from components.overrides import apply_overrides
 from tests.conftest import REPO_ROOT
@@ -22,6 +29,13 @@ PROJECT_FILES = (
     "components", "flows", "deploy", "dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore",
 )  # fmt: skip
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+# Two cheap compressed variants (no fine-tuning, no student) for the tests of something else
+# than compression: the variants themselves are tests/test_compress.py's.
+QUICK_VARIANTS = {"int8": ["quantize_static"], "int8_dynamic": ["quantize_dynamic"]}
+BENTOML = [sys.executable, "-m", "bentoml"]
+
+
+# -- a project repository and its flow ------------------------------------------------------
 
 
 def flatten(overrides: dict) -> list[str]:
@@ -35,14 +49,19 @@ def flatten(overrides: dict) -> list[str]:
 
 def project_repo(
     root: Path,
-    remote: Path,
+    remote: Path | None,
     write_data: Callable[[Path], None],
     overrides: list[str],
     edit_params: Callable[[Path], None] | None = None,
+    env: dict | None = None,
 ) -> Path:
     """A fresh clone-like repository at ``root``: our code, git, DVC with the project's own
-    .dvc/config (its default remote redirected to ``remote``), the data ``write_data`` puts
-    into data/external/, params.yaml with ``overrides``; committed once."""
+    .dvc/config, the data ``write_data`` puts into data/external/, params.yaml with
+    ``overrides``; committed once.
+
+    ``remote`` redirects the default DVC remote there (in .dvc/config.local, which git keeps
+    out); ``None`` keeps the project's own (under ``$HOME``). A ``root`` that is already a git
+    clone stays one: its remotes are kept."""
     for name in PROJECT_FILES:
         src = REPO_ROOT / name
         if src.is_dir():
@@ -53,16 +72,41 @@ def project_repo(
     (root / "deploy" / "champion.json").unlink(missing_ok=True)
     (root / "data" / "external").mkdir(parents=True)
     write_data(root / "data" / "external")
-    subprocess.run([*GIT, "init", "-q"], cwd=root, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    if not (root / ".git").exists():
+        subprocess.run([*GIT, "init", "-q"], cwd=root, check=True, env=env)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True, env=env)
     shutil.copy(REPO_ROOT / ".dvc" / "config", root / ".dvc" / "config")
-    (root / ".dvc" / "config.local").write_text(f"['remote \"local\"']\n    url = {remote}\n")
+    if remote is not None:
+        (root / ".dvc" / "config.local").write_text(f"['remote \"local\"']\n    url = {remote}\n")
     apply_overrides(overrides, root / "params.yaml")
     if edit_params is not None:
         edit_params(root / "params.yaml")
-    subprocess.run([*GIT, "add", "-A"], cwd=root, check=True)
-    subprocess.run([*GIT, "commit", "-qm", "init"], cwd=root, check=True)
+    subprocess.run([*GIT, "add", "-A"], cwd=root, check=True, env=env)
+    subprocess.run([*GIT, "commit", "-qm", "init"], cwd=root, check=True, env=env)
     return root
+
+
+def only_variants(params_file: Path, variants: dict = QUICK_VARIANTS) -> None:
+    """Make ``compress.variants`` exactly ``variants`` (a whole mapping: no --set override)."""
+    params = yaml.safe_load(params_file.read_text())
+    params["compress"]["variants"] = variants
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run_flow(root: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Start the flow the way a user does: `python -m flows.pipeline --set ...`."""
+    args = [a for o in overrides for a in ("--set", o)]
+    return subprocess.run(
+        [sys.executable, "-m", "flows.pipeline", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+# -- servers ---------------------------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -71,8 +115,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(base: str, server: subprocess.Popen, seconds: float = 90) -> None:
-    """Until ``base``/readyz answers 200; fail if the server exits or takes too long."""
+@contextlib.contextmanager
+def serving_prefect(root: Path, env: dict, seconds: float = 90) -> Iterator[str]:
+    """A real Prefect server on a free loopback port, its SQLite database and log in ``root``;
+    yields its API URL; stopped (its whole process group) on the way out."""
+    port = free_port()
+    server_env = {
+        **env,
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect.db'}",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    server_env.pop("PREFECT_API_URL", None)  # it is the API; it asks no other one
+    log_file = root / "server.log"
+    with log_file.open("w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+            + ["--port", str(port)],
+            env=server_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        url = f"http://127.0.0.1:{port}/api"
+        try:
+            deadline = time.monotonic() + seconds
+            while True:
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert server.poll() is None, log_file.read_text()[-3000:]
+                assert time.monotonic() < deadline, f"prefect server did not start in {seconds} s"
+                time.sleep(0.3)
+            yield url
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(30)
+
+
+def wait_ready(
+    base: str, server: subprocess.Popen, seconds: float = 90, log: Path | None = None
+) -> None:
+    """Until ``base``/readyz answers 200; fail (with the end of ``log``) if the server exits or
+    takes too long."""
+
+    def tail() -> str:
+        return f"; its log ends:\n{log.read_text(errors='replace')[-3000:]}" if log else ""
+
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
@@ -80,6 +170,64 @@ def wait_ready(base: str, server: subprocess.Popen, seconds: float = 90) -> None
                 return
         except httpx.TransportError:
             pass
-        assert server.poll() is None, "the server exited early"
-        time.sleep(0.5)
-    pytest.fail(f"{base} did not become ready in {seconds:.0f} s")
+        if server.poll() is not None:
+            pytest.fail(f"the server for {base} exited with {server.returncode}{tail()}")
+        time.sleep(0.3)
+    pytest.fail(f"{base} did not become ready in {seconds:.0f} s{tail()}")
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the test process dies, so no server outlives it."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def start_bentoml(target: str, port: int, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """``bentoml serve <target>`` on 127.0.0.1:port, its output in ``cwd/serve-<port>.log``."""
+    log = (Path(cwd) / f"serve-{port}.log").open("wb")
+    return subprocess.Popen(
+        [*BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+    )
+
+
+def stop(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path  # its stdout and stderr
+
+    def wait_ready(self, seconds: float = 90) -> None:
+        wait_ready(self.url, self.process, seconds, self.log)
+
+
+@contextlib.contextmanager
+def serving(
+    target: str, cwd: Path, env: dict | None = None, ready: bool = True
+) -> Iterator[Server]:
+    """``bentoml serve <target>`` on a free loopback port, stopped on the way out; ready unless
+    ``ready=False`` (then call ``wait_ready()``: servers that start together start faster)."""
+    port = free_port()
+    process = start_bentoml(target, port, cwd, env)
+    server = Server(f"http://127.0.0.1:{port}", process, Path(cwd) / f"serve-{port}.log")
+    try:
+        if ready:
+            server.wait_ready()
+        yield server
+    finally:
+        stop(process)

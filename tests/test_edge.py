@@ -18,14 +18,13 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.test_package import CLASS_NAMES, make_tiny_onnx, package_tiny
-from tests.test_service import (
-    free_port,
+from tests.helpers import serving, stop
+from tests.tiny_models import (
+    CLASS_NAMES,
     image,
+    make_tiny_onnx,
+    package_tiny,
     reference_probabilities,
-    start_bentoml,
-    stop,
-    wait_ready,
 )
 
 IMAGES = np.stack([image(200 + i) for i in range(16)])
@@ -43,30 +42,24 @@ def hybrid():
     edge = package_tiny(
         edge_root, name="tiny-hybrid", with_edge=True, edge={"confidence_threshold": threshold}
     ).edge
-    cloud_port, edge_port = free_port(), free_port()
-    cloud_url = f"http://127.0.0.1:{cloud_port}"
-    servers = {
-        "cloud": start_bentoml(cloud.tag, cloud_port, root),
-        "edge": start_bentoml(edge.tag, edge_port, root, {"CLOUD_URL": cloud_url}),
-    }
-    try:
-        wait_ready(cloud_url, servers["cloud"])
-        wait_ready(f"http://127.0.0.1:{edge_port}", servers["edge"])
-        with httpx.Client(base_url=f"http://127.0.0.1:{edge_port}", timeout=30) as client:
-            yield {
-                "client": client,
-                "servers": servers,
-                "cloud_url": cloud_url,
-                "cloud_onnx": cloud_root / "models" / "onnx" / "int8.onnx",
-                "edge_onnx": edge_onnx,
-                "cloud": cloud,
-                "edge": edge,
-                "sure": confidence >= threshold,
-                "threshold": threshold,
-            }
-    finally:
-        for server in servers.values():
-            stop(server)
+    with (
+        serving(cloud.tag, root, ready=False) as cloud_server,
+        serving(edge.tag, root, {"CLOUD_URL": cloud_server.url}, ready=False) as edge_server,
+        httpx.Client(base_url=edge_server.url, timeout=30) as client,
+    ):
+        cloud_server.wait_ready()
+        edge_server.wait_ready()
+        yield {
+            "client": client,
+            "servers": {"cloud": cloud_server.process, "edge": edge_server.process},
+            "cloud_url": cloud_server.url,
+            "cloud_onnx": cloud_root / "models" / "onnx" / "int8.onnx",
+            "edge_onnx": edge_onnx,
+            "cloud": cloud,
+            "edge": edge,
+            "sure": confidence >= threshold,
+            "threshold": threshold,
+        }
 
 
 def _probabilities(body: dict) -> np.ndarray:

@@ -105,7 +105,7 @@ def test_bad_ensembles_are_refused(tmp_path):
 def test_the_ensemble_is_measured_gated_and_serves_from_a_bento(tmp_path, tiny_params):
     from components.dataset import DatasetMeta
     from tests.conftest import make_images
-    from tests.test_service import free_port, start_bentoml, stop, wait_ready
+    from tests.helpers import serving
 
     data = tmp_path / "prepared"
     data.mkdir()
@@ -126,22 +126,18 @@ def test_the_ensemble_is_measured_gated_and_serves_from_a_bento(tmp_path, tiny_p
 
     onnx_file = Path(summary["onnx"])
     tag = package_ensemble(onnx_file, data / "meta.json", params, tmp_path / "out", {})
-    port = free_port()
     cwd = Path(tempfile.mkdtemp(prefix="serve-ensemble-"))
-    server = start_bentoml(tag, port, cwd)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url, server)
+    with serving(tag, cwd) as server:
         import httpx
 
         images = x[:4]
-        reply = httpx.post(f"{url}/predict_batch", json={"images": images.tolist()}, timeout=30)
+        reply = httpx.post(
+            f"{server.url}/predict_batch", json={"images": images.tolist()}, timeout=30
+        )
         assert reply.status_code == 200, reply.text
         served = np.array([[p["probabilities"][c] for c in CLASSES]
                            for p in reply.json()["predictions"]])  # fmt: skip
         expected = members_own_average(dirs, [0.5, 0.5], images[:, None].astype(np.float32))
         assert np.abs(served - expected).max() < 1e-4
-        info = httpx.post(f"{url}/info", json={}, timeout=10).json()
+        info = httpx.post(f"{server.url}/info", json={}, timeout=10).json()
         assert "ensemble" in json.dumps(info)
-    finally:
-        stop(server)

@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,26 +25,10 @@ import psutil
 import pytest
 import yaml
 
-from components.overrides import apply_overrides
 from tests.conftest import REPO_ROOT, TINY_CLASSES, TINY_OVERRIDES, make_images
+from tests.helpers import flatten, only_variants, project_repo, run_flow, serving_prefect
 
 pytestmark = pytest.mark.slow
-
-PROJECT_FILES = (
-    "components",
-    "flows",
-    "deploy",
-    "dvc.yaml",
-    "params.yaml",
-    "pyproject.toml",
-    ".gitignore",
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _git(cwd: Path, *args: str) -> str:
@@ -126,39 +108,9 @@ def env(base: Path) -> dict:
 @pytest.fixture(scope="module")
 def api(base: Path, env: dict):
     """A real Prefect server on a free loopback port with its own SQLite database."""
-    port = _free_port()
-    server_env = {
-        **env,
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{base / 'prefect.db'}",
-        "PREFECT_UI_ENABLED": "false",
-    }
-    log = (base / "server.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
-        + ["--port", str(port)],
-        env=server_env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, (base / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "prefect server did not start in 90 s"
-            time.sleep(0.3)
+    with serving_prefect(base, env) as url:
         env["PREFECT_API_URL"] = url  # every later command talks to this server
         yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -170,35 +122,19 @@ def workspace(base: Path, env: dict) -> Path:
     subprocess.run(
         ["git", "clone", "-q", str(origin), str(ws)], check=True, env=env, capture_output=True
     )
-    for name in PROJECT_FILES:
-        src = REPO_ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, ws / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, ws / name)
-    # A fresh start: the repository's own champion record (if any) is another data set's.
-    (ws / "deploy" / "champion.json").unlink(missing_ok=True)
-    x, y = make_images(per_class=20)
-    (ws / "data" / "external").mkdir(parents=True)
-    np.savez(ws / "data" / "external" / "tiny.npz", x=x, y=y, class_names=np.array(TINY_CLASSES))
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=ws, check=True, env=env)
-    shutil.copy(REPO_ROOT / ".dvc" / "config", ws / ".dvc" / "config")
-    tiny = [
-        f"{section}.{key}={json.dumps(value)}"
-        for section, values in TINY_OVERRIDES.items()
-        for key, value in values.items()
+
+    def write_data(external: Path) -> None:
+        x, y = make_images(per_class=20)
+        np.savez(external / "tiny.npz", x=x, y=y, class_names=np.array(TINY_CLASSES))
+
+    overrides = [
+        *flatten(TINY_OVERRIDES),
+        "ingest.source=data/external/tiny.npz",
+        "orchestrate.git_remote=origin",
+        "orchestrate.retry_delay_seconds=1",
     ]
-    apply_overrides(
-        [
-            *tiny,
-            "ingest.source=data/external/tiny.npz",
-            "orchestrate.git_remote=origin",
-            "orchestrate.retry_delay_seconds=1",
-        ],
-        ws / "params.yaml",
-    )
-    _git(ws, "add", "-A")
-    subprocess.run(["git", "commit", "-qm", "init"], cwd=ws, check=True, env=env)
+    # No DVC remote of its own: the project's default one, under the temp HOME, as a clone's.
+    project_repo(ws, None, write_data, overrides, only_variants, env=env)
     subprocess.run(
         ["git", "push", "-q", "origin", "HEAD"], cwd=ws, check=True, env=env, capture_output=True
     )
@@ -289,18 +225,6 @@ def _task_states(api: str, flow_run_id: str) -> dict[str, str]:
         if not {"Pending", "Running"} & set(states.values()) or time.monotonic() > deadline:
             return states
         time.sleep(0.5)
-
-
-def _run_flow(ws: Path, env: dict, *overrides: str) -> subprocess.CompletedProcess:
-    args = [a for o in overrides for a in ("--set", o)]
-    return subprocess.run(
-        [sys.executable, "-m", "flows.pipeline", *args],
-        cwd=ws,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,7 +319,7 @@ def rerun(api, served, workspace, env, base, killed_run) -> dict:
         assert time.monotonic() < deadline, (base / "serve.log").read_text()[-3000:]
         time.sleep(0.2)
     started = time.monotonic()
-    second = _run_flow(workspace, env, "evaluate.min_accuracy=0.51")
+    second = run_flow(workspace, "evaluate.min_accuracy=0.51", env=env)
     second_seconds = time.monotonic() - started
     overlapped = httpx.get(f"{api}/flow_runs/{run_id}").json()["state"]["type"] == "RUNNING"
     min_accuracy_after_second = yaml.safe_load((workspace / "params.yaml").read_text())["evaluate"][
@@ -625,7 +549,7 @@ def test_bad_input_is_refused_before_anything_changes(api, served, workspace, en
         (["train.max_epochs=zero"], "train.max_epochs"),
         (["orchestrate.remote=unmounted"], "DVC remote 'unmounted' .* is unreachable"),
     ]:
-        result = _run_flow(workspace, env, *overrides)
+        result = run_flow(workspace, *overrides, env=env)
         assert result.returncode == 2, result.stdout + result.stderr
         assert re.search("Pipeline not started: .*" + fragment, result.stderr), result.stderr
         assert "Pipeline summary" not in result.stdout + result.stderr

@@ -1,32 +1,22 @@
 """The package stage builds a real bento (in the tests' throw-away BENTOML_HOME) and exports it.
 
-The model is a tiny ONNX classifier made here (x/255 -> flatten -> linear, 3 classes of 1x8x8
-images), so these tests need no trained model and run in a few seconds.
+The model is a tiny ONNX classifier made in the test (tests/tiny_models.py: x/255 -> flatten ->
+linear, 3 classes of 1x8x8 images), so these tests need no trained model.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import tarfile
 from pathlib import Path
 
-# tests/conftest.py already does this; repeated so the module also runs on its own. Must come
-# before bentoml is first used: it reads BENTOML_HOME once.
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
-if "BENTOML_HOME" not in os.environ:
-    import tempfile
+import numpy as np
+import pytest
 
-    os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="bentoml-tests-")
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from components.config import PackageParams, parse_params  # noqa: E402
-from components.dataset import DatasetMeta  # noqa: E402
-from components.package import (  # noqa: E402
+from components.config import parse_params
+from components.dataset import DatasetMeta
+from components.package import (
     CLOUD,
     DEPLOY_DIR,
     EDGE,
@@ -39,96 +29,17 @@ from components.package import (  # noqa: E402
     run,
     summarise_metrics,
 )
-from components.stage import StageError  # noqa: E402
+from components.stage import StageError
+from tests.tiny_models import (
+    CLASS_NAMES,
+    IMAGE_SHAPE,
+    make_tiny_onnx,
+    package_tiny,
+    tiny_settings,
+    write_meta,
+)
 
-CLASS_NAMES = ("a", "b", "c")
-IMAGE_SHAPE = (1, 8, 8)
 TAG_RE = re.compile(r"^[a-z0-9-]+:r[0-9a-f]{12}$")
-
-
-def make_tiny_onnx(path: Path, seed: int = 0, n_classes: int = len(CLASS_NAMES)) -> Path:
-    """A classifier shaped like the pipeline's: raw pixels in ("images", any batch), logits."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    features = int(np.prod(IMAGE_SHAPE))
-    weight = rng.normal(0, 1, (features, n_classes)).astype(np.float32)
-    bias = rng.normal(0, 0.1, n_classes).astype(np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("Mul", ["images", "scale"], ["scaled"]),
-            helper.make_node("Flatten", ["scaled"], ["flat"], axis=1),
-            helper.make_node("Gemm", ["flat", "weight", "bias"], ["logits"]),
-        ],
-        "tiny",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", *IMAGE_SHAPE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_classes])],
-        initializer=[
-            numpy_helper.from_array(np.array(1 / 255, dtype=np.float32), "scale"),
-            numpy_helper.from_array(weight, "weight"),
-            numpy_helper.from_array(bias, "bias"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9  # what every onnxruntime of the last years reads
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
-
-
-def write_meta(path: Path, class_names=CLASS_NAMES) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    DatasetMeta(tuple(class_names), IMAGE_SHAPE, "test", {"train": 3}).save(path)
-    return path
-
-
-def tiny_settings(name: str = "tiny-classifier", **changes) -> PackageParams:
-    """The package section for tiny models: 4 images per batch, small limits, no cloud."""
-    edge = {
-        "bento_name": f"{name}-edge",
-        "confidence_threshold": 0.9,
-        "cloud_url": None,
-        "cloud_timeout_s": 2.0,
-        "cloud_retry_s": 10.0,
-    } | changes.pop("edge", {})
-    values = {
-        "bento_name": name,
-        "model_name": "tiny",
-        "max_batch_size": 4,
-        "max_latency_ms": 10000,
-        "max_request_bytes": None,
-        "max_image_bytes": 4096,
-        "edge": edge,
-    } | changes
-    return PackageParams.model_validate(values)
-
-
-def package_tiny(
-    root: Path, seed: int = 0, name: str = "tiny-classifier", with_edge: bool = False, **changes
-) -> PackageResult:
-    """Package a tiny model under ``root`` (model, meta, staging, artefacts all inside).
-
-    ``with_edge=True`` builds the edge bento too, from the same tiny model.
-    """
-    onnx_file = root / "models" / "onnx" / "int8.onnx"
-    if not onnx_file.exists():
-        make_tiny_onnx(onnx_file, seed)
-    meta_file = root / "data" / "meta.json"
-    if not meta_file.exists():
-        write_meta(meta_file)
-    return package(
-        onnx_file,
-        meta_file,
-        tiny_settings(name, **changes),
-        served_variant="int8",
-        staging_dir=root / "build" / "bento",
-        artefacts_dir=root / "artefacts",
-        metrics={"accuracy": 0.75},
-        edge_onnx_file=onnx_file if with_edge else None,
-        edge_metrics={"accuracy": 0.75},
-    )
 
 
 @pytest.fixture(scope="module")

@@ -6,32 +6,23 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import yaml
 
 from tests.conftest import TABLE_OVERRIDES, TINY_OVERRIDES, make_table
-from tests.helpers import flatten, free_port, project_repo, wait_ready
-from tests.test_pipeline_e2e import _run_flow
+from tests.helpers import flatten, only_variants, project_repo, run_flow, serving
 
-pytestmark = pytest.mark.slow
+# The session's Prefect server: the flow run does not wait for a temporary one of its own.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
-# One compressed variant is enough here: the variants themselves are tests/test_compress.py's.
-VARIANTS = {"int8": ["quantize_static"], "int8_dynamic": ["quantize_dynamic"]}
 TARGET = "price"
 
 
 @pytest.fixture(scope="module")
 def table_repo(tmp_path_factory) -> Path:
-    def only_these_variants(params_file: Path) -> None:
-        params = yaml.safe_load(params_file.read_text())
-        params["compress"]["variants"] = VARIANTS  # a whole mapping: not a --set override
-        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-
     overrides = [
         *flatten(TINY_OVERRIDES),
         *flatten(TABLE_OVERRIDES),
@@ -49,13 +40,13 @@ def table_repo(tmp_path_factory) -> Path:
         tmp_path_factory.mktemp("dvc-remote"),
         lambda external: make_table(n=240).to_csv(external / "houses.csv", index=False),
         overrides,
-        only_these_variants,
+        only_variants,
     )
 
 
 @pytest.fixture(scope="module")
 def table_run(table_repo: Path) -> subprocess.CompletedProcess:
-    result = _run_flow(table_repo)
+    result = run_flow(table_repo)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -74,26 +65,15 @@ def test_a_table_regression_runs_through_every_stage(table_repo, table_run):
 
 def test_the_table_bento_applies_the_fitted_transform_to_json_rows(table_repo, table_run):
     bento = json.loads((table_repo / "artefacts" / "bento.json").read_text())
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", bento["tag"], "--host", "127.0.0.1",
-         "--port", str(port)],
-        cwd=table_repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, server)
+    with serving(bento["tag"], table_repo) as server:
         fresh = make_table(n=30, seed=5)  # rows the model never saw
         rows = fresh.drop(columns=["kind", TARGET]).to_dict(orient="records")
-        reply = httpx.post(f"{base}/predict_rows", json={"rows": rows}, timeout=20)
+        reply = httpx.post(f"{server.url}/predict_rows", json={"rows": rows}, timeout=20)
         assert reply.status_code == 200, reply.text
         values = np.array([answer["value"] for answer in reply.json()["predictions"]])
         truth = fresh[TARGET].to_numpy()
         r2 = 1 - ((truth - values) ** 2).sum() / ((truth - truth.mean()) ** 2).sum()
         assert r2 > 0.8, f"served predictions explain only R^2 {r2:.3f} of fresh rows"
 
-        bad = httpx.post(f"{base}/predict_rows", json={"rows": [{"x1": 1.0}]}, timeout=10)
+        bad = httpx.post(f"{server.url}/predict_rows", json={"rows": [{"x1": 1.0}]}, timeout=10)
         assert 400 <= bad.status_code < 500 and "x2" in bad.text
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

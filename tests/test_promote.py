@@ -3,7 +3,7 @@
 The story (one module fixture): a weak first run becomes the champion; a better challenger is
 promoted; a worse one is refused at the gate, before packaging, and the champion is untouched.
 Then the champion is rolled back by hand and its bento answers over HTTP again. The models are
-tiny ONNX classifiers (tests/test_evaluate_gates.py), so nothing is trained.
+tiny ONNX classifiers (tests/gate_project.py), so nothing is trained.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from components import gate, package, promote
 from components.config import Params
 from components.stage import StageError
 from tests.conftest import REPO_ROOT
-from tests.test_evaluate_gates import (
+from tests.gate_project import (
     BAD_SEED,
     GOOD_SEED,
     REGRESSION_PARAMS,
@@ -41,8 +40,8 @@ from tests.test_evaluate_gates import (
     write_regression_split,
     write_test_split,
 )
-from tests.test_package import CLASS_NAMES, make_tiny_onnx
-from tests.test_service import free_port
+from tests.helpers import serving
+from tests.tiny_models import CLASS_NAMES, make_tiny_onnx
 
 WORSE_SEED = 2
 
@@ -340,7 +339,7 @@ def test_rollback_restores_the_previous_champion_and_its_bento_serves_again(stor
     tag = _cli(story, "tag")
     assert tag.returncode == 0, tag.stderr
     assert tag.stdout.strip() == story.weak_tag
-    _serve_and_check(story.weak_tag, story.weak.run)
+    _serve_and_check(story.weak_tag, story.weak.run, story.root)
 
     back = _cli(story, "promote", story.good.run)
     assert back.returncode == 0 and _record(story.params)["champion"] == story.good.run
@@ -377,35 +376,15 @@ def test_make_serve_gets_the_champion_even_when_the_store_lost_it(story):
     assert bentoml.bentos.get(story.good_tag)
 
 
-def _serve_and_check(tag: str, version: str) -> None:
+def _serve_and_check(tag: str, version: str, cwd: Path) -> None:
     """`bentoml serve TAG` on a free loopback port: /info names the version, /predict answers."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, "bentoml serve exited early"
-            assert time.monotonic() < deadline, "bentoml serve did not become ready in 90 s"
-            time.sleep(0.3)
-        info = httpx.post(f"{base}/info", json={}, timeout=10).json()
+    with serving(tag, cwd) as server:
+        info = httpx.post(f"{server.url}/info", json={}, timeout=10).json()
         assert info["model_version"] == version
         image = np.zeros((8, 8)).tolist()
-        answer = httpx.post(f"{base}/predict", json={"image": image}, timeout=10)
+        answer = httpx.post(f"{server.url}/predict", json={"image": image}, timeout=10)
         assert answer.status_code == 200, answer.text
         assert answer.json()["model_version"] == version
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_the_stage_graph_gates_before_packaging_and_keeps_the_record_out_of_dvc():

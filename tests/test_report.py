@@ -1,7 +1,7 @@
 """The HTML report: self-contained, complete, and rendered by a real headless Chromium.
 
 The inputs are what a run leaves: the gate stage runs on tiny ONNX models (see
-tests/test_evaluate_gates.py); the other stages' small files are written here.
+tests/gate_project.py); the other stages' small files are written here.
 
 The browser test uses Debian's ``chromium`` (``make test`` installs it when missing and root)
 through Python Playwright, or Chromium's own ``--screenshot`` when Playwright is missing. It
@@ -25,13 +25,12 @@ import pytest
 from components import gate, report
 from components.config import Params
 from components.report import REPORT_FILE, write_report
-from tests.test_evaluate_gates import (  # noqa: F401
+from tests.gate_project import (
     FEATURES,
     GOOD_SEED,
     REGRESSION_PARAMS,
     TARGET,
     WEIGHT,
-    project,
     project_params,
     regression_split,
     write_challenger,
@@ -103,7 +102,7 @@ def _images(page: str) -> list[bytes]:
     return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
 
 
-def test_the_report_is_one_self_contained_page_with_every_section(project):  # noqa: F811
+def test_the_report_is_one_self_contained_page_with_every_section(project):
     path = write_report(finished_run(project))
     assert path == Path(project.paths.reports_dir) / REPORT_FILE
     page = path.read_text()
@@ -127,7 +126,7 @@ def test_the_report_is_one_self_contained_page_with_every_section(project):  # n
     assert "int8 ONNX (served)" in page and "fp32 ONNX (not served)" in page
 
 
-def test_a_refused_run_shows_why_and_what_it_did_not_reach(project):  # noqa: F811
+def test_a_refused_run_shows_why_and_what_it_did_not_reach(project):
     params = finished_run(project)
     path = write_report(params, stopped_at="gate", stop_reason="accuracy 0.5 is 0.4 below champion")
     page = path.read_text()
@@ -143,7 +142,7 @@ def test_a_refused_run_shows_why_and_what_it_did_not_reach(project):  # noqa: F8
     assert "int8 ONNX" not in page  # gate.json is from an older run: not shown
 
 
-def test_missing_files_leave_a_note_not_a_crash(project):  # noqa: F811
+def test_missing_files_leave_a_note_not_a_crash(project):
     page = write_report(project).read_text()
     assert page.count("No result:") >= 4
     with pytest.raises(ValueError, match="unknown stage"):
@@ -212,7 +211,7 @@ def _shots_dir(tmp_path: Path) -> Path:
     return folder
 
 
-def test_the_report_renders_in_headless_chromium_with_its_plots(project, tmp_path):  # noqa: F811
+def test_the_report_renders_in_headless_chromium_with_its_plots(project, tmp_path):
     browser = _chromium()
     if browser is None:
         pytest.skip("no Chromium on this machine (make test installs Debian's chromium as root)")

@@ -1,54 +1,34 @@
 """The cloud service through its real HTTP server: right answers, a 4xx (never a 5xx) for bad input.
 
-One server for all ``tests/test_service*.py`` modules (:func:`cloud_server`), started the way
-another machine would: the package stage builds the cloud bento from a tiny ONNX model (3
-classes of 1x8x8 images, batches of at most 4), exports it, the archive is imported into a
-fresh ``BENTOML_HOME`` and served with ``bentoml serve <tag>`` from an empty folder. Starting
-it takes a few seconds; every request after that takes milliseconds.
+One server for all ``tests/test_service*.py`` modules (the ``cloud`` fixture of
+tests/conftest.py), started the way another machine would: the package stage builds the cloud
+bento from a tiny ONNX model (3 classes of 1x8x8 images, batches of at most 4), exports it, the
+archive is imported into a fresh ``BENTOML_HOME`` and served with ``bentoml serve <tag>`` from an
+empty folder. Starting it takes a few seconds; every request after that takes milliseconds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
-if "BENTOML_HOME" not in os.environ:  # tests/conftest.py sets it; this is for running alone
-    os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="bentoml-tests-")
+import httpx
+import numpy as np
+import pytest
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+from tests.tiny_models import (
+    CLASS_NAMES,
+    IMAGE_SHAPE,
+    MAX_BATCH,
+    MAX_IMAGE_BYTES,
+    image,
+    reference_probabilities,
+)
 
-from tests.test_package import CLASS_NAMES, IMAGE_SHAPE, package_tiny  # noqa: E402
-
-MAX_BATCH = 4  # what package_tiny writes into model.json
-MAX_IMAGE_BYTES = 4096  # likewise
 H, W = IMAGE_SHAPE[1:]
-BENTOML = [sys.executable, "-m", "bentoml"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def image(seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (H, W)).astype(np.float64)
 
 
 def png(pixels: np.ndarray, fmt: str = "PNG", mode: str = "L", **save) -> bytes:
@@ -59,107 +39,9 @@ def png(pixels: np.ndarray, fmt: str = "PNG", mode: str = "L", **save) -> bytes:
     return buffer.getvalue()
 
 
-def reference_probabilities(onnx_file: Path, images: np.ndarray) -> np.ndarray:
-    """What onnxruntime in this process says for (N, 1, H, W) raw-pixel images."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-    logits = session.run(None, {"images": images.astype(np.float32)})[0].astype(np.float64)
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the test process dies, so no server outlives it."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def start_bentoml(target: str, port: int, cwd: Path, env: dict | None = None) -> subprocess.Popen:
-    """``bentoml serve <target>`` on 127.0.0.1:port, its output in ``cwd/serve-<port>.log``."""
-    log = (Path(cwd) / f"serve-{port}.log").open("wb")
-    return subprocess.Popen(
-        [*BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)],
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-    )
-
-
-def wait_ready(url: str, server: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"bentoml serve exited with {server.returncode}; see its log")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} was not ready within {timeout} s")
-
-
-def stop(server: subprocess.Popen) -> None:
-    if server.poll() is None:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-
-
-@dataclass(frozen=True)
-class Served:
-    url: str
-    onnx_file: Path  # the model it serves, for in-process comparison
-    result: object  # the PackageResult
-    root: Path
-    log: Path  # the server's stdout and stderr
-
-
-_SERVERS: dict[str, Served] = {}
-
-
-def cloud_server() -> Served:
-    """The cloud bento of a tiny model, served from its archive in a fresh BENTOML_HOME.
-
-    Started once per test process and shared by every module that asks; stopped at exit.
-    """
-    if "cloud" in _SERVERS:
-        return _SERVERS["cloud"]
-    root = Path(tempfile.mkdtemp(prefix="served-cloud-"))
-    result = package_tiny(root, seed=7, name="tiny-served")
-    # "Another machine": nothing but the archive, a new store, and a folder without our code.
-    elsewhere = root / "elsewhere"
-    elsewhere.mkdir()
-    env = {"BENTOML_HOME": str(root / "fresh-bentoml-home"), "MODEL_DIR": ""}
-    subprocess.run(
-        [*BENTOML, "import", str(result.archive)],
-        cwd=elsewhere,
-        env={**os.environ, **env},
-        check=True,
-        capture_output=True,
-    )
-    port = free_port()
-    server = start_bentoml(result.tag, port, elsewhere, env)
-    atexit.register(stop, server)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url, server)
-    _SERVERS["cloud"] = Served(
-        url, root / "models" / "onnx" / "int8.onnx", result, root, elsewhere / f"serve-{port}.log"
-    )
-    return _SERVERS["cloud"]
-
-
 @pytest.fixture(scope="module")
-def served():
+def served(cloud):
     """(base URL, httpx client, path of the served ONNX model, package result)."""
-    cloud = cloud_server()
     with httpx.Client(base_url=cloud.url, timeout=30) as client:
         yield cloud.url, client, cloud.onnx_file, cloud.result
 

@@ -21,8 +21,6 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.test_service import cloud_server
-
 pytestmark = pytest.mark.slow
 
 # Without the networking flags Chromium stalls on a closed network (see PITFALLS.md).
@@ -53,11 +51,11 @@ def _shots_dir(tmp_path: Path) -> Path:
     return folder
 
 
-def test_swagger_page_lists_the_predict_endpoints_in_chromium(tmp_path):
+def test_swagger_page_lists_the_predict_endpoints_in_chromium(request, tmp_path):
     browser = _chromium()
     if browser is None:
         pytest.skip("no Chromium on this machine (make test installs Debian's chromium as root)")
-    url = cloud_server().url
+    url = request.getfixturevalue("cloud").url  # after the skip: no server for nothing
     shot = _shots_dir(tmp_path) / "swagger.png"
     try:
         from playwright.sync_api import sync_playwright  # noqa: F401

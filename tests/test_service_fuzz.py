@@ -1,9 +1,10 @@
 """Fuzzing the cloud service against its own OpenAPI schema (schemathesis): no input gets a 5xx.
 
-Schemathesis reads ``/docs.json`` from the running server (the one ``tests/test_service.py``
-starts) and sends schema-derived and schema-violating requests to every operation: a bounded
-number of examples per operation and a time budget for the whole run. The server's log must
-show no exception other than BentoML's own (logged) refusals of bodies its schema rejects.
+Schemathesis reads ``/docs.json`` from the running server (the ``cloud`` fixture of
+tests/conftest.py) and sends schema-derived and schema-violating requests to every operation:
+a bounded number of examples per operation and a time budget for the whole run. The server's
+log must show no exception other than BentoML's own (logged) refusals of bodies its schema
+rejects.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests.test_service import cloud_server
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +33,8 @@ def _schemathesis() -> list[str]:
     return [found]
 
 
-def test_fuzzing_the_openapi_schema_finds_no_server_error(tmp_path):
-    served = cloud_server()
+def test_fuzzing_the_openapi_schema_finds_no_server_error(cloud, tmp_path):
+    served = cloud
     log_before = served.log.read_text(errors="replace")
     run = subprocess.run(
         [

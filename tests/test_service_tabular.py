@@ -17,24 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
-if "BENTOML_HOME" not in os.environ:  # tests/conftest.py sets it; this is for running alone
-    os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="bentoml-tests-")
+import httpx
+import numpy as np
+import pytest
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from components import features  # noqa: E402
-from components.dataset import DatasetMeta  # noqa: E402
-from tests.test_package import tiny_settings  # noqa: E402
-from tests.test_service import free_port, start_bentoml, stop, wait_ready  # noqa: E402
+from components import features
+from components.dataset import DatasetMeta
+from tests.helpers import serving
+from tests.tiny_models import tiny_settings
 
 MAX_BATCH = 4  # tiny_settings
 COLUMNS = ["size", "rooms", "city"]
@@ -157,38 +151,24 @@ def build_sequence_bento(root: Path) -> Bento:
     return Bento(root, onnx_file, spec, result)
 
 
-def serve(bento: Bento):
-    port = free_port()
-    server = start_bentoml(bento.result.tag, port, bento.root, {"MODEL_DIR": ""})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, server)
-    except Exception:
-        stop(server)
-        raise
-    return server, url
-
-
 @pytest.fixture(scope="module")
 def table():
     bento = build_table_bento(Path(tempfile.mkdtemp(prefix="served-table-")))
-    server, url = serve(bento)
-    try:
-        with httpx.Client(base_url=url, timeout=30) as client:
-            yield bento, client
-    finally:
-        stop(server)
+    with (
+        serving(bento.result.tag, bento.root, {"MODEL_DIR": ""}) as server,
+        httpx.Client(base_url=server.url, timeout=30) as client,
+    ):
+        yield bento, client
 
 
 @pytest.fixture(scope="module")
 def sequences():
     bento = build_sequence_bento(Path(tempfile.mkdtemp(prefix="served-sequence-")))
-    server, url = serve(bento)
-    try:
-        with httpx.Client(base_url=url, timeout=30) as client:
-            yield bento, client, url
-    finally:
-        stop(server)
+    with (
+        serving(bento.result.tag, bento.root, {"MODEL_DIR": ""}) as server,
+        httpx.Client(base_url=server.url, timeout=30) as client,
+    ):
+        yield bento, client, server.url
 
 
 def rows_of(frame) -> list[dict]:

@@ -20,7 +20,7 @@ from components.config import read_params_file
 from components.tuning.study import TuneError, check_space
 from flows.tune import preflight
 from tests.conftest import REPO_ROOT, TINY_CLASSES, TINY_OVERRIDES, make_images
-from tests.helpers import flatten, project_repo
+from tests.helpers import flatten, only_variants, project_repo
 
 # Tiny data, tiny space: each trial is a couple of seconds of training.
 TINY_SPACE = {
@@ -223,6 +223,10 @@ def test_the_tuning_modules_import_no_private_name_and_make_no_cycle():
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
+    def tiny_study(params_file: Path) -> None:
+        _write_tune(params_file, TINY_SPACE, n_trials=3, seed=1)
+        only_variants(params_file)  # the final run's compress: two quick variants
+
     def write_data(external: Path) -> None:
         x, y = make_images(per_class=20)
         np.savez(external / "tiny.npz", x=x, y=y, class_names=np.array(TINY_CLASSES))
@@ -232,7 +236,7 @@ def workspace(tmp_path_factory) -> Path:
         tmp_path_factory.mktemp("tune-dvc-remote"),
         write_data,
         [*flatten(TINY_OVERRIDES), "ingest.source=data/external/tiny.npz"],
-        lambda params_file: _write_tune(params_file, TINY_SPACE, n_trials=3, seed=1),
+        tiny_study,
     )
 
 
@@ -266,6 +270,7 @@ def _experiments(root: Path) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("prefect_api")  # no temporary Prefect server per `flows.tune`
 def test_a_study_of_three_trials_leaves_three_experiments_and_a_best_trial(workspace):
     result = _tune(workspace, "--no-final-run")
     out = result.stdout + result.stderr
@@ -314,6 +319,7 @@ def test_a_study_of_three_trials_leaves_three_experiments_and_a_best_trial(works
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("prefect_api")
 def test_reopened_by_two_workers_the_study_resumes_and_its_best_params_are_released(workspace):
     """One more `make tune WORKERS=2` on the same study: it resumes (trials are added, not
     started over), both workers run trials at the same time without a lock error or a lost
