@@ -17,9 +17,11 @@ import pytest
 
 from components.overrides import apply_overrides
 from tests.conftest import TINY_CLASSES, TINY_OVERRIDES, make_images
-from tests.helpers import flatten, free_port, project_repo, wait_ready
+from tests.helpers import flatten, free_port, project_repo, run_flow, wait_ready
 
-pytestmark = pytest.mark.slow
+# Flow runs talk to one Prefect server per test process instead of each starting its own
+# temporary one (tests/test_examples.py runs a flow that does).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
 STAGES = (
     "ingest",
@@ -50,21 +52,9 @@ def workspace(tmp_path_factory) -> Path:
     )
 
 
-def _run_flow(root: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """Start the flow the way a user does: `python -m flows.pipeline --set ...`."""
-    args = [a for o in overrides for a in ("--set", o)]
-    return subprocess.run(
-        [sys.executable, "-m", "flows.pipeline", *args],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 @pytest.fixture(scope="module")
 def first_run(workspace: Path) -> subprocess.CompletedProcess:
-    result = _run_flow(workspace)
+    result = run_flow(workspace)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -138,7 +128,7 @@ def test_bento_serves_over_http(workspace, first_run):
 
 def test_second_run_with_nothing_changed_runs_no_stage(workspace, first_run):
     started = time.monotonic()
-    result = _run_flow(workspace)
+    result = run_flow(workspace)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout + result.stderr
     assert "stages: " + ", ".join(f"{s} skipped" for s in STAGES) in out
@@ -146,7 +136,7 @@ def test_second_run_with_nothing_changed_runs_no_stage(workspace, first_run):
 
 
 def test_changing_one_param_reruns_that_stage_and_later_ones_only(workspace, first_run):
-    result = _run_flow(workspace, "evaluate.min_accuracy=0.55")
+    result = run_flow(workspace, "evaluate.min_accuracy=0.55")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout + result.stderr
     assert "ingest skipped, validate skipped, train skipped, evaluate ran" in out
@@ -157,7 +147,7 @@ def test_changing_one_param_reruns_that_stage_and_later_ones_only(workspace, fir
 def test_failed_validation_stops_the_flow_and_keeps_earlier_artefacts(workspace, first_run):
     bento_before = (workspace / "artefacts" / "bento.json").read_text()
     model_before = (workspace / "models" / "model.pt").read_bytes()
-    result = _run_flow(workspace, "validate.min_rows_per_class=1000")
+    result = run_flow(workspace, "validate.min_rows_per_class=1000")
     assert result.returncode == 1
     assert "Pipeline failed: validate:" in result.stderr
     assert "1000" in result.stderr
@@ -238,7 +228,7 @@ def test_a_failed_stage_leaves_its_outputs_as_the_last_good_run_left_them(worksp
 
 def test_bad_override_fails_before_any_stage(workspace, first_run):
     before = (workspace / "params.yaml").read_text()
-    result = _run_flow(workspace, "train.max_epochs=zero")
+    result = run_flow(workspace, "train.max_epochs=zero")
     assert result.returncode == 2
     assert "Pipeline not started" in result.stderr
     assert "train.max_epochs" in result.stderr

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from components.config import parse_params
 from components.stage import StageError
 from components.train import augment_batch
 from tests.conftest import REPO_ROOT, TINY_CLASSES, make_images, tiny_params_dict
+from tests.helpers import free_port
 
 
 def _params(root: Path, npz: Path, **train_updates):
@@ -194,12 +194,6 @@ def _finish(process: subprocess.Popen, timeout: float = 240) -> str:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def big_source(tmp_path_factory) -> Path:
     """Enough images that an epoch takes a moment, so a kill lands mid-epoch."""
@@ -255,7 +249,7 @@ def test_ddp_two_processes_gloo_matches_single_process(tmp_path, source):
 def test_two_nodes_on_loopback(tmp_path, source):
     root = _workspace(tmp_path / "nodes", source, max_epochs=2, devices=1, num_nodes=2,
                       strategy="ddp", accelerator="cpu")  # fmt: skip
-    port = str(_free_port())
+    port = str(free_port())
     common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2",
               "LOCAL_RANK": "0"}  # fmt: skip
     nodes = [_train_process(root, NODE_RANK=str(rank), **common) for rank in (0, 1)]
