@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from components.config import load_params
 from components.dataset import DatasetMeta, load_images, meta_path, split_path
+from components.lightning_module import lightning_module
 from components.model import build_model
-from components.train import lightning_module, net_config
+from components.train import net_config
 
 EPOCHS = 4
 REPEATS = 7  # alternate the two loops and keep each one's best: less noise from the machine

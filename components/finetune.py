@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from components.config import TrainParams
 from components.dataset import ImageSet
-from components.train import augment_batch, lightning_module
+from components.lightning_module import augment_batch, lightning_module
 
 log = logging.getLogger("pipeline.compress")
 

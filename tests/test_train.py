@@ -19,8 +19,8 @@ import yaml
 
 from components import ingest, train
 from components.config import parse_params
+from components.lightning_module import augment_batch
 from components.stage import StageError
-from components.train import augment_batch
 from tests.conftest import REPO_ROOT, TINY_CLASSES, make_images, tiny_params_dict
 from tests.helpers import free_port
 
