@@ -17,7 +17,7 @@ import pytest
 
 from components.overrides import apply_overrides
 from tests.conftest import TINY_CLASSES, TINY_OVERRIDES, make_images
-from tests.helpers import flatten, free_port, project_repo, run_flow, wait_ready
+from tests.helpers import flatten, free_port, only_variants, project_repo, run_flow, wait_ready
 
 # Flow runs talk to one Prefect server per test process instead of each starting its own
 # temporary one (tests/test_examples.py runs a flow that does).
@@ -49,6 +49,7 @@ def workspace(tmp_path_factory) -> Path:
         tmp_path_factory.mktemp("dvc-remote"),
         write_data,
         [*flatten(TINY_OVERRIDES), "ingest.source=data/external/tiny.npz"],
+        only_variants,  # compression is tests/test_compress.py's subject: the quick variants
     )
 
 
