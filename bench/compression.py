@@ -34,7 +34,7 @@ import numpy as np
 
 from components.compress import pick_calibration
 from components.config import load_params
-from components.dataset import DatasetMeta, load_images, meta_path, split_path
+from components.dataset import DatasetMeta, load_arrays, meta_path, split_path
 from components.onnx_files import INPUT_NAME, OUTPUT_NAME, run_onnx
 
 ROUNDS = 60
@@ -237,9 +237,9 @@ def main() -> None:
     paths, cfg = params.paths, params.compress
     compressed = json.loads((Path(paths.metrics_dir) / "compress.json").read_text())
     meta = DatasetMeta.load(meta_path(paths.prepared_dir))
-    shape = tuple(meta.image_shape)
-    test = load_images(split_path(paths.prepared_dir, "test"))
-    train = load_images(split_path(paths.prepared_dir, "train"))
+    shape = tuple(meta.input_shape)
+    test = load_arrays(split_path(paths.prepared_dir, "test"))
+    train = load_arrays(split_path(paths.prepared_dir, "train"))
     calibration = pick_calibration(train, cfg.calibration_samples)
     onnx_dir = Path(paths.model_dir) / "onnx"
     threads = cfg.latency_threads

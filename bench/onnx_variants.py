@@ -18,7 +18,7 @@ import numpy as np
 
 from components.compress import VARIANTS
 from components.config import load_params
-from components.dataset import load_images, split_path
+from components.dataset import load_arrays, split_path
 from components.onnx_files import INPUT_NAME, OUTPUT_NAME, open_session, run_onnx
 
 
@@ -36,7 +36,7 @@ def median_ms(session, x: np.ndarray, repeats: int) -> float:
 def main() -> None:
     params = load_params()
     onnx_dir = Path(params.paths.model_dir) / "onnx"
-    test = load_images(split_path(params.paths.prepared_dir, "test"))
+    test = load_arrays(split_path(params.paths.prepared_dir, "test"))
     rows = {}
     for name in VARIANTS:
         path = onnx_dir / f"{name}.onnx"

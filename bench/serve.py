@@ -92,11 +92,11 @@ def build_bento(root: Path, scratch: Path) -> tuple[str, Path]:
 def sample_images(root: Path, n: int) -> np.ndarray:
     """Integer test images of the pipeline's data (what clients send), else random pixels."""
     from components.config import load_params
-    from components.dataset import load_images, split_path
+    from components.dataset import load_arrays, split_path
 
     try:
         params = load_params(root / "params.yaml")
-        x = load_images(split_path(root / params.paths.prepared_dir, "test")).x
+        x = load_arrays(split_path(root / params.paths.prepared_dir, "test")).x
         return np.resize(x, (n, *x.shape[1:])).astype(np.int64)
     except Exception:  # no prepared data: same shape from the model card, random pixels
         return np.random.default_rng(0).integers(0, 256, (n, 1, 28, 28))

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from components.config import load_params
-from components.dataset import DatasetMeta, load_images, meta_path, split_path
+from components.dataset import DatasetMeta, load_arrays, meta_path, split_path
 from components.lightning_module import lightning_module
 from components.model import build_model
 from components.train import net_config
@@ -96,7 +96,7 @@ def main() -> None:
     all_params = load_params()
     params = all_params.train.model_copy(update={"optimizer": "adam", "lr_schedule": "none"})
     meta = DatasetMeta.load(meta_path(all_params.paths.prepared_dir))
-    train = load_images(split_path(all_params.paths.prepared_dir, "train"))
+    train = load_arrays(split_path(all_params.paths.prepared_dir, "train"))
     torch.set_num_threads(torch.get_num_threads())
     plain, light = [], []
     for _ in range(REPEATS):

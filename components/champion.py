@@ -39,7 +39,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from components.dataset import ImageSet
+from components.dataset import ArraySet
 from components.stage import StageError, file_digest
 
 log = logging.getLogger("pipeline.champion")
@@ -154,7 +154,7 @@ def save_record(path: Path, record: ChampionRecord) -> None:
     os.replace(tmp, path)
 
 
-def split_fingerprint(test: ImageSet, class_names) -> str:
+def split_fingerprint(test: ArraySet, class_names) -> str:
     """SHA-256 of the test split's content: the same inputs, targets and class names, same hash.
 
     Hashes the arrays (dtype, shape and bytes), not the .npz file, so re-writing the same split

@@ -56,7 +56,7 @@ from components.config import (
     Params,
     TrainParams,
 )
-from components.dataset import DatasetMeta, ImageSet, load_images, meta_path, split_path
+from components.dataset import ArraySet, DatasetMeta, load_arrays, meta_path, split_path
 from components.metrics import task_metrics
 from components.model import NetConfig, config_from_dict, load_model
 from components.onnx_files import (
@@ -123,7 +123,7 @@ class CompressResult:
     distillation: dict | None = None
 
 
-def pick_calibration(train: ImageSet, n: int, seed: int = 0) -> np.ndarray:
+def pick_calibration(train: ArraySet, n: int, seed: int = 0) -> np.ndarray:
     """At most ``n`` training examples, seeded: all of them for a small training split."""
     if n >= len(train):
         if n > len(train):
@@ -211,8 +211,8 @@ class _Networks:
 def build_variants(
     teacher,
     teacher_config: NetConfig,
-    train: ImageSet,
-    val: ImageSet,
+    train: ArraySet,
+    val: ArraySet,
     params: CompressParams,
     train_params: TrainParams,
     out_dir: Path,
@@ -339,7 +339,7 @@ def compress(
     model,
     config: NetConfig,
     meta: DatasetMeta,
-    splits: dict[str, ImageSet],
+    splits: dict[str, ArraySet],
     params: CompressParams,
     train_params: TrainParams,
     out_dir: Path,
@@ -533,7 +533,7 @@ def format_table(result: CompressResult) -> str:
 def run(params: Params) -> CompressResult:
     paths, cfg = params.paths, params.compress
     meta = DatasetMeta.load(meta_path(paths.prepared_dir))
-    splits = {s: load_images(split_path(paths.prepared_dir, s)) for s in ("train", "val", "test")}
+    splits = {s: load_arrays(split_path(paths.prepared_dir, s)) for s in ("train", "val", "test")}
     model, card = load_model(paths.model_dir)
     config = config_from_dict(card.config)
 

@@ -43,9 +43,6 @@ class ArraySet:
         return len(self.y)
 
 
-ImageSet = ArraySet  # old name: gate, evaluate, compress, finetune, distill, champion, prune
-
-
 @dataclass(frozen=True)
 class DatasetMeta:
     class_names: tuple[str, ...]  # empty for regression
@@ -68,11 +65,6 @@ class DatasetMeta:
             )
         if self.task not in TASKS:
             raise DatasetError(f"unknown task {self.task!r}; expected one of {TASKS}")
-
-    @property
-    def image_shape(self) -> tuple[int, ...]:
-        """Old name of ``input_shape``, still read by gate.py and package.py."""
-        return self.input_shape
 
     @property
     def is_regression(self) -> bool:
@@ -121,10 +113,6 @@ def load_arrays(path: Path) -> ArraySet:
         if missing:
             raise DatasetError(f"{path} lacks arrays {sorted(missing)}")
         return ArraySet(x=npz["x"], y=npz["y"])
-
-
-# Old names, still imported by gate, evaluate, compress, ensemble, train, bench and tests.
-save_images, load_images = save_arrays, load_arrays
 
 
 def save_frame(frame, path: Path) -> None:

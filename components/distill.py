@@ -14,7 +14,7 @@ import copy
 import dataclasses
 
 from components.config import DistillationParams, TrainParams
-from components.dataset import ImageSet
+from components.dataset import ArraySet
 from components.finetune import FitReport, Teacher, fit_network
 from components.model import NetConfig, build_model
 from components.stage import StageError
@@ -90,8 +90,8 @@ def new_student(config: NetConfig, seed: int):
 def distil(
     teacher_net,
     config: NetConfig,
-    train_set: ImageSet,
-    val_set: ImageSet,
+    train_set: ArraySet,
+    val_set: ArraySet,
     train: TrainParams,
     params: DistillationParams,
     student=None,
@@ -113,8 +113,8 @@ def distil(
 
 def train_alone(
     config: NetConfig,
-    train_set: ImageSet,
-    val_set: ImageSet,
+    train_set: ArraySet,
+    val_set: ArraySet,
     train: TrainParams,
     params: DistillationParams,
 ) -> tuple[object, FitReport]:

@@ -189,7 +189,7 @@ def build_and_measure(
     absolute gates of ``evaluate``), and packaged into its own bento when asked and it passes.
     ``data_dir`` holds the data set's ``meta.json`` and ``test.npz`` (default: the workspace's
     ``paths.prepared_dir``). Returns the summary written to ``out_dir/ensemble.json``."""
-    from components.dataset import DatasetMeta, load_images, meta_path, split_path
+    from components.dataset import DatasetMeta, load_arrays, meta_path, split_path
     from components.onnx_files import export_onnx
     from components.stage import write_json
     from components.tasks import CLASSIFICATION
@@ -202,7 +202,7 @@ def build_and_measure(
     data_dir = Path(data_dir or paths.prepared_dir)
     meta_file = meta_path(data_dir)
     meta = DatasetMeta.load(meta_file)
-    test = load_images(split_path(data_dir, "test"))
+    test = load_arrays(split_path(data_dir, "test"))
 
     onnx_file = out_dir / f"{ENSEMBLE_VARIANT}.onnx"
     diff = export_ensemble(nets, weights, shape, onnx_file)

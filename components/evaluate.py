@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from components import tasks
 from components.config import EvaluateParams, Params
-from components.dataset import ArraySet, DatasetMeta, load_images, meta_path, split_path
+from components.dataset import ArraySet, DatasetMeta, load_arrays, meta_path, split_path
 from components.gates import Gate, failed_reasons
 from components.records import (
     EVALUATE_FILE,
@@ -134,7 +134,7 @@ def run(params: Params) -> EvaluateResult:
     paths = params.paths
     meta = DatasetMeta.load(meta_path(paths.prepared_dir))
     task = tasks.get(meta.task)
-    test = load_images(split_path(paths.prepared_dir, "test"))
+    test = load_arrays(split_path(paths.prepared_dir, "test"))
     model, card = load_model(paths.model_dir)
     check_model_fits(card, meta, test, paths.model_dir)
     task.check_test(test.y, meta.class_names)  # before running the model on it

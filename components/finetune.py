@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 
 from components.config import TrainParams
-from components.dataset import ImageSet
+from components.dataset import ArraySet
 from components.lightning_module import augment_batch, lightning_module
 
 log = logging.getLogger("pipeline.compress")
@@ -167,8 +167,8 @@ def _best_weights_callback():
 
 def fit_network(
     net,
-    train_set: ImageSet,
-    val_set: ImageSet,
+    train_set: ArraySet,
+    val_set: ArraySet,
     params: TrainParams,
     epochs: int,
     learning_rate: float,
@@ -208,7 +208,7 @@ def fit_network(
         enable_model_summary=False,
     )
 
-    def loader(images: ImageSet, shuffle: bool) -> DataLoader:
+    def loader(images: ArraySet, shuffle: bool) -> DataLoader:
         y = images.y.astype("float32") if regression else images.y
         tensors = TensorDataset(torch.from_numpy(images.x), torch.from_numpy(y))
         drop_last = shuffle and params.batch_norm and len(images) % params.batch_size == 1

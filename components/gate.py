@@ -53,10 +53,10 @@ from components import champion as champ
 from components import kinds, records, tasks
 from components.config import Params
 from components.dataset import (
+    ArraySet,
     DatasetError,
     DatasetMeta,
-    ImageSet,
-    load_images,
+    load_arrays,
     meta_path,
     split_path,
 )
@@ -139,7 +139,7 @@ def onnx_predict(path: Path, x: np.ndarray, batch_size: int = 512) -> np.ndarray
     return onnx_outputs(path, x, batch_size).argmax(axis=1)
 
 
-def measure(path: Path, test: ImageSet, class_names, task: str = "classification") -> dict:
+def measure(path: Path, test: ArraySet, class_names, task: str = "classification") -> dict:
     """Test metrics of one ONNX model, with the same code as evaluate."""
     return tasks.get(task).metrics(test.y, onnx_outputs(path, test.x), class_names, str(path))
 
@@ -213,7 +213,7 @@ def champion_baseline(
     fingerprint: str,
     class_names,
     image_shape,
-    test: ImageSet,
+    test: ArraySet,
     root: Path = Path("."),
     described: Described | None = None,
     raw_test=None,
@@ -291,7 +291,7 @@ def read_compress_json(path: Path) -> dict:
 
 
 def gate(
-    test: ImageSet,
+    test: ArraySet,
     meta: DatasetMeta,
     evaluated: dict,
     compressed: dict,
@@ -320,7 +320,7 @@ def gate(
         record,
         fingerprint,
         meta.class_names,
-        meta.image_shape,
+        meta.input_shape,
         test,
         root,
         Described.of_meta(meta),
@@ -378,7 +378,7 @@ def result_payload(result: GateResult, meta: DatasetMeta, evaluated: dict) -> di
         "kind": meta.kind,
         "target": meta.target,
         "class_names": list(meta.class_names),
-        "image_shape": list(meta.image_shape),
+        "image_shape": list(meta.input_shape),
         "preprocess_sha256": champ.preprocess_fingerprint(meta.preprocess, meta.feature_names),
         "test_split": {"sha256": result.fingerprint, "examples": result.examples},
         "network": {k: round(float(evaluated[k]), 6) for k in task.headline_keys},
@@ -436,7 +436,7 @@ def run(params: Params) -> GateResult:
     paths = params.paths
     metrics_dir = Path(paths.metrics_dir)
     meta = DatasetMeta.load(meta_path(paths.prepared_dir))
-    test = load_images(split_path(paths.prepared_dir, "test"))
+    test = load_arrays(split_path(paths.prepared_dir, "test"))
     evaluated = records.read_evaluate(metrics_dir).numbers()
     if not records.read_evaluate_gates(metrics_dir).passed:
         raise StageError(

@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 
 from components.config import PruningParams, TrainParams
-from components.dataset import ImageSet
+from components.dataset import ArraySet
 from components.finetune import FitReport, fit_network
 
 
@@ -188,8 +188,8 @@ def prune_and_finetune(
     net,
     method: str,
     image_shape: tuple[int, ...],
-    train_set: ImageSet,
-    val_set: ImageSet,
+    train_set: ArraySet,
+    val_set: ArraySet,
     train: TrainParams,
     params: PruningParams,
 ) -> tuple[object, FitReport | None]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from components import kinds, tasks
 from components.config import Params, TrainParams
-from components.dataset import DatasetMeta, ImageSet, load_images, meta_path, split_path
+from components.dataset import ArraySet, DatasetMeta, load_arrays, meta_path, split_path
 from components.lightning_module import lightning_module
 from components.model import NetConfig, build_model, load_state_dict, save_model
 from components.stage import StageError, main, write_json
@@ -175,8 +175,8 @@ def _history_callback():
 
 
 def fit(
-    train_set: ImageSet,
-    val_set: ImageSet,
+    train_set: ArraySet,
+    val_set: ArraySet,
     meta: DatasetMeta,
     params: TrainParams,
     checkpoint_dir: Path,
@@ -227,7 +227,7 @@ def fit(
 
     per_process = max(1, params.batch_size // trainer.world_size)  # keep the global batch
 
-    def loader(images: ImageSet, shuffle: bool) -> DataLoader:
+    def loader(images: ArraySet, shuffle: bool) -> DataLoader:
         y = images.y.astype("float32") if meta.is_regression else images.y
         tensors = TensorDataset(torch.from_numpy(images.x), torch.from_numpy(y))
         # A last batch of one image breaks batch norm's statistics: drop it.
@@ -272,7 +272,7 @@ def run(params: Params) -> TrainResult | None:
     paths, cfg = params.paths, params.train
     meta = DatasetMeta.load(meta_path(paths.prepared_dir))
     files = [split_path(paths.prepared_dir, s) for s in ("train", "val")]
-    train_set, val_set = (load_images(f) for f in files)
+    train_set, val_set = (load_arrays(f) for f in files)
 
     root = Path(paths.checkpoint_dir)
     key = run_key(cfg, [*files, meta_path(paths.prepared_dir)])

@@ -36,7 +36,7 @@ os.environ["BENTOML_HOME"] = str(_STATE / "bentoml")
 os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
 
 from components.config import parse_params, read_params_file  # noqa: E402
-from components.dataset import ImageSet  # noqa: E402
+from components.dataset import ArraySet  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,9 +127,9 @@ def tiny_params(tmp_path: Path, tiny_npz: Path):
 
 
 @pytest.fixture
-def tiny_images() -> ImageSet:
+def tiny_images() -> ArraySet:
     x, y = make_images()
-    return ImageSet(x[:, None], y)
+    return ArraySet(x[:, None], y)
 
 
 def make_table(n: int = 90, seed: int = 0):

@@ -16,7 +16,7 @@ import numpy as np
 
 from components import evaluate, gate
 from components.config import Params, parse_params
-from components.dataset import DatasetMeta, ImageSet, load_images, save_images
+from components.dataset import ArraySet, DatasetMeta, load_arrays, save_arrays
 from components.records import Verdicts
 from components.stage import write_json
 from components.tasks import CLASSIFICATION
@@ -51,7 +51,7 @@ def project_params(root: Path, **overrides) -> Params:
     return parse_params(raw)
 
 
-def labelled_split(model_file: Path, per_class: int = 12, seed: int = 0) -> ImageSet:
+def labelled_split(model_file: Path, per_class: int = 12, seed: int = 0) -> ArraySet:
     """Random images, labelled by what ``model_file`` predicts; ``per_class`` of each class."""
     rng = np.random.default_rng(seed)
     # Sparse bright pixels: the linear model's classes then all occur (dense noise is one class).
@@ -59,12 +59,12 @@ def labelled_split(model_file: Path, per_class: int = 12, seed: int = 0) -> Imag
     y = gate.onnx_predict(model_file, x)
     keep = np.concatenate([np.flatnonzero(y == k)[:per_class] for k in range(len(CLASS_NAMES))])
     assert len(keep) == per_class * len(CLASS_NAMES), "the model never predicts some class"
-    return ImageSet(x[keep], y[keep].astype(np.int64))
+    return ArraySet(x[keep], y[keep].astype(np.int64))
 
 
-def write_test_split(params: Params, split: ImageSet) -> None:
+def write_test_split(params: Params, split: ArraySet) -> None:
     prepared = Path(params.paths.prepared_dir)
-    save_images(split, prepared / "test.npz")
+    save_arrays(split, prepared / "test.npz")
     DatasetMeta(CLASS_NAMES, IMAGE_SHAPE, "test", {"test": len(split)}).save(prepared / "meta.json")
 
 
@@ -74,7 +74,7 @@ def write_challenger(params: Params, int8_seed: int, fp32_seed: int | None = Non
     shutil.rmtree(onnx_dir, ignore_errors=True)
     make_tiny_onnx(onnx_dir / "int8.onnx", int8_seed)
     make_tiny_onnx(onnx_dir / "fp32.onnx", int8_seed if fp32_seed is None else fp32_seed)
-    test = load_images(Path(params.paths.prepared_dir) / "test.npz")
+    test = load_arrays(Path(params.paths.prepared_dir) / "test.npz")
     measured = {
         v: gate.measure(onnx_dir / f"{v}.onnx", test, CLASS_NAMES) for v in ("fp32", "int8")
     }
@@ -122,11 +122,11 @@ REGRESSION_PARAMS = {
 }
 
 
-def regression_split(n: int = 40, seed: int = 0, noise: float = 0.1) -> ImageSet:
+def regression_split(n: int = 40, seed: int = 0, noise: float = 0.1) -> ArraySet:
     rng = np.random.default_rng(seed)
     x = rng.normal(0, 1, (n, len(FEATURES))).astype(np.float32)
     y = (x @ WEIGHT + BIAS + rng.normal(0, noise, n)).astype(np.float32)
-    return ImageSet(x, y)
+    return ArraySet(x, y)
 
 
 def regression_meta(n: int, **changes) -> DatasetMeta:
@@ -144,9 +144,9 @@ def regression_meta(n: int, **changes) -> DatasetMeta:
     return DatasetMeta(**fields)
 
 
-def write_regression_split(params: Params, split: ImageSet, **meta_changes) -> None:
+def write_regression_split(params: Params, split: ArraySet, **meta_changes) -> None:
     prepared = Path(params.paths.prepared_dir)
-    save_images(split, prepared / "test.npz")
+    save_arrays(split, prepared / "test.npz")
     regression_meta(len(split), **meta_changes).save(prepared / "meta.json")
 
 
@@ -226,7 +226,7 @@ def write_regression_challenger(params: Params, int8_weight=WEIGHT) -> dict:
     shutil.rmtree(onnx_dir, ignore_errors=True)
     make_regression_onnx(onnx_dir / "fp32.onnx")
     make_regression_onnx(onnx_dir / "int8.onnx", int8_weight)
-    test = load_images(Path(params.paths.prepared_dir) / "test.npz")
+    test = load_arrays(Path(params.paths.prepared_dir) / "test.npz")
     measured = {
         v: gate.measure(onnx_dir / f"{v}.onnx", test, (), "regression") for v in ("fp32", "int8")
     }

@@ -14,7 +14,7 @@ import torch
 
 from components import compress, distill, ingest, onnx_files, prune, train
 from components.config import ParamsError, parse_params
-from components.dataset import load_images, split_path
+from components.dataset import load_arrays, split_path
 from components.finetune import distillation_loss
 from components.model import NetConfig, build_model, load_model
 from components.stage import StageError
@@ -156,7 +156,7 @@ def test_distillation_summary_compares_with_the_student_alone(compressed):
 def test_fp32_onnx_answers_like_pytorch(compressed):
     params, _ = compressed
     model, _ = load_model(params.paths.model_dir)
-    test = load_images(split_path(params.paths.prepared_dir, "test"))
+    test = load_arrays(split_path(params.paths.prepared_dir, "test"))
     expected = model(torch.from_numpy(test.x).float()).detach().numpy()
     got = compress.run_onnx(Path(params.paths.model_dir) / "onnx" / "fp32.onnx", test.x)
     np.testing.assert_allclose(got, expected, atol=params.compress.onnx_tolerance)
@@ -176,7 +176,7 @@ def test_an_export_that_differs_from_pytorch_is_refused(trained, tmp_path, monke
 def test_a_quantized_model_that_disagrees_with_its_source_is_refused(compressed):
     params, _ = compressed
     model, _ = load_model(params.paths.model_dir)
-    test = load_images(split_path(params.paths.prepared_dir, "test"))
+    test = load_arrays(split_path(params.paths.prepared_dir, "test"))
     other = copy.deepcopy(model)
     with torch.no_grad():
         other.classifier[-1].bias += torch.tensor([100.0, 0.0, 0.0])  # always says class 0

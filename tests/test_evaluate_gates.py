@@ -16,7 +16,7 @@ import pytest
 from components import champion as champ
 from components import evaluate, gate, records
 from components.config import Params
-from components.dataset import ImageSet, load_images
+from components.dataset import ArraySet, load_arrays
 from components.gates import champion_gates, drop_gates
 from components.report import write_stopped
 from components.stage import StageError
@@ -45,7 +45,7 @@ from tests.tiny_models import CLASS_NAMES, IMAGE_SHAPE, make_tiny_onnx
 
 def champion_record(params: Params, metrics: dict, **changes) -> champ.ChampionRecord:
     """A champion measured on the project's current test split (unless changed)."""
-    test = load_images(Path(params.paths.prepared_dir) / "test.npz")
+    test = load_arrays(Path(params.paths.prepared_dir) / "test.npz")
     fields = {
         "run": "rchampion0001",
         "bento_tag": "tiny-classifier:rchampion0001",
@@ -267,11 +267,11 @@ def test_a_changed_test_split_needs_the_champion_model_and_says_where_to_get_it(
 
 def test_unknown_class_and_empty_test_split_are_clear_errors(project):
     write_challenger(project, GOOD_SEED)
-    test = load_images(Path(project.paths.prepared_dir) / "test.npz")
-    write_test_split(project, ImageSet(test.x, np.full_like(test.y, 7)))
+    test = load_arrays(Path(project.paths.prepared_dir) / "test.npz")
+    write_test_split(project, ArraySet(test.x, np.full_like(test.y, 7)))
     with pytest.raises(StageError, match=r"label 7, which the model does not know"):
         gate.run(project)
-    write_test_split(project, ImageSet(test.x[:0], test.y[:0]))
+    write_test_split(project, ArraySet(test.x[:0], test.y[:0]))
     with pytest.raises(StageError, match=r"test split is empty"):
         gate.run(project)
     assert not (Path(project.paths.metrics_dir) / "gate.json").exists()
@@ -287,10 +287,10 @@ def test_a_failed_evaluate_json_is_never_gated_into_a_package(project):
 
 def test_the_fingerprint_follows_the_content_not_the_file():
     x = np.zeros((2, 1, 2, 2), np.uint8)
-    base = champ.split_fingerprint(ImageSet(x, np.array([0, 1])), ("a", "b"))
-    assert base == champ.split_fingerprint(ImageSet(x.copy(), np.array([0, 1])), ("a", "b"))
-    assert base != champ.split_fingerprint(ImageSet(x, np.array([1, 0])), ("a", "b"))
-    assert base != champ.split_fingerprint(ImageSet(x, np.array([0, 1])), ("a", "c"))
+    base = champ.split_fingerprint(ArraySet(x, np.array([0, 1])), ("a", "b"))
+    assert base == champ.split_fingerprint(ArraySet(x.copy(), np.array([0, 1])), ("a", "b"))
+    assert base != champ.split_fingerprint(ArraySet(x, np.array([1, 0])), ("a", "b"))
+    assert base != champ.split_fingerprint(ArraySet(x, np.array([0, 1])), ("a", "c"))
 
 
 # -- regression: a table with a numeric target (tests/gate_project.py) ----------------------
@@ -306,7 +306,7 @@ def regression_project(tmp_path, monkeypatch) -> Params:
 
 def regression_champion(params: Params, metrics: dict, **changes) -> champ.ChampionRecord:
     """A regression champion measured on the regression project's current test split."""
-    test = load_images(Path(params.paths.prepared_dir) / "test.npz")
+    test = load_arrays(Path(params.paths.prepared_dir) / "test.npz")
     fields = {
         "class_names": [],
         "image_shape": [len(FEATURES)],
@@ -324,7 +324,7 @@ def test_evaluate_measures_a_regression_model_in_target_units(regression_project
     write_regression_model(params)
     result = evaluate.run(params)
     assert result.passed
-    test = load_images(Path(params.paths.prepared_dir) / "test.npz")
+    test = load_arrays(Path(params.paths.prepared_dir) / "test.npz")
     expected = test.x.astype(np.float64) @ WEIGHT + BIAS  # the net de-standardised its output
     rmse = float(np.sqrt(((expected - test.y) ** 2).mean()))
     metrics_dir = Path(params.paths.metrics_dir)
@@ -498,13 +498,13 @@ def test_gate_refuses_an_evaluate_json_of_the_other_task(regression_project):
 def test_the_fingerprint_works_for_float_targets():
     split = regression_split(n=5)
     base = champ.split_fingerprint(split, ())
-    assert base == champ.split_fingerprint(ImageSet(split.x.copy(), split.y.copy()), ())
+    assert base == champ.split_fingerprint(ArraySet(split.x.copy(), split.y.copy()), ())
     nudged = split.y.copy()
     nudged[3] += 1e-3
-    assert base != champ.split_fingerprint(ImageSet(split.x, nudged), ())
-    labels = ImageSet(split.x, np.arange(5, dtype=np.int64))
+    assert base != champ.split_fingerprint(ArraySet(split.x, nudged), ())
+    labels = ArraySet(split.x, np.arange(5, dtype=np.int64))
     assert champ.split_fingerprint(labels, ()) != champ.split_fingerprint(
-        ImageSet(split.x, labels.y.astype(np.float32)), ()
+        ArraySet(split.x, labels.y.astype(np.float32)), ()
     )
     assert champ.preprocess_fingerprint(None, ()) is None  # images: raw pixels in
     assert champ.preprocess_fingerprint(PREPROCESS, FEATURES) != champ.preprocess_fingerprint(

@@ -44,7 +44,7 @@ def test_run_writes_snapshot_splits_and_meta(tiny_params):
     paths = tiny_params.paths
     meta = DatasetMeta.load(meta_path(paths.prepared_dir))
     assert meta.class_names == TINY_CLASSES
-    assert meta.image_shape == (1, 8, 8)
+    assert meta.input_shape == (1, 8, 8)
     assert sum(meta.split_sizes.values()) == result.n_examples == 60
     test = load_arrays(split_path(paths.prepared_dir, "test"))
     assert test.x.dtype == np.uint8 and test.x.shape[1:] == (1, 8, 8)

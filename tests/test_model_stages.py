@@ -11,7 +11,7 @@ import torch
 
 from components import compress, evaluate, ingest, train
 from components.config import parse_params
-from components.dataset import ImageSet, load_images, save_images, split_path
+from components.dataset import ArraySet, load_arrays, save_arrays, split_path
 from components.metrics import classification_metrics
 from components.model import NetConfig, build_model, load_model
 from components.report import write_stopped
@@ -89,7 +89,7 @@ def test_evaluate_writes_metrics_confusion_and_gates(trained):
 def test_failed_gate_names_the_metric(trained):
     params, _ = trained
     model, _ = load_model(params.paths.model_dir)
-    test = load_images(split_path(params.paths.prepared_dir, "test"))
+    test = load_arrays(split_path(params.paths.prepared_dir, "test"))
     strict = params.evaluate.model_copy(update={"min_accuracy": 1.01})
     predicted = np.zeros(len(test), dtype=np.int64)
     result = evaluate.evaluate(np.eye(3)[predicted], test, ("a", "b", "c"), strict)
@@ -123,11 +123,11 @@ def test_a_failed_evaluate_gate_stops_the_stage_and_writes_the_report(trained, t
 
 def test_evaluate_refuses_unknown_class_and_empty_split(trained):
     params, _ = trained
-    test = load_images(split_path(params.paths.prepared_dir, "test"))
-    unknown = ImageSet(test.x, np.full_like(test.y, 5))
+    test = load_arrays(split_path(params.paths.prepared_dir, "test"))
+    unknown = ArraySet(test.x, np.full_like(test.y, 5))
     with pytest.raises(StageError, match="label 5, which the model does not know"):
         evaluate.evaluate(np.eye(3)[test.y], unknown, ("a", "b", "c"), params.evaluate)
-    empty = ImageSet(test.x[:0], test.y[:0])
+    empty = ArraySet(test.x[:0], test.y[:0])
     with pytest.raises(StageError, match="test split is empty"):
         evaluate.evaluate(np.eye(3)[test.y[:0]], empty, ("a", "b", "c"), params.evaluate)
 
@@ -140,7 +140,7 @@ def test_compress_exports_checks_and_quantizes(trained):
     assert result.variants["int8"].size_bytes < result.variants["fp32"].size_bytes
     # The fp32 export answers like PyTorch on the test split.
     model, _ = load_model(params.paths.model_dir)
-    test = load_images(split_path(params.paths.prepared_dir, "test"))
+    test = load_arrays(split_path(params.paths.prepared_dir, "test"))
     torch_logits = model(torch.from_numpy(test.x).float()).detach().numpy()
     onnx_logits = compress.run_onnx(onnx_dir / "fp32.onnx", test.x)
     np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-4)
@@ -150,7 +150,7 @@ def test_compress_exports_checks_and_quantizes(trained):
 
 def test_calibration_takes_at_most_the_training_split(trained, tmp_path):
     params, _ = trained
-    train_set = load_images(split_path(params.paths.prepared_dir, "train"))
+    train_set = load_arrays(split_path(params.paths.prepared_dir, "train"))
     assert np.array_equal(compress.pick_calibration(train_set, 10_000), train_set.x)
     some = compress.pick_calibration(train_set, 8)
     assert len(some) == 8 and np.array_equal(some, compress.pick_calibration(train_set, 8))
@@ -169,7 +169,7 @@ def test_metrics_match_hand_computed_values():
 
 
 def test_saved_split_round_trips(tmp_path):
-    images = ImageSet(np.zeros((2, 1, 3, 3), np.uint8), np.array([0, 1]))
-    save_images(images, tmp_path / "s.npz")
-    back = load_images(tmp_path / "s.npz")
+    images = ArraySet(np.zeros((2, 1, 3, 3), np.uint8), np.array([0, 1]))
+    save_arrays(images, tmp_path / "s.npz")
+    back = load_arrays(tmp_path / "s.npz")
     assert np.array_equal(back.x, images.x) and back.y.tolist() == [0, 1]
