@@ -29,6 +29,7 @@ from components.kinds.base import (
 from components.kinds.checks import Check, Expectation, found, share
 from components.kinds.table import (
     ROWS_SUITE,
+    check_features_servable,
     choose_columns,
     columns_phrase,
     encode_target,
@@ -241,17 +242,7 @@ class SequenceKind(DataKind):
         return feature_card(meta)
 
     def check_servable(self, meta: DatasetMeta, meta_file) -> None:
-        from deploy.table import check_spec  # the serving adapter's own check of the spec
-
-        if len(meta.input_shape) != 2:
-            raise StageError(
-                f"{meta_file}: input_shape of {self.name} data must have {2} dimension(s), "
-                f"got {meta.input_shape}"
-            )
-        try:
-            check_spec(meta.preprocess, meta.input_shape, self.name, f"{meta_file}: preprocess")
-        except ValueError as exc:
-            raise StageError(str(exc)) from None
+        check_features_servable(self.name, 2, meta, meta_file)
 
     def shape_labels(self, card: dict) -> dict[str, str]:
         return {**feature_labels(card), "window": str(card["input_shape"][0])}

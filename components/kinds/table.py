@@ -300,17 +300,7 @@ class TableKind(DataKind):
         return feature_card(meta)
 
     def check_servable(self, meta: DatasetMeta, meta_file) -> None:
-        from deploy.table import check_spec  # the serving adapter's own check of the spec
-
-        if len(meta.input_shape) != 1:
-            raise StageError(
-                f"{meta_file}: input_shape of {self.name} data must have {1} dimension(s), "
-                f"got {meta.input_shape}"
-            )
-        try:
-            check_spec(meta.preprocess, meta.input_shape, self.name, f"{meta_file}: preprocess")
-        except ValueError as exc:
-            raise StageError(str(exc)) from None
+        check_features_servable(self.name, 1, meta, meta_file)
 
     def shape_labels(self, card: dict) -> dict[str, str]:
         return feature_labels(card)
@@ -352,3 +342,18 @@ def feature_labels(card: dict) -> dict[str, str]:
         "num_features": str(card["input_shape"][-1]),
         "columns": str(len(card["preprocess"]["columns"])),
     }
+
+
+def check_features_servable(kind: str, rank: int, meta: DatasetMeta, meta_file) -> None:
+    """Encoded features of ``rank`` dimensions and a preprocessing spec the adapter can apply."""
+    from deploy.table import check_spec  # the serving adapter's own check of the spec
+
+    if len(meta.input_shape) != rank:
+        raise StageError(
+            f"{meta_file}: input_shape of {kind} data must have {rank} dimension(s), got "
+            f"{meta.input_shape}"
+        )
+    try:
+        check_spec(meta.preprocess, meta.input_shape, kind, f"{meta_file}: preprocess")
+    except ValueError as exc:
+        raise StageError(str(exc)) from None
