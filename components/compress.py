@@ -57,6 +57,7 @@ from components.config import (
     TrainParams,
 )
 from components.dataset import ArraySet, DatasetMeta, load_arrays, meta_path, split_path
+from components.families import FAMILIES
 from components.metrics import task_metrics
 from components.model import NetConfig, config_from_dict, load_model
 from components.onnx_files import (
@@ -134,22 +135,12 @@ def pick_calibration(train: ArraySet, n: int, seed: int = 0) -> np.ndarray:
     return train.x[np.sort(idx)]
 
 
-# The op types each family's graph hands the quantizer (dense layers arrive as MatMul: the
-# pre-processing splits Gemm into MatMul + Add), as far as dynamic int8 is concerned.
-FAMILY_OP_TYPES = {
-    "cnn": {"Conv", "MatMul"},
-    "mlp": {"MatMul"},
-    "lstm": {"LSTM", "MatMul"},
-    "gru": {"GRU", "MatMul"},
-}
-
-
 def check_variants_apply(config: NetConfig, params: CompressParams) -> None:
     """Refuse, before any work, a declared variant that this network cannot have."""
     from components.quantize import dynamic_targets
 
     dynamic = sorted(n for n, steps in params.variants.items() if steps[-1] == "quantize_dynamic")
-    ops = FAMILY_OP_TYPES.get(config.family, {"MatMul"})
+    ops = FAMILIES[config.family].quantized_ops
     if dynamic and not dynamic_targets(ops, params.quantization):
         raise StageError(
             f"compress.variants.{dynamic[0]}: quantize_dynamic with compress.quantization."
@@ -438,7 +429,7 @@ def _distillation_summary(teacher, student_cfg, reports, params: CompressParams)
         "soft_loss_weight": d.soft_loss_weight,
         "max_epochs": d.max_epochs,
     }
-    if student_cfg.family in ("lstm", "gru"):
+    if FAMILIES[student_cfg.family].recurrent:
         out["student_rnn_hidden_size"] = student_cfg.rnn_hidden_size
     by_steps = {r.steps: r for r in reports.values()}
     distilled, alone = by_steps.get(("distil",)), by_steps.get(("student_alone",))

@@ -13,6 +13,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from components.families import FAMILIES, MODELS
+
 PARAMS_FILE = Path("params.yaml")
 
 
@@ -80,9 +82,6 @@ class AugmentParams(_Section):
     horizontal_flip: bool  # digits must not be flipped; photos usually may
 
 
-MODELS = ("cnn", "mlp", "lstm", "gru")
-
-
 class TrainParams(_Section):
     model: Literal[MODELS]
     seed: int
@@ -126,8 +125,8 @@ class TrainParams(_Section):
 
     @model_validator(mode="after")
     def _family_needs(self) -> TrainParams:
-        if self.model == "cnn" and not self.channels:
-            raise ValueError("model cnn needs at least one entry in train.channels")
+        if "channels" in FAMILIES[self.model].widths and not self.channels:
+            raise ValueError(f"model {self.model} needs at least one entry in train.channels")
         if self.freeze and not self.init_from:
             raise ValueError("train.freeze needs train.init_from: there is nothing to keep")
         return self

@@ -15,6 +15,7 @@ import dataclasses
 
 from components.config import DistillationParams, TrainParams
 from components.dataset import ArraySet
+from components.families import FAMILIES
 from components.finetune import FitReport, Teacher, fit_network
 from components.model import NetConfig, build_model
 from components.stage import StageError
@@ -22,9 +23,6 @@ from components.stage import StageError
 
 def count_parameters(net) -> int:
     return sum(p.numel() for p in net.parameters())
-
-
-RECURRENT = ("lstm", "gru")
 
 
 def student_config(teacher: NetConfig, params: DistillationParams) -> NetConfig:
@@ -38,10 +36,13 @@ def student_config(teacher: NetConfig, params: DistillationParams) -> NetConfig:
     hidden = (
         params.hidden_units if params.hidden_units is not None else scaled(teacher.hidden_units)
     )
-    if teacher.family == "cnn" and not channels:
-        raise StageError("compress.distillation.channels: a cnn student needs at least one block")
+    spec = FAMILIES[teacher.family]
+    if "channels" in spec.widths and not channels:
+        raise StageError(
+            f"compress.distillation.channels: a {spec.name} student needs at least one block"
+        )
     rnn_hidden = teacher.rnn_hidden_size
-    if teacher.family in RECURRENT:
+    if "rnn_hidden_size" in spec.widths:
         explicit = params.rnn_hidden_size  # at least 1 when set: checked with params.yaml
         rnn_hidden = explicit if explicit is not None else scaled((rnn_hidden,))[0]
     return dataclasses.replace(
@@ -51,14 +52,7 @@ def student_config(teacher: NetConfig, params: DistillationParams) -> NetConfig:
 
 def describe(config: NetConfig) -> str:
     """The widths that set a network's size, for messages."""
-    if config.family in RECURRENT:
-        return (
-            f"{config.rnn_layers} x {config.family} of {config.rnn_hidden_size} units, "
-            f"hidden units {list(config.hidden_units)}"
-        )
-    if config.family == "cnn":
-        return f"channels {list(config.channels)}, hidden units {list(config.hidden_units)}"
-    return f"hidden units {list(config.hidden_units)}"
+    return FAMILIES[config.family].describe(config)
 
 
 def check_student(teacher_net, teacher: NetConfig, params: DistillationParams) -> NetConfig:

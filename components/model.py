@@ -25,6 +25,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
+from components.families import family
+
 WEIGHTS_FILE = "model.pt"
 CONFIG_FILE = "model.json"
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
@@ -34,7 +36,7 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 class NetConfig:
     """Everything needed to rebuild a network; stored in model.json beside the weights."""
 
-    family: str  # "cnn" | "mlp" | "lstm" | "gru"
+    family: str  # a name in components/families.py: "cnn" | "mlp" | "lstm" | "gru"
     input_shape: tuple[int, ...]  # one example: (C, H, W) image, (F,) table row, (T, F) sequence
     num_classes: int  # outputs: one logit per class, or 1 for regression
     channels: tuple[int, ...]  # CNN: one conv block per entry (ignored by the others)
@@ -166,17 +168,15 @@ class RecurrentNet(_Net):
         return self.classifier(out[:, -1])
 
 
-FAMILIES = {"cnn": SmallCNN, "mlp": MLP, "lstm": RecurrentNet, "gru": RecurrentNet}
+NETS = {net.__name__: net for net in (SmallCNN, MLP, RecurrentNet)}
 
 
 def build_model(config: NetConfig) -> nn.Module:
-    if config.family not in FAMILIES:
-        raise ValueError(
-            f"train.model: unknown model {config.family!r}; use one of {list(FAMILIES)}"
-        )
+    """The network ``config`` describes, of the class its family declares."""
+    spec = family(config.family)  # refuses an unknown family, naming the known ones
     if config.activation not in ACTIVATIONS:
         raise ValueError(f"train.activation: unknown {config.activation!r}")
-    return FAMILIES[config.family](config)
+    return NETS[spec.net](config)
 
 
 class ModelCard(BaseModel):

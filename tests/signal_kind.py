@@ -31,7 +31,7 @@ SUITE = "signals"
 class SignalKind(DataKind):
     noun = "signal"
     plural = "signals"
-    models = ("mlp",)
+    example_rank = 1  # (L,): one row of samples; the families that read rows read it
 
     def prepare(self, cfg, external_dir: Path) -> Prepared:
         path = local_source(cfg.source, external_dir)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from components.dataset import SPLITS, ArraySet, DatasetMeta
+from components.families import FAMILIES, reading
 from components.kinds.checks import Check, Expectation
 from components.stage import StageError
 
@@ -49,7 +50,8 @@ class DataKind:
     plural: ClassVar[str] = "examples"  # how a log line counts its examples
     input_scale: ClassVar[float] = 1.0  # the network multiplies its input by this first
     augmentable: ClassVar[bool] = False  # train.augment (crops, rotations, flips) applies
-    models: ClassVar[tuple[str, ...]] = ("mlp",)  # model families that can read it
+    example_rank: ClassVar[int] = 1  # the rank of one example: a row (F,) unless overridden
+    model_hint: ClassVar[str] = ""  # added to the message that refuses a model family
 
     # ------------------------------------------------------------ ingest
 
@@ -63,12 +65,17 @@ class DataKind:
 
     # ------------------------------------------------------------ train
 
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The model families that can read it (each family declares what it reads)."""
+        return reading(self.example_rank)
+
     def check_model(self, family: str, source: str) -> None:
-        """Refuse a model family that cannot read this kind, naming one that can."""
+        """Refuse a model family that cannot read this kind, naming those that can."""
         if family not in self.models:
             raise StageError(
-                f"train.model: {family} cannot read {source}, a {self.noun}; "
-                f"use {' or '.join(self.models)}"
+                f"train.model: {family} needs {FAMILIES[family].needs}, but {source} is a "
+                f"{self.noun}; use {' or '.join(self.models)}{self.model_hint}"
             )
 
     # ------------------------------------------------------------ validate

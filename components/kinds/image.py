@@ -204,7 +204,7 @@ class ImageKind(DataKind):
     plural = "images"
     input_scale = 1 / 255  # raw pixels in, scaled inside the network (and its ONNX export)
     augmentable = True
-    models = ("cnn", "mlp", "lstm", "gru")  # an RNN reads an image row by row
+    example_rank = 3  # (C, H, W)
 
     def recognises(self, source: str) -> bool:
         path = Path(source)

@@ -185,7 +185,7 @@ def is_time_series(meta: DatasetMeta) -> bool:
 class SequenceKind(DataKind):
     name = "sequence"
     noun = "sequence"
-    models = ("lstm", "gru", "mlp")
+    example_rank = 2  # (T, F)
 
     # Never chosen by ``ingest.kind: auto``: a .csv is a table and an .npz images unless told.
 
@@ -193,13 +193,6 @@ class SequenceKind(DataKind):
         if Path(cfg.source).suffix.lower() == ".npz":
             return prepare_npz(self.name, cfg, external_dir)
         return prepare_time_series(self.name, cfg, external_dir)
-
-    def check_model(self, family: str, source: str) -> None:
-        if family == "cnn":
-            raise StageError(
-                f"train.model: cnn needs images, but {source} is a sequence; use lstm, gru or mlp"
-            )
-        super().check_model(family, source)
 
     def raw_splits(self, prepared_dir: Path, meta: DatasetMeta):
         return read_rows(prepared_dir) if is_time_series(meta) else None

@@ -226,7 +226,7 @@ def feature_card(meta: DatasetMeta) -> dict:
 class TableKind(DataKind):
     name = "table"
     noun = "table"
-    models = ("mlp",)
+    model_hint = ", or ingest.kind sequence for a time series"
 
     def recognises(self, source: str) -> bool:
         return source in BUILTIN_TABLES or Path(source).suffix.lower() in TABLE_SUFFIXES
@@ -267,16 +267,6 @@ class TableKind(DataKind):
             f"splits {meta.split_sizes}"
         )
         return Prepared(meta, splits, frame, frames, len(frame), summary)
-
-    def check_model(self, family: str, source: str) -> None:
-        if family == "cnn":
-            raise StageError(f"train.model: cnn needs images, but {source} is a table; use mlp")
-        if family in ("lstm", "gru"):
-            raise StageError(
-                f"train.model: {family} needs sequences, but {source} is a table (one row "
-                "per example); use mlp, or ingest.kind sequence for a time series"
-            )
-        super().check_model(family, source)
 
     def raw_splits(self, prepared_dir: Path, meta: DatasetMeta) -> dict:
         return read_rows(prepared_dir)

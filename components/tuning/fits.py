@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from components import kinds, tasks
-from components.config import MODELS, Params
+from components.config import Params
+from components.families import MODELS
 from components.tuning.study import TuneError
 
 
@@ -29,7 +30,7 @@ def check_fits_data(params: Params, root: Path) -> None:
             f"logs {' and '.join(logged)}"
         )
     kind = meta.kind if meta else kinds.detect(params.ingest)
-    unfit = [m for m in MODELS if m not in kinds.get(kind).models]  # the kind says what reads it
+    unfit = [m for m in MODELS if m not in kinds.get(kind).models]  # as the families declare
     dim = params.tune.space.get("train.model")
     choices = list(dim.choices) if dim is not None and dim.choices is not None else []
     for model in choices or [params.train.model]:

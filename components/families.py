@@ -1,0 +1,93 @@
+"""The model families, each declared once: what data it reads and how it is compressed.
+
+A family is a network architecture (components/model.py builds it). Everything else that
+differs between families is read from its declaration here, not branched on by name: the data
+kinds it can read (by the rank of one example: an image is (C, H, W), a sequence (T, F), a
+table row (F,)), the widths that set its size (and that distillation shrinks), whether its
+recurrent units are pruned by our own code, and the op types it hands the int8 quantizer.
+
+This module imports nothing heavy: params validation and ingest read it without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IMAGE, SEQUENCE, ROW = 3, 2, 1  # the rank of one example of each shape
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    net: str  # the nn.Module class in components/model.py
+    reads: tuple[int, ...]  # ranks of the examples it can read
+    needs: str  # how a message names what it reads: "cnn needs images"
+    widths: tuple[str, ...]  # NetConfig fields that set its size (distillation scales them)
+    recurrent: bool = False  # LSTM / GRU units: pruned and shrunk by our own code
+    # The op types its ONNX graph hands the quantizer (dense layers arrive as MatMul: the
+    # pre-processing splits Gemm into MatMul + Add), as far as dynamic int8 is concerned.
+    quantized_ops: frozenset[str] = frozenset({"MatMul"})
+
+    def describe(self, config) -> str:
+        """The widths that set one network's size, for messages."""
+        parts = []
+        if self.recurrent:
+            parts.append(f"{config.rnn_layers} x {self.name} of {config.rnn_hidden_size} units")
+        parts += [
+            f"{field.replace('_', ' ')} {list(getattr(config, field))}"
+            for field in self.widths
+            if field != "rnn_hidden_size"
+        ]
+        return ", ".join(parts)
+
+
+FAMILIES: dict[str, Family] = {
+    family.name: family
+    for family in (
+        Family(
+            "cnn",
+            net="SmallCNN",
+            reads=(IMAGE,),
+            needs="images",
+            widths=("channels", "hidden_units"),
+            quantized_ops=frozenset({"Conv", "MatMul"}),
+        ),
+        Family(
+            "mlp",
+            net="MLP",
+            reads=(IMAGE, SEQUENCE, ROW),  # on the flattened example
+            needs="examples of any shape",
+            widths=("hidden_units",),
+        ),
+        Family(
+            "lstm",
+            net="RecurrentNet",
+            reads=(SEQUENCE, IMAGE),  # an image row by row
+            needs="sequences",
+            widths=("rnn_hidden_size", "hidden_units"),
+            recurrent=True,
+            quantized_ops=frozenset({"LSTM", "MatMul"}),
+        ),
+        Family(
+            "gru",
+            net="RecurrentNet",
+            reads=(SEQUENCE, IMAGE),
+            needs="sequences",
+            widths=("rnn_hidden_size", "hidden_units"),
+            recurrent=True,
+            quantized_ops=frozenset({"GRU", "MatMul"}),
+        ),
+    )
+}
+MODELS = tuple(FAMILIES)
+
+
+def family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"train.model: unknown model {name!r}; use one of {list(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def reading(rank: int) -> tuple[str, ...]:
+    """The families that can read examples of this rank, in declaration order."""
+    return tuple(name for name, f in FAMILIES.items() if rank in f.reads)
