@@ -26,7 +26,7 @@ from components.kinds.base import (
     sizes,
     stratified_split,
 )
-from components.kinds.checks import Check, Expectation, found, share
+from components.kinds.checks import MISSING_PARAM, Check, Expectation, found, share
 from components.kinds.table import (
     ROWS_SUITE,
     check_features_servable,
@@ -136,7 +136,7 @@ def prepare_npz(kind: str, cfg, external_dir: Path) -> Prepared:
         y, class_names = labels_to_indices(labels, names, str(path))
         if len(class_names) < 2:
             raise StageError(f"{path}: {len(class_names)} class(es): need at least 2")
-        idx = stratified_split(y, cfg.test_fraction, cfg.val_fraction, cfg.seed)
+        idx = stratified_split(y, cfg.test_fraction, cfg.val_fraction, cfg.seed, class_names)
     steps, width = x.shape[1:]
     names = [f"f{j}" for j in range(width)]
     columns = features.fit_numeric(x[idx["train"]].reshape(-1, width), names)
@@ -223,7 +223,8 @@ class SequenceKind(DataKind):
                 Expectation("ExpectColumnValuesToBeInSet", "has_nan",
                             f"sequences with NaN <= {params.max_missing_fraction:.1%}",
                             share("sequence"),
-                            {"value_set": [False], "mostly": 1.0 - params.max_missing_fraction}),
+                            {"value_set": [False], "mostly": 1.0 - params.max_missing_fraction},
+                            param=MISSING_PARAM),
             ]
         }  # fmt: skip
 
