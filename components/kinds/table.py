@@ -313,7 +313,7 @@ class TableKind(DataKind):
         )
         classes = f", {len(class_names)} classes" if class_names else ""
         summary = (
-            f"table of {len(frame)} rows, {len(inputs)} input columns -> "
+            f"table of {len(frame)} rows, {len(inputs)} input columns {inputs} -> "
             f"{len(spec['features'])} features, target {target_name!r} ({task}{classes}), "
             f"splits {meta.split_sizes}"
         )
