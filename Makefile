@@ -99,8 +99,12 @@ serve-edge: setup ## serve the newest edge bento on :3001, PORT=... another (CLO
 # Schedules and the Prefect UI (docs/orchestration.md).
 PREFECT_PORT ?= 4200
 
-prefect-server: setup ## the Prefect server and its UI on http://127.0.0.1:4200 (SQLite in .prefect/)
-	$(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+# The UI asks its API at PREFECT_UI_API_URL, which Prefect 3 derives from PREFECT_API_URL or
+# PREFECT_SERVER_API_HOST/PORT, not from --port: name them all, so any port works.
+prefect-server: setup ## the Prefect server and its UI on http://127.0.0.1:4200 (PREFECT_PORT=4300: another; SQLite in .prefect/)
+	PREFECT_SERVER_API_HOST=127.0.0.1 PREFECT_SERVER_API_PORT=$(PREFECT_PORT) \
+	  PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api \
+	  $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 schedule: setup repo-init ## serve the nightly + by-hand deployments (make prefect-server first; SCHEDULE_POOL=gpu: a work pool)
 	PREFECT_API_URL="$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api}" \
