@@ -60,10 +60,12 @@ deps: setup ## make each dvc.yaml stage's code deps the modules it imports (test
 lint: setup ## ruff lint and format check
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-serve: setup ## serve the champion's bento on http://127.0.0.1:3000
+# Servers bind the loopback interface only; PORT=... picks another port (make serve PORT=8080).
+serve: PORT ?= 3000
+serve: setup ## serve the champion's bento on http://127.0.0.1:3000 (PORT=8080: another port)
 	@tag="$$($(PY) -m components.promote tag)" && \
-	  echo "serving the champion $$tag" && \
-	  $(VENV)/bin/bentoml serve "$$tag" --host 127.0.0.1 --port 3000
+	  echo "serving the champion $$tag on http://127.0.0.1:$(PORT)" && \
+	  $(VENV)/bin/bentoml serve "$$tag" --host 127.0.0.1 --port $(PORT)
 
 champion: setup ## show the champion, its lineage and every packaged run
 	@$(PY) -m components.promote show
@@ -89,15 +91,20 @@ bench-tune: setup ## tuned vs default params, 1 vs 2 workers, ensemble vs best s
 bench-serve: setup ## the served bento vs a hand-written FastAPI server vs ONNX Runtime in-process (~2 min)
 	$(PY) -m bench.serve
 
-serve-edge: setup ## serve the newest edge bento on :3001 (CLOUD_URL=http://host:3000 forwards unsure images)
+serve-edge: PORT ?= 3001
+serve-edge: setup ## serve the newest edge bento on :3001, PORT=... another (CLOUD_URL=http://host:3000 forwards unsure images)
 	@test -f artefacts/bento.json || (echo "no bento yet: run 'make pipeline' first" && exit 1)
-	$(VENV)/bin/bentoml serve "$$($(PY) -c 'import json;print(json.load(open("artefacts/bento.json"))["edge"]["tag"])')" --host 127.0.0.1 --port 3001
+	$(VENV)/bin/bentoml serve "$$($(PY) -c 'import json;print(json.load(open("artefacts/bento.json"))["edge"]["tag"])')" --host 127.0.0.1 --port $(PORT)
 
 # Schedules and the Prefect UI (docs/orchestration.md).
 PREFECT_PORT ?= 4200
 
-prefect-server: setup ## the Prefect server and its UI on http://127.0.0.1:4200 (SQLite in .prefect/)
-	$(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+# The UI asks its API at PREFECT_UI_API_URL, which Prefect 3 derives from PREFECT_API_URL or
+# PREFECT_SERVER_API_HOST/PORT, not from --port: name them all, so any port works.
+prefect-server: setup ## the Prefect server and its UI on http://127.0.0.1:4200 (PREFECT_PORT=4300: another; SQLite in .prefect/)
+	PREFECT_SERVER_API_HOST=127.0.0.1 PREFECT_SERVER_API_PORT=$(PREFECT_PORT) \
+	  PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api \
+	  $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 schedule: setup repo-init ## serve the nightly + by-hand deployments (make prefect-server first; SCHEDULE_POOL=gpu: a work pool)
 	PREFECT_API_URL="$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api}" \

@@ -1,6 +1,7 @@
 """Benchmark: what compression buys on the default data, against the issue's goals, in one run.
 
     make bench            (after `make pipeline`: reads models/onnx and metrics/compress.json)
+    python -m bench.compression --smoke   (2 timing rounds, one width: does it run?)
 
 1. Goals, re-measured on the variants the compress stage wrote (more latency rounds than the
    stage takes, variants interleaved so load from other processes hits all alike):
@@ -19,10 +20,14 @@ fastest of many rounds (as in the stage; the medians are recorded too); the test
 split has 1,000 images, so one image is 0.1 pt and the standard error of an accuracy near
 97 % is about 0.5 pt: a 0.5-pt goal sits at the noise level of this data set. Results go to
 stdout and bench/results/compression.json, with the machine's load average.
+
+``--smoke`` (tests/test_bench.py) runs all three parts with 2 timing rounds of one call each
+and only the default width (one export), and writes to ``build/bench-smoke/`` instead.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -61,9 +66,10 @@ def session(path: Path, threads: int, disabled: tuple[str, ...] = ()):
     )
 
 
-def latencies(sessions: dict, image_shape, rounds: int = ROUNDS) -> dict[str, dict[int, float]]:
+def latencies(sessions: dict, image_shape, rounds: int | None = None) -> dict[str, dict]:
     """ms per call at batch 1 and 64 in the fastest round, as the compress stage measures it
     (sessions take turns within every round); the medians go to ``MEDIANS``."""
+    rounds = rounds or ROUNDS
     rng = np.random.default_rng(0)
     feeds = {b: {INPUT_NAME: rng.integers(0, 256, (b, *image_shape)).astype(np.float32)}
              for b in CALLS}  # fmt: skip
@@ -196,7 +202,9 @@ def int8_study(fp32_path: Path, calibration, test, shape, threads, qparams, tmp:
 # ---------------------------------------------------------------- 3. wider networks
 
 
-def width_study(meta, params, calibration, shape, threads, tmp: Path) -> list[dict]:
+def width_study(
+    meta, params, calibration, shape, threads, tmp: Path, factors=(1, 2, 4)
+) -> list[dict]:
     import torch
 
     from components import quantize
@@ -205,7 +213,7 @@ def width_study(meta, params, calibration, shape, threads, tmp: Path) -> list[di
     from components.train import net_config
 
     rows = []
-    for factor in (1, 2, 4):
+    for factor in factors:
         train = params.train.model_copy(update={
             "channels": tuple(c * factor for c in params.train.channels),
             "hidden_units": tuple(h * factor for h in params.train.hidden_units),
@@ -230,9 +238,16 @@ def width_study(meta, params, calibration, shape, threads, tmp: Path) -> list[di
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import onnxruntime as ort
 
+    global ROUNDS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="2 rounds, one width, in build/")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        ROUNDS = 2
+        CALLS.update({1: 1, 64: 1})
     params = load_params()
     paths, cfg = params.paths, params.compress
     compressed = json.loads((Path(paths.metrics_dir) / "compress.json").read_text())
@@ -250,7 +265,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         study = int8_study(onnx_dir / "fp32.onnx", calibration, test, shape, threads,
                            cfg.quantization, Path(tmp))  # fmt: skip
-        widths = width_study(meta, params, calibration, shape, threads, Path(tmp))
+        factors = (1,) if args.smoke else (1, 2, 4)
+        widths = width_study(meta, params, calibration, shape, threads, Path(tmp), factors)
     report = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),
@@ -266,7 +282,7 @@ def main() -> None:
         "width_study": widths,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    out = Path("bench/results/compression.json")
+    out = Path("build/bench-smoke" if args.smoke else "bench/results") / "compression.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -1,14 +1,18 @@
 """Benchmark: int8 vs fp32 ONNX models of the last pipeline run, measured in one run.
 
     make bench            (after `make pipeline`)
+    python -m bench.onnx_variants --smoke   (a few timing calls: does it run?)
 
 Reports file size, median latency at batch 1 and batch 64 (ONNX Runtime, 1 thread) and test
 accuracy of each variant, then the ratios int8/fp32. Results go to stdout and to
 bench/results/onnx_variants.json. Latency depends on the machine: compare ratios, not times.
+``--smoke`` (tests/test_bench.py) times 5 calls instead of hundreds and writes to
+``build/bench-smoke/`` instead.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import time
@@ -33,7 +37,11 @@ def median_ms(session, x: np.ndarray, repeats: int) -> float:
     return float(np.median(times) * 1000)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="a few calls, results in build/")
+    args = parser.parse_args(argv)
+    repeats = (5, 5) if args.smoke else (500, 100)
     params = load_params()
     onnx_dir = Path(params.paths.model_dir) / "onnx"
     test = load_arrays(split_path(params.paths.prepared_dir, "test"))
@@ -46,8 +54,8 @@ def main() -> None:
         accuracy = float((run_onnx(path, test.x).argmax(axis=1) == test.y).mean())
         rows[name] = {
             "size_bytes": path.stat().st_size,
-            "latency_ms_batch1": median_ms(session, test.x[:1].astype(np.float32), 500),
-            "latency_ms_batch64": median_ms(session, test.x[:64].astype(np.float32), 100),
+            "latency_ms_batch1": median_ms(session, test.x[:1].astype(np.float32), repeats[0]),
+            "latency_ms_batch64": median_ms(session, test.x[:64].astype(np.float32), repeats[1]),
             "test_accuracy": accuracy,
         }
     fp32, int8 = rows["fp32"], rows["int8"]
@@ -62,7 +70,7 @@ def main() -> None:
         "variants": rows,
         "ratios": ratios,
     }
-    out = Path("bench/results/onnx_variants.json")
+    out = Path("build/bench-smoke" if args.smoke else "bench/results") / "onnx_variants.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{'variant':8} {'size KiB':>9} {'b1 ms':>8} {'b64 ms':>8} {'accuracy':>9}")

@@ -1,8 +1,10 @@
 """Benchmark: the served bento against a hand-written server and the in-process ceiling.
 
     make bench-serve          (after `make pipeline`; about 2 minutes)
+    python -m bench.serve --smoke   (a few seconds of load, one bento start: does it run?)
 
-In one run, on the same ONNX model (``compress.serve_variant`` of the last pipeline run):
+In one run, on the same ONNX model (the variant the last pipeline run serves: compress.json's
+``served_variant``):
 
 1. ``bentoml serve`` of the cloud bento (adaptive batching, one worker per core), built by
    the package stage's core from the pipeline's model and the current ``deploy/`` code into a
@@ -21,6 +23,10 @@ servers run one at a time, alone. Each point also records the server's CPU time 
 which depends far less on what else runs on the machine than requests/s do. Every figure
 depends on the machine and its load: the load average before and after is recorded next to
 the results, in ``bench/results/serve.json``.
+
+``--smoke`` (tests/test_bench.py) runs every step on 0.3 s of load per point, 1 and 2 clients,
+and skips the one-worker bento (a second bento start); its results go to
+``build/bench-serve/serve.json``, leaving the measured ones alone.
 """
 
 from __future__ import annotations
@@ -68,12 +74,17 @@ def build_bento(root: Path, scratch: Path) -> tuple[str, Path]:
     """The cloud bento of the pipeline's served model, built by the package stage's core
     from the current deploy/ code into a scratch store (the project's own is left alone).
     Returns its tag and its model folder."""
+    from components import records
     from components.config import load_params
     from components.dataset import meta_path
     from components.package import package
+    from components.stage import StageError
 
     params = load_params(root / "params.yaml")
-    variant = params.compress.serve_variant
+    try:  # the compress stage's selection policy (compress.select) decides what is served
+        variant = records.read_compress(root / params.paths.metrics_dir).served_variant
+    except StageError as exc:
+        raise SystemExit(f"{exc} (`make pipeline` first)") from None
     onnx_file = root / params.paths.model_dir / "onnx" / f"{variant}.onnx"
     if not onnx_file.is_file():
         raise SystemExit(f"{onnx_file} not found: run `make pipeline` first")
@@ -98,8 +109,11 @@ def sample_images(root: Path, n: int) -> np.ndarray:
         params = load_params(root / "params.yaml")
         x = load_arrays(split_path(root / params.paths.prepared_dir, "test")).x
         return np.resize(x, (n, *x.shape[1:])).astype(np.int64)
-    except Exception:  # no prepared data: same shape from the model card, random pixels
-        return np.random.default_rng(0).integers(0, 256, (n, 1, 28, 28))
+    except Exception:  # no prepared data: the shape the meta names, random pixels
+        from components.dataset import DatasetMeta, meta_path
+
+        shape = DatasetMeta.load(meta_path(root / params.paths.prepared_dir)).input_shape
+        return np.random.default_rng(0).integers(0, 256, (n, *shape))
 
 
 def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -172,11 +186,12 @@ def measure(server: Server, path: str, body: bytes, clients: int, seconds: float
     items = kw.pop("items", 1)
     request = encode_post(server.url + path, body, content_type)
     cpu_before, wall_before = server.cpu_seconds(), time.perf_counter()
-    result = asyncio.run(run_load(server.url, request, clients, seconds, warmup=1.0))
+    warmup = kw.pop("warmup", 1.0)
+    result = asyncio.run(run_load(server.url, request, clients, seconds, warmup=warmup))
     cpu = server.cpu_seconds() - cpu_before
     wall = time.perf_counter() - wall_before
     summary = result.summary()
-    # The warm-up second is in the CPU time but not in the request count: scale it out.
+    # The warm-up is in the CPU time but not in the request count: scale it out.
     counted = result.requests * wall / seconds if result.requests else 0
     summary["server_cpu_ms_per_request"] = round(1000 * cpu / counted, 3) if counted else None
     summary["server_cores_busy"] = round(cpu / wall, 2)
@@ -242,11 +257,18 @@ def ceiling(model_dir: Path, batch: np.ndarray, seconds: float) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=6.0, help="measured time per point")
-    args = parser.parse_args()
-    secs = args.seconds
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help="does it run: 0.3 s per point, 1-2 clients, no one-worker bento, results in build/",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    secs = 0.3 if args.smoke else args.seconds
+    clients = (1, 2) if args.smoke else CLIENTS
+    batch_clients = (1,) if args.smoke else (1, 2, 4)
+    warmup = 0.2 if args.smoke else 1.0
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     root = Path.cwd()
@@ -286,7 +308,9 @@ def main() -> None:
     )
     try:
         baseline_label = check_answer(base.url, images)
-        report["baseline"] = {str(n): measure(base, "/predict", single, n, secs) for n in CLIENTS}
+        report["baseline"] = {
+            str(n): measure(base, "/predict", single, n, secs, warmup=warmup) for n in clients
+        }
     finally:
         base.stop()
 
@@ -308,27 +332,39 @@ def main() -> None:
     try:
         if check_answer(server.url, images) != baseline_label:
             raise SystemExit("the bento and the baseline disagree on the same image")
-        report["bento"] = {str(n): measure(server, "/predict", single, n, secs) for n in CLIENTS}
+        report["bento"] = {
+            str(n): measure(server, "/predict", single, n, secs, warmup=warmup) for n in clients
+        }
         report["bento_batching"] = batch_metrics(server.url)
         report["batch64_json"] = {
-            str(n): measure(server, "/predict_batch", batch_json, n, secs, items=BATCH)
-            for n in (1, 2, 4)
+            str(n): measure(
+                server, "/predict_batch", batch_json, n, secs, items=BATCH, warmup=warmup
+            )
+            for n in batch_clients
         }
         report["batch64_npy"] = {
             str(n): measure(
-                server, "/predict_array", batch_npy, n, secs, items=BATCH, content_type=npy_type
-            )
-            for n in (1, 2, 4)
+                server,
+                "/predict_array",
+                batch_npy,
+                n,
+                secs,
+                items=BATCH,
+                content_type=npy_type,
+                warmup=warmup,
+            )  # fmt: skip
+            for n in batch_clients
         }
     finally:
         server.stop()
 
-    print("  bentoml serve, adaptive batching, one worker (per-core cost)")
-    server = bento(1)
-    try:
-        report["bento_1_worker"] = {"32": measure(server, "/predict", single, 32, secs)}
-    finally:
-        server.stop()
+    if not args.smoke:
+        print("  bentoml serve, adaptive batching, one worker (per-core cost)")
+        server = bento(1)
+        try:
+            report["bento_1_worker"] = {"32": measure(server, "/predict", single, 32, secs)}
+        finally:
+            server.stop()
 
     report["ceiling"] = ceiling(model_dir, images, secs)
     print(
@@ -337,13 +373,16 @@ def main() -> None:
     )
     report["load_average_after"] = load_average()
 
+    # 32 and 8 clients (a smoke run: 2 and 2, so its "goals" only show that the sums run).
+    top, mid = str(clients[-1]), str(clients[1])
+
     def best(key: str) -> float:
         return max(r["samples_per_s"] for r in report[key].values())
 
     ratios = {
-        "bento_vs_baseline_at_32": report["bento"]["32"]["requests_per_s"]
-        / report["baseline"]["32"]["requests_per_s"],
-        "bento_p99_ms_at_8": report["bento"]["8"]["p99_ms"],
+        "bento_vs_baseline_at_32": report["bento"][top]["requests_per_s"]
+        / report["baseline"][top]["requests_per_s"],
+        "bento_p99_ms_at_8": report["bento"][mid]["p99_ms"],
         "batch64_json_vs_ceiling": best("batch64_json") / report["ceiling"]["samples_per_s"],
         "batch64_npy_vs_ceiling": best("batch64_npy") / report["ceiling"]["samples_per_s"],
     }
@@ -355,13 +394,14 @@ def main() -> None:
         }
         for name, value in ratios.items()
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    results = scratch / "serve.json" if args.smoke else RESULTS
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(report, indent=2) + "\n")
     print("  goals:")
     for name, goal in report["goals"].items():
         verdict = "MET" if goal["met"] else "NOT MET"
         print(f"    {name}: {goal['value']} (goal {goal['goal']}) {verdict}")
-    print(f"  load average after {report['load_average_after']}; written to {RESULTS}")
+    print(f"  load average after {report['load_average_after']}; written to {results}")
 
 
 if __name__ == "__main__":

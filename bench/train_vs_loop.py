@@ -1,6 +1,7 @@
 """Benchmark: the train stage's Lightning loop against a plain PyTorch loop, in one run.
 
     make bench            (after `make pipeline`: uses data/prepared)
+    python -m bench.train_vs_loop --smoke   (one epoch of each loop, once: does it run?)
 
 Same network, data, batch size, optimiser and number of epochs; no validation in either, so
 the figure is the training loop's own cost. Two figures for each loop:
@@ -11,11 +12,13 @@ the figure is the training loop's own cost. Two figures for each loop:
   a 4-epoch run of 3,500 small images, and nothing in a real one).
 
 The goal (Lightning / plain >= 0.95) is judged on the epoch figure. Results also go to
-bench/results/train_vs_loop.json.
+bench/results/train_vs_loop.json (``--smoke``, for tests/test_bench.py: one epoch, one repeat,
+written to build/bench-smoke/ instead).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -92,7 +95,13 @@ def lightning_loop(params, meta, train) -> tuple[float, float]:
     return len(train) / min(timer.seconds), len(train) * EPOCHS / total
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    global EPOCHS, REPEATS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="1 epoch, 1 repeat, in build/")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        EPOCHS, REPEATS = 1, 1
     all_params = load_params()
     params = all_params.train.model_copy(update={"optimizer": "adam", "lr_schedule": "none"})
     meta = DatasetMeta.load(meta_path(all_params.paths.prepared_dir))
@@ -127,7 +136,7 @@ def main() -> None:
         },
         "all_runs": {"plain": plain, "lightning": light},
     }
-    out = Path("bench/results/train_vs_loop.json")
+    out = Path("build/bench-smoke" if args.smoke else "bench/results") / "train_vs_loop.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     total = report["total_with_setup"]

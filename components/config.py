@@ -46,6 +46,7 @@ class IngestParams(_Section):
     features: tuple[str, ...]  # tables and time series: input columns (empty: all but target)
     window: int = Field(ge=1)  # time series: steps of history in one example
     horizon: int = Field(ge=1)  # time series: predict the target this many steps after it
+    time_index_as_input: bool  # time series: keep an increasing integer column (a year) as input
     test_fraction: float = Field(gt=0, lt=1)
     val_fraction: float = Field(gt=0, lt=1)
     seed: int

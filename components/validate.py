@@ -30,7 +30,7 @@ import pandas as pd
 from components import kinds
 from components.config import Params, ValidateParams
 from components.dataset import SPLITS, ArraySet, DatasetMeta, load_arrays, meta_path, split_path
-from components.kinds.checks import Check, Detail, Expectation
+from components.kinds.checks import MIN_ROWS_PARAM, Check, Detail, Expectation
 from components.stage import StageError, main, write_json
 
 log = logging.getLogger("pipeline.validate")
@@ -78,7 +78,7 @@ def counts_expectations(params: ValidateParams) -> list[Expectation]:
     return [
         Expectation("ExpectColumnValuesToBeBetween", "count",
                     f"label counts per class >= {params.min_rows_per_class}", _counts_detail,
-                    {"min_value": params.min_rows_per_class}),
+                    {"min_value": params.min_rows_per_class}, param=MIN_ROWS_PARAM),
     ]  # fmt: skip
 
 
@@ -159,7 +159,7 @@ def check_splits(
     kind = kinds.get(meta.kind)
     context = _context(docs_dir)
     source = context.data_sources.add_pandas("prepared")
-    suites: dict[str, tuple[object, dict[str, Detail]]] = {}
+    suites: dict[str, tuple[object, dict[str, Expectation]]] = {}
     for name, expectations in suites_for(meta, params).items():
         configured = [
             getattr(gx.expectations, e.type)(column=e.column, description=e.description,
@@ -167,7 +167,7 @@ def check_splits(
             for e in expectations
         ]  # fmt: skip
         suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=configured))
-        suites[name] = (suite, {e.description: e.detail for e in expectations})
+        suites[name] = (suite, {e.description: e for e in expectations})
     run_id = RunIdentifier(run_name="validate")
     ctx = {"class_names": meta.class_names}
 
@@ -178,7 +178,7 @@ def check_splits(
         counts = class_count_table(data.y, len(meta.class_names))
         tables[COUNTS_SUITE] = counts
         checks += kind.array_checks(split, data, meta)
-        for name, (suite, details) in suites.items():
+        for name, (suite, expected) in suites.items():
             # One asset per split and table, so each Data Docs page names its split.
             batch = source.add_dataframe_asset(
                 f"{split}_{name}"
@@ -195,11 +195,9 @@ def check_splits(
                 run_id=run_id,
             )
             for result in outcome.results:
-                description = result.expectation_config.description
-                detail = (
-                    "" if result.success else _describe_failure(result, details[description], ctx)
-                )
-                checks.append(Check(split, description, bool(result.success), detail))
+                e = expected[result.expectation_config.description]
+                detail = "" if result.success else _describe_failure(result, e.detail, ctx)
+                checks.append(Check(split, e.description, bool(result.success), detail, e.param))
         class_counts = {
             meta.class_names[i]: int(c)
             for i, c in zip(counts["label"], counts["count"], strict=True)

@@ -156,6 +156,28 @@ def test_time_series_is_split_in_time_and_windowed(tmp_path):
     assert described["config"]["family"] == "gru" and described["kind"] == "sequence"
 
 
+@pytest.mark.parametrize(
+    ("ingest_overrides", "inputs"),
+    [
+        ({}, ("load", "temp")),  # the year counts time: not an input
+        ({"time_index_as_input": True}, ("year", "load", "temp")),
+        ({"features": ["year", "load"]}, ("year", "load")),  # named: taken as asked
+    ],
+)
+def test_a_series_time_index_is_an_input_only_when_asked(tmp_path, ingest_overrides, inputs):
+    from components import kinds
+
+    series = make_series(n=60)
+    series.insert(0, "year", np.arange(1950, 1950 + len(series)))
+    path = _write(tmp_path, series, "yearly.csv")
+    raw = params_with(tmp_path, str(path), SERIES_OVERRIDES, {"ingest": ingest_overrides})
+    cfg = parse_params(raw).ingest
+    prepared = kinds.get("sequence").prepare(cfg, path.parent)
+    assert prepared.meta.feature_names == inputs
+    assert f"inputs {list(inputs)}" in prepared.summary  # the log line names them
+    assert ("time index 'year' not an input" in prepared.summary) == ("year" not in inputs)
+
+
 def test_per_sample_sequences_classify_with_an_lstm(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(90, 6, 2)).astype(np.float32)

@@ -138,5 +138,5 @@ def test_class_too_small_to_split(tmp_path: Path):
     raw = tiny_params_dict(tmp_path, "unused")
     params = parse_params(raw).ingest
     images = ArraySet(np.zeros((7, 1, 4, 4), np.uint8), np.array([0, 0, 0, 0, 0, 1, 1]))
-    with pytest.raises(StageError, match="class index 1 has 2 example"):
+    with pytest.raises(StageError, match="class 'b' has 2 example"):
         split_images(ImageSource(images, ("a", "b")), params)

@@ -93,14 +93,20 @@ def test_too_few_rows_of_a_class_fails_naming_split_and_class(clean):
     val = clean["val"]
     keep = np.r_[0 : 2 * PER_CLASS, 2 * PER_CLASS : 2 * PER_CLASS + 4]  # class 'two': 4 left
     failed = failures({**clean, "val": ArraySet(x=val.x[keep], y=val.y[keep])})
-    assert failed == ["val: label counts per class >= 10 (class 'two' has 4)"]
+    assert failed == [
+        "val: label counts per class >= 10 (class 'two' has 4"
+        "; the limit is validate.min_rows_per_class in params.yaml)"
+    ]
 
 
 def test_a_class_absent_from_a_split_fails(clean):
     test = clean["test"]
     keep = test.y != 1
     failed = failures({**clean, "test": ArraySet(x=test.x[keep], y=test.y[keep])})
-    assert failed == ["test: label counts per class >= 10 (class 'one' has 0)"]
+    assert failed == [
+        "test: label counts per class >= 10 (class 'one' has 0"
+        "; the limit is validate.min_rows_per_class in params.yaml)"
+    ]
 
 
 def test_min_rows_per_class_comes_from_params(clean):
@@ -145,7 +151,8 @@ def test_nan_pixels_fail(clean):
     failed = failures({**clean, "train": ArraySet(x=x, y=clean["train"].y)})
     assert failed == [
         "train: pixel dtype == uint8 (found float64)",
-        "train: images with NaN pixels <= 0.0% (1 of 45 images, 2.2%)",
+        "train: images with NaN pixels <= 0.0% (1 of 45 images, 2.2%"
+        "; the limit is validate.max_missing_fraction in params.yaml)",
     ]
 
 
@@ -211,7 +218,8 @@ def test_run_fails_naming_each_problem_after_writing_reports(tmp_path, clean):
         run(params)
 
     expected = [
-        "val: label counts per class >= 10 (class 'two' has 0)",
+        "val: label counts per class >= 10 (class 'two' has 0"
+        "; the limit is validate.min_rows_per_class in params.yaml)",
         "test: pixel dtype == uint8 (found int16)",
         "test: pixel max <= 255 (found 300 in 1 of 45 images)",
     ]

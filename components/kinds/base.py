@@ -8,7 +8,7 @@ read it. Stages only ask; the on-disk format stays components/dataset.py's.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -200,20 +200,27 @@ def labels_to_indices(labels: np.ndarray, names: list[str] | None, origin: str):
 
 
 def stratified_split(
-    y: np.ndarray, test_fraction: float, val_fraction: float, seed: int
+    y: np.ndarray,
+    test_fraction: float,
+    val_fraction: float,
+    seed: int,
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Indices of a seeded split that keeps every class's share in every split.
 
-    Each class needs at least 3 examples so that every split sees it.
+    Each class needs at least 3 examples so that every split sees it; a message names a class
+    by its name in ``class_names`` (what the user's data calls it), not by its index.
     """
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     for label in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == label))
         if len(idx) < 3:
+            named = class_names is not None and 0 <= int(label) < len(class_names)
+            which = f"class {class_names[int(label)]!r}" if named else f"label {label}"
             raise StageError(
-                f"class index {label} has {len(idx)} example(s): need at least 3 to appear in "
-                "train, val and test"
+                f"{which} has {len(idx)} example(s): need at least 3 to appear in train, val "
+                "and test (add examples of it, or drop it from the data)"
             )
         n_test = max(1, round(len(idx) * test_fraction))
         n_val = max(1, round(len(idx) * val_fraction))

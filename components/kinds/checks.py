@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# The params.yaml keys that set the limits of the checks every kind shares, named by a failed
+# check so the user knows what to change.
+MIN_ROWS_PARAM = "validate.min_rows_per_class"
+MISSING_PARAM = "validate.max_missing_fraction"
+
 # Turns a failed expectation's GX result (and our context: class names) into "found ...".
 Detail = Callable[[dict, dict], str]
 
@@ -24,10 +29,15 @@ class Check:
     description: str  # what was expected, e.g. "pixel max <= 255"
     passed: bool
     detail: str = ""  # what was found, when it failed
+    param: str = ""  # the params.yaml key that sets the limit, when one does
 
     def __str__(self) -> str:
         text = f"{self.split}: {self.description}"
-        return f"{text} ({self.detail})" if self.detail else text
+        # A failed check names the param that sets its limit: what the user may change.
+        said = [self.detail] if self.detail else []
+        if self.param and not self.passed:
+            said.append(f"the limit is {self.param} in params.yaml")
+        return f"{text} ({'; '.join(said)})" if said else text
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,7 @@ class Expectation:
     description: str
     detail: Detail
     options: dict = field(default_factory=dict)
+    param: str = ""  # the params.yaml key its limit comes from, e.g. "validate.min_rows_per_class"
 
 
 def fmt(value) -> str:

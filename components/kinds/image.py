@@ -29,7 +29,7 @@ from components.kinds.base import (
     stratified_split,
     take,
 )
-from components.kinds.checks import Check, Expectation, found, labels_detail, share
+from components.kinds.checks import MISSING_PARAM, Check, Expectation, found, labels_detail, share
 from components.stage import StageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -152,7 +152,9 @@ def split_images(source: ImageSource, cfg) -> dict[str, ArraySet]:
     """The pure core: split loaded images into train/val/test, stratified by class."""
     if len(source.class_names) < 2:
         raise StageError(f"the data set has {len(source.class_names)} class(es): need at least 2")
-    idx = stratified_split(source.images.y, cfg.test_fraction, cfg.val_fraction, cfg.seed)
+    idx = stratified_split(
+        source.images.y, cfg.test_fraction, cfg.val_fraction, cfg.seed, source.class_names
+    )
     return take(source.images.x, source.images.y, idx)
 
 
@@ -243,7 +245,8 @@ class ImageKind(DataKind):
                 Expectation("ExpectColumnValuesToBeInSet", "has_nan",
                             f"images with NaN pixels <= {params.max_missing_fraction:.1%}",
                             share("image"),
-                            {"value_set": [False], "mostly": 1.0 - params.max_missing_fraction}),
+                            {"value_set": [False], "mostly": 1.0 - params.max_missing_fraction},
+                            param=MISSING_PARAM),
                 Expectation("ExpectColumnValuesToNotBeNull", "label", "every image has a label",
                             found(max)),
                 Expectation("ExpectColumnValuesToBeInSet", "label",

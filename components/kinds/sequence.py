@@ -26,7 +26,7 @@ from components.kinds.base import (
     sizes,
     stratified_split,
 )
-from components.kinds.checks import Check, Expectation, found, share
+from components.kinds.checks import MISSING_PARAM, Check, Expectation, found, share
 from components.kinds.table import (
     ROWS_SUITE,
     check_features_servable,
@@ -72,10 +72,30 @@ def chronological_bounds(n: int, cfg) -> dict[str, tuple[int, int]]:
     return bounds
 
 
+def time_index_columns(frame, columns: list[str]) -> list[str]:
+    """The columns among ``columns`` that count time rather than measure anything: integers
+    that strictly increase row after row (a year, a step number). As an input such a column
+    tells the network only where it is in the series, and every test window lies beyond the
+    range it was trained on. (A date column is text or datetime, never a numeric input.)"""
+    import pandas as pd
+
+    return [
+        c
+        for c in columns
+        if pd.api.types.is_integer_dtype(frame[c])
+        and frame[c].is_monotonic_increasing
+        and frame[c].is_unique
+    ]
+
+
 def prepare_time_series(kind: str, cfg, external_dir: Path) -> Prepared:
     """A time series in row order: chronological splits, then windows within each split."""
     frame = read_frame(cfg, external_dir)
     target_name, inputs = choose_columns(frame, cfg, numeric_only=True)
+    left_out = []
+    if not cfg.features and not cfg.time_index_as_input:  # features named: taken as asked
+        left_out = [c for c in time_index_columns(frame, inputs) if c != target_name]
+        inputs = [c for c in inputs if c not in left_out]
     if cfg.task == "classification":
         raise StageError("ingest.task classification: forecasting a time series is regression")
     target_col = frame[target_name]
@@ -103,9 +123,15 @@ def prepare_time_series(kind: str, cfg, external_dir: Path) -> Prepared:
         feature_names=tuple(spec["features"]),
         preprocess=spec,
     )
+    index = (
+        f"; time index {', '.join(map(repr, left_out))} not an input (ingest.time_index_as_input)"
+        if left_out
+        else ""
+    )
     summary = (
-        f"time series of {n} steps, {len(inputs)} features, window {cfg.window}, forecast "
-        f"{target_name!r} {cfg.horizon} step(s) ahead; windows per split {meta.split_sizes}"
+        f"time series of {n} steps, {len(inputs)} inputs {inputs}{index}, window {cfg.window}, "
+        f"forecast {target_name!r} {cfg.horizon} step(s) ahead; windows per split "
+        f"{meta.split_sizes}"
     )
     return Prepared(meta, splits, frame, frames, n, summary)
 
@@ -136,7 +162,7 @@ def prepare_npz(kind: str, cfg, external_dir: Path) -> Prepared:
         y, class_names = labels_to_indices(labels, names, str(path))
         if len(class_names) < 2:
             raise StageError(f"{path}: {len(class_names)} class(es): need at least 2")
-        idx = stratified_split(y, cfg.test_fraction, cfg.val_fraction, cfg.seed)
+        idx = stratified_split(y, cfg.test_fraction, cfg.val_fraction, cfg.seed, class_names)
     steps, width = x.shape[1:]
     names = [f"f{j}" for j in range(width)]
     columns = features.fit_numeric(x[idx["train"]].reshape(-1, width), names)
@@ -216,7 +242,8 @@ class SequenceKind(DataKind):
                 Expectation("ExpectColumnValuesToBeInSet", "has_nan",
                             f"sequences with NaN <= {params.max_missing_fraction:.1%}",
                             share("sequence"),
-                            {"value_set": [False], "mostly": 1.0 - params.max_missing_fraction}),
+                            {"value_set": [False], "mostly": 1.0 - params.max_missing_fraction},
+                            param=MISSING_PARAM),
             ]
         }  # fmt: skip
 

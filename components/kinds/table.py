@@ -25,7 +25,7 @@ from components.kinds.base import (
     sizes,
     stratified_split,
 )
-from components.kinds.checks import Check, Expectation, share
+from components.kinds.checks import MISSING_PARAM, Check, Expectation, share
 from components.stage import StageError
 
 TABLE_SUFFIXES = (".csv", ".parquet")
@@ -50,6 +50,54 @@ def load_builtin_table(name: str):
     return frame
 
 
+def check_csv_rows(path: Path) -> None:
+    """Refuse, naming the file, row and line, a CSV that is not UTF-8 text or whose rows do not
+    all have the header's number of fields. pandas reads a row cut short (a truncated copy or
+    download) as missing values without a word, and names neither the file nor the row of an
+    undecodable byte."""
+    import csv
+
+    data_rows = 0
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise StageError(f"{path}: the file is empty (no header row)")
+            for row in reader:
+                if not row:  # a blank line: pandas skips it too
+                    continue
+                data_rows += 1
+                if len(row) != len(header):
+                    line = reader.line_num
+                    last = not any(reader)  # only blank lines after it
+                    raise StageError(
+                        f"{path}, row {data_rows} (line {line}): {len(row)} field(s), but the "
+                        f"header has {len(header)}"
+                        + ("; it is the last row: the file looks cut short (copy it again)"
+                           if last and len(row) < len(header) else "")
+                    )  # fmt: skip
+        except UnicodeDecodeError as exc:
+            raise StageError(
+                f"{path}, line {_line_of_bad_byte(path)}: not UTF-8 text ({exc.reason}, byte "
+                f"0x{exc.object[exc.start]:02x}): save the table as UTF-8 CSV"
+            ) from None
+        except csv.Error as exc:  # e.g. a quote opened and never closed: the file was cut
+            raise StageError(
+                f"{path}, row {data_rows + 1} (line {reader.line_num}): {exc} (truncated?)"
+            ) from None
+
+
+def _line_of_bad_byte(path: Path) -> int:
+    with path.open("rb") as fh:
+        for number, line in enumerate(fh, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 0
+
+
 def read_frame(cfg, external_dir: Path):
     """A table or time series as a pandas frame."""
     import pandas as pd
@@ -62,6 +110,8 @@ def read_frame(cfg, external_dir: Path):
         raise StageError(
             f"ingest.source {cfg.source!r}: a table or time series must be a .csv or .parquet file"
         )
+    if suffix == ".csv":
+        check_csv_rows(path)
     try:
         frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
     except Exception as exc:  # pandas raises many types for a malformed file
@@ -160,7 +210,8 @@ def rows_expectations(meta: DatasetMeta, params) -> list[Expectation]:
     rows = [
         Expectation("ExpectColumnValuesToNotBeNull", name,
                     f"column {name!r}: missing values <= {params.max_missing_fraction:.1%}",
-                    share("row"), {"mostly": 1.0 - params.max_missing_fraction})
+                    share("row"), {"mostly": 1.0 - params.max_missing_fraction},
+                    param=MISSING_PARAM)
         for name in columns
     ]  # fmt: skip
     if meta.target and meta.target not in columns:
@@ -243,7 +294,7 @@ class TableKind(DataKind):
                     f"target column {target_name!r} has {len(class_names)} class(es): "
                     "need at least 2"
                 )
-            idx = stratified_split(y, cfg.test_fraction, cfg.val_fraction, cfg.seed)
+            idx = stratified_split(y, cfg.test_fraction, cfg.val_fraction, cfg.seed, class_names)
         else:
             idx = random_split(len(y), cfg.test_fraction, cfg.val_fraction, cfg.seed)
         frames = {s: frame.iloc[i].reset_index(drop=True) for s, i in idx.items()}
@@ -262,7 +313,7 @@ class TableKind(DataKind):
         )
         classes = f", {len(class_names)} classes" if class_names else ""
         summary = (
-            f"table of {len(frame)} rows, {len(inputs)} input columns -> "
+            f"table of {len(frame)} rows, {len(inputs)} input columns {inputs} -> "
             f"{len(spec['features'])} features, target {target_name!r} ({task}{classes}), "
             f"splits {meta.split_sizes}"
         )

@@ -41,7 +41,7 @@ def prepare(source: str, folder: str, seed: int = 0) -> kinds.Prepared:
     """Read and split a source with the data kind that recognises it."""
     cfg = IngestParams(
         source=source, kind="auto", target="", task="auto", features=(), window=16, horizon=1,
-        test_fraction=0.2, val_fraction=0.2, seed=seed,
+        time_index_as_input=False, test_fraction=0.2, val_fraction=0.2, seed=seed,
     )  # fmt: skip
     return kinds.get(kinds.detect(cfg)).prepare(cfg, Path(folder))
 
