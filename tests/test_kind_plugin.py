@@ -118,7 +118,8 @@ def test_the_new_kind_is_validated_by_its_own_suite(tmp_path):
 @pytest.mark.parametrize(
     ("train_kw", "message"),
     [
-        ({"model": "cnn"}, r"train.model: cnn needs images, but .*signals.npz is a signal; use mlp"),
+        ({"model": "cnn"}, r"train.model: cnn needs images, but .*signals.npz is a signal; "
+                           "use mlp"),
         ({"augment": {"crop_padding": 2, "max_rotation_degrees": 0, "horizontal_flip": False}},
          "train.augment: crops, rotations and flips are for images, not a signal"),
     ],
