@@ -43,6 +43,11 @@ TEST_WORKERS ?= 2
 test: setup browser ## run the test suite (fast tests and the end-to-end tests), TEST_WORKERS=2 at once
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
+# `make test` soaks the served bento for 10 s; this is the 60 s the hardening issue asks for.
+SOAK_SECONDS ?= 60
+soak: setup ## 8 clients, good and hostile requests, against a served bento for SOAK_SECONDS=60
+	SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest -n 0 -s tests/test_service_hardening.py -k soak
+
 # The report test renders reports/report.html in a real headless Chromium: Debian's, since no
 # test tool may download its own browser here. Installed when missing and we are root; the
 # test skips (and says why) when no Chromium can be had at all.
@@ -115,4 +120,4 @@ schedule: setup repo-init ## serve the nightly + by-hand deployments (make prefe
 clean: ## remove tool state and build scratch (keeps data, models and the DVC cache)
 	rm -rf build .pytest_cache .ruff_cache
 
-.PHONY: help setup repo-init pipeline repro test browser deps lint serve champion promote rollback bench bench-serve serve-edge clean tune bench-tune
+.PHONY: help setup repo-init pipeline repro test soak browser deps lint serve champion promote rollback bench bench-serve serve-edge clean tune bench-tune

@@ -22,10 +22,15 @@ import numpy as np
 from bentoml.exceptions import InvalidArgument
 from pydantic import BaseModel, create_model
 
-from deploy.batching import AdaptiveBatcher
+from deploy.batching import AdaptiveBatcher, Overloaded
 from deploy.common import (
+    DEFAULT_MAX_CONCURRENCY,
+    DEFAULT_MAX_JSON_BYTES,
+    DEFAULT_QUEUED_BATCHES,
     INPUT_NAME,
     MAX_BYTES_ENV,
+    MAX_CONCURRENCY_ENV,
+    MAX_QUEUED_ROWS_ENV,
     MODEL_FILE,
     Answer,
     DataKind,
@@ -35,9 +40,10 @@ from deploy.common import (
     load_card,
     model_dir_from_env,
     open_session,
+    positive_setting,
     tracing_off_unless_asked,
 )
-from deploy.guard import GuardRules, RequestGuard, bad_request
+from deploy.guard import GuardRules, RequestGuard, bad_request, overloaded
 from deploy.image import IMAGE
 from deploy.sequence import SEQUENCE
 from deploy.table import TABLE
@@ -121,10 +127,20 @@ class ModelService:
         self.max_request_bytes = int(
             os.environ.get(MAX_BYTES_ENV)
             or card.raw.get("max_request_bytes")
-            or self.kind.request_limit(card)
+            or min(self.kind.request_limit(card), DEFAULT_MAX_JSON_BYTES)
         )
+        self.max_concurrency = positive_setting(MAX_CONCURRENCY_ENV, DEFAULT_MAX_CONCURRENCY)
+        self.max_queued_rows = positive_setting(
+            MAX_QUEUED_ROWS_ENV, DEFAULT_QUEUED_BATCHES * card.max_batch_size
+        )
+        if self.max_queued_rows < card.max_batch_size:
+            raise ValueError(
+                f"{MAX_QUEUED_ROWS_ENV}={self.max_queued_rows} is less than one full batch "
+                f"(package.max_batch_size = {card.max_batch_size}): a full request could never run"
+            )
         routes = [r for r in self.kind.routes if self.serves(r)]
         self.guard_rules.json_limit = self.max_request_bytes
+        self.guard_rules.max_concurrency = self.max_concurrency
         self.guard_rules.uploads = {
             r.path: (r.field, r.upload_limit(card, self.max_request_bytes))
             for r in routes
@@ -137,8 +153,18 @@ class ModelService:
         metric = re.sub(r"(?<!^)(?=[A-Z])", "_", type(self).__name__).lower() + "_batch_size"
         self.batch_sizes = batch_size_histogram(card.max_batch_size, metric)
         self.batcher = AdaptiveBatcher(
-            self._outputs, card.max_batch_size, card.max_latency_ms / 1000, INLINE_ROWS
+            self._outputs,
+            card.max_batch_size,
+            card.max_latency_ms / 1000,
+            INLINE_ROWS,
+            max_queued_rows=self.max_queued_rows,
         )
+
+    @bentoml.on_shutdown
+    def _fail_queued_requests(self) -> None:
+        # uvicorn waits for requests in progress before the lifespan ends; any still queued
+        # then get a 503 now rather than a dropped connection.
+        self.batcher.close()
 
     def describe(self) -> BaseModel:
         """What /info answers."""
@@ -157,6 +183,8 @@ class ModelService:
             "max_batch_size": card.max_batch_size,
             "max_latency_ms": card.max_latency_ms,
             "max_request_bytes": self.max_request_bytes,
+            "max_concurrency": self.max_concurrency,
+            "max_queued_rows": self.max_queued_rows,
             "served_variant": card.raw.get("served_variant"),
             "metrics": {k: float(v) for k, v in (card.raw.get("metrics") or {}).items()},
             **self.kind.info_fields(card),
@@ -172,12 +200,16 @@ class ModelService:
         return [self.card.task.answer(row, self.card) for row in outputs]
 
     async def serve(self, route: Route, value: Any) -> Any:
-        """One request to ``route``: its answer, or a 400 naming the field and the rule."""
+        """One request to ``route``: its answer, a 400 naming the field and the rule, or a
+        503 with ``Retry-After`` when the batcher sheds it."""
         try:
             batch = route.decode(value, self.card)
         except InvalidArgument as exc:
             return bad_request(exc)
-        answers = await self.answer(batch, value if route.many else [value])
+        try:
+            answers = await self.answer(batch, value if route.many else [value])
+        except Overloaded as exc:
+            return overloaded(exc)
         return self.batch_doc.model_construct(predictions=answers) if route.many else answers[0]
 
 

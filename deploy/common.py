@@ -22,6 +22,18 @@ MODEL_DIR_ENV = "MODEL_DIR"
 # Request bodies larger than a full batch could need are refused before JSON parsing (a big
 # nested list costs ~30x its size in Python objects). Override with this variable.
 MAX_BYTES_ENV = "MAX_REQUEST_BYTES"
+# ... and never more than this by default, whatever the input size: a full batch of 64
+# 3x224x224 images written as long JSON floats would be 231 MB, ~7 GB parsed, per request and
+# worker. Big batches go as .npy uploads; package.max_request_bytes (or the variable) raises it.
+DEFAULT_MAX_JSON_BYTES = 4 << 20
+# Admission control, per worker process. Requests handled at once (reading, queued, running):
+# more get a 503 at once, with Retry-After, instead of waiting with their body parsed.
+MAX_CONCURRENCY_ENV = "MAX_CONCURRENT_REQUESTS"
+DEFAULT_MAX_CONCURRENCY = 64
+# Examples waiting for the model: a request that would queue more is shed at once (503) rather
+# than waiting behind many full batches. Default: this many full batches.
+MAX_QUEUED_ROWS_ENV = "MAX_QUEUED_ROWS"
+DEFAULT_QUEUED_BATCHES = 8
 # One ONNX Runtime thread per worker: the models are tiny, HTTP + JSON dominate the latency,
 # and more threads only contend with the server's own. Raise it for bigger models.
 THREADS_ENV = "ORT_INTRA_OP_THREADS"
@@ -252,6 +264,16 @@ def model_dir_from_env(default: Path) -> Path:
     return Path(os.environ.get(MODEL_DIR_ENV) or default)
 
 
+def positive_setting(name: str, default: int) -> int:
+    """A whole number >= 1 from the environment variable ``name``, else ``default``."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {raw!r}")
+    return int(raw)
+
+
 def open_session(model_file: Path):
     """An ONNX Runtime CPU session with ``ORT_INTRA_OP_THREADS`` threads (default 1)."""
     import onnxruntime as ort
@@ -328,5 +350,11 @@ class ServiceInfo(BaseModel):
     max_batch_size: int = Field(description="most examples per request")
     max_latency_ms: int = Field(description="adaptive batching's latency budget")
     max_request_bytes: int = Field(description="largest JSON body accepted")
+    max_concurrency: int = Field(
+        description="requests one worker handles at once; more get 503 with Retry-After"
+    )
+    max_queued_rows: int = Field(
+        description="examples one worker queues for the model; more get 503 with Retry-After"
+    )
     served_variant: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict)

@@ -13,15 +13,22 @@ and, when the edge answered an unsure example itself, why (``cloud_error``: no c
 configured, cloud unreachable, ...). After a failed call the cloud is not asked again for
 ``cloud_retry_s`` seconds, so a dead link costs one timeout, not one per request.
 
+Credentials for the link come from the environment, never from what the edge answers:
+``user:password@`` in ``CLOUD_URL`` (sent as HTTP basic auth) or a bearer token in
+``CLOUD_TOKEN``. ``/info`` and ``cloud_error`` name the cloud without them, and what the cloud
+answered goes to the edge's log, not to its clients.
+
 Regression has no confidence to hand off on (one value, no class probabilities): a regression
 model's edge bento always answers locally (``answered_by: edge``) and never calls the cloud.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import bentoml
 import numpy as np
@@ -31,10 +38,13 @@ from deploy.base import IMAGE, SEQUENCE, TABLE, ModelService, service_class, wit
 from deploy.common import Answer, DataKind, Prediction, Route, ValuePrediction
 
 CLOUD_URL_ENV = "CLOUD_URL"
+CLOUD_TOKEN_ENV = "CLOUD_TOKEN"  # sent as "Authorization: Bearer <token>" to the cloud
 THRESHOLD_ENV = "EDGE_CONFIDENCE_THRESHOLD"
 DEFAULT_THRESHOLD = 0.9
 DEFAULT_TIMEOUT_S = 2.0
 DEFAULT_RETRY_S = 10.0
+# BentoML configures the "bentoml" logger in every worker: its children reach the server log.
+log = logging.getLogger("bentoml.edge")
 
 
 class EdgePrediction(Prediction):
@@ -75,7 +85,7 @@ class HandOffInfo(BaseModel):
         description="whether unsure answers may go to the cloud (not for regression)"
     )
     confidence_threshold: float | None = Field(description="None for regression")
-    cloud_url: str | None
+    cloud_url: str | None = Field(description="the cloud bento, without any credentials")
     cloud_timeout_s: float
 
 
@@ -86,8 +96,21 @@ def cloud_url(url: str) -> str | None:
         return None
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in ("http", "https") or not rest:
-        raise ValueError(f"cloud URL {url!r} must look like http://host:port ({CLOUD_URL_ENV})")
+        shown = without_credentials(url) if sep else url
+        raise ValueError(f"cloud URL {shown!r} must look like http://host:port ({CLOUD_URL_ENV})")
     return url
+
+
+def without_credentials(url: str) -> str:
+    """``url`` with any ``user:password@`` taken out: what may be shown or logged."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class CloudUnavailable(Exception):
@@ -117,7 +140,12 @@ class EdgeService(ModelService):
         self.threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
         if not 0 <= self.threshold <= 1:
             raise ValueError(f"confidence threshold {self.threshold} must lie in [0, 1]")
-        self.cloud_url = cloud_url(os.environ.get(CLOUD_URL_ENV, edge.get("cloud_url") or ""))
+        # The URL with its credentials is used only to build the HTTP client; every message
+        # and /info show the other one.
+        self._cloud_url_secret = cloud_url(
+            os.environ.get(CLOUD_URL_ENV, edge.get("cloud_url") or "")
+        )
+        self.cloud_url = self._cloud_url_secret and without_credentials(self._cloud_url_secret)
         self.cloud_timeout_s = float(_setting(edge, "cloud_timeout_s", DEFAULT_TIMEOUT_S))
         self.cloud_retry_s = float(_setting(edge, "cloud_retry_s", DEFAULT_RETRY_S))
         self._cloud_down_until = 0.0
@@ -182,7 +210,11 @@ class EdgeService(ModelService):
                 f"{self._cloud_down_until - now:.0f} s"
             )
         if self._client is None:
-            self._client = httpx.AsyncClient(base_url=self.cloud_url, timeout=self.cloud_timeout_s)
+            token = os.environ.get(CLOUD_TOKEN_ENV)
+            headers = {"Authorization": f"Bearer {token}"} if token else None
+            self._client = httpx.AsyncClient(
+                base_url=self._cloud_url_secret, timeout=self.cloud_timeout_s, headers=headers
+            )
         answers: list[Prediction] = []
         try:
             for start in range(0, len(items), self.card.max_batch_size):
@@ -201,8 +233,14 @@ class EdgeService(ModelService):
         route = self.kind.batch_route
         reply = await self._client.post(route.path, json={route.field: chunk})
         if reply.status_code != 200:
+            # The reply may hold anything (a proxy's page, another tenant's error): logged here,
+            # only its status told to the client.
+            log.warning(
+                "cloud at %s answered HTTP %s to %s: %.500s",
+                self.cloud_url, reply.status_code, route.path, reply.text,
+            )  # fmt: skip
             raise CloudUnavailable(
-                f"cloud at {self.cloud_url} answered HTTP {reply.status_code}: {reply.text[:200]}"
+                f"cloud at {self.cloud_url} answered HTTP {reply.status_code} (see the edge's log)"
             )
         try:
             got = reply.json()["predictions"]
@@ -210,6 +248,7 @@ class EdgeService(ModelService):
                 raise ValueError("not one prediction per example")
             return [Prediction.model_validate(p) for p in got]
         except (ValueError, KeyError, TypeError):  # ValidationError is a ValueError
+            log.warning("cloud at %s sent a malformed answer: %.500s", self.cloud_url, reply.text)
             raise CloudUnavailable(f"cloud at {self.cloud_url} sent a malformed answer") from None
 
 

@@ -1,5 +1,6 @@
-"""The ASGI guard in front of every service: refuses bodies of the wrong type or size (415,
-413, 400) and other kinds' routes (404) before BentoML parses anything.
+"""The ASGI guard in front of every service: refuses ambiguous headers, bodies of the wrong
+type or size (400, 415, 413) and other kinds' routes (404) before BentoML parses anything, and
+sheds requests beyond the worker's concurrency bound at once (503 with ``Retry-After``).
 
 Without it a multipart body without a boundary answers 500 (BentoML's form parser), a form
 field holding a URL makes BentoML download it, and a huge body is parsed into Python objects
@@ -14,7 +15,14 @@ from typing import Any
 from bentoml.exceptions import InvalidArgument
 from starlette.responses import JSONResponse
 
-from deploy.common import MAX_BYTES_ENV
+from deploy.batching import Overloaded
+from deploy.common import MAX_BYTES_ENV, MAX_CONCURRENCY_ENV
+
+# Headers that say where a body starts, ends and what it is. Two of one (or a length and a
+# chunked encoding together) can be read two ways: the guard, Starlette and BentoML, or a proxy
+# in front, could each check a different body than the one served. Refused outright.
+FRAMING_HEADERS = (b"content-type", b"content-length", b"transfer-encoding")
+RETRY_AFTER_S = 1  # what a shed client is told to wait: a tiny model frees a slot in ms
 
 
 @dataclass
@@ -24,6 +32,9 @@ class GuardRules:
     event, the lifespan start-up that creates the service)."""
 
     json_limit: int = 1 << 20  # bytes of a JSON body
+    # Requests this worker handles at once (reading, queued, running); more get a 503 at once.
+    # 0: no bound (until the service has read its settings).
+    max_concurrency: int = 0
     # Routes taking a multipart upload -> (the one file field, bytes of the whole body).
     uploads: dict[str, tuple[str, int]] = field(default_factory=dict)
     # Routes of another kind of model (a table bento asked for /predict_image) -> a 404 that
@@ -37,6 +48,16 @@ def bad_request(exc: InvalidArgument, status: int = 400) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, status_code=status)
 
 
+def overloaded(exc: Overloaded) -> JSONResponse:
+    # BentoML answers a ServiceUnavailable with "An unexpected error has occurred" and no
+    # Retry-After; say what happened and when to come back.
+    return JSONResponse(
+        {"error": str(exc)},
+        status_code=503,
+        headers={"Retry-After": str(exc.retry_after_s)},
+    )
+
+
 class RequestGuard:
     """ASGI middleware enforcing one service's :class:`GuardRules`.
 
@@ -47,33 +68,49 @@ class RequestGuard:
     def __init__(self, app: Any, rules: GuardRules) -> None:
         self.app = app
         self.rules = rules
+        self.in_flight = 0  # POSTs admitted and not yet answered, in this worker
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        problem = framing_problem(scope["headers"])
+        if problem is not None:
+            return await _reject(scope, send, 400, problem)
         route = scope["path"].rstrip("/") or "/"
         problem = self.rules.foreign.get(route)
         if problem is not None:
             return await _reject(scope, send, 404, problem)
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        # Starlette and BentoML read the first Content-Type header: so do we.
-        headers = dict(reversed(scope["headers"]))
-        content_type = headers.get(b"content-type", b"application/json").decode("latin-1")
+        bound = self.rules.max_concurrency
+        if bound and self.in_flight >= bound:
+            # Before the body is read: an overloaded worker holds no more bodies.
+            return await _reject(scope, send, 503, _busy(bound), retry_after=RETRY_AFTER_S)
+        self.in_flight += 1
+        try:
+            return await self._checked(scope, receive, send, route)
+        finally:
+            self.in_flight -= 1
+
+    async def _checked(self, scope: dict, receive: Any, send: Any, route: str) -> None:
+        headers = dict(scope["headers"])  # each framing header is there at most once
+        sent_type = headers.get(b"content-type")
+        content_type = (sent_type or b"application/json").decode("latin-1")
         media = content_type.split(";")[0].strip().lower()
+        declared = headers.get(b"content-length")
         upload_field, limit = self.rules.uploads.get(route, (None, self.rules.json_limit))
         if upload_field is not None and media != "multipart/form-data":
             message = (
                 f"request body: must be a multipart/form-data upload with the file in "
-                f"field {upload_field!r}, got Content-Type {media!r}"
+                f"field {upload_field!r}; {_what_was_sent(sent_type, media, declared)}"
             )
             return await _reject(scope, send, 415, message)
         if upload_field is None and media != "application/json":
             message = (
-                f"request body: must be JSON sent as Content-Type: application/json, got {media!r}"
+                "request body: must be JSON sent as Content-Type: application/json; "
+                + _what_was_sent(sent_type, media, declared)
             )
             return await _reject(scope, send, 415, message)
-        declared = headers.get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
                 return await _reject(scope, send, 400, "Content-Length: must be a whole number")
@@ -108,6 +145,30 @@ class RequestGuard:
         return await self.app(scope, replay, send)
 
 
+def framing_problem(raw_headers: list[tuple[bytes, bytes]]) -> str | None:
+    """Why a request's framing headers are ambiguous (None when they are not)."""
+    names = [name.lower() for name, _ in raw_headers]
+    for header in FRAMING_HEADERS:
+        count = names.count(header)
+        if count > 1:
+            title = header.decode().title()
+            return f"request headers: {title} sent {count} times; send it once"
+    if b"content-length" in names and b"transfer-encoding" in names:
+        return (
+            "request headers: Content-Length and Transfer-Encoding sent together; send one of them"
+        )
+    return None
+
+
+def _what_was_sent(sent_type: bytes | None, media: str, declared: bytes | None) -> str:
+    """The real cause, as the client sent it: not a Content-Type the client never named."""
+    if sent_type is not None:
+        return f"got Content-Type {media!r}"
+    if declared == b"0":
+        return "the request has no body and no Content-Type header"
+    return "the request has no Content-Type header"
+
+
 def _too_large(size: int, limit: int) -> str:
     return (
         f"request body: {size} bytes is more than the {limit} allowed "
@@ -115,8 +176,18 @@ def _too_large(size: int, limit: int) -> str:
     )
 
 
-async def _reject(scope: dict, send: Any, status: int, message: str) -> None:
-    await JSONResponse({"error": message}, status_code=status)(scope, None, send)
+def _busy(bound: int) -> str:
+    return (
+        f"server busy: this worker is already handling {bound} requests "
+        f"({MAX_CONCURRENCY_ENV}); retry after {RETRY_AFTER_S} s"
+    )
+
+
+async def _reject(
+    scope: dict, send: Any, status: int, message: str, retry_after: int | None = None
+) -> None:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    await JSONResponse({"error": message}, status_code=status, headers=headers)(scope, None, send)
 
 
 async def check_upload_form(content_type: str, body: bytes, field: str) -> str | None:

@@ -11,7 +11,8 @@ target, ...}``; every bad request ``4xx {"error": "<field>: <rule>"}``, never a 
 package stage builds the bento around the class its model's kind needs, with the model next
 to this file (``model/model.onnx`` and ``model/model.json``): no model store, no floating
 ``:latest`` tag. For development point ``MODEL_DIR`` at a folder holding those two files and
-run ``bentoml serve deploy.service:ImageClassifier`` (another kind's model is refused).
+run ``bentoml serve deploy.service:ImageClassifier --host 127.0.0.1`` (another kind's model
+is refused; without ``--host`` BentoML binds every interface).
 """
 
 from __future__ import annotations

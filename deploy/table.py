@@ -10,6 +10,7 @@ sequence adapter encodes each time step with the same code.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -83,7 +84,13 @@ def _relocate(message: str, where: Callable[[int], str], field: str) -> str:
 
 
 def encode(records: list, spec: dict, field: str, where: Callable[[int], str]) -> np.ndarray:
-    """JSON rows -> float32 features with ``spec``; every refusal names the row and column."""
+    """JSON rows -> float32 features with ``spec``; every refusal names the row and column.
+
+    ``NaN``, ``Infinity`` and ``-Infinity`` are not JSON (RFC 8259), though Python's and
+    BentoML's parsers take them: refused in every column, as they are in pixels. A missing
+    value is ``null``. A number whose encoded feature is not finite in float32 (``1e308``,
+    ``3.5e39``, ``10**400``) is refused too: the model would answer NaN.
+    """
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             raise InvalidArgument(
@@ -95,10 +102,48 @@ def encode(records: list, spec: dict, field: str, where: Callable[[int], str]) -
                     f"{where(i)}, column {name!r}: must be a number, text, true/false or "
                     f"null, got {json_type(value)}"
                 )
+            problem = _number_problem(value)
+            if problem:
+                raise InvalidArgument(f"{where(i)}, column {name!r}: {problem}")
     try:
-        return encode_records(records, spec)
+        # A number too large for float32 overflows in the cast: refused just below, by name.
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = encode_records(records, spec)
     except FeatureError as exc:
         raise InvalidArgument(_relocate(str(exc), where, field)) from None
+    if not np.isfinite(x).all():
+        row, feature = (int(k) for k in np.argwhere(~np.isfinite(x))[0])
+        name = _column_of(spec["columns"], feature)
+        raise InvalidArgument(
+            f"{where(row)}, column {name!r}: {records[row][name]!r} is out of range: "
+            "standardised for the model it is not a finite float32"
+        )
+    return x
+
+
+def _number_problem(value: Any) -> str | None:
+    """Why a JSON number cannot be encoded at all (None when it can, or is no number)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return (
+            f"{value!r} is not finite; NaN, Infinity and -Infinity are not JSON numbers "
+            "(send null for a missing value)"
+        )
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            float(value)
+        except OverflowError:
+            return f"an integer of {len(str(abs(value)))} digits is out of range"
+    return None
+
+
+def _column_of(columns: list[dict], feature: int) -> str:
+    """The input column that encoded feature number ``feature`` comes from."""
+    for col in columns:
+        width = 1 if col["type"] == "numeric" else len(col["categories"])
+        if feature < width:
+            return str(col["name"])
+        feature -= width
+    raise IndexError(feature)
 
 
 def check_count(items: Any, what: str, field: str, max_items: int) -> None:
