@@ -27,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from components.stage import FAILURE_PREFIX, set_quiet_env
+from components.stage import FAILURE_PREFIX, set_quiet_env, write_text
 
 set_quiet_env()  # before Prefect is imported: it reads PREFECT_HOME at import
 
@@ -209,7 +209,7 @@ def roll_back(root: Path, last_good_lock: bytes | None, logger) -> str:
         return "no earlier good run to go back to"
     if lock.is_file() and lock.read_bytes() == last_good_lock:
         return "outputs as the last good run left them (dvc status lists what is stale)"
-    lock.write_bytes(last_good_lock)
+    write_text(lock, last_good_lock)  # whole or not at all: a half dvc.lock breaks every run
     done = subprocess.run(
         [sys.executable, "-m", "dvc", "checkout", "--force", "--quiet"],
         cwd=root,
