@@ -6,7 +6,9 @@ fails here with a message that names the key, before any stage does work.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +27,10 @@ class _Section(BaseModel):
 
 
 class Paths(_Section):
+    """Where the stages read and write. In the repository's params.yaml each is relative and
+    inside it (:func:`check_repository_paths`); a stage called from a notebook may be given any
+    folders, as long as no two of them overlap."""
+
     external_dir: Path
     raw_dir: Path
     prepared_dir: Path
@@ -34,6 +40,90 @@ class Paths(_Section):
     artefacts_dir: Path
     champion_file: Path
     checkpoint_dir: Path
+
+    @model_validator(mode="after")
+    def _apart(self) -> Paths:
+        named = {}
+        for key, value in self.model_dump().items():
+            if os.path.normpath(value) == ".":
+                raise ValueError(
+                    f"paths.{key}: {str(value)!r} is the whole folder; name one inside"
+                )
+            named[key] = Path(os.path.normpath(value))
+        keys = list(named)
+        for i, key in enumerate(keys):
+            for other in keys[i + 1 :]:
+                a, b = named[key], named[other]
+                if a.is_absolute() != b.is_absolute():
+                    continue  # told apart against the repository: check_repository_paths
+                if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+                    raise ValueError(
+                        f"paths.{key} ({a}) and paths.{other} ({b}) overlap: each stage output "
+                        "needs a place of its own (DVC deletes an output before its stage runs)"
+                    )
+        return self
+
+
+# Folders DVC deletes before their stage runs (dvc.yaml outs) or a stage deletes itself (the
+# train stage drops its checkpoints): nothing git keeps may live there.
+DELETED_FOLDERS = (
+    "raw_dir", "prepared_dir", "model_dir", "reports_dir", "artefacts_dir", "checkpoint_dir",
+)  # fmt: skip
+# A dependency only: may be a folder anywhere (DVC reads it) and hold files git keeps (.gitkeep).
+READ_ONLY_PATHS = ("external_dir",)
+
+
+def check_repository_paths(paths: Paths, root: Path) -> None:
+    """The ``paths`` of the repository at ``root`` (its params.yaml, overrides applied): each
+    relative, inside the repository, apart from the others, and no folder that DVC or a stage
+    deletes holding files tracked by git (``paths.artefacts_dir=deploy`` would lose the champion
+    record). Raises :class:`ParamsError` naming the param."""
+    root = Path(root).resolve()
+    resolved = {}
+    for key, value in paths.model_dump().items():
+        where = f"paths.{key}: {str(value)!r}"
+        if key in READ_ONLY_PATHS:
+            resolved[key] = (root / value).resolve()
+            continue
+        if Path(value).is_absolute():
+            raise ParamsError(
+                f"{where} must be relative to the repository (e.g. {Path(value).name})"
+            )
+        full = (root / value).resolve()
+        if not full.is_relative_to(root) or full == root:
+            raise ParamsError(f"{where} must name a place inside the repository")
+        resolved[key] = full
+    keys = list(resolved)
+    for i, key in enumerate(keys):
+        for other in keys[i + 1 :]:
+            a, b = resolved[key], resolved[other]
+            if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+                raise ParamsError(
+                    f"paths.{key} ({getattr(paths, key)}) and paths.{other} "
+                    f"({getattr(paths, other)}) overlap: each needs a place of its own"
+                )
+    for key in DELETED_FOLDERS:
+        tracked = _tracked_by_git(root, resolved[key])
+        if tracked:
+            shown = ", ".join(tracked[:3]) + (
+                f" and {len(tracked) - 3} more" if len(tracked) > 3 else ""
+            )
+            raise ParamsError(
+                f"paths.{key}: {str(getattr(paths, key))!r} holds files git tracks ({shown}), and "
+                f"the folder is deleted before its stage runs: choose a folder of its own"
+            )
+
+
+def _tracked_by_git(root: Path, path: Path) -> list[str]:
+    """The files under ``path`` that git tracks ([] outside a git repository)."""
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--", str(path)],
+            cwd=root, capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [f for f in out.stdout.split("\0") if f] if out.returncode == 0 else []
 
 
 class IngestParams(_Section):

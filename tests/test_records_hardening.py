@@ -346,3 +346,84 @@ def test_no_stage_or_flow_writes_a_file_in_place():
 def test_credentials_in_urls_are_redacted(text, shown):
     assert redact(text) == shown
     assert "s3cret" not in redact(text) and "abc123" not in redact(text)
+
+
+# -- 9: paths.* cannot point DVC at what git keeps --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("paths.artefacts_dir=deploy", r"paths.artefacts_dir \(deploy\) and paths.champion_file"),
+        ("paths.artefacts_dir=docs", r"paths.artefacts_dir: 'docs' holds files git tracks"),
+        ("paths.reports_dir=components", r"paths.reports_dir: 'components' holds files git"),
+        ("paths.model_dir=/tmp/models", r"paths.model_dir: '/tmp/models' must be relative"),
+        ("paths.raw_dir=../elsewhere", r"paths.raw_dir: '../elsewhere' must name a place inside"),
+        ("paths.model_dir=.", r"paths.model_dir: '.' is the whole folder"),
+        ("paths.checkpoint_dir=models/checkpoints", r"paths.model_dir .* paths.checkpoint_dir"),
+        ("paths.champion_file=artefacts/champion.json", r"paths.artefacts_dir .* overlap"),
+    ],
+    ids=["deploy", "docs", "code", "absolute", "outside", "root", "nested", "record"],
+)
+def test_paths_that_dvc_would_delete_with_files_git_keeps_are_refused(override, message):
+    from components.config import ParamsError, check_repository_paths
+    from components.overrides import check_overrides
+    from flows.pipeline import params_with_overrides
+
+    with pytest.raises(ParamsError, match=message):
+        check_overrides([override], REPO_ROOT / "params.yaml")  # parse: overlap, the root
+        check_repository_paths(params_with_overrides(REPO_ROOT, [override]).paths, REPO_ROOT)
+
+
+def test_the_repository_paths_as_shipped_pass():
+    from components.config import check_repository_paths, load_params
+
+    check_repository_paths(load_params(REPO_ROOT / "params.yaml").paths, REPO_ROOT)
+
+
+def test_the_pipeline_refuses_such_paths_before_anything_runs(capsys):
+    from flows import pipeline
+
+    before = (REPO_ROOT / "params.yaml").read_bytes()
+    code = pipeline.main(["--root", str(REPO_ROOT), "--set", "paths.artefacts_dir=deploy"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Pipeline not started: " in err
+    assert "paths.artefacts_dir (deploy) and paths.champion_file (deploy/champion.json)" in err
+    assert (REPO_ROOT / "params.yaml").read_bytes() == before
+
+
+def test_the_by_hand_deployment_takes_no_root_parameter():
+    import inspect
+
+    from components.config import load_params
+    from flows import deploy
+
+    # A run triggered with parameters must not point the pipeline at another folder.
+    assert "root" not in inspect.signature(deploy.pipeline_here.fn).parameters
+    for spec in deploy.deployment_specs(load_params(REPO_ROOT / "params.yaml")):
+        assert "root" not in spec["parameters"], spec["name"]
+    assert deploy.REPOSITORY == REPO_ROOT
+
+
+# -- 5: a DVC remote's credentials never reach the preflight message ---------------------------
+
+
+def test_an_unreachable_remote_is_named_without_its_credentials(tmp_path):
+    from flows.experiments import PreflightError
+    from flows.pipeline import preflight
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    for name in ("params.yaml", "dvc.yaml"):
+        (tmp_path / name).write_bytes((REPO_ROOT / name).read_bytes())
+    (tmp_path / ".dvc" / "config").write_text(
+        "[core]\n    remote = team\n['remote \"team\"']\n"
+        "    url = ssh://tuner:s3cret@127.0.0.1:9/dvc?token=t0ken\n"
+    )  # the backend's error (here: no dvc-ssh) repeats the URL too
+    with pytest.raises(PreflightError) as refused:
+        preflight(tmp_path, [])
+    said = str(refused.value)
+    assert "DVC remote 'team'" in said and "unreachable" in said
+    assert "s3cret" not in said and "tuner" not in said and "t0ken" not in said
+    assert "ssh://***@127.0.0.1:9/dvc?***" in said
