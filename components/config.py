@@ -448,22 +448,37 @@ class EnsembleParams(_Section):
         return value
 
 
+STORAGE_PASSWORD_ENV = "TUNE_STORAGE_PASSWORD"  # the tuning database's password, if it has one
+
+
 class TuneParams(_Section):
     """The tuning study (flows/tune.py); no stage reads it, so no stage re-runs for it."""
 
     study_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    storage: str  # "" = SQLite under build/tune/; or a database URL
+    storage: str  # "" = SQLite under build/tune/; or a database URL (password: environment)
     sampler: Literal["tpe", "random", "grid"]
     seed: int
     metric: Literal["val_accuracy", "val_loss", "val_rmse"]  # validation split only, never test
     n_trials: int = Field(ge=1)
     timeout_seconds: float = Field(gt=0)
+    trial_timeout_seconds: float = Field(gt=0)  # one trial's `dvc exp run`, then it is killed
     workers: int = Field(ge=1, le=16)
     trial_overrides: tuple[str, ...]  # key=value set in every trial (e.g. the gates off)
     pruning: TunePruningParams
     final_run: bool
     ensemble: EnsembleParams
     space: dict[str, SearchDimension] = Field(min_length=1)
+
+    @field_validator("storage")
+    @classmethod
+    def _no_password(cls, value: str) -> str:
+        # params.yaml is in git, and the URL is shown in logs and reports.
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#@\s]*:[^/?#@\s]*@", value):
+            raise ValueError(
+                f"holds a password: leave it out of the URL and set it in the environment "
+                f"variable {STORAGE_PASSWORD_ENV} (params.yaml is in git)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _grid_needs_a_grid(self) -> TuneParams:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from components.config import TuneParams
 from components.stage import replacing, write_text
-from components.tuning.study import best_overrides, direction, finished
+from components.tuning.study import best_overrides, direction, finished, shown
 
 
 def trials_table(study) -> list[dict]:
@@ -49,7 +49,7 @@ def summarise(
     complete = finished(study)
     summary: dict = {
         "study": tune.study_name,
-        "storage": url,
+        "storage": shown(url),  # never a password: the summary goes into reports/tuning*
         "sampler": tune.sampler,
         "metric": f"{tune.metric} ({direction(tune)}, validation split)",
         "trials_before": trials_before,
