@@ -20,16 +20,24 @@ classification, ``r2``, ``rmse`` and ``mae`` for regression (each also as ``netw
 uncompressed network's). Records written before tables and sequences existed lack ``task``,
 ``kind``, ``target`` and ``preprocess_sha256``: they read as image classifiers.
 
+Every change of the record (the promote stage, ``make promote``, ``make rollback``) is one
+read-modify-write under a file lock (:func:`record_lock`), so two at once are applied one after
+the other and neither is lost. The record only goes forward (events are appended, never removed);
+a copy of the last one written stays beside it, git-ignored (``.champion.json.last``), so that
+``dvc exp apply`` or a checkout of an older commit, which put an older record back, cannot change
+the champion: :func:`load_record` finds the record rewound, warns, and writes the newer one back.
+
 BentoML reads ``BENTOML_HOME`` when first imported: set it before calling the functions here
 that import bentoml (the ``__main__`` entries do, through ``set_quiet_env``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -40,11 +48,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from components.dataset import ArraySet
-from components.stage import StageError, file_digest
+from components.stage import StageError, file_digest, write_text
 
 log = logging.getLogger("pipeline.champion")
 
 RECORD_FORMAT = 1
+RUN_PATTERN = re.compile(r"r[0-9a-f]{12}")  # a bento version: "r" + 12 hex digits
+MD5_PATTERN = re.compile(r"[0-9a-f]{32}")
+# A promotion holds the lock for seconds (it may import a bento); a minute longer is a stuck one.
+LOCK_TIMEOUT_SECONDS = 120.0
 
 
 class _Strict(BaseModel):
@@ -60,7 +72,9 @@ class RunRecord(_Strict):
     run: str  # the bento version, e.g. "r3642b760860f"
     bento_tag: str
     archive: str  # the exported .bento, relative to the repository when inside it
-    archive_md5: str | None  # DVC's hash of the archive: finds it in .dvc/cache
+    # DVC's hash of the archive: finds it in .dvc/cache and checks it before an import (None
+    # only in old records: ensure_bento then refuses)
+    archive_md5: str | None
     model: str
     model_sha256: str
     served_variant: str
@@ -116,13 +130,47 @@ def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def load_record(path: Path) -> ChampionRecord:
-    """The record, or an empty one when the file does not exist yet (no champion)."""
+def lock_file(path: Path) -> Path:
+    """The lock file of a champion record (git-ignored, beside it)."""
     path = Path(path)
-    if not path.is_file():
-        return ChampionRecord()
+    return path.with_name(f".{path.name}.lock")
+
+
+def last_written_file(path: Path) -> Path:
+    """The copy of the last record written here (git-ignored, beside it): see load_record."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.last")
+
+
+@contextlib.contextmanager
+def record_lock(path: Path, timeout: float = LOCK_TIMEOUT_SECONDS):
+    """Hold the champion record for one read-modify-write; other processes (and threads) wait.
+
+    Reentrant within a thread, so a change can call :func:`load_record` (which may write the
+    record back) while holding it. Raises a StageError when another change holds it longer
+    than ``timeout`` seconds.
+    """
+    from filelock import FileLock, Timeout
+
+    lock = lock_file(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    held = FileLock(lock, is_singleton=True)  # one per file and process: reentrant
     try:
-        raw = json.loads(path.read_text())
+        held.acquire(timeout=timeout)
+    except Timeout:
+        raise StageError(
+            f"{path} is being changed by another promotion or rollback (its lock {lock} has been "
+            f"held for more than {timeout:.0f} s): wait for it to finish and try again"
+        ) from None
+    try:
+        yield
+    finally:
+        held.release()
+
+
+def _parse_record(path: Path, text: str) -> ChampionRecord:
+    try:
+        raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise StageError(f"{path} is not valid JSON ({exc}); restore it from git") from None
     if not isinstance(raw, dict):
@@ -145,13 +193,64 @@ def load_record(path: Path) -> ChampionRecord:
     return record
 
 
-def save_record(path: Path, record: ChampionRecord) -> None:
-    """Write atomically: a crash leaves the old record or the new one, never half of one."""
+def _newer_record(path: Path, record: ChampionRecord | None) -> ChampionRecord | None:
+    """The last record written here, when ``record`` (the file's) is an older state of it: its
+    events a strict beginning of the last one's, as ``dvc exp apply`` of an earlier run (every
+    experiment holds the record as it was then) or an older checkout leave it."""
+    last = last_written_file(path)
+    if not last.is_file():
+        return None
+    try:
+        newer = _parse_record(last, last.read_text())
+    except StageError:
+        return None  # a damaged copy: the file in git is the truth
+    events = [] if record is None else record.events
+    if len(events) < len(newer.events) and newer.events[: len(events)] == events:
+        return newer
+    return None
+
+
+def load_record(path: Path) -> ChampionRecord:
+    """The record, or an empty one when the file does not exist yet (no champion).
+
+    A record that was put back to an older state (see :func:`_newer_record`) is not believed:
+    the newer one is written back, with a warning, and returned.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record.model_dump(mode="json"), indent=2) + "\n")
-    os.replace(tmp, path)
+    record = _parse_record(path, path.read_text()) if path.is_file() else None
+    newer = _newer_record(path, record)
+    if newer is None:
+        return record or ChampionRecord()
+    with record_lock(path):
+        record = _parse_record(path, path.read_text()) if path.is_file() else None
+        newer = _newer_record(path, record)
+        if newer is None:  # another process wrote it back meanwhile
+            return record or ChampionRecord()
+        log.warning(
+            "%s was put back to an older state (champion %s; `dvc exp apply` or a checkout of "
+            "an older commit?): the champion stays %s, as last recorded here (%s); the record "
+            "is written back (commit it)",
+            path,
+            record.champion if record else "none",
+            newer.champion,
+            last_written_file(path),
+        )
+        _write_record(path, newer)
+    return newer
+
+
+def _write_record(path: Path, record: ChampionRecord) -> None:
+    text = json.dumps(record.model_dump(mode="json"), indent=2) + "\n"
+    write_text(path, text)
+    write_text(last_written_file(path), text)
+
+
+def save_record(path: Path, record: ChampionRecord) -> None:
+    """Write atomically (a crash leaves the old record or the new one, never half of one), under
+    the record's lock. A change (load, modify, save) holds :func:`record_lock` around all three
+    so that a second change starts from the first one's result."""
+    with record_lock(path):
+        _write_record(Path(path), record)
 
 
 def split_fingerprint(test: ArraySet, class_names) -> str:
@@ -222,9 +321,18 @@ def _dvc_cache_file(md5: str, root: Path) -> Path | None:
 def ensure_bento(run: RunRecord, root: Path = Path(".")) -> Path:
     """Make sure the run's bento is in the BentoML store; return its folder.
 
-    Looks in the store, then imports the archive from the workspace (when its MD5 matches) or
-    from the local DVC cache. Raises a :class:`StageError` that says what to do otherwise.
+    Looks in the store, then imports the archive from the workspace or from the local DVC cache,
+    either only when its MD5 is the record's: a record without ``archive_md5`` imports nothing.
+    Raises a :class:`StageError` that says what to do otherwise.
     """
+    # The hash and the run are joined into paths (the cache object, the scratch file): only
+    # the shapes DVC and package write are accepted.
+    md5 = run.archive_md5
+    if md5 is not None and not MD5_PATTERN.fullmatch(md5):
+        raise StageError(
+            f"champion record: run {run.run} has archive_md5 {md5!r}, not an MD5 (32 hex "
+            "digits): a hand-edited record? restore it from git"
+        )
     import bentoml
     from bentoml.exceptions import NotFound
 
@@ -233,15 +341,20 @@ def ensure_bento(run: RunRecord, root: Path = Path(".")) -> Path:
     except NotFound:
         pass
     candidates = []
-    archive = Path(run.archive)
-    if not archive.is_absolute():
-        archive = Path(root) / archive
-    if archive.is_file() and (run.archive_md5 is None or md5_file(archive) == run.archive_md5):
-        candidates.append(archive)
-    if run.archive_md5:
-        cached = _dvc_cache_file(run.archive_md5, root)
-        if cached is not None:
+    if md5 is not None:
+        archive = Path(run.archive)
+        if not archive.is_absolute():
+            archive = Path(root) / archive
+        if archive.is_file() and md5_file(archive) == md5:
+            candidates.append(archive)
+        cached = _dvc_cache_file(md5, root)
+        if cached is not None and md5_file(cached) == md5:
             candidates.append(cached)
+    if candidates and not RUN_PATTERN.fullmatch(run.run):
+        raise StageError(
+            f"champion record: run {run.run!r} is not a bento version (r + 12 hex digits): a "
+            "hand-edited record? restore it from git"
+        )
     for source in candidates:
         # `bentoml import` wants an absolute path ending in .bento; a cache object has neither.
         scratch = Path(tempfile.mkdtemp(prefix="bento-import-"))
@@ -253,11 +366,17 @@ def ensure_bento(run: RunRecord, root: Path = Path(".")) -> Path:
             shutil.rmtree(scratch, ignore_errors=True)
         log.info("imported bento %s from %s", run.bento_tag, source)
         return Path(bentoml.bentos.get(run.bento_tag).path)
+    unchecked = (
+        ", and the record has no archive_md5 to check an archive against (none is imported "
+        "unchecked)"
+        if md5 is None
+        else ""
+    )
     raise StageError(
-        f"bento {run.bento_tag} of run {run.run} is not in the BentoML store and its archive "
-        f"{run.archive} is neither in the workspace nor in the DVC cache: fetch it from the "
-        f"DVC remote (`dvc fetch --all-commits`, or `git checkout <the commit that packaged "
-        f"it> && dvc pull artefacts`), or copy the .bento file there, and try again"
+        f"bento {run.bento_tag} of run {run.run} is not in the BentoML store{unchecked} and its "
+        f"archive {run.archive} is neither in the workspace nor in the DVC cache: fetch it "
+        f"from the DVC remote (`dvc fetch --all-commits`, or `git checkout <the commit that "
+        f"packaged it> && dvc pull artefacts`), or copy the .bento file there, and try again"
     )
 
 

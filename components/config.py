@@ -6,7 +6,9 @@ fails here with a message that names the key, before any stage does work.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Literal
 
@@ -27,6 +29,10 @@ class _Section(BaseModel):
 
 
 class Paths(_Section):
+    """Where the stages read and write. In the repository's params.yaml each is relative and
+    inside it (:func:`check_repository_paths`); a stage called from a notebook may be given any
+    folders, as long as no two of them overlap."""
+
     external_dir: Path
     raw_dir: Path
     prepared_dir: Path
@@ -36,6 +42,90 @@ class Paths(_Section):
     artefacts_dir: Path
     champion_file: Path
     checkpoint_dir: Path
+
+    @model_validator(mode="after")
+    def _apart(self) -> Paths:
+        named = {}
+        for key, value in self.model_dump().items():
+            if os.path.normpath(value) == ".":
+                raise ValueError(
+                    f"paths.{key}: {str(value)!r} is the whole folder; name one inside"
+                )
+            named[key] = Path(os.path.normpath(value))
+        keys = list(named)
+        for i, key in enumerate(keys):
+            for other in keys[i + 1 :]:
+                a, b = named[key], named[other]
+                if a.is_absolute() != b.is_absolute():
+                    continue  # told apart against the repository: check_repository_paths
+                if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+                    raise ValueError(
+                        f"paths.{key} ({a}) and paths.{other} ({b}) overlap: each stage output "
+                        "needs a place of its own (DVC deletes an output before its stage runs)"
+                    )
+        return self
+
+
+# Folders DVC deletes before their stage runs (dvc.yaml outs) or a stage deletes itself (the
+# train stage drops its checkpoints): nothing git keeps may live there.
+DELETED_FOLDERS = (
+    "raw_dir", "prepared_dir", "model_dir", "reports_dir", "artefacts_dir", "checkpoint_dir",
+)  # fmt: skip
+# A dependency only: may be a folder anywhere (DVC reads it) and hold files git keeps (.gitkeep).
+READ_ONLY_PATHS = ("external_dir",)
+
+
+def check_repository_paths(paths: Paths, root: Path) -> None:
+    """The ``paths`` of the repository at ``root`` (its params.yaml, overrides applied): each
+    relative, inside the repository, apart from the others, and no folder that DVC or a stage
+    deletes holding files tracked by git (``paths.artefacts_dir=deploy`` would lose the champion
+    record). Raises :class:`ParamsError` naming the param."""
+    root = Path(root).resolve()
+    resolved = {}
+    for key, value in paths.model_dump().items():
+        where = f"paths.{key}: {str(value)!r}"
+        if key in READ_ONLY_PATHS:
+            resolved[key] = (root / value).resolve()
+            continue
+        if Path(value).is_absolute():
+            raise ParamsError(
+                f"{where} must be relative to the repository (e.g. {Path(value).name})"
+            )
+        full = (root / value).resolve()
+        if not full.is_relative_to(root) or full == root:
+            raise ParamsError(f"{where} must name a place inside the repository")
+        resolved[key] = full
+    keys = list(resolved)
+    for i, key in enumerate(keys):
+        for other in keys[i + 1 :]:
+            a, b = resolved[key], resolved[other]
+            if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+                raise ParamsError(
+                    f"paths.{key} ({getattr(paths, key)}) and paths.{other} "
+                    f"({getattr(paths, other)}) overlap: each needs a place of its own"
+                )
+    for key in DELETED_FOLDERS:
+        tracked = _tracked_by_git(root, resolved[key])
+        if tracked:
+            shown = ", ".join(tracked[:3]) + (
+                f" and {len(tracked) - 3} more" if len(tracked) > 3 else ""
+            )
+            raise ParamsError(
+                f"paths.{key}: {str(getattr(paths, key))!r} holds files git tracks ({shown}), and "
+                f"the folder is deleted before its stage runs: choose a folder of its own"
+            )
+
+
+def _tracked_by_git(root: Path, path: Path) -> list[str]:
+    """The files under ``path`` that git tracks ([] outside a git repository)."""
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--", str(path)],
+            cwd=root, capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [f for f in out.stdout.split("\0") if f] if out.returncode == 0 else []
 
 
 class IngestParams(_Section):
@@ -358,22 +448,37 @@ class EnsembleParams(_Section):
         return value
 
 
+STORAGE_PASSWORD_ENV = "TUNE_STORAGE_PASSWORD"  # the tuning database's password, if it has one
+
+
 class TuneParams(_Section):
     """The tuning study (flows/tune.py); no stage reads it, so no stage re-runs for it."""
 
     study_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    storage: str  # "" = SQLite under build/tune/; or a database URL
+    storage: str  # "" = SQLite under build/tune/; or a database URL (password: environment)
     sampler: Literal["tpe", "random", "grid"]
     seed: int
     metric: Literal["val_accuracy", "val_loss", "val_rmse"]  # validation split only, never test
     n_trials: int = Field(ge=1)
     timeout_seconds: float = Field(gt=0)
+    trial_timeout_seconds: float = Field(gt=0)  # one trial's `dvc exp run`, then it is killed
     workers: int = Field(ge=1, le=16)
     trial_overrides: tuple[str, ...]  # key=value set in every trial (e.g. the gates off)
     pruning: TunePruningParams
     final_run: bool
     ensemble: EnsembleParams
     space: dict[str, SearchDimension] = Field(min_length=1)
+
+    @field_validator("storage")
+    @classmethod
+    def _no_password(cls, value: str) -> str:
+        # params.yaml is in git, and the URL is shown in logs and reports.
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#@\s]*:[^/?#@\s]*@", value):
+            raise ValueError(
+                f"holds a password: leave it out of the URL and set it in the environment "
+                f"variable {STORAGE_PASSWORD_ENV} (params.yaml is in git)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _grid_needs_a_grid(self) -> TuneParams:

@@ -76,7 +76,9 @@ class DatasetMeta:
         return 1 if self.is_regression else len(self.class_names)
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        from components.stage import write_text
+
+        write_text(path, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> DatasetMeta:
@@ -98,9 +100,9 @@ class DatasetMeta:
 
 def save_arrays(data: ArraySet, path: Path) -> None:
     """Write a split as an uncompressed .npz (fast to load, DVC dedupes by content)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as fh:
+    from components.stage import replacing
+
+    with replacing(path) as fh:
         np.savez(fh, x=data.x, y=data.y)
 
 

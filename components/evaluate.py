@@ -30,7 +30,7 @@ from components.records import (
     Verdicts,
     write_json,
 )
-from components.stage import StageError, main
+from components.stage import StageError, main, write_text
 from components.tasks import Task
 
 if TYPE_CHECKING:  # the model module imports torch: only the stage run needs it
@@ -87,7 +87,7 @@ def write_per_class_csv(path: Path, per_class: dict) -> None:
         f"{name},{c['precision']:.6f},{c['recall']:.6f},{c['f1']:.6f},{c['support']}"
         for name, c in per_class.items()
     ]
-    Path(path).write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def write_predictions_csv(path: Path, actual=None, predicted=None) -> None:
@@ -99,7 +99,16 @@ def write_predictions_csv(path: Path, actual=None, predicted=None) -> None:
             f"{float(a):.9g},{float(p):.9g},{float(p) - float(a):.9g}"
             for a, p in zip(actual, predicted, strict=True)
         ]
-    Path(path).write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def write_confusion_csv(path: Path, actual, predicted, class_names) -> None:
+    """One row per test example, class names (header only without classes): the confusion plot."""
+    lines = ["actual,predicted\n"]
+    if class_names:
+        names = list(class_names)
+        lines += [f"{names[a]},{names[p]}\n" for a, p in zip(actual, predicted, strict=True)]
+    write_text(path, "".join(lines))
 
 
 def check_model_fits(card: ModelCard, meta: DatasetMeta, test: ArraySet, model_dir) -> None:
@@ -145,13 +154,8 @@ def run(params: Params) -> EvaluateResult:
     write_json(metrics_dir / EVALUATE_FILE, metrics_record(result.metrics, meta, len(test)))
     write_json(metrics_dir / EVALUATE_GATES_FILE, Verdicts.of(result.gates))
     predicted = task.predictions(outputs, len(test))
-    names = meta.class_names
-    with (metrics_dir / "confusion.csv").open("w") as fh:
-        fh.write("actual,predicted\n")
-        if task.has_classes:
-            fh.writelines(
-                f"{names[a]},{names[p]}\n" for a, p in zip(test.y, predicted, strict=True)
-            )
+    names = meta.class_names if task.has_classes else ()
+    write_confusion_csv(metrics_dir / "confusion.csv", test.y, predicted, names)
     write_per_class_csv(metrics_dir / "per_class.csv", result.metrics.get("per_class", {}))
     if task.has_classes:
         write_predictions_csv(metrics_dir / "predictions.csv")

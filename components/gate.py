@@ -62,7 +62,7 @@ from components.dataset import (
 )
 from components.gates import Gate, champion_gates, drop_gates, failed_reasons
 from components.records import CompressSummary, GateReport, read, write_json
-from components.stage import StageError, main
+from components.stage import StageError, main, write_text
 
 log = logging.getLogger("pipeline.gate")
 
@@ -424,7 +424,7 @@ def write_compression_csv(path: Path, result: GateResult) -> None:
             f"{v.metrics[c]:.6f}" if v.metrics.get(c) is not None else "" for c in columns
         )
         lines.append(f"{v.name},{v.size_bytes / 1024:.2f},{latency},{numbers},{int(v.served)}")
-    Path(path).write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def read_gate_json(path: Path) -> dict:

@@ -202,8 +202,11 @@ def save_model(model: nn.Module, config: NetConfig, model_dir: Path, extra: dict
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    torch.save(state, model_dir / WEIGHTS_FILE)
-    (model_dir / CONFIG_FILE).write_text(json.dumps(card.model_dump(), indent=2) + "\n")
+    from components.stage import replacing, write_text
+
+    with replacing(model_dir / WEIGHTS_FILE) as fh:
+        torch.save(state, fh)
+    write_text(model_dir / CONFIG_FILE, json.dumps(card.model_dump(), indent=2) + "\n")
 
 
 def config_from_dict(raw: dict) -> NetConfig:

@@ -190,11 +190,14 @@ def run(params: Params) -> PromoteResult:
     paths = params.paths
     gate = records.read_gate(paths.metrics_dir).model_dump()
     bento = records.read_bento(paths.artefacts_dir).model_dump()
-    record = champ.load_record(paths.champion_file)
     candidate = run_record(gate, bento)
-    champ.ensure_bento(candidate)  # a bento restored by DVC's run-cache is imported here
-    result = decide(record, candidate, gate, params.promote.auto)
-    champ.save_record(paths.champion_file, record)
+    # Load, import the bento (seconds), decide and save as one change: a hand promotion or
+    # rollback at the same moment waits for it, then starts from its result.
+    with champ.record_lock(paths.champion_file):
+        record = champ.load_record(paths.champion_file)
+        champ.ensure_bento(candidate)  # a bento restored by DVC's run-cache is imported here
+        result = decide(record, candidate, gate, params.promote.auto)
+        champ.save_record(paths.champion_file, record)
     write_json(
         Path(paths.metrics_dir) / "promote.json",
         {
@@ -218,6 +221,11 @@ def run(params: Params) -> PromoteResult:
 
 def promote_by_hand(path: Path, name: str, root: Path = Path(".")) -> str:
     """Make a recorded run the champion; its bento must be servable first."""
+    with champ.record_lock(path):
+        return _promote_by_hand(path, name, root)
+
+
+def _promote_by_hand(path: Path, name: str, root: Path) -> str:
     record = champ.load_record(path)
     target = record.find(name)
     if record.champion == target.run:
@@ -231,6 +239,11 @@ def promote_by_hand(path: Path, name: str, root: Path = Path(".")) -> str:
 
 def rollback(path: Path, root: Path = Path(".")) -> str:
     """Give the champion title back to the previous champion; its bento must be servable."""
+    with champ.record_lock(path):
+        return _rollback(path, root)
+
+
+def _rollback(path: Path, root: Path) -> str:
     record = champ.load_record(path)
     if record.champion is None:
         raise StageError("no champion yet: nothing to roll back")

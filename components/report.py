@@ -27,7 +27,7 @@ from pathlib import Path
 
 from components import records, tasks
 from components.config import Params
-from components.stage import StageError, main
+from components.stage import StageError, main, write_text
 
 log = logging.getLogger("pipeline.report")
 
@@ -626,10 +626,7 @@ def write_report(
         raise ValueError(f"unknown stage {stopped_at!r}; expected one of {STAGES}")
     page = render(gather(params, stopped_at, stop_reason))
     path = Path(params.paths.reports_dir) / REPORT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page)
-    tmp.replace(path)
+    write_text(path, page)
     log.info("report: %s", path)
     return path
 
@@ -661,10 +658,7 @@ def write_stopped(params: Params, stopped_at: str, reason: str) -> Path:
     for name in STAGE_INPUTS[stopped_at]:
         setattr(inputs, name, None)
     path = Path(params.paths.reports_dir) / STOPPED_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render(inputs))
-    tmp.replace(path)
+    write_text(path, render(inputs))
     return path
 
 

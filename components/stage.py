@@ -7,10 +7,13 @@ the traceback as well.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -57,26 +60,64 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
     return digest.hexdigest()
 
 
-def write_json(path: Path, payload) -> None:
-    """Write a small JSON file (a dict or a pydantic model) with a stable layout for git diffs.
+@contextlib.contextmanager
+def replacing(path: Path, mode: str = "wb"):
+    """Open a new file that takes ``path``'s place whole, or not at all, when the block ends.
 
-    Through a temporary file, flushed to disk, then ``os.replace``: a run killed mid-write leaves
-    the old file or the new one, never half of one (DVC would keep a truncated verdict).
+    The file is a temporary one of a unique name beside ``path``; at the end it is flushed to
+    disk and moved over ``path`` with ``os.replace``. A run killed mid-write leaves the old file
+    or the new one, never half of one (DVC keeps a truncated ``persist`` metric); two writers
+    never share a temporary file; a reader that has the old file open keeps reading it whole.
+    An error in the block removes the temporary file and leaves ``path`` as it was.
     """
-    if hasattr(payload, "model_dump"):
-        payload = payload.model_dump(mode="json", exclude_none=True)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        with os.fdopen(fd, mode) as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; open() would give this
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text(path: Path, text: str | bytes) -> None:
+    """Write ``text`` (or bytes) to ``path`` whole or not at all (see :func:`replacing`)."""
+    with replacing(path, "wb") as fh:
+        fh.write(text.encode() if isinstance(text, str) else text)
+
+
+@functools.cache
+def _umask() -> int:
+    # Read once: os.umask can only be read by setting it, which races with other threads.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_json(path: Path, payload) -> None:
+    """Write a small JSON file (a dict or a pydantic model) with a stable layout for git diffs,
+    atomically (:func:`write_text`)."""
+    if hasattr(payload, "model_dump"):
+        payload = payload.model_dump(mode="json", exclude_none=True)
+    write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+# A URL's credentials: ``scheme://user:secret@host`` (the user part can be a token too).
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/?#@\s]*@)")
+_QUERY = re.compile(r"(?P<url>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#]*)\?[^\s#]*")
+REDACTED = "***"
+
+
+def redact(text: str) -> str:
+    """``text`` with every URL's credentials (user and password) and query string (SAS tokens,
+    signed keys) replaced by ``***``: what may be logged, printed or written into a report."""
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", str(text))
+    return _QUERY.sub(lambda m: f"{m['url']}?{REDACTED}", text)
 
 
 def main(stage: str, run: Callable[[Params], object]) -> None:

@@ -26,7 +26,7 @@ from components.config import Params, TrainParams
 from components.dataset import ArraySet, DatasetMeta, load_arrays, meta_path, split_path
 from components.lightning_module import lightning_module
 from components.model import NetConfig, build_model, load_state_dict, save_model
-from components.stage import StageError, main, write_json
+from components.stage import StageError, main, replacing, write_json
 from components.trial import trial_callbacks
 
 log = logging.getLogger("pipeline.train")
@@ -301,7 +301,7 @@ def run(params: Params) -> TrainResult | None:
     summary = {"epochs_run": len(history), "best_epoch": best["epoch"]}
     summary.update({f"best_{k}": best[k] for k in ("val_loss", key)})
     write_json(metrics_dir / "train.json", summary)
-    with (metrics_dir / "train_history.csv").open("w") as fh:
+    with replacing(metrics_dir / "train_history.csv", "w") as fh:
         fh.write(",".join(HISTORY_FIELDS) + "\n")
         for row in history:
             cells = ("" if row.get(k) is None else json.dumps(row[k]) for k in HISTORY_FIELDS)

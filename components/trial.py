@@ -28,13 +28,14 @@ ENV_PRUNER = "TUNE_OPTUNA_PRUNER"  # tune.pruning as JSON: Optuna does not store
 PRUNED_MARK = "pruned by Optuna"  # the flow recognises a pruned trial by this phrase
 
 
-def open_storage(url: str):
+def open_storage(url: str, **heartbeat):
     """Optuna's RDB storage for ``url``; SQLite waits up to a minute for a busy database
-    (several workers and their train stages write to one file) instead of failing at once."""
+    (several workers and their train stages write to one file) instead of failing at once.
+    ``heartbeat``: RDBStorage's ``heartbeat_interval`` and ``grace_period`` (the tuning flow's)."""
     import optuna
 
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
 
 
 def pruner_from(pruning: dict):

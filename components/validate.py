@@ -31,7 +31,7 @@ from components import kinds
 from components.config import Params, ValidateParams
 from components.dataset import SPLITS, ArraySet, DatasetMeta, load_arrays, meta_path, split_path
 from components.kinds.checks import MIN_ROWS_PARAM, Check, Detail, Expectation
-from components.stage import StageError, main, write_json
+from components.stage import StageError, main, write_json, write_text
 
 log = logging.getLogger("pipeline.validate")
 
@@ -251,7 +251,7 @@ def run(params: Params) -> ValidationResult:
     if docs_dir.exists():
         shutil.rmtree(docs_dir)  # Data Docs keeps one page per run: drop the stale ones
     result = check_splits(splits, meta, params.validate_, docs_dir, frames)
-    (docs_dir / "summary.html").write_text(summary_html(result))
+    write_text(docs_dir / "summary.html", summary_html(result))
     write_json(
         Path(paths.metrics_dir) / "validation.json",
         {

@@ -29,6 +29,8 @@ from components.stage import set_quiet_env
 
 set_quiet_env()
 
+from prefect import flow  # noqa: E402
+
 from components.config import Params, ParamsError, load_params  # noqa: E402
 
 NIGHTLY = "nightly"
@@ -38,7 +40,20 @@ BY_HAND = "by-hand"
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"
 
 
-def deployment_specs(params: Params, root: str) -> list[dict]:
+# The repository this code is in: where a deployment's runs work. Not a run parameter, so a
+# run triggered with parameters cannot point the pipeline at another folder.
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline_here(overrides: list[str] | None = None, only_if_data_changed: bool = False):
+    """The pipeline flow in the repository this deployment serves (flows/pipeline.py)."""
+    from flows.pipeline import pipeline
+
+    return pipeline.fn(overrides, only_if_data_changed, root=str(REPOSITORY))
+
+
+def deployment_specs(params: Params) -> list[dict]:
     """What each deployment is: its name, schedule and default parameters."""
     from prefect.schedules import Cron
 
@@ -47,7 +62,7 @@ def deployment_specs(params: Params, root: str) -> list[dict]:
         {
             "name": NIGHTLY,
             "schedule": Cron(orc.schedule_cron, timezone=orc.schedule_timezone),
-            "parameters": {"only_if_data_changed": True, "root": root},
+            "parameters": {"only_if_data_changed": True},
             "description": (
                 "The scheduled run: skips every stage when DVC finds the data source unchanged, "
                 "otherwise runs what changed and saves the run as a DVC experiment."
@@ -56,7 +71,7 @@ def deployment_specs(params: Params, root: str) -> list[dict]:
         },
         {
             "name": BY_HAND,
-            "parameters": {"only_if_data_changed": False, "root": root},
+            "parameters": {"only_if_data_changed": False},
             "description": (
                 "Run what changed, with optional overrides of params.yaml "
                 "(--param overrides='[\"train.max_epochs=8\"]'), and save it as a DVC experiment."
@@ -82,11 +97,9 @@ def serve_here(root: Path, params: Params) -> None:
     """Register the deployments and run their flow runs in this process, until stopped."""
     from prefect import serve
 
-    from flows.pipeline import pipeline
-
     deployments = [
-        pipeline.to_deployment(**spec, entrypoint_type=_module_entrypoint())
-        for spec in deployment_specs(params, str(root))
+        pipeline_here.to_deployment(**spec, entrypoint_type=_module_entrypoint())
+        for spec in deployment_specs(params)
     ]
     # limit=1: Prefect starts one run at a time here; others wait as Scheduled/Late.
     serve(*deployments, limit=1)
@@ -98,11 +111,9 @@ def register_on_pool(root: Path, params: Params, pool: str) -> list[str]:
     The flow's source is this folder (a pull step ``cd``s into it), so a worker must see the
     repository at the same path: start the worker on the machine where you run this.
     """
-    from flows.pipeline import pipeline
-
-    source = pipeline.from_source(source=str(root), entrypoint="flows/pipeline.py:pipeline")
+    source = pipeline_here.from_source(source=str(root), entrypoint="flows/deploy.py:pipeline_here")
     names = []
-    for spec in deployment_specs(params, str(root)):
+    for spec in deployment_specs(params):
         deployment = source.to_deployment(**spec)
         # RunnerDeployment.apply, not prefect.deploy(): with Prefect 3.8.8 and FastAPI 0.154 the
         # latter's worker lookup is answered 422 (it sends limit=null).
@@ -131,8 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     root = Path(args.root).resolve()
+    pool = args.pool
     try:
         params = load_params(root / "params.yaml")
+        pool = params.orchestrate.work_pool if pool is None else pool
+        if not pool and root != REPOSITORY:
+            # Served here, the runs use this copy of the code, in this repository.
+            raise ParamsError(f"--root {root}: serve from that repository: cd there first")
     except ParamsError as exc:
         print(f"Deployments not registered: {exc}", file=sys.stderr)
         return 2
@@ -140,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
 
     api_url = PREFECT_API_URL.value() or DEFAULT_API_URL
     check_server(api_url)
-    pool = params.orchestrate.work_pool if args.pool is None else args.pool
     with temporary_settings(updates={PREFECT_API_URL: api_url}):  # also for the runs' processes
         if pool:
             names = register_on_pool(root, params, pool)

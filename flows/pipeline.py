@@ -27,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from components.stage import FAILURE_PREFIX, set_quiet_env
+from components.stage import FAILURE_PREFIX, redact, set_quiet_env, write_text
 
 set_quiet_env()  # before Prefect is imported: it reads PREFECT_HOME at import
 
@@ -38,6 +38,7 @@ from prefect.states import Completed, Failed  # noqa: E402
 from components.config import (  # noqa: E402
     Params,
     ParamsError,
+    check_repository_paths,
     load_params,
     parse_params,
     read_params_file,
@@ -209,7 +210,7 @@ def roll_back(root: Path, last_good_lock: bytes | None, logger) -> str:
         return "no earlier good run to go back to"
     if lock.is_file() and lock.read_bytes() == last_good_lock:
         return "outputs as the last good run left them (dvc status lists what is stale)"
-    lock.write_bytes(last_good_lock)
+    write_text(lock, last_good_lock)  # whole or not at all: a half dvc.lock breaks every run
     done = subprocess.run(
         [sys.executable, "-m", "dvc", "checkout", "--force", "--quiet"],
         cwd=root,
@@ -257,17 +258,23 @@ def params_with_overrides(root: Path, overrides: list[str]) -> Params:
 def preflight(root: Path, overrides: list[str]) -> Params:
     """Everything that can be checked before a run touches the workspace.
 
-    Bad overrides (unknown key, wrong type), a missing or unreachable DVC remote, a missing or
-    unreachable git remote: each raises with a message that says what to fix.
+    Bad overrides (unknown key, wrong type), ``paths.*`` that DVC would delete files git keeps
+    with, a missing or unreachable DVC remote, a missing or unreachable git remote: each raises
+    with a message that says what to fix (a remote's credentials shown as ``***``).
     """
     if not (root / "dvc.yaml").is_file():
         raise PreflightError(f"{root} has no dvc.yaml: run from the repository root")
     params = params_with_overrides(root, overrides)
+    check_repository_paths(params.paths, root)  # before DVC deletes a folder someone named
     orc = params.orchestrate
-    if orc.push:
-        check_dvc_remote(root, orc.remote)
-    if orc.save_experiment and orc.git_remote and has_commit(root):
-        check_git_remote(root, orc.git_remote)
+    try:
+        if orc.push:
+            check_dvc_remote(root, orc.remote)
+        if orc.save_experiment and orc.git_remote and has_commit(root):
+            check_git_remote(root, orc.git_remote)
+    except PreflightError as exc:
+        # A remote's URL (and a backend's reason) can hold credentials: never print them.
+        raise PreflightError(redact(str(exc))) from None
     return params
 
 

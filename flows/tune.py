@@ -6,11 +6,12 @@
 
 The flow checks all it can before any trial, then keeps ``tune.workers`` trials running as
 Prefect tasks, each one ``dvc exp run --temp`` of the pipeline up to evaluate
-(components/tuning/trials.py). Running it again resumes the study (Optuna storage,
-components/tuning/study.py); ``dvc exp apply <study>-t3 && dvc repro`` reproduces a trial. At
-the end the best trial's params go through the whole pipeline (``flows.pipeline``), the
-top-k trials make an ensemble (components/tuning/top_k.py) and reports/tuning.html shows the
-trials (components/tuning/page.py).
+(components/tuning/trials.py), killed after ``tune.trial_timeout_seconds``. Running it again
+resumes the study (Optuna storage, components/tuning/study.py), first marking FAIL the trials a
+killed run left RUNNING; ``dvc exp apply <study>-t3 && dvc repro`` reproduces a trial. At the
+end the best trial's params go through the whole pipeline (``flows.pipeline``), the top-k
+trials make an ensemble (components/tuning/top_k.py) and reports/tuning.html shows the trials
+(components/tuning/page.py). The storage URL is shown without its credentials.
 """
 
 from __future__ import annotations
@@ -30,7 +31,12 @@ from prefect.futures import as_completed  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
-from components.config import Params, ParamsError, TuneParams  # noqa: E402
+from components.config import (  # noqa: E402
+    Params,
+    ParamsError,
+    TuneParams,
+    check_repository_paths,
+)
 from components.tuning.fits import check_fits_data  # noqa: E402
 from components.tuning.page import (  # noqa: E402
     format_summary,
@@ -42,9 +48,11 @@ from components.tuning.study import (  # noqa: E402
     TuneError,
     best_overrides,
     check_space,
+    fail_stale_trials,
     grid_exhausted,
     open_study,
     shared_sampler,
+    shown,
     storage_url,
 )
 from components.tuning.top_k import ensemble_of_top_trials  # noqa: E402
@@ -77,6 +85,7 @@ def preflight(root: Path, overrides: list[str]) -> tuple[Params, str]:
     if not (root / "dvc.yaml").is_file():
         raise TuneError(f"{root} has no dvc.yaml: run from the repository root")
     params = tune_params(root, overrides)
+    check_repository_paths(params.paths, root)  # trials run DVC, which deletes declared outputs
     check_space(params.tune, root / "params.yaml")
     check_fits_data(params, root)
     check_trial_overrides(params.tune, root / "params.yaml")
@@ -121,9 +130,15 @@ def tune(
     logger.info(
         "study %r in %s: %s",
         cfg.study_name,
-        url,
+        shown(url),  # a database URL may hold a password
         f"resumed with {before} trial(s)" if before else "new",
     )
+    stale = fail_stale_trials(study, cfg.trial_timeout_seconds)
+    if stale:
+        logger.warning(
+            "trial(s) %s were left RUNNING by a flow that stopped: marked FAIL",
+            ", ".join(map(str, stale)),
+        )
     try:
         with workspace_lock(root_path, run=f"tune {cfg.study_name}"):
             results = _run_trials(root_path, url, cfg, study)

@@ -13,7 +13,8 @@ from html import escape
 from pathlib import Path
 
 from components.config import TuneParams
-from components.tuning.study import best_overrides, direction, finished
+from components.stage import replacing, write_text
+from components.tuning.study import best_overrides, direction, finished, shown
 
 
 def trials_table(study) -> list[dict]:
@@ -48,7 +49,7 @@ def summarise(
     complete = finished(study)
     summary: dict = {
         "study": tune.study_name,
-        "storage": url,
+        "storage": shown(url),  # never a password: the summary goes into reports/tuning*
         "sampler": tune.sampler,
         "metric": f"{tune.metric} ({direction(tune)}, validation split)",
         "trials_before": trials_before,
@@ -73,14 +74,14 @@ def write_table(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(k for row in rows for k in row))
     csv_path, json_path = out_dir / "trials.csv", out_dir / "trials.json"
-    with csv_path.open("w", newline="") as fh:
+    with replacing(csv_path, "w") as fh:
         writer = csv.DictWriter(fh, columns)
         writer.writeheader()
         for row in rows:
             writer.writerow(
                 {k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in row.items()}
             )
-    json_path.write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    write_text(json_path, json.dumps(rows, indent=2, default=str) + "\n")
     return csv_path, json_path
 
 
@@ -196,14 +197,14 @@ def write_page(path: Path, summary: dict, rows: list[dict], images: dict) -> Pat
         )
         if b64
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
+    write_text(
+        path,
         "<!doctype html><html><head><meta charset='utf-8'><title>Tuning: "
         f"{escape(summary['study'])}</title><style>body{{font-family:sans-serif;margin:2em}}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;"
         "font-size:13px;text-align:left}</style></head><body>"
         f"<h1>Tuning study {escape(summary['study'])}</h1><table>{facts}</table>{pics}"
-        f"<h2>Trials</h2><table><tr>{head}</tr>{body}</table>{ens_html}</body></html>\n"
+        f"<h2>Trials</h2><table><tr>{head}</tr>{body}</table>{ens_html}</body></html>\n",
     )
     return path
 
@@ -216,7 +217,7 @@ def write_report(
     write_table(rows, out_dir)
     ranked = importances(study)
     summary["importance"] = {k: round(v, 4) for k, v in ranked.items()}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     images = plots(rows, ranked, tune.metric, direction(tune) == "maximize")
     return write_page(page, summary, rows, images)
 

@@ -1,25 +1,36 @@
 """The Optuna study: its storage, search space, sampler, pruner and each trial's params.
 
-The study lives in Optuna storage (SQLite under build/tune/ by default, or a database URL), so
-opening it again resumes it and workers on other machines can share it. Values go to DVC and
-Hydra as compact JSON (:func:`encode`); a choice that is not a plain value (a list of layer
-sizes) is offered to Optuna as its JSON text.
+The study lives in Optuna storage (SQLite under build/tune/ by default, or a database URL whose
+password comes from the environment), so opening it again resumes it and workers on other
+machines can share it. The flow keeps a heartbeat for each trial it runs; resuming marks FAIL the
+trials a killed flow left RUNNING (no heartbeat for a while, or older than a trial may run).
+Values go to DVC and Hydra as compact JSON (:func:`encode`); a choice that is not a plain value
+(a list of layer sizes) is offered to Optuna as its JSON text.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import threading
+import warnings
+from datetime import datetime, timedelta
 from pathlib import Path
 
-from components.config import ParamsError, SearchDimension, TuneParams
+from components.config import STORAGE_PASSWORD_ENV, ParamsError, SearchDimension, TuneParams
 from components.overrides import check_overrides
+from components.stage import redact
 from components.trial import open_storage, pruner_from
 
 DEFAULT_STORAGE = Path("build") / "tune" / "optuna.db"
 # Not a model's params. The data's sections neither: trials must be compared on one validation
 # split, and the best trial's test split must be unseen by every ensemble member.
 UNTUNABLE_SECTIONS = ("paths", "orchestrate", "tune", "ingest", "validate")
+# The flow records a heartbeat per running trial this often; a RUNNING trial whose last one is
+# older than the grace period belongs to a flow that was killed.
+HEARTBEAT_SECONDS = 30
+GRACE_SECONDS = 120
 
 
 class TuneError(ValueError):
@@ -38,7 +49,17 @@ def storage_url(root: Path, tune: TuneParams) -> str:
             url = f"sqlite:///{path}"
     if url.endswith(":memory:"):
         raise TuneError("tune.storage: an in-memory database cannot be shared with the trials")
+    password = os.environ.get(STORAGE_PASSWORD_ENV)
+    if password and not url.startswith("sqlite"):
+        from sqlalchemy.engine import make_url
+
+        url = make_url(url).set(password=password).render_as_string(hide_password=False)
     return url
+
+
+def shown(url: str) -> str:
+    """The storage URL as logs and reports show it: no user, password or query."""
+    return redact(url)
 
 
 def encode(value) -> str:
@@ -136,7 +157,12 @@ def open_study(url: str, tune: TuneParams, create: bool = False, sampler=None):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = sampler or make_sampler(tune)
-    pruner, storage = pruner_from(tune.pruning.model_dump()), open_storage(url)
+    with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = open_storage(
+            url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS
+        )
+    pruner = pruner_from(tune.pruning.model_dump())
     if create:
         study = optuna.create_study(
             storage=storage,
@@ -149,7 +175,7 @@ def open_study(url: str, tune: TuneParams, create: bool = False, sampler=None):
         wanted = optuna.study.StudyDirection[direction(tune).upper()]
         if study.direction != wanted:
             raise TuneError(
-                f"tune.study_name: study {tune.study_name!r} in {url} was made to "
+                f"tune.study_name: study {tune.study_name!r} in {shown(url)} was made to "
                 f"{study.direction.name.lower()} and tune.metric {tune.metric} needs "
                 f"{direction(tune)}: use another study name"
             )
@@ -176,11 +202,66 @@ def suggest(trial, key: str, dim: SearchDimension):
 def ask(url: str, tune: TuneParams, sampler_key: str = ""):
     """A new trial of the study and its params (``{key: value}`` for every key of the space),
     drawn by this process's shared sampler when ``sampler_key`` names one."""
-    with _ASK_LOCK:
+    with _ASK_LOCK, warnings.catch_warnings():
+        # "Heartbeat of storage is supposed to be used with Study.optimize": the trials' heartbeat
+        # is the flow's own (components/tuning/trials.py), around each `dvc exp run`.
+        warnings.simplefilter("ignore", UserWarning)
         study = open_study(url, tune, sampler=_SAMPLERS.get(sampler_key))
         trial = study.ask()
         values = {key: suggest(trial, key, dim) for key, dim in tune.space.items()}
     return study, trial, values
+
+
+@contextlib.contextmanager
+def heartbeat(study, trial, every: float = HEARTBEAT_SECONDS):
+    """Record the trial's heartbeat in the study's storage now and every ``every`` seconds while
+    the block runs: a flow killed meanwhile leaves a RUNNING trial whose heartbeat goes stale."""
+    storage, stop = study._storage, threading.Event()  # Optuna's own heartbeat thread does so
+    storage.record_heartbeat(trial._trial_id)
+
+    def beat() -> None:
+        while not stop.wait(every):
+            with contextlib.suppress(Exception):  # a busy database: the next beat will do
+                storage.record_heartbeat(trial._trial_id)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def fail_stale_trials(study, trial_timeout_seconds: float) -> list[int]:
+    """Mark FAIL the trials a killed flow left RUNNING; return their numbers.
+
+    Stale: no heartbeat for the storage's grace period (what Optuna's ``fail_stale_trials`` looks
+    for), or started longer ago than a trial may run (``tune.trial_timeout_seconds``, plus the
+    grace): a trial of a flow that recorded no heartbeat (an older version). A trial that
+    another live flow runs keeps its heartbeat fresh and is left alone.
+    """
+    import optuna
+
+    storage = study._storage
+    stale = set(storage._get_stale_trial_ids(study._study_id))  # Optuna's own test
+    rdb = getattr(storage, "_backend", storage)  # under Optuna's cache: our RDBStorage
+    grace = rdb.grace_period or 2 * (rdb.heartbeat_interval or 0)
+    too_old = datetime.now() - timedelta(seconds=trial_timeout_seconds + grace)
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        started = trial.datetime_start
+        if trial._trial_id not in stale and not (started and started < too_old):
+            continue
+        try:  # the reason first: a finished trial is read-only
+            storage.set_trial_user_attr(
+                trial._trial_id, "reason", "left RUNNING by a flow that stopped: marked FAIL"
+            )
+            storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # it finished (or another flow failed it) meanwhile
+        failed.append(trial.number)
+    return failed
 
 
 def finished(study) -> list:

@@ -6,7 +6,9 @@ trials run side by side while DVC's lock is held only for the moments DVC needs 
 (``--wait-for-lock`` queues them instead of failing). The objective is the validation metric
 ``tune.metric`` the train stage wrote (``metrics/train.json`` of the experiment), never the
 test split; the train stage reports each epoch to the trial (components/trial.py) and stops a
-trial the pruner judges unpromising.
+trial the pruner judges unpromising. A trial's ``dvc exp run`` and every process it started are
+killed after ``tune.trial_timeout_seconds`` (the trial then FAILs); while it runs, the flow keeps
+the trial's heartbeat in the study, so a killed flow's trials are found and failed on resume.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -31,11 +34,14 @@ from components.trial import (
     ENV_TRIAL_ID,
     PRUNED_MARK,
 )
-from components.tuning.study import TuneError, ask, encode, experiment_of
+from components.tuning.study import TuneError, ask, encode, experiment_of, heartbeat
 
 # One `dvc exp run` at a time through its launch (stash) phase is DVC's own business
 # (--wait-for-lock); this only keeps our log lines of two trials from interleaving.
 _LOG_LOCK = threading.Lock()
+# After the timeout: SIGTERM to the trial's process group (the stage puts its outputs back and
+# DVC lets go of its lock), then SIGKILL to whatever is left this many seconds later.
+KILL_GRACE_SECONDS = 10.0
 
 
 def check_trial_overrides(tune: TuneParams, params_file: Path) -> None:
@@ -103,6 +109,41 @@ def _command(name: str, sets: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
+def run_bounded(command: list[str], cwd: Path, env: dict, timeout: float) -> tuple[int | None, str]:
+    """Run ``command`` as its own process group; return its exit code (None when it ran past
+    ``timeout`` seconds and was killed, with every process it started) and its output."""
+    process = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # a group of its own: DVC, the stage, its workers
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+        return process.returncode, output
+    except subprocess.TimeoutExpired:
+        pass
+    except BaseException:  # the flow itself stops: take the trial's processes with it
+        _kill_group(process, signal.SIGKILL)
+        raise
+    _kill_group(process, signal.SIGTERM)
+    try:
+        output, _ = process.communicate(timeout=KILL_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        _kill_group(process, signal.SIGKILL)
+        output, _ = process.communicate()
+    _kill_group(process, signal.SIGKILL)  # children that outlived their parent
+    return None, output
+
+
+def _kill_group(process: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
+
+
 def _env(url: str, tune: TuneParams, trial) -> dict:
     """The environment of a trial's ``dvc exp run``: where its train stage finds the trial."""
     env = {
@@ -133,16 +174,11 @@ def run_trial(root: Path, url: str, tune: TuneParams, sampler_key: str, logger) 
     sets = [*tune.trial_overrides, *(f"{key}={encode(v)}" for key, v in values.items())]
     logger.info("trial %d (%s): %s", trial.number, name, " ".join(sets))
     started = time.monotonic()
-    process = subprocess.run(
-        _command(name, sets),
-        cwd=root,
-        env=_env(url, tune, trial),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    with heartbeat(study, trial):
+        returncode, output = run_bounded(
+            _command(name, sets), root, _env(url, tune, trial), tune.trial_timeout_seconds
+        )
     seconds = time.monotonic() - started
-    output = process.stdout + process.stderr
     trial.set_user_attr("seconds", round(seconds, 1))
     with _LOG_LOCK:
         for line in output.splitlines()[-12:]:
@@ -153,7 +189,16 @@ def run_trial(root: Path, url: str, tune: TuneParams, sampler_key: str, logger) 
         "params": values,
         "seconds": round(seconds, 1),
     }
-    if process.returncode == 0:
+    if returncode is None:
+        reason = (
+            f"timed out: still running after {tune.trial_timeout_seconds:g} s "
+            "(tune.trial_timeout_seconds); killed"
+        )
+        trial.set_user_attr("reason", reason)
+        _tell(study, trial, state=optuna.trial.TrialState.FAIL)
+        logger.info("trial %d: FAIL: %s", trial.number, reason)
+        return {**row, "state": "FAIL", "reason": reason}
+    if returncode == 0:
         ref = experiment_ref(root, name)
         if ref is None:
             _tell(study, trial, state=optuna.trial.TrialState.FAIL)

@@ -1,0 +1,209 @@
+"""Tuning trials that end: a timeout that kills a trial's whole process tree, and a heartbeat so
+that a study resumed after its flow was killed marks FAIL the trials left RUNNING (issue 14).
+
+The storage tests use a tiny SQLite study and a real process killed with SIGKILL; the timeout
+test runs a real ``dvc exp run --temp`` whose stage hangs, in a throw-away repository. Seconds
+each: nothing is trained.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from components.config import ParamsError, load_params, parse_params, read_params_file
+from components.trial import open_storage
+from components.tuning import study as tuning
+from components.tuning.trials import run_bounded, run_trial
+from tests.conftest import REPO_ROOT
+
+# A flow's trial: asked, its heartbeat kept every 0.2 s, then the flow is killed (SIGKILL).
+DOOMED_FLOW = """
+import sys, time, optuna
+from components.trial import open_storage
+from components.tuning.study import heartbeat
+storage = open_storage(sys.argv[1], heartbeat_interval=1, grace_period=1)
+study = optuna.load_study(study_name="s", storage=storage)
+trial = study.ask()
+with heartbeat(study, trial, every=0.2):
+    print(trial.number, flush=True)
+    time.sleep(120)
+"""
+
+
+def _states(study) -> dict[int, str]:
+    return {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+
+
+def test_a_resumed_study_fails_the_trials_a_killed_flow_left_running(tmp_path):
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    storage = open_storage(url, heartbeat_interval=1, grace_period=1)
+    study = optuna.create_study(study_name="s", storage=storage)
+    doomed = subprocess.Popen(
+        [sys.executable, "-c", DOOMED_FLOW, url], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+    )
+    killed = int(doomed.stdout.readline())
+    time.sleep(0.5)  # a few heartbeats
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait()
+    with pytest.warns(UserWarning, match="Heartbeat"):
+        alive = study.ask()  # another flow's trial, still running: its heartbeat stays fresh
+    with tuning.heartbeat(study, alive, every=0.2):
+        time.sleep(2.5)  # past the killed trial's grace period
+        assert _states(study)[killed] == "RUNNING"  # what a resumed study found, forever
+        assert tuning.fail_stale_trials(study, trial_timeout_seconds=600) == [killed]
+        states = _states(study)
+        assert states[killed] == "FAIL" and states[alive.number] == "RUNNING"
+    frozen = study.get_trials(deepcopy=False)[killed]
+    assert "left RUNNING by a flow that stopped" in frozen.user_attrs["reason"]
+    assert tuning.fail_stale_trials(study, trial_timeout_seconds=600) == []  # once
+
+
+def test_a_trial_without_heartbeat_older_than_a_trial_may_run_is_failed(tmp_path):
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    storage = open_storage(url, heartbeat_interval=1, grace_period=1)
+    study = optuna.create_study(study_name="s", storage=storage)
+    with pytest.warns(UserWarning, match="Heartbeat"):
+        legacy = study.ask()  # left by a flow that kept no heartbeat (an older version)
+    assert tuning.fail_stale_trials(study, trial_timeout_seconds=60) == []  # young: may be alive
+    time.sleep(2.2)
+    assert tuning.fail_stale_trials(study, trial_timeout_seconds=1) == [legacy.number]
+    assert _states(study)[legacy.number] == "FAIL"
+
+
+def test_the_flow_opens_the_study_with_a_heartbeat(tmp_path):
+    tune = load_params(REPO_ROOT / "params.yaml").tune
+    url = tuning.storage_url(tmp_path, tune)
+    study = tuning.open_study(url, tune, create=True)
+    rdb = study._storage._backend  # Optuna wraps the RDB storage in a cache
+    assert rdb.heartbeat_interval == tuning.HEARTBEAT_SECONDS
+    assert rdb.grace_period == tuning.GRACE_SECONDS
+
+
+# -- the timeout ---------------------------------------------------------------------------
+
+SPAWNS_A_CHILD = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _gone(pid: int, within: float = 5.0) -> bool:
+    """Whether the process is dead (or a zombie) within ``within`` seconds: a killed process
+    takes a moment to exit."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            if psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def test_a_command_past_its_timeout_is_killed_with_its_children(tmp_path):
+    started = time.monotonic()
+    command = [sys.executable, "-c", SPAWNS_A_CHILD]
+    code, output = run_bounded(command, tmp_path, dict(os.environ), 2)
+    assert code is None and time.monotonic() - started < 15
+    grandchild = int(output.split()[0])
+    assert _gone(grandchild), "the command's own child outlived the timeout"
+    code, output = run_bounded([sys.executable, "-c", "print('done')"], tmp_path, {}, 30)
+    assert (code, output) == (0, "done\n")
+
+
+HANGING_STAGE = """stages:
+  evaluate:
+    cmd: python -c "import os, time; open('{pid}', 'w').write(str(os.getpid())); time.sleep(300)"
+"""
+
+
+def _git(root: Path, *args: str) -> None:
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=root, check=True
+    )
+
+
+def test_a_trial_whose_dvc_exp_run_hangs_is_killed_and_failed(tmp_path):
+    root = tmp_path / "repo"
+    root.mkdir()
+    pid_file = tmp_path / "stage.pid"
+    _git(root, "init", "-q")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    (root / "params.yaml").write_bytes((REPO_ROOT / "params.yaml").read_bytes())
+    (root / "dvc.yaml").write_text(HANGING_STAGE.format(pid=pid_file))
+    _git(root, "add", "-A")
+    _git(root, "commit", "-qm", "init")
+
+    tune = load_params(root / "params.yaml").tune.model_copy(
+        update={"study_name": "hang", "trial_timeout_seconds": 12.0, "trial_overrides": ()}
+    )
+    url = tuning.storage_url(root, tune)
+    tuning.open_study(url, tune, create=True)
+    started = time.monotonic()
+    row = run_trial(root, url, tune, "", logging.getLogger("test"))
+    seconds = time.monotonic() - started
+
+    assert row["state"] == "FAIL" and "timed out" in row["reason"], row
+    assert "tune.trial_timeout_seconds" in row["reason"]
+    assert seconds < 12 + 15, f"the trial took {seconds:.0f} s"
+    assert pid_file.is_file(), "the stage never started: raise the timeout"
+    assert _gone(int(pid_file.read_text())), "the trial's stage outlived its timeout"
+    [trial] = tuning.open_study(url, tune).get_trials()
+    assert trial.state.name == "FAIL" and "timed out" in trial.user_attrs["reason"]
+
+
+def test_the_trial_timeout_is_a_checked_param():
+    raw = read_params_file(REPO_ROOT / "params.yaml")
+    assert raw["tune"]["trial_timeout_seconds"] > 0
+    raw["tune"]["trial_timeout_seconds"] = 0
+    with pytest.raises(ParamsError, match="tune.trial_timeout_seconds"):
+        parse_params(raw)
+
+
+# -- the storage URL's password ------------------------------------------------------------
+
+
+def test_a_storage_password_comes_from_the_environment_and_is_never_shown(monkeypatch):
+    raw = read_params_file(REPO_ROOT / "params.yaml")
+    raw["tune"]["storage"] = "postgresql://tuner:s3cret@db.internal/optuna"
+    with pytest.raises(ParamsError, match="tune.storage: .*TUNE_STORAGE_PASSWORD"):
+        parse_params(raw)
+    raw["tune"]["storage"] = "postgresql://tuner@db.internal/optuna"
+    tune = parse_params(raw).tune
+    monkeypatch.setenv("TUNE_STORAGE_PASSWORD", "s3cret")
+    url = tuning.storage_url(Path("."), tune)
+    assert url == "postgresql://tuner:s3cret@db.internal/optuna"  # what Optuna connects with
+    assert tuning.shown(url) == "postgresql://***@db.internal/optuna"
+
+
+def test_the_summary_and_report_show_the_storage_without_its_password(tmp_path):
+    import optuna
+
+    from components.tuning import page
+
+    tune = load_params(REPO_ROOT / "params.yaml").tune
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'o.db'}")
+    url = "postgresql://tuner:s3cret@db.internal/optuna"
+    summary = page.summarise(study, tune, url, 0, 0, [])
+    assert summary["storage"] == "postgresql://***@db.internal/optuna"
+    written = page.write_report(tmp_path / "tuning.html", tmp_path, summary, [], study, tune)
+    for path in (written, tmp_path / "summary.json"):
+        assert "s3cret" not in path.read_text() and "tuner" not in path.read_text()
+    assert "s3cret" not in page.format_summary(summary, written)
