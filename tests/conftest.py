@@ -52,6 +52,8 @@ SLOWEST_FIRST = (
     "test_train.py",
     "test_pipeline_kinds.py",
     "test_service_tabular.py",
+    "test_bench.py",
+    "test_service_hardening.py",
     "test_service_fuzz.py",
     "test_promote.py",
     "test_ensemble.py",
