@@ -29,28 +29,14 @@ from components.stage import set_quiet_env
 
 set_quiet_env()
 
-from prefect import flow  # noqa: E402
-
 from components.config import Params, ParamsError, load_params  # noqa: E402
+from flows.deployed import REPOSITORY, pipeline_here  # noqa: E402
 
 NIGHTLY = "nightly"
 BY_HAND = "by-hand"
 # `make prefect-server`. Without a server address Prefect would start a throw-away one, and the
 # schedule would die with it: PREFECT_API_URL (environment or profile) wins over this default.
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"
-
-
-# The repository this code is in: where a deployment's runs work. Not a run parameter, so a
-# run triggered with parameters cannot point the pipeline at another folder.
-REPOSITORY = Path(__file__).resolve().parents[1]
-
-
-@flow(name="pipeline", log_prints=True)
-def pipeline_here(overrides: list[str] | None = None, only_if_data_changed: bool = False):
-    """The pipeline flow in the repository this deployment serves (flows/pipeline.py)."""
-    from flows.pipeline import pipeline
-
-    return pipeline.fn(overrides, only_if_data_changed, root=str(REPOSITORY))
 
 
 def deployment_specs(params: Params) -> list[dict]:
@@ -111,7 +97,9 @@ def register_on_pool(root: Path, params: Params, pool: str) -> list[str]:
     The flow's source is this folder (a pull step ``cd``s into it), so a worker must see the
     repository at the same path: start the worker on the machine where you run this.
     """
-    source = pipeline_here.from_source(source=str(root), entrypoint="flows/deploy.py:pipeline_here")
+    source = pipeline_here.from_source(
+        source=str(root), entrypoint="flows/deployed.py:pipeline_here"
+    )
     names = []
     for spec in deployment_specs(params):
         deployment = source.to_deployment(**spec)
