@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from components.stage import StageError, write_json
 
 # Where each hand-off lives: in ``paths.metrics_dir`` (bento.json: ``paths.artefacts_dir``).
+TRAIN_FILE = "train.json"
+VALIDATION_FILE = "validation.json"
 EVALUATE_FILE = "evaluate.json"
 EVALUATE_GATES_FILE = "evaluate_gates.json"
 COMPRESS_FILE = "compress.json"
@@ -65,6 +67,48 @@ def read(model: type[R], path: Path, stage: str) -> R:
 
 
 # -- evaluate ------------------------------------------------------------------------------
+
+
+class ValidationSummary(Record):
+    """validation.json: the Great Expectations verdict on the prepared splits."""
+
+    success: bool
+    evaluated_expectations: int
+    failed: tuple[str, ...]  # one line per failed check
+
+
+class TrainSummary(Record):
+    """train.json: how long training ran and the best validation figures (what tuning reads).
+
+    ``best_val_loss`` always; the task's validation metric (``val_accuracy``, ``val_rmse``) as
+    ``best_<metric>``, the one extra key this record allows.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    epochs_run: int
+    best_epoch: int
+    best_val_loss: float
+
+    @model_validator(mode="after")
+    def _one_metric(self) -> TrainSummary:
+        extra = dict(self.model_extra or {})
+        if len(extra) != 1 or not next(iter(extra)).startswith("best_val_"):
+            raise ValueError(f"needs one best_val_<metric> besides best_val_loss, has {extra}")
+        if not isinstance(next(iter(extra.values())), int | float):
+            raise ValueError(f"{next(iter(extra))} must be a number")
+        return self
+
+    def best(self, metric: str) -> float:
+        """``best_<metric>``, e.g. ``best("val_loss")``; a StageError when it was not logged."""
+        value = getattr(self, f"best_{metric}", None)
+        if value is None:
+            raise StageError(f"train.json has no best_{metric}: train logged {self.logged}")
+        return float(value)
+
+    @property
+    def logged(self) -> list[str]:
+        return ["val_loss", *(k.removeprefix("best_") for k in self.model_extra or {})]
 
 
 class ClassFigures(Record):
@@ -243,6 +287,23 @@ class BentoSummary(Record):
         if ":" not in self.tag or self.tag.endswith(":latest"):
             raise ValueError(f"bento tag {self.tag!r} is not a pinned name:version")
         return self
+
+
+def read_validation(metrics_dir: Path) -> ValidationSummary:
+    return read(ValidationSummary, Path(metrics_dir) / VALIDATION_FILE, "validate")
+
+
+def read_train(metrics_dir: Path) -> TrainSummary:
+    return read(TrainSummary, Path(metrics_dir) / TRAIN_FILE, "train")
+
+
+def parse_train(text: str, origin: str) -> TrainSummary:
+    """train.json's text as found elsewhere (an experiment's commit: tuning reads it there)."""
+    try:
+        return TrainSummary.model_validate_json(text)
+    except ValidationError as exc:
+        problem = exc.errors()[0]["msg"]
+        raise StageError(f"{origin}: not a train.json this code reads ({problem})") from None
 
 
 def read_evaluate(metrics_dir: Path) -> EvaluateMetrics:

@@ -26,6 +26,7 @@ from components.config import Params, TrainParams
 from components.dataset import ArraySet, DatasetMeta, load_arrays, meta_path, split_path
 from components.lightning_module import lightning_module
 from components.model import NetConfig, build_model, load_state_dict, save_model
+from components.records import TRAIN_FILE, TrainSummary
 from components.stage import StageError, main, replacing, write_json
 from components.trial import trial_callbacks
 
@@ -298,9 +299,12 @@ def run(params: Params) -> TrainResult | None:
     )
     metrics_dir = Path(paths.metrics_dir)
     key = tasks.get(meta.task).val_metric
-    summary = {"epochs_run": len(history), "best_epoch": best["epoch"]}
-    summary.update({f"best_{k}": best[k] for k in ("val_loss", key)})
-    write_json(metrics_dir / "train.json", summary)
+    summary = TrainSummary(
+        epochs_run=len(history),
+        best_epoch=best["epoch"],
+        **{f"best_{k}": best[k] for k in ("val_loss", key)},
+    )
+    write_json(metrics_dir / TRAIN_FILE, summary)
     with replacing(metrics_dir / "train_history.csv", "w") as fh:
         fh.write(",".join(HISTORY_FIELDS) + "\n")
         for row in history:

@@ -31,6 +31,7 @@ from components import kinds
 from components.config import Params, ValidateParams
 from components.dataset import SPLITS, ArraySet, DatasetMeta, load_arrays, meta_path, split_path
 from components.kinds.checks import MIN_ROWS_PARAM, Check, Detail, Expectation
+from components.records import VALIDATION_FILE, ValidationSummary
 from components.stage import StageError, main, write_json, write_text
 
 log = logging.getLogger("pipeline.validate")
@@ -253,12 +254,12 @@ def run(params: Params) -> ValidationResult:
     result = check_splits(splits, meta, params.validate_, docs_dir, frames)
     write_text(docs_dir / "summary.html", summary_html(result))
     write_json(
-        Path(paths.metrics_dir) / "validation.json",
-        {
-            "success": result.success,
-            "evaluated_expectations": result.evaluated_expectations,
-            "failed": list(result.failed),
-        },
+        Path(paths.metrics_dir) / VALIDATION_FILE,
+        ValidationSummary(
+            success=result.success,
+            evaluated_expectations=result.evaluated_expectations,
+            failed=tuple(result.failed),
+        ),
     )
     log.info(
         "%d checks on %s, %d failed; report: %s",

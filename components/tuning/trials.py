@@ -25,7 +25,8 @@ from pathlib import Path
 
 from components.config import ParamsError, TuneParams, read_params_file
 from components.overrides import check_overrides
-from components.stage import FAILURE_PREFIX
+from components.records import TRAIN_FILE, TrainSummary, parse_train
+from components.stage import FAILURE_PREFIX, StageError
 from components.trial import (
     ENV_METRIC,
     ENV_PRUNER,
@@ -83,13 +84,16 @@ def experiment_rev(root: Path, ref: str) -> str:
     return _git(root, "rev-parse", ref)
 
 
-def experiment_metrics(root: Path, ref: str, metrics_dir: str) -> dict:
+def experiment_metrics(root: Path, ref: str, metrics_dir: str) -> TrainSummary:
     """The train stage's metrics (train.json) as the experiment recorded them."""
-    path = (Path(metrics_dir) / "train.json").as_posix()
+    path = (Path(metrics_dir) / TRAIN_FILE).as_posix()
     text = _git(root, "show", f"{ref}:{path}")
     if not text:
         raise TuneError(f"experiment {ref} has no {path}")
-    return json.loads(text)
+    try:
+        return parse_train(text, f"experiment {ref}: {path}")
+    except StageError as exc:
+        raise TuneError(str(exc)) from None
 
 
 def _tell(study, trial, value=None, state=None) -> None:
@@ -206,14 +210,14 @@ def run_trial(root: Path, url: str, tune: TuneParams, sampler_key: str, logger) 
         try:
             metrics_dir = str(read_params_file(root / "params.yaml")["paths"]["metrics_dir"])
             metrics = experiment_metrics(root, ref, metrics_dir)
-            value = float(metrics[f"best_{tune.metric}"])
-        except (KeyError, TypeError, ValueError, OSError) as exc:
+            value = metrics.best(tune.metric)
+        except (TuneError, StageError, KeyError, TypeError, ValueError, OSError) as exc:
             # Never leave the trial RUNNING in the study: a resumed study would wait on it.
             reason = f"experiment {name} has no usable best_{tune.metric} in train.json ({exc})"
             trial.set_user_attr("reason", reason[:300])
             _tell(study, trial, state=optuna.trial.TrialState.FAIL)
             return {**row, "state": "FAIL", "reason": reason}
-        trial.set_user_attr("epochs_run", metrics.get("epochs_run"))
+        trial.set_user_attr("epochs_run", metrics.epochs_run)
         _tell(study, trial, value)
         logger.info("trial %d: %s %.4f in %.0f s", trial.number, tune.metric, value, seconds)
         return {**row, "state": "COMPLETE", "value": value}
