@@ -71,7 +71,21 @@ def export_graph(model, image_shape: tuple[int, ...], path: Path, samples=None) 
         dynamo=True,
         verbose=False,
     )
+    drop_source_paths(program.model)
     program.save(str(path), external_data=False)
+
+
+# Node metadata the dynamo exporter records: the Python stack of each op, with the absolute paths
+# of our checkout and of site-packages. It made the same model's file (and so the bento's tag)
+# differ between two clones of the repository; nothing reads it.
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
+
+
+def drop_source_paths(model) -> None:
+    """Remove the per-node Python stack traces from an exported ``onnx_ir`` model, in place."""
+    for graph in (model.graph, *model.functions.values()):
+        for node in graph.all_nodes():
+            node.metadata_props.pop(STACK_TRACE, None)
 
 
 def export_onnx(
