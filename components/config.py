@@ -229,6 +229,17 @@ class EvaluateParams(_Section):
     min_class_recall: float = Field(ge=0, le=1)
     min_r2: float = Field(le=1)  # regression gate: coefficient of determination on the test split
     max_regression: float = Field(ge=0, le=1)
+    baselines: bool  # fit the data kind's classical baselines and report them (baselines.json)
+    baseline_max_train_rows: int = Field(ge=10)  # a seeded sample of the train split beyond this
+    # gate (off when null): the network's accuracy (R^2) minus the best baseline's must reach
+    # this; a small negative number lets it trail by that much
+    min_lift_over_baseline: float | None = Field(default=None, ge=-1, le=1)
+
+    @model_validator(mode="after")
+    def _lift_needs_baselines(self) -> EvaluateParams:
+        if self.min_lift_over_baseline is not None and not self.baselines:
+            raise ValueError("evaluate.min_lift_over_baseline needs evaluate.baselines: true")
+        return self
 
 
 class PromoteParams(_Section):

@@ -19,13 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from components import tasks
+from components import kinds, tasks
+from components.baselines import BaselineScore, best, fit_baselines, lift_gate
 from components.config import EvaluateParams, Params
 from components.dataset import ArraySet, DatasetMeta, load_arrays, meta_path, split_path
 from components.gates import Gate, failed_reasons
 from components.records import (
+    BASELINES_FILE,
     EVALUATE_FILE,
     EVALUATE_GATES_FILE,
+    BaselineFigures,
+    Baselines,
     EvaluateMetrics,
     Verdicts,
     write_json,
@@ -137,6 +141,35 @@ def check_model_fits(card: ModelCard, meta: DatasetMeta, test: ArraySet, model_d
         )
 
 
+def compare_with_baselines(
+    result: EvaluateResult, test: ArraySet, meta: DatasetMeta, params: Params, task: Task
+) -> Baselines:
+    """The data kind's classical baselines, fitted on the train split and scored on ``test``
+    (none when ``evaluate.baselines`` is off), beside the network's headline metrics."""
+    network = {k: float(result.metrics[k]) for k in task.headline_keys}
+    scores = []
+    if params.evaluate.baselines:
+        kind = kinds.get(meta.kind)
+        train = load_arrays(split_path(params.paths.prepared_dir, "train"))
+        scores = fit_baselines(
+            kind.baselines, train, test, meta, task, kind.input_scale,
+            params.evaluate.baseline_max_train_rows, seed=params.train.seed,
+        )  # fmt: skip
+    top = best(scores, task)
+    key = task.selection_key
+    return Baselines(
+        network=network,
+        baselines={
+            s.name: BaselineFigures(
+                metrics=s.metrics, fit_seconds=s.fit_seconds, train_rows=s.train_rows
+            )
+            for s in scores
+        },
+        best=top.name if top else None,
+        lift=round(network[key] - top.metrics[key], 6) if top else None,
+    )
+
+
 def run(params: Params) -> EvaluateResult:
     from components.model import load_model, predict_logits
 
@@ -151,6 +184,15 @@ def run(params: Params) -> EvaluateResult:
     result = evaluate(outputs, test, meta.class_names, params.evaluate, task)
 
     metrics_dir = Path(paths.metrics_dir)
+    baselines = compare_with_baselines(result, test, meta, params, task)
+    write_json(metrics_dir / BASELINES_FILE, baselines)
+    if params.evaluate.min_lift_over_baseline is not None:
+        scores = [
+            BaselineScore(name, dict(b.metrics), b.fit_seconds, b.train_rows)
+            for name, b in baselines.baselines.items()
+        ]
+        gate = lift_gate(result.metrics, scores, task, params.evaluate.min_lift_over_baseline)
+        result = EvaluateResult(result.metrics, (*result.gates, gate))
     write_json(metrics_dir / EVALUATE_FILE, metrics_record(result.metrics, meta, len(test)))
     write_json(metrics_dir / EVALUATE_GATES_FILE, Verdicts.of(result.gates))
     predicted = task.predictions(outputs, len(test))

@@ -21,6 +21,7 @@ from components.stage import StageError, write_json
 TRAIN_FILE = "train.json"
 VALIDATION_FILE = "validation.json"
 EVALUATE_FILE = "evaluate.json"
+BASELINES_FILE = "baselines.json"
 EVALUATE_GATES_FILE = "evaluate_gates.json"
 COMPRESS_FILE = "compress.json"
 GATE_FILE = "gate.json"
@@ -109,6 +110,21 @@ class TrainSummary(Record):
     @property
     def logged(self) -> list[str]:
         return ["val_loss", *(k.removeprefix("best_") for k in self.model_extra or {})]
+
+
+class BaselineFigures(Record):
+    metrics: dict[str, float]  # the task's headline test metrics
+    fit_seconds: float  # fit and predict, measured
+    train_rows: int  # examples it was fitted on (a seeded sample of a larger split)
+
+
+class Baselines(Record):
+    """baselines.json (evaluate): the classical baselines beside the network, same splits."""
+
+    network: dict[str, float]  # the network's headline test metrics
+    baselines: dict[str, BaselineFigures]
+    best: str | None  # the baseline with the best accuracy (R^2); None when none was fitted
+    lift: float | None  # the network's accuracy (R^2) minus the best baseline's
 
 
 class ClassFigures(Record):
@@ -304,6 +320,10 @@ def parse_train(text: str, origin: str) -> TrainSummary:
     except ValidationError as exc:
         problem = exc.errors()[0]["msg"]
         raise StageError(f"{origin}: not a train.json this code reads ({problem})") from None
+
+
+def read_baselines(metrics_dir: Path) -> Baselines:
+    return read(Baselines, Path(metrics_dir) / BASELINES_FILE, "evaluate")
 
 
 def read_evaluate(metrics_dir: Path) -> EvaluateMetrics:

@@ -52,6 +52,8 @@ class DataKind:
     augmentable: ClassVar[bool] = False  # train.augment (crops, rotations, flips) applies
     example_rank: ClassVar[int] = 1  # the rank of one example: a row (F,) unless overridden
     model_hint: ClassVar[str] = ""  # added to the message that refuses a model family
+    # the classical baselines evaluate fits beside the network (components/baselines.py names)
+    baselines: ClassVar[tuple[str, ...]] = ("linear", "boosted_trees")
 
     # ------------------------------------------------------------ ingest
 

@@ -207,6 +207,7 @@ class ImageKind(DataKind):
     input_scale = 1 / 255  # raw pixels in, scaled inside the network (and its ONNX export)
     augmentable = True
     example_rank = 3  # (C, H, W)
+    baselines = ("linear", "rbf_svc")  # logistic regression on pixels; an SVC when small
 
     def recognises(self, source: str) -> bool:
         path = Path(source)

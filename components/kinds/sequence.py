@@ -212,6 +212,7 @@ class SequenceKind(DataKind):
     name = "sequence"
     noun = "sequence"
     example_rank = 2  # (T, F)
+    baselines = ("linear", "persistence")  # autoregressive on the window; last value carried
 
     # Never chosen by ``ingest.kind: auto``: a .csv is a table and an .npz images unless told.
 
