@@ -350,6 +350,8 @@ def _headline(inputs: ReportInputs) -> tuple[str, str]:
         before = promote.get("champion_before")
         was = f" (was {before})" if before else " (the first champion)"
         return "pass", f"Promoted: run {run} is the champion{was}. {promote.get('reason', '')}"
+    if promote.get("inputs_differ"):  # the reason says what differs and how to take it anyway
+        return "info", f"Not promoted: {promote.get('reason', '')}"
     if promote:
         return "info", f"Not promoted ({promote.get('outcome')}): {promote.get('reason', '')}"
     return "info", "The run has not been through promotion."
