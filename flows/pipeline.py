@@ -44,7 +44,7 @@ from components.config import (  # noqa: E402
     read_params_file,
 )
 from components.overrides import apply_overrides, check_overrides  # noqa: E402
-from components.report import run_environment  # noqa: E402
+from components.report import REPORT_FILE, run_environment  # noqa: E402
 from flows.experiments import (  # noqa: E402
     BUSY,
     FALLBACK_IDENTITY,
@@ -438,19 +438,17 @@ def leave_artifact(root: Path, summary: str) -> str:
     """Leave the closing summary, with a link to the report, as this flow run's Prefect markdown
     artifact (key ``pipeline-summary``: the UI's Artifacts page keeps one per run); returns the
     summary. A server that refuses it costs a warning, never the run."""
-    from components.report import REPORT_FILE
+    from prefect.artifacts import create_markdown_artifact
 
-    logger = get_run_logger()
-    report = (root / load_params(root / "params.yaml").paths.reports_dir / REPORT_FILE).resolve()
     name = flow_run.get_name() or "pipeline-run"
-    link = f"[{report.name}]({report.as_uri()}) (`{report}`)" if report.is_file() else "none yet"
-    markdown = f"# Pipeline run {name}\n\nReport: {link}\n\n```text\n{summary.strip()}\n```\n"
     try:
-        from prefect.artifacts import create_markdown_artifact
-
+        reports = load_params(root / "params.yaml").paths.reports_dir
+        report = (root / reports / REPORT_FILE).resolve()
+        link = f"[{report.name}]({report.as_uri()}) (`{report}`)" if report.is_file() else "none"
+        markdown = f"# Pipeline run {name}\n\nReport: {link}\n\n```text\n{summary.strip()}\n```\n"
         create_markdown_artifact(markdown, key="pipeline-summary", description=f"run {name}")
-    except Exception as exc:  # the API's own error types; the run's outcome matters more
-        logger.warning("no Prefect artifact for this run: %s", exc)
+    except Exception as exc:  # the API's own error types, a params.yaml gone bad: not the run's
+        get_run_logger().warning("no Prefect artifact for this run: %s", exc)
     return summary
 
 

@@ -98,6 +98,32 @@ def test_a_refit_on_other_rows_is_no_schema_change():
     assert [c.name for c in ours.schema.columns] == list(FEATURES)
 
 
+def _series(*names: str) -> DatasetMeta:
+    columns = [{"name": n, "type": "numeric", "mean": 0.0, "std": 1.0} for n in names]
+    return DatasetMeta(
+        class_names=(),
+        input_shape=(24, len(names)),
+        source="data/external/weather.csv",
+        split_sizes={"test": 10},
+        kind="sequence",
+        task="regression",
+        target="temp",
+        feature_names=names,
+        preprocess={"version": 1, "columns": columns, "features": list(names)},
+    )
+
+
+def test_a_series_asks_its_kind_for_its_input_columns():
+    both = gate.Described.of_meta(_series("temp", "humidity")).schema
+    fewer = gate.Described.of_meta(_series("temp")).schema
+    assert [c.name for c in both.columns] == ["temp", "humidity"]
+    assert champ.schema_phrase(both, fewer) == (
+        "columns humidity removed; input shape 24x2 -> 24x1; target 'temp' unchanged"
+    )
+    images = DatasetMeta(("a", "b"), IMAGE_SHAPE, "test", {"test": 4})
+    assert gate.Described.of_meta(images).schema.columns is None  # shape and classes say it
+
+
 def test_a_record_from_before_input_columns_compares_what_it_has():
     old = champ.InputSchema.of("regression", "table", TARGET, (), (3,))  # no columns recorded
     assert champ.schema_phrase(old, _table(*NUMBERS)) is None
