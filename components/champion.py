@@ -11,9 +11,12 @@ output or dependency of any stage:
 A *run* is a packaged challenger, named by its bento version (``r`` + 12 hex digits, a hash of
 the model and the service): the same model packaged twice is the same run. Each run record
 keeps what is needed to compare with it later (what it predicts: the task, data kind, target,
-classes and input shape; its test metrics and the fingerprint of the test split they were
+classes, input shape and, for tables and series, the input columns: together its input schema,
+:class:`InputSchema`; its test metrics and the fingerprint of the test split they were
 measured on; the fingerprint of its input preprocessing) and to serve it again (the bento tag,
-and the archive's MD5 to find it in DVC's cache when the BentoML store lost it).
+and the archive's MD5 to find it in DVC's cache when the BentoML store lost it). A run whose
+input schema is not the champion's is never made the champion automatically: its clients would
+send what it no longer reads (:func:`schema_changes` says what changed).
 
 The metrics are the task's: ``accuracy``, ``macro_f1`` and ``min_class_recall`` for
 classification, ``r2``, ``rmse`` and ``mae`` for regression (each also as ``network_*``: the
@@ -41,13 +44,16 @@ import re
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from components import tasks
 from components.dataset import ArraySet
+from components.records import InputColumn
 from components.stage import StageError, file_digest, write_text
 
 log = logging.getLogger("pipeline.champion")
@@ -90,6 +96,8 @@ class RunRecord(_Strict):
     kind: Literal["image", "table", "sequence"] = "image"
     target: str = ""  # the predicted column of a table or time series
     preprocess_sha256: str | None = None  # see preprocess_fingerprint; None: raw pixels in
+    # The columns a client sends (tables, series); None: images, or a record from before them
+    input_columns: list[InputColumn] | None = None
 
 
 class Event(_Strict):
@@ -124,6 +132,114 @@ class ChampionRecord(_Strict):
         if len(matches) > 1:
             raise StageError(f"run {name!r} is ambiguous: it matches {', '.join(matches)}")
         raise StageError(f"no packaged run {name!r} in the champion record; known runs: {known}")
+
+
+@dataclass(frozen=True)
+class InputSchema:
+    """What a client of a run's service sends and gets back: the task, the data kind, the
+    target, the class names, the shape of one example and, for tables and series, the columns
+    with their types and categories. A challenger whose schema is not the champion's would
+    break the champion's clients (a 400 for a column it no longer reads, other classes back):
+    it is packaged and recorded but never promoted automatically (components/promote.py)."""
+
+    task: str
+    kind: str
+    target: str
+    class_names: tuple[str, ...]
+    input_shape: tuple[int, ...]
+    columns: tuple[InputColumn, ...] | None  # None: not columns (images) or not recorded
+
+    @classmethod
+    def of_run(cls, run: RunRecord) -> InputSchema:
+        return cls(
+            run.task,
+            run.kind,
+            run.target,
+            tuple(run.class_names),
+            tuple(run.image_shape),
+            None if run.input_columns is None else tuple(run.input_columns),
+        )
+
+    @classmethod
+    def of(cls, task, kind, target, class_names, input_shape, columns=None) -> InputSchema:
+        """From plain values (a data set's metadata, gate.json); ``columns`` as dicts or
+        :class:`InputColumn`s, as a data kind's ``input_columns`` gives them."""
+        cols = None if columns is None else tuple(InputColumn.model_validate(c) for c in columns)
+        return cls(task, kind, target, tuple(class_names), tuple(input_shape), cols)
+
+    def words(self) -> str:
+        """E.g. "an image classification of ['a', 'b'], inputs 1x8x8"."""
+        inputs = "x".join(str(d) for d in self.input_shape)
+        article = "an" if self.kind[:1] in "aeiou" else "a"
+        if not tasks.get(self.task).has_classes:
+            return f"{article} {self.kind} regression of {self.target!r}, inputs {inputs}"
+        classes = list(self.class_names)
+        if len(classes) > 10:
+            classes = f"{len(classes)} classes ({', '.join(classes[:3])}, ...)"
+        target = f" {self.target!r}" if self.target else ""
+        return f"{article} {self.kind} classification{target} of {classes}, inputs {inputs}"
+
+
+def _named(names, limit: int = 6) -> str:
+    names = list(names)
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _difference(old, new) -> str:
+    """E.g. "x added, y removed", or "reordered" when both hold the same values."""
+    gained = [v for v in new if v not in old]
+    lost = [v for v in old if v not in new]
+    parts = [f"{_named(gained)} added" if gained else "", f"{_named(lost)} removed" if lost else ""]
+    return ", ".join(p for p in parts if p) or "reordered"
+
+
+def schema_changes(before: InputSchema, after: InputSchema) -> list[str]:
+    """What a client of ``before`` finds changed in ``after``, one short phrase each; empty
+    when they take and give the same. The one comparison of inputs the gate and promotion use.
+
+    Columns are compared when both sides recorded them (records from before lack them; their
+    shape still shows a column more or fewer). Column order counts: a series' step may be sent
+    as a list of values, one per column.
+    """
+    changes = []
+    if before.kind != after.kind:
+        changes.append(f"data kind {before.kind} -> {after.kind}")
+    if before.task != after.task:
+        changes.append(f"task {before.task} -> {after.task}")
+    if before.target != after.target:
+        changes.append(f"target {before.target or 'none'!r} -> {after.target or 'none'!r}")
+    if before.class_names != after.class_names:
+        said = _difference(before.class_names, after.class_names)
+        changes.append(f"classes {said}")
+    if before.columns is not None and after.columns is not None:
+        theirs = {c.name: c for c in before.columns}
+        ours = {c.name: c for c in after.columns}
+        if list(theirs) != list(ours):
+            changes.append(f"columns {_difference(list(theirs), list(ours))}")
+        for name in (n for n in theirs if n in ours):
+            old, new = theirs[name], ours[name]
+            if old.type != new.type:
+                changes.append(f"column {name} {old.type} -> {new.type}")
+            elif (old.categories or []) != (new.categories or []):
+                said = _difference(old.categories or [], new.categories or [])
+                changes.append(f"column {name} categories {said}")
+    if before.input_shape != after.input_shape:
+        shape = "x".join(str(d) for d in before.input_shape) or "()"
+        to = "x".join(str(d) for d in after.input_shape) or "()"
+        changes.append(f"input shape {shape} -> {to}")
+    return changes
+
+
+def schema_phrase(before: InputSchema, after: InputSchema) -> str | None:
+    """The changes in one line, e.g. "columns x2 removed; input shape 3 -> 2; target 'price'
+    unchanged"; None when the schemas agree."""
+    changes = schema_changes(before, after)
+    if not changes:
+        return None
+    if before.target and before.target == after.target:
+        changes.append(f"target {before.target!r} unchanged")
+    return "; ".join(changes)
 
 
 def now() -> str:

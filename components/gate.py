@@ -27,12 +27,15 @@ either.
 The champion's numbers come from the champion record when they were measured on this very test
 split (same fingerprint of inputs, targets and class names). When the split changed, the
 champion's own model is taken from its bento and measured again here. A champion that is not
-comparable passes the gate, which says why: one of another task (classification vs
-regression), data kind, target, class set or input shape, or, when the split changed, one
-whose inputs were encoded by another preprocessing fit (tables, sequences: its model cannot
-read this split's encoded features). The record is read but is not a DVC dependency (see
-components/champion.py); the stage declares its outputs ``persist`` so DVC never restores an
-old verdict from its run-cache.
+comparable passes the gate, which says why: one whose clients send or get other things (its
+input schema, components/champion.py ``InputSchema``: another task, data kind, target, class
+set, input shape, or input columns with their types and categories), or, when the split
+changed, one whose inputs were encoded by another preprocessing fit (tables, sequences: its
+model cannot read this split's encoded features). A run whose inputs differ is packaged and
+recorded, but promote does not make it the champion on its own (``champion.inputs_differ`` in
+gate.json says what changed; ``make promote RUN=...`` takes it on purpose). The record is read
+but is not a DVC dependency (see components/champion.py); the stage declares its outputs
+``persist`` so DVC never restores an old verdict from its run-cache.
 
 Writes ``gate.json`` (every verdict with its one-line reason, the measured metrics, the task and
 data kind, which champion and how it was measured) and ``compression.csv`` (size, latency and
@@ -41,7 +44,6 @@ the task's metrics per variant: the trade-off plot).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -75,6 +77,8 @@ class Baseline:
     metrics: dict | None  # None: no comparable champion, the no-regression gate passes
     source: str  # "none" | "not comparable" | "recorded" | "re-evaluated"
     note: str
+    # What the champion's clients find changed in this run's inputs, in one line (None: none)
+    inputs_differ: str | None = None
 
 
 @dataclass(frozen=True)
@@ -146,66 +150,49 @@ def measure(path: Path, test: ArraySet, class_names, task: str = "classification
 
 @dataclass(frozen=True)
 class Described:
-    """What a model predicts from what: the champion is comparable only when these agree."""
+    """What a model predicts from what: its input schema (components/champion.py), and the
+    fingerprint of the preprocessing fit that encodes its inputs."""
 
-    task: str
-    kind: str
-    target: str
-    class_names: tuple[str, ...]
-    input_shape: tuple[int, ...]
+    schema: champ.InputSchema
     preprocess_sha256: str | None
 
     @classmethod
     def of_meta(cls, meta: DatasetMeta) -> Described:
-        return cls(
-            meta.task,
-            meta.kind,
-            meta.target,
-            tuple(meta.class_names),
-            tuple(meta.input_shape),
-            champ.preprocess_fingerprint(meta.preprocess, meta.feature_names),
+        columns = kinds.get(meta.kind).input_columns(meta)  # the kind knows what a client sends
+        schema = champ.InputSchema.of(
+            meta.task, meta.kind, meta.target, meta.class_names, meta.input_shape, columns
         )
+        return cls(schema, champ.preprocess_fingerprint(meta.preprocess, meta.feature_names))
 
     @classmethod
     def of_run(cls, run: champ.RunRecord) -> Described:
-        return cls(
-            run.task,
-            run.kind,
-            run.target,
-            tuple(run.class_names),
-            tuple(run.image_shape),
-            run.preprocess_sha256,
-        )
+        return cls(champ.InputSchema.of_run(run), run.preprocess_sha256)
 
     def words(self) -> str:
-        """E.g. "an image classification of ['a', 'b'], inputs 1x8x8"."""
-        inputs = "x".join(str(d) for d in self.input_shape)
-        article = "an" if self.kind[:1] in "aeiou" else "a"
-        if not tasks.get(self.task).has_classes:
-            return f"{article} {self.kind} regression of {self.target!r}, inputs {inputs}"
-        classes = list(self.class_names)
-        if len(classes) > 10:
-            classes = f"{len(classes)} classes ({', '.join(classes[:3])}, ...)"
-        target = f" {self.target!r}" if self.target else ""
-        return f"{article} {self.kind} classification{target} of {classes}, inputs {inputs}"
+        return self.schema.words()
 
 
-def _not_comparable(current: champ.RunRecord, ours: Described) -> str | None:
-    """Why the champion predicts other data than this run's (None: it predicts the same)."""
+def _not_comparable(current: champ.RunRecord, ours: Described) -> tuple[str, str] | None:
+    """Why the champion takes other inputs than this run, and those changes in one line
+    (:func:`components.champion.schema_phrase`); None when its clients would find none."""
     theirs = Described.of_run(current)
-    if dataclasses.replace(theirs, preprocess_sha256=None) == dataclasses.replace(
-        ours, preprocess_sha256=None
-    ):
+    changed = champ.schema_phrase(theirs.schema, ours.schema)
+    if changed is None:
         return None  # the preprocessing matters only when the split changed (see below)
-    if all(d.task == "classification" and d.kind == "image" for d in (theirs, ours)):
-        return (
-            f"champion {current.run} classifies other data (classes {current.class_names}, "
-            f"images {current.image_shape}): not comparable, so this gate passes"
-        )
-    return (
-        f"champion {current.run} is {theirs.words()}, this run {ours.words()}: not "
-        "comparable, so this gate passes"
+    consequence = (
+        f"not comparable, so this gate passes; its inputs differ from the champion's ({changed}), "
+        "so it is packaged and recorded but not promoted automatically"
     )
+    if all(d.schema.task == "classification" and d.schema.kind == "image" for d in (theirs, ours)):
+        why = (
+            f"champion {current.run} classifies other data (classes {current.class_names}, "
+            f"images {current.image_shape}): {consequence}"
+        )
+    elif theirs.words() == ours.words():  # the same shape, task and target: other columns
+        why = f"champion {current.run} reads other input columns than this run: {consequence}"
+    else:
+        why = f"champion {current.run} is {theirs.words()}, this run {ours.words()}: {consequence}"
+    return why, changed
 
 
 def champion_baseline(
@@ -226,17 +213,17 @@ def champion_baseline(
     whose preprocessing was fitted on other training data is measured on it, encoded its way.
     """
     ours = described or Described(
-        "classification", "image", "", tuple(class_names), tuple(image_shape), None
+        champ.InputSchema.of("classification", "image", "", class_names, image_shape), None
     )
     current = record.current()
     if current is None:
         return Baseline(
             None, None, "none", "no champion yet: the first challenger passes by definition"
         )
-    why = _not_comparable(current, ours)
-    if why is not None:
-        return Baseline(current.run, None, "not comparable", why)
-    compared = tasks.get(ours.task).compared_keys
+    differs = _not_comparable(current, ours)
+    if differs is not None:
+        return Baseline(current.run, None, "not comparable", differs[0], differs[1])
+    compared = tasks.get(ours.schema.task).compared_keys
     recorded = all(isinstance(current.metrics.get(k), int | float) for k in compared)
     if current.test_split.sha256 == fingerprint and recorded:
         return Baseline(
@@ -269,13 +256,13 @@ def champion_baseline(
         # The champion reads features of its own fit: encode this split's raw rows with it.
         card = json.loads((model_file.parent / "model.json").read_text())
         try:
-            test = kinds.get(ours.kind).reencode(
-                raw_test, card.get("preprocess"), test, ours.target
+            test = kinds.get(ours.schema.kind).reencode(
+                raw_test, card.get("preprocess"), test, ours.schema.target
             )
         except StageError as exc:
             raise StageError(f"the champion cannot read this test split: {exc}") from None
         how = ", its inputs encoded with its own fitted preprocessing"
-    metrics = measure(model_file, test, class_names, ours.task)
+    metrics = measure(model_file, test, class_names, ours.schema.task)
     return Baseline(
         current.run,
         metrics,
@@ -316,15 +303,9 @@ def gate(
             "re-run compress"
         )
     fingerprint = champ.split_fingerprint(test, meta.class_names)
+    described = Described.of_meta(meta)
     baseline = champion_baseline(
-        record,
-        fingerprint,
-        meta.class_names,
-        meta.input_shape,
-        test,
-        root,
-        Described.of_meta(meta),
-        raw_test,
+        record, fingerprint, meta.class_names, meta.input_shape, test, root, described, raw_test
     )
     cfg = params.evaluate
     verdicts = {}
@@ -380,6 +361,7 @@ def result_payload(result: GateResult, meta: DatasetMeta, evaluated: dict) -> di
         "class_names": list(meta.class_names),
         "image_shape": list(meta.input_shape),
         "preprocess_sha256": champ.preprocess_fingerprint(meta.preprocess, meta.feature_names),
+        "input_columns": kinds.get(meta.kind).input_columns(meta),
         "test_split": {"sha256": result.fingerprint, "examples": result.examples},
         "network": {k: round(float(evaluated[k]), 6) for k in task.headline_keys},
         "champion": {
@@ -387,6 +369,7 @@ def result_payload(result: GateResult, meta: DatasetMeta, evaluated: dict) -> di
             "source": base.source,
             "note": base.note,
             "metrics": champion_metrics,
+            "inputs_differ": base.inputs_differ,
         },
         "variants": {
             v.name: {

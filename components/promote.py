@@ -17,11 +17,14 @@ macro F1 and the lowest class recall for classification; R^2, RMSE and MAE for r
 the metric comparison itself is the gate stage's no-regression gate, per task.
 
 Only runs that were packaged after passing their gates are in the record, so a hand promotion
-can choose among earned runs but cannot let a refused one through. A hand's rollback sticks: a
-later pipeline run that reproduces the run rolled back from records it but does not promote it
-again (a hand promotion brings it back). To accept a challenger the
-no-regression gate refused, loosen ``evaluate.max_regression`` for that run; params.yaml then
-says so in git.
+can choose among earned runs but cannot let a refused one through. A run whose inputs differ
+from the champion's (its input schema: components/champion.py ``InputSchema``, e.g. a column
+fewer, other classes, another target) is recorded but never promoted automatically: the
+champion's clients would get 400s; ``make promote RUN=...`` takes it on purpose and says what
+changes for them. A hand's rollback sticks: a later pipeline run that reproduces the run rolled
+back from records it but does not promote it again (a hand promotion brings it back). To accept
+a challenger the no-regression gate refused, loosen ``evaluate.max_regression`` for that run;
+params.yaml then says so in git.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ class PromoteResult:
     reason: str
     champion_before: str | None
     champion_after: str | None
+    # What the champion's clients would find changed in this run's inputs (None: nothing)
+    inputs_differ: str | None = None
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -108,6 +113,7 @@ def run_record(gate: dict, bento: dict, root: Path = Path(".")) -> champ.RunReco
         kind=gate["kind"],
         target=gate["target"],
         preprocess_sha256=gate["preprocess_sha256"],
+        input_columns=gate.get("input_columns"),
     )
 
 
@@ -149,6 +155,16 @@ def decide(
         )
         _event(record, "record", name, before, "pipeline", reason)
         return PromoteResult(name, False, "recorded", reason, before, before)
+    changed = inputs_differ(record.current(), candidate)
+    if changed is not None:
+        # The champion's clients send its inputs: a run that reads others would answer them
+        # 400 (or other classes). A person decides, knowing what changes for them.
+        reason = (
+            f"its inputs differ from champion {before}'s ({changed}): packaged and recorded, "
+            f"not promoted automatically; `make promote RUN={name}` takes it on purpose"
+        )
+        _event(record, "record", name, before, "pipeline", reason)
+        return PromoteResult(name, False, "recorded", reason, before, before, changed)
     if not auto:
         reason = f"promote.auto is false: recorded; promote it with make promote RUN={name}"
         _event(record, "record", name, before, "pipeline", reason)
@@ -158,6 +174,14 @@ def decide(
     reason = f"passed every gate; {reason}" if reason else "passed every gate"
     _promote(record, name, "pipeline", reason)
     return PromoteResult(name, True, "promoted", reason, before, name)
+
+
+def inputs_differ(champion: champ.RunRecord | None, run: champ.RunRecord) -> str | None:
+    """What a client of ``champion`` finds changed in ``run``'s inputs, in one line (None: no
+    champion, or the same inputs): :func:`components.champion.schema_phrase` of their records."""
+    if champion is None:
+        return None
+    return champ.schema_phrase(champ.InputSchema.of_run(champion), champ.InputSchema.of_run(run))
 
 
 def rolled_back_by_hand(record: champ.ChampionRecord, name: str) -> str | None:
@@ -209,6 +233,7 @@ def run(params: Params) -> PromoteResult:
             "reason": result.reason,
             "champion_before": result.champion_before,
             "champion_after": result.champion_after,
+            "inputs_differ": result.inputs_differ,
             "lineage": list(record.lineage),
         },
     )
@@ -232,9 +257,19 @@ def _promote_by_hand(path: Path, name: str, root: Path) -> str:
         return f"{target.run} ({target.bento_tag}) is the champion already"
     champ.ensure_bento(target, root)  # refuse before changing anything
     before = record.champion
-    _promote(record, target.run, "hand", f"promoted by hand (was {before})")
+    changed = inputs_differ(record.current(), target)
+    reason = f"promoted by hand (was {before})"
+    if changed is not None:
+        reason += f"; its inputs differ from {before}'s ({changed})"
+    _promote(record, target.run, "hand", reason)
     champ.save_record(path, record)
-    return f"champion: {target.run} ({target.bento_tag}), was {before}"
+    said = f"champion: {target.run} ({target.bento_tag}), was {before}"
+    if changed is not None:
+        said += (
+            f"\nclients change: {target.run} takes other inputs than {before} ({changed}); "
+            "clients built for it may now get 400s or other answers (`make rollback` goes back)"
+        )
+    return said
 
 
 def rollback(path: Path, root: Path = Path(".")) -> str:
@@ -253,11 +288,15 @@ def _rollback(path: Path, root: Path) -> str:
         )
     previous = record.runs[record.lineage[-2]]
     champ.ensure_bento(previous, root)  # refuse before changing anything
+    changed = inputs_differ(record.current(), previous)
     current = record.lineage.pop()
     record.champion = previous.run
     _event(record, "rollback", previous.run, current, "hand", f"rolled back from {current}")
     champ.save_record(path, record)
-    return f"champion: {previous.run} ({previous.bento_tag}), rolled back from {current}"
+    said = f"champion: {previous.run} ({previous.bento_tag}), rolled back from {current}"
+    if changed is not None:
+        said += f"\nclients change: {previous.run} takes other inputs than {current} ({changed})"
+    return said
 
 
 def describe(path: Path) -> str:

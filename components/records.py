@@ -240,6 +240,18 @@ class ChampionComparison(Record):
     source: Literal["none", "not comparable", "recorded", "re-evaluated"]
     note: str
     metrics: dict[str, float] | None = None
+    # What a client of the champion finds changed in this run's inputs, in one line (None: the
+    # same inputs, or no champion): such a run is packaged and recorded, never auto-promoted.
+    inputs_differ: str | None = None
+
+
+class InputColumn(Record):
+    """One column a client sends to a table's or series' service: its name, its type and, for
+    a category, the values the model knows (components/features.py's spec, less its fit)."""
+
+    name: str
+    type: Literal["numeric", "categorical"]
+    categories: list[str] | None = None
 
 
 class JudgedVariant(Record):
@@ -268,6 +280,9 @@ class GateReport(Record):
     class_names: list[str]
     image_shape: list[int]
     preprocess_sha256: str | None = None
+    # The columns a client sends (tables, series; None for images): the champion record keeps
+    # them to tell a later run whose inputs differ (components/champion.py InputSchema).
+    input_columns: list[InputColumn] | None = None
     test_split: SplitFingerprint
     network: dict[str, float]
     champion: ChampionComparison

@@ -9,6 +9,12 @@ result (with links to our validation summary and the Great Expectations Data Doc
 champion's lineage. Plots are drawn with matplotlib and inlined as PNG: the page needs no
 network, no JavaScript and no other file (the validation pages it links to sit next to it).
 
+The page names the run that wrote it: the Prefect flow run (the flow passes its name and id to
+the stages in ``PIPELINE_FLOW_RUN_NAME`` and ``PIPELINE_FLOW_RUN_ID``, see
+:func:`run_environment`), the DVC experiment when the flow knows its name
+(``PIPELINE_EXPERIMENT``), the git commit, the date, and the params that differ from
+``params.yaml`` at that commit (the overrides of the run).
+
 The ``report`` stage runs last. A run that a stage stops never reaches it: the flow writes that
 run's page, ``stopped.html``, with :func:`write_stopped`.
 """
@@ -22,11 +28,14 @@ import io
 import json
 import logging
 import math
+import os
+import subprocess
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from components import records, tasks
-from components.config import Params
+from components.config import PARAMS_FILE, Params, ParamsError, read_params_file
 from components.stage import StageError, main, write_text
 
 log = logging.getLogger("pipeline.report")
@@ -34,6 +43,11 @@ log = logging.getLogger("pipeline.report")
 REPORT_FILE = "report.html"
 # The stages whose results the report shows, in pipeline order.
 STAGES = ("validate", "train", "evaluate", "compress", "gate", "package", "promote")
+# How a flow tells the stages' processes which run they belong to (see run_environment).
+FLOW_RUN_NAME_ENV = "PIPELINE_FLOW_RUN_NAME"
+FLOW_RUN_ID_ENV = "PIPELINE_FLOW_RUN_ID"
+EXPERIMENT_ENV = "PIPELINE_EXPERIMENT"
+ABSENT = object()  # a param one side of params_changed lacks (null is a value)
 
 
 @dataclass
@@ -55,6 +69,85 @@ class ReportInputs:
     validation_links: dict[str, bool] = field(default_factory=dict)  # href -> exists
     stopped_at: str | None = None  # the stage a gate stopped the run in
     stop_reason: str | None = None
+    run: RunIdentity | None = None  # which run wrote the page
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """Which run wrote a page: its Prefect flow run and DVC experiment (None: not known, e.g.
+    ``dvc repro`` by hand), git commit, date, and the params that differ from git."""
+
+    flow_run_name: str | None
+    flow_run_id: str | None
+    experiment: str | None
+    git_commit: str | None  # None: not a git repository, or no commit yet
+    written_at: str  # UTC, e.g. "2026-12-01 23:40:12 UTC"
+    # (key, in git, in this run) per param that differs from params.yaml at the commit; None:
+    # nothing to compare with (no commit, or params.yaml not in it)
+    params_changed: tuple[tuple[str, object, object], ...] | None
+
+
+def run_environment(flow_run_name: str, flow_run_id: str, experiment: str = "") -> dict:
+    """The environment a flow sets so that the report its stages write names the run."""
+    env = {FLOW_RUN_NAME_ENV: flow_run_name, FLOW_RUN_ID_ENV: flow_run_id}
+    return env | ({EXPERIMENT_ENV: experiment} if experiment else {})
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _flatten(mapping: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def params_changed(root: Path, params_file: Path = PARAMS_FILE):
+    """(key, value in git, value here) per param of ``params_file`` that is not as committed at
+    HEAD, in file order; None when there is no commit or no committed params file to compare
+    with."""
+    import yaml
+
+    committed = _git(root, "show", f"HEAD:./{Path(params_file).as_posix()}")
+    if committed is None:
+        return None
+    try:
+        before = _flatten(yaml.safe_load(committed) or {})
+        now = _flatten(read_params_file(Path(root) / params_file))
+    except (yaml.YAMLError, ParamsError, AttributeError) as exc:
+        log.warning("params not compared with git: %s", exc)
+        return None
+    keys = list(now) + [k for k in before if k not in now]
+    return tuple(
+        (k, before.get(k, ABSENT), now.get(k, ABSENT))
+        for k in keys
+        if before.get(k, ABSENT) != now.get(k, ABSENT)
+    )
+
+
+def run_identity(root: Path = Path("."), environ=None) -> RunIdentity:
+    """Which run this process belongs to: the flow's environment (run_environment), the
+    Prefect runner's flow run id as a fallback, and git."""
+    environ = os.environ if environ is None else environ
+    commit = (_git(root, "rev-parse", "HEAD") or "").strip() or None
+    return RunIdentity(
+        flow_run_name=environ.get(FLOW_RUN_NAME_ENV) or None,
+        flow_run_id=environ.get(FLOW_RUN_ID_ENV) or environ.get("PREFECT__FLOW_RUN_ID") or None,
+        experiment=environ.get(EXPERIMENT_ENV) or None,
+        git_commit=commit,
+        written_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        params_changed=params_changed(root),
+    )
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -102,12 +195,19 @@ def _predictions(path: Path) -> list[tuple[float, float]] | None:
     return [(a, p) for a, p in rows if math.isfinite(a) and math.isfinite(p)] or None
 
 
-def gather(params: Params, stopped_at: str | None = None, stop_reason: str | None = None):
-    """Read what the stages up to ``stopped_at`` (all, when None) recorded."""
+def gather(
+    params: Params,
+    stopped_at: str | None = None,
+    stop_reason: str | None = None,
+    root: Path = Path("."),
+):
+    """Read what the stages up to ``stopped_at`` (all, when None) recorded, and which run this
+    is (``root``: the repository, for git)."""
     paths = params.paths
     metrics = Path(paths.metrics_dir)
     reached = STAGES if stopped_at is None else STAGES[: STAGES.index(stopped_at) + 1]
     inputs = ReportInputs(stopped_at=stopped_at, stop_reason=stop_reason)
+    inputs.run = run_identity(root)
     inputs.meta = _json(Path(paths.prepared_dir) / "meta.json")
     if "validate" in reached:
         inputs.validation = _json(metrics / "validation.json")
@@ -350,6 +450,8 @@ def _headline(inputs: ReportInputs) -> tuple[str, str]:
         before = promote.get("champion_before")
         was = f" (was {before})" if before else " (the first champion)"
         return "pass", f"Promoted: run {run} is the champion{was}. {promote.get('reason', '')}"
+    if promote.get("inputs_differ"):  # the reason says what differs and how to take it anyway
+        return "info", f"Not promoted: {promote.get('reason', '')}"
     if promote:
         return "info", f"Not promoted ({promote.get('outcome')}): {promote.get('reason', '')}"
     return "info", "The run has not been through promotion."
@@ -557,6 +659,52 @@ def section_validation(inputs: ReportInputs) -> str:
     )
 
 
+def _value(value) -> str:
+    if value is ABSENT:
+        return '<span class="muted">(absent)</span>'
+    return f"<code>{_e(json.dumps(value, default=str))}</code>"
+
+
+def section_run(run: RunIdentity | None) -> str:
+    """Which run wrote the page, and its params that differ from git."""
+    if run is None:
+        return ""
+    flow = "&ndash; (not run by the Prefect flow: <code>dvc repro</code> or a stage by hand)"
+    if run.flow_run_name or run.flow_run_id:
+        ident = f" (<code>{_e(run.flow_run_id)}</code>)" if run.flow_run_id else ""
+        flow = f"{_e(run.flow_run_name or 'unnamed')}{ident}"
+    if run.experiment:
+        experiment = (
+            f"<code>{_e(run.experiment)}</code> (<code>dvc exp apply {_e(run.experiment)}</code>)"
+        )
+    elif run.flow_run_name:
+        experiment = "named after the flow run, when it saves one (<code>dvc exp show</code>)"
+    else:
+        experiment = "&ndash;"
+    commit = f"<code>{_e(run.git_commit)}</code>" if run.git_commit else "&ndash; (no commit)"
+    rows = [
+        ("Prefect flow run", flow),
+        ("DVC experiment", experiment),
+        ("git commit", commit),
+        ("written", _e(run.written_at)),
+    ]
+    table = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
+    if run.params_changed is None:
+        params = '<p class="muted">Params: no git commit of params.yaml to compare with.</p>'
+    elif not run.params_changed:
+        params = "<p>Params: as committed in git (no param differs from HEAD).</p>"
+    else:
+        changed = "".join(
+            f"<tr><td><code>{_e(k)}</code></td><td>{_value(a)}</td><td>{_value(b)}</td></tr>"
+            for k, a, b in run.params_changed
+        )
+        params = (
+            f"<p>Params that differ from git (HEAD): {len(run.params_changed)}</p>"
+            f"<table><tr><th>param</th><th>in git</th><th>this run</th></tr>{changed}</table>"
+        )
+    return f'<table class="run">{table}</table>{params}'
+
+
 def section_champion(inputs: ReportInputs) -> str:
     p = inputs.promote
     if not p:
@@ -600,6 +748,7 @@ def render(inputs: ReportInputs) -> str:
         [
             f"<h1>{_e(title)}</h1>",
             f'<div class="verdict {css}">{_e(headline)}</div>',
+            section_run(inputs.run),
             f"<p class=muted>{'; '.join(facts)}</p>" if facts else "",
             data_facts(inputs.meta),
             f"<section>{section_gates(inputs)}</section>",

@@ -44,6 +44,7 @@ from components.config import (  # noqa: E402
     read_params_file,
 )
 from components.overrides import apply_overrides, check_overrides  # noqa: E402
+from components.report import REPORT_FILE, run_environment  # noqa: E402
 from flows.experiments import (  # noqa: E402
     BUSY,
     FALLBACK_IDENTITY,
@@ -433,6 +434,24 @@ def format_summary(summary: dict, outcomes: dict[str, str], notes: list[str] = (
     return "\n".join(lines)
 
 
+def leave_artifact(root: Path, summary: str) -> str:
+    """Leave the closing summary, with a link to the report, as this flow run's Prefect markdown
+    artifact (key ``pipeline-summary``: the UI's Artifacts page keeps one per run); returns the
+    summary. A server that refuses it costs a warning, never the run."""
+    from prefect.artifacts import create_markdown_artifact
+
+    name = flow_run.get_name() or "pipeline-run"
+    try:
+        reports = load_params(root / "params.yaml").paths.reports_dir
+        report = (root / reports / REPORT_FILE).resolve()
+        link = f"[{report.name}]({report.as_uri()}) (`{report}`)" if report.is_file() else "none"
+        markdown = f"# Pipeline run {name}\n\nReport: {link}\n\n```text\n{summary.strip()}\n```\n"
+        create_markdown_artifact(markdown, key="pipeline-summary", description=f"run {name}")
+    except Exception as exc:  # the API's own error types, a params.yaml gone bad: not the run's
+        get_run_logger().warning("no Prefect artifact for this run: %s", exc)
+    return summary
+
+
 @flow(name="pipeline", log_prints=True)
 def pipeline(
     overrides: list[str] | None = None,
@@ -453,6 +472,7 @@ def pipeline(
     overrides = list(overrides or [])
     run_name = flow_run.get_name() or "pipeline-run"
     run_id = flow_run.get_id() or ""
+    os.environ.update(run_environment(run_name, run_id))  # the report names this run
     try:
         params = preflight(root_path, overrides)  # nothing touched yet
     except (ParamsError, PreflightError) as exc:
@@ -543,7 +563,7 @@ def _run_holding_the_workspace(
             saved = f"; the run is saved as experiment {experiment}" if experiment else ""
             return Failed(message=f"push failed: {state.message}{saved}; retry with `dvc push`")
         notes.append(f"remote: {state.result()}")
-    print(format_summary(read_summary(root), outcomes, notes))
+    print(leave_artifact(root, format_summary(read_summary(root), outcomes, notes)))
     said = f"saved as experiment {experiment}" if experiment else "not saved as an experiment"
     return Completed(message=said, data=outcomes)
 

@@ -121,6 +121,12 @@ class DataKind:
         """What the served model's card (model.json in the bento) carries for this kind."""
         return {}
 
+    def input_columns(self, meta: DatasetMeta) -> list[dict] | None:
+        """The columns a client sends, each ``{"name", "type", "categories"?}``, for the
+        champion's input schema (components/champion.py); None when the inputs are not columns
+        (images: their shape and classes say it all)."""
+        return None
+
     # ------------------------------------------------------------ serving (what package says)
 
     def check_servable(self, meta: DatasetMeta, meta_file: Path) -> None:

@@ -42,6 +42,7 @@ from components.kinds.table import (
     read_frame,
     read_rows,
     rows_expectations,
+    spec_columns,
 )
 from components.stage import StageError
 
@@ -261,6 +262,9 @@ class SequenceKind(DataKind):
 
     def card_fields(self, meta: DatasetMeta) -> dict:
         return feature_card(meta)
+
+    def input_columns(self, meta: DatasetMeta) -> list[dict] | None:
+        return spec_columns(meta)
 
     def check_servable(self, meta: DatasetMeta, meta_file) -> None:
         check_features_servable(self.name, 2, meta, meta_file)

@@ -262,6 +262,19 @@ def encoded_stats(data: ArraySet, meta: DatasetMeta, class_counts: dict) -> dict
     return stats
 
 
+def spec_columns(meta: DatasetMeta) -> list[dict] | None:
+    """The columns a client sends, from the preprocessing spec: name, type and a category's
+    values; the fitted means and deviations are left out (a refit changes no client)."""
+    columns = (meta.preprocess or {}).get("columns")
+    if not columns:
+        return None
+    return [
+        {"name": c["name"], "type": c["type"]}
+        | ({"categories": [str(v) for v in c["categories"]]} if c["type"] == "categorical" else {})
+        for c in columns
+    ]
+
+
 def feature_card(meta: DatasetMeta) -> dict:
     """A table's or series' card: what the service needs to encode rows as training did."""
     return {
@@ -339,6 +352,9 @@ class TableKind(DataKind):
 
     def card_fields(self, meta: DatasetMeta) -> dict:
         return feature_card(meta)
+
+    def input_columns(self, meta: DatasetMeta) -> list[dict] | None:
+        return spec_columns(meta)
 
     def check_servable(self, meta: DatasetMeta, meta_file) -> None:
         check_features_servable(self.name, 1, meta, meta_file)
