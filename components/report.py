@@ -59,6 +59,7 @@ class ReportInputs:
     history: list[dict] | None = None
     evaluate: dict | None = None
     evaluate_gates: dict | None = None  # evaluate's verdicts on the network
+    baselines: dict | None = None  # the classical baselines beside the network (baselines.json)
     confusion: list[tuple[str, str]] | None = None
     predictions: list[tuple[float, float]] | None = None  # regression: (actual, predicted)
     meta: dict | None = None  # the prepared data's meta.json: kind, task, target, features
@@ -222,6 +223,7 @@ def gather(
     if "evaluate" in reached:
         inputs.evaluate = _json(metrics / records.EVALUATE_FILE)
         inputs.evaluate_gates = _json(metrics / records.EVALUATE_GATES_FILE)
+        inputs.baselines = _json(metrics / records.BASELINES_FILE)
         inputs.confusion = _confusion(metrics / "confusion.csv")
         inputs.predictions = _predictions(metrics / "predictions.csv")
     if "compress" in reached:
@@ -530,11 +532,28 @@ def _metric_rows(inputs: ReportInputs, keys) -> str:
     if inputs.gate:
         for name, v in inputs.gate.get("variants", {}).items():
             columns.append((f"{name} ONNX" + (" (served)" if v.get("served") else ""), v))
+    for name, b in ((inputs.baselines or {}).get("baselines") or {}).items():
+        columns.append((f"baseline: {name}", b.get("metrics", {})))
     return "".join(
         f"<tr><td>{_e(label)}</td>"
         + "".join(f"<td class=num>{_f(m.get(k))}</td>" for k in keys)
         + "</tr>"
         for label, m in columns
+    )
+
+
+def baselines_sentence(inputs: ReportInputs) -> str:
+    """One line: the best classical baseline and the network's lift over it."""
+    record = inputs.baselines or {}
+    if not record.get("best"):
+        return ""
+    figures = record["baselines"][record["best"]]
+    lift = record.get("lift")
+    verb = "beats" if lift is not None and lift > 0 else "does not beat"
+    return (
+        f"<p>The network {verb} the best classical baseline, {_e(record['best'])} (fitted on "
+        f"{_e(figures.get('train_rows'))} training examples in {_f(figures.get('fit_seconds'), 1)}"
+        f" s): lift {_e(f'{lift:+.4f}')} (evaluate.min_lift_over_baseline gates it when set).</p>"
     )
 
 
@@ -548,6 +567,7 @@ def section_regression_metrics(inputs: ReportInputs) -> str:
         "R^2 is the share of the target's variance explained (1 is perfect, 0 is predicting "
         "the mean).</p>",
         f"<table><tr><th>model</th>{head}</tr>{_metric_rows(inputs, REGRESSION_COLUMNS)}</table>",
+        baselines_sentence(inputs),
     ]
     if inputs.predictions:
         parts.append(plot_predictions(inputs.predictions))
@@ -574,6 +594,7 @@ def section_metrics(inputs: ReportInputs) -> str:
     parts = [
         f"<h2>Test metrics</h2><p>{_e(ev.get('test_examples', '?'))} test examples.</p>",
         f"<table><tr><th>model</th>{head}</tr>{body}</table>",
+        baselines_sentence(inputs),
     ]
     if per_class:
         parts.append(plot_per_class(per_class, threshold))

@@ -125,3 +125,26 @@ def test_a_lift_gate_without_baselines_is_refused_with_the_params():
     raw["evaluate"].update(baselines=False, min_lift_over_baseline=0.0)
     with pytest.raises(ValueError, match="min_lift_over_baseline needs evaluate.baselines"):
         parse_params(raw)
+
+
+def test_the_report_shows_the_baselines_beside_the_network():
+    from components.report import ReportInputs, render
+
+    inputs = ReportInputs(
+        evaluate={"accuracy": 0.97, "macro_f1": 0.97, "test_examples": 10, "per_class": {}},
+        baselines={
+            "network": {"accuracy": 0.97, "macro_f1": 0.97},
+            "baselines": {
+                "rbf_svc": {
+                    "metrics": {"accuracy": 0.95, "macro_f1": 0.95},
+                    "fit_seconds": 5.7,
+                    "train_rows": 3500,
+                },
+            },  # fmt: skip
+            "best": "rbf_svc",
+            "lift": 0.02,
+        },
+    )
+    page = render(inputs)
+    assert "baseline: rbf_svc" in page and "0.9500" in page
+    assert "beats the best classical baseline, rbf_svc" in page and "+0.0200" in page
