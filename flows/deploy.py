@@ -75,7 +75,8 @@ def check_server(api_url: str) -> None:
     except httpx.HTTPError as exc:
         raise SystemExit(
             f"No Prefect server answers at {api_url} ({exc.__class__.__name__}). Start one with "
-            "`make prefect-server` (or `prefect server start`) or set PREFECT_API_URL."
+            "`make prefect-server` (or `prefect server start --host 127.0.0.1`) or set "
+            "PREFECT_API_URL."
         ) from None
 
 
