@@ -77,6 +77,17 @@ def _quiet_export() -> None:
         category=FutureWarning,
         module="copyreg",
     )
+    # Exporting an LSTM/GRU: torch's own decompositions call torch._check_is_size, deprecated
+    # in 2.13, and torch.export notes that nn.RNN refreshes its ``_flat_weights`` list in
+    # forward. Both are torch's internals; the exported file is checked against PyTorch.
+    warnings.filterwarnings(
+        "ignore", message=r"_check_is_size will be removed", category=FutureWarning
+    )
+    warnings.filterwarnings(
+        "ignore",
+        message=r"The tensor attributes .*_flat_weights\[0\].* were assigned during export",
+        category=UserWarning,
+    )
 
 
 def export_graph(model, image_shape: tuple[int, ...], path: Path, samples=None) -> None:

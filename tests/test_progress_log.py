@@ -307,6 +307,18 @@ def test_the_onnx_export_says_nothing_we_could_remove(tmp_path):
             onnx_files.export_onnx(net, (1, 8, 8), tmp_path / "m.onnx", 1e-4, samples)
         assert not [m for m in records.messages if "torchvision" in m]
         assert not [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+
+        # A recurrent network (sequences): torch's LSTM/GRU export notices are silenced too.
+        gru = build_model(NetConfig("gru", (6, 2), 3, (), (), 0.0, False, "relu", input_scale=1))
+        rows = np.random.default_rng(0).normal(size=(8, 6, 2)).astype(np.float32)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            onnx_files.export_onnx(gru, (6, 2), tmp_path / "gru.onnx", 1e-4, rows)
+        assert not [
+            str(w.message)[:200]
+            for w in caught
+            if issubclass(w.category, FutureWarning | UserWarning)
+        ]
     finally:
         registry.removeHandler(records)
         for f in ours:
