@@ -258,6 +258,38 @@ def test_every_fine_tune_prints_its_epochs(caplog):
     assert all(float(m["train_loss"]) > 0 for m in matches)
 
 
+def test_no_num_workers_advice_on_a_machine_with_many_cores(monkeypatch):
+    """Lightning advises DataLoader workers on any machine with more than 2 cores (this one has
+    2, so it is told it has 16); our loaders are tensors in memory, the fits silence it. The
+    control first: Lightning's own check does warn on such a machine."""
+    import lightning as L
+    import lightning.fabric.utilities.data as fabric_data
+    import torch
+    from lightning.pytorch.trainer.connectors.data_connector import _worker_check
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from components.dataset import ArraySet
+    from components.finetune import fit_network
+    from components.model import NetConfig, build_model
+
+    monkeypatch.setattr(fabric_data, "_num_cpus_available", lambda: 16)
+    x, y = make_images(per_class=4)
+    loader = DataLoader(TensorDataset(torch.from_numpy(x[:, None]), torch.from_numpy(y)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _worker_check(L.Trainer(logger=False, accelerator="cpu", devices=1), loader, "x")
+    assert any("does not have many workers" in str(w.message) for w in caught)
+
+    params = parse_params(tiny_params_dict(Path("/tmp"), "unused"))
+    torch.manual_seed(0)
+    net = build_model(NetConfig("cnn", (1, 8, 8), 3, (4,), (8,), 0.0, False, "relu"))
+    data = ArraySet(x[:, None], y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_network(net, data, data, params.train, 1, 0.01)
+    assert not [str(w.message) for w in caught if "many workers" in str(w.message)]
+
+
 # -- the ONNX export ------------------------------------------------------------------------
 
 
