@@ -114,5 +114,8 @@ def train_alone(
 ) -> tuple[object, FitReport]:
     """The same student, same start and recipe, trained on the labels only: the baseline."""
     student = new_student(config, train.seed)
-    report = fit_network(student, train_set, val_set, train, params.max_epochs, train.learning_rate)
+    report = fit_network(
+        student, train_set, val_set, train, params.max_epochs, train.learning_rate,
+        label="student_alone",
+    )  # fmt: skip
     return student, report

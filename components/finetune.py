@@ -18,7 +18,13 @@ from dataclasses import dataclass
 
 from components.config import TrainParams
 from components.dataset import ArraySet
-from components.lightning_module import augment_batch, lightning_module
+from components.lightning_module import (
+    augment_batch,
+    epoch_progress,
+    lightning_module,
+    quiet_lightning,
+    show_progress_bar,
+)
 
 log = logging.getLogger("pipeline.compress")
 
@@ -124,6 +130,8 @@ def _module(net, params: TrainParams, teacher: Teacher | None):
                     self.net(x), soft_targets, y, teacher.temperature, teacher.soft_loss_weight
                 )
             self.log("train_loss", loss, on_step=False, on_epoch=True)
+            self._loss_sum += loss.detach() * len(y)  # the epoch's mean, for the progress line
+            self._loss_count += len(y)
             if params.l1_penalty:
                 weights = [p for p in self.net.parameters() if p.requires_grad and p.dim() > 1]
                 loss = loss + params.l1_penalty * sum(p.abs().sum() for p in weights)
@@ -173,13 +181,15 @@ def fit_network(
     epochs: int,
     learning_rate: float,
     teacher: Teacher | None = None,
+    label: str | None = None,
 ) -> FitReport:
     """Train ``net`` in place for ``epochs`` with train's loop; keep its best validation weights.
 
     ``params`` is the train section (optimiser, batch size, seed, augmentation, precision,
     accelerator); ``epochs`` and ``learning_rate`` replace its own. One process, one device:
     these runs are seconds long, DDP would cost more than it saves. With a ``teacher`` the loss
-    is :func:`distillation_loss`.
+    is :func:`distillation_loss`. Each epoch prints a line (components/lightning_module.py's
+    ``epoch_progress``) that starts with ``label`` (default ``distil`` or ``fine-tune``).
     """
     import lightning as L
     import torch
@@ -188,11 +198,11 @@ def fit_network(
     params = params.model_copy(update={"max_epochs": epochs, "learning_rate": learning_rate})
     regression = bool(getattr(net, "regression", False))
     L.seed_everything(params.seed, workers=True, verbose=False)
-    logging.getLogger("lightning.pytorch").propagate = False
-    # Several short runs per stage: Lightning's per-run notices (GPU available, tips, "max_epochs
-    # reached") would bury the stage's own lines. Its warnings still show.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    quiet_lightning()
     best = _best_weights_callback()
+    if label is None:
+        label = "distil" if teacher is not None else "fine-tune"
+    task = "regression" if regression else "classification"
     trainer = L.Trainer(
         max_epochs=epochs,
         accelerator=params.accelerator,
@@ -201,10 +211,10 @@ def fit_network(
         precision=params.precision,
         deterministic=params.deterministic,
         gradient_clip_val=params.gradient_clip_norm or None,
-        callbacks=[best],
+        callbacks=[best, epoch_progress(log, len(train_set), task, label)],
         logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
+        enable_progress_bar=show_progress_bar(),
         enable_model_summary=False,
     )
 

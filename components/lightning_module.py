@@ -2,12 +2,18 @@
 
 It wraps a plain network (components/model.py) with the task's loss (components/tasks/), the
 optimiser and learning-rate schedule of ``train`` params, the L1 term, image augmentation and
-the validation metrics. Lightning is imported inside the functions: it is slow to import.
+the validation metrics. :func:`epoch_progress` is the line per epoch both print, and
+:func:`quiet_lightning` the notices of Lightning we silence, with the reasons. Lightning is
+imported inside the functions: it is slow to import.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
+import time
+import warnings
 
 from components import tasks
 from components.config import TrainParams
@@ -138,3 +144,125 @@ def lightning_module(net, params: TrainParams):
             return opt
 
     return NetworkModule()
+
+
+def show_progress_bar() -> bool:
+    """Lightning's progress bar only on a terminal: piped into DVC and Prefect, a bar redrawn
+    in place is one ever-growing line; the per-epoch lines of :func:`epoch_progress` are what
+    a log shows. Lightning draws its bar on stdout, so stdout is the stream that must be one
+    (``python -m components.train | tee log`` gets the lines, not the bar)."""
+    return sys.stdout.isatty()
+
+
+def quiet_lightning() -> None:
+    """Silence what Lightning says on every fit that a user can do nothing about.
+
+    Each filter matches one message where it arises; anything else Lightning warns about shows.
+    """
+    # Lightning 2.6's CombinedLoader flattens the loaders with ``LeafSpec()``, a class torch
+    # 2.13 deprecated (FutureWarning). Lightning's own code, not ours: nothing to change here.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+    # Our loaders are tensors in memory: worker processes would copy them and cost more than
+    # they save (Lightning suggests them on any machine with more than 2 cores).
+    warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
+    # Per-fit notices (GPU/TPU available, litlogger/litmodels tips, "max_epochs reached")
+    # would bury the stage's own lines; Lightning's warnings still show.
+    logging.getLogger("lightning.pytorch").propagate = False
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``1 h 02 min``."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def progress_line(
+    label: str,
+    epoch: int,
+    epochs: int,
+    train_loss: float | None,
+    val_loss: float | None,
+    metric: str,
+    value: float | None,
+    samples_per_second: float,
+    seconds_left: float,
+) -> str:
+    """``epoch 3/20: train_loss 0.4123, val_loss 0.3990, val_accuracy 0.9120; 1234 samples/s,
+    2 min 10 s left``, after ``label`` when there is one."""
+
+    def number(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.4f}"
+
+    head = f"{label} epoch" if label else "epoch"
+    return (
+        f"{head} {epoch}/{epochs}: train_loss {number(train_loss)}, val_loss {number(val_loss)}, "
+        f"{metric} {number(value)}; {samples_per_second:.0f} samples/s, "
+        f"{_duration(seconds_left)} left"
+    )
+
+
+def epoch_progress(logger: logging.Logger, train_samples: int, task: str, label: str = ""):
+    """A Lightning callback that prints one line per epoch (:func:`progress_line`): the mean
+    training loss, the validation loss and the task's validation metric, the epoch's samples
+    per second (training and validation time), and the time left at the mean epoch time so
+    far (an upper bound: early stopping may end sooner).
+
+    It only reads: no numbers, seeds or steps of the run change. Every rank takes part in the
+    reduction of the training loss (a collective call); global rank zero prints. Through
+    ``logger`` the line is flushed at once (a logging handler flushes every record), so a log
+    streamed from a pipe gets it when the epoch ends; with Lightning's progress bar on (a
+    terminal) it is printed above the bar instead.
+    """
+    import lightning as L
+
+    metric = tasks.get(task).val_metric
+
+    class EpochProgress(L.Callback):
+        def __init__(self):
+            self.started = 0.0
+            self.seconds: list[float] = []
+
+        def on_train_epoch_start(self, trainer, module):
+            self.started = time.perf_counter()
+
+        def on_validation_epoch_end(self, trainer, module):
+            if trainer.sanity_checking:
+                return
+            train_loss = module.epoch_train_loss()  # on every rank: a collective call
+            if not trainer.is_global_zero:
+                return
+            self.seconds.append(time.perf_counter() - self.started)
+            m = trainer.callback_metrics
+            val_loss = float(m["val_loss"]) if "val_loss" in m else None
+            if metric in m:
+                value = float(m[metric])
+            elif metric == "val_rmse" and "val_mse" in m:
+                value = math.sqrt(float(m["val_mse"]))
+            else:
+                value = None
+            epoch, epochs = trainer.current_epoch + 1, trainer.max_epochs
+            mean = sum(self.seconds) / len(self.seconds)
+            line = progress_line(
+                label, epoch, epochs, train_loss, val_loss, metric, value,
+                train_samples / self.seconds[-1] if self.seconds[-1] > 0 else 0.0,
+                mean * max(0, epochs - epoch),
+            )  # fmt: skip
+            bar = trainer.progress_bar_callback  # None unless enable_progress_bar
+            if bar is not None:
+                bar.print(line)
+            else:
+                logger.info("%s", line)
+
+    return EpochProgress()

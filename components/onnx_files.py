@@ -9,7 +9,9 @@ compress stage, the gate stage and the tuning flow's ensembles share these funct
 from __future__ import annotations
 
 import gzip
+import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +52,44 @@ def rows(samples: np.ndarray, n: int, start: int = 0) -> np.ndarray:
     return samples[(start + np.arange(n)) % len(samples)]
 
 
+class _NotTorchvision(logging.Filter):
+    """Drops the exporter's "torchvision is not installed. Skipping torchvision::nms" notices:
+    torch's ONNX registry looks for torchvision's detection ops on every export, and logs a
+    warning per op when torchvision is absent. Our networks use none of them and torchvision
+    is not in our stack, so the notices say nothing about the file we write."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("torchvision is not installed")
+
+
+def _quiet_export() -> None:
+    """Silence what torch's dynamo exporter says on every export that is no news to us; its
+    other warnings still show. Process-wide and idempotent (no state to restore, so exports
+    in threads, as the tuning flow's ensembles, cannot undo each other's)."""
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    if not any(isinstance(f, _NotTorchvision) for f in registry.filters):
+        registry.addFilter(_NotTorchvision())
+    # torch.export deep-copies pytree specs, whose LeafSpec class torch 2.13 deprecated
+    # (FutureWarning, raised from copyreg): torch's own use, nothing of ours to change.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module="copyreg",
+    )
+    # Exporting an LSTM/GRU: torch's own decompositions call torch._check_is_size, deprecated
+    # in 2.13, and torch.export notes that nn.RNN refreshes its ``_flat_weights`` list in
+    # forward. Both are torch's internals; the exported file is checked against PyTorch.
+    warnings.filterwarnings(
+        "ignore", message=r"_check_is_size will be removed", category=FutureWarning
+    )
+    warnings.filterwarnings(
+        "ignore",
+        message=r"The tensor attributes .*_flat_weights\[0\].* were assigned during export",
+        category=UserWarning,
+    )
+
+
 def export_graph(model, image_shape: tuple[int, ...], path: Path, samples=None) -> None:
     """Write ``model`` as one self-contained ONNX file with a dynamic batch dimension (no check:
     :func:`export_onnx` checks against PyTorch). ``samples`` are real inputs to trace with;
@@ -61,6 +101,7 @@ def export_graph(model, image_shape: tuple[int, ...], path: Path, samples=None) 
         example = torch.randint(0, 256, (4, *image_shape)).float()
     else:
         example = torch.from_numpy(rows(samples, 4).astype(np.float32))
+    _quiet_export()
     program = torch.onnx.export(
         model.eval(),
         (example,),

@@ -205,6 +205,6 @@ def prune_and_finetune(
     if params.finetune_epochs:
         report = fit_network(
             pruned, train_set, val_set, train, params.finetune_epochs,
-            params.finetune_learning_rate,
+            params.finetune_learning_rate, label=f"{method} fine-tune",
         )  # fmt: skip
     return make_permanent(pruned), report

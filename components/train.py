@@ -24,7 +24,12 @@ from pathlib import Path
 from components import kinds, tasks
 from components.config import Params, TrainParams
 from components.dataset import ArraySet, DatasetMeta, load_arrays, meta_path, split_path
-from components.lightning_module import lightning_module
+from components.lightning_module import (
+    epoch_progress,
+    lightning_module,
+    quiet_lightning,
+    show_progress_bar,
+)
 from components.model import NetConfig, build_model, load_state_dict, save_model
 from components.records import TRAIN_FILE, TrainSummary
 from components.stage import StageError, main, replacing, write_json
@@ -189,7 +194,7 @@ def fit(
     from torch.utils.data import DataLoader, TensorDataset
 
     L.seed_everything(params.seed, workers=True, verbose=False)
-    logging.getLogger("lightning.pytorch").propagate = False  # it has its own handler
+    quiet_lightning()
     check_model_fits_data(meta, params)
     config = net_config(meta, params, train_set.y)
     try:
@@ -218,10 +223,11 @@ def fit(
             checkpoint,
             EarlyStopping(monitor="val_loss", patience=params.early_stopping_patience),
             history,
+            epoch_progress(log, len(train_set), meta.task),
             *trial_callbacks(),  # Optuna pruning when run as a tuning trial (flows/tune.py)
         ],
         logger=False,
-        enable_progress_bar=False,
+        enable_progress_bar=show_progress_bar(),
         enable_model_summary=False,
         default_root_dir=checkpoint_dir,
     )

@@ -20,11 +20,15 @@ No ML logic lives here: each stage is ``python -m components.<stage>``, run by `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import logging
 import os
+import queue
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from components.stage import FAILURE_PREFIX, redact, set_quiet_env, write_text
@@ -135,15 +139,17 @@ def run_stage(stage: str, root: str, skip_reason: str = ""):
         cwd=root_path,
         env=env,
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=subprocess.PIPE,
         text=True,
     )
     reason, busy, restored, last = None, None, False, ""
-    for line in process.stdout:
+    for from_stderr, line in _output_lines(process):
         line = line.rstrip()
         if not line:
             continue
-        logger.info(line)
+        # stdout is the stage's own account (INFO); stderr its warnings, DVC's and Python's
+        # included, and its failure line: they show as warnings in the flow's log.
+        logger.log(logging.WARNING if from_stderr else logging.INFO, line)
         last = line
         if line.startswith(FAILURE_PREFIX):
             reason = line.removeprefix(FAILURE_PREFIX).strip()
@@ -167,11 +173,74 @@ def run_stage(stage: str, root: str, skip_reason: str = ""):
     return "ran"
 
 
+def _output_lines(process: subprocess.Popen):
+    """``(from_stderr, line)`` for each line of a process's stdout and stderr as it comes,
+    until both end: a thread per pipe, so that neither blocks the other when its buffer fills."""
+    lines: queue.SimpleQueue = queue.SimpleQueue()
+
+    def pump(stream, from_stderr: bool) -> None:
+        with stream:
+            for line in stream:
+                lines.put((from_stderr, line))
+        lines.put(None)
+
+    for stream, from_stderr in ((process.stdout, False), (process.stderr, True)):
+        threading.Thread(target=pump, args=(stream, from_stderr), daemon=True).start()
+    open_pipes = 2
+    while open_pipes:
+        item = lines.get()
+        if item is None:
+            open_pipes -= 1
+        else:
+            yield item
+
+
+class _UntrackedListing(logging.Filter):
+    """Catches DVC's warning that lists every untracked file ``dvc exp save`` leaves out of
+    the experiment (a user's data folder: thousands of paths in one line); keeps the paths."""
+
+    def __init__(self):
+        super().__init__()
+        self.paths: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("The following untracked files") and record.args:
+            self.paths += [p for p in str(record.args[0]).split(", ") if p]
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _untracked_files_counted(logger):
+    """DVC's listing of untracked files, as one warning that counts them per folder."""
+    listing = _UntrackedListing()
+    dvc_logger = logging.getLogger("dvc.repo.experiments.executor.base")
+    dvc_logger.addFilter(listing)
+    try:
+        yield
+    finally:
+        dvc_logger.removeFilter(listing)
+    if listing.paths:
+        folders: dict[str, int] = {}
+        for path in listing.paths:  # data/external/cats/1.png counts for data/external/
+            parts = path.split("/")
+            folder = "/".join(parts[: min(2, len(parts) - 1)]) + "/" if len(parts) > 1 else path
+            folders[folder] = folders.get(folder, 0) + 1
+        where = ", ".join(f"{f} ({n})" for f, n in sorted(folders.items())[:5])
+        more = f" and {len(folders) - 5} more" if len(folders) > 5 else ""
+        logger.warning(
+            "%d file(s) git does not track are not in the experiment: %s%s; a clone cannot "
+            "reproduce the run without them: `git add` them, or `dvc add` a data folder",
+            len(listing.paths), where, more,
+        )  # fmt: skip
+
+
 @task(retries=0)
 def record_experiment(root: str, name: str, message: str) -> str:
     """``dvc exp save -n <name>``: the run, as an experiment any clone can apply."""
     logger = get_run_logger()
-    stand_ins = save_experiment(Path(root), name, message)
+    with _untracked_files_counted(logger):
+        stand_ins = save_experiment(Path(root), name, message)
     if stand_ins:
         logger.info("git has no user here: committed as %r", FALLBACK_IDENTITY["NAME"])
     logger.info("saved as DVC experiment %r (dvc exp apply %s)", name, name)
