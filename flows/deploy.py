@@ -8,8 +8,8 @@ Two deployments of the one ``pipeline`` flow:
 - ``pipeline/nightly``: on ``orchestrate.schedule_cron`` (in ``orchestrate.schedule_timezone``),
   with ``only_if_data_changed``: when DVC finds the data source unchanged, every stage is
   skipped and the run says so;
-- ``pipeline/by-hand``: no schedule; trigger it with parameters, applied to params.yaml as
-  ``dvc exp run -S`` would::
+- ``pipeline/by-hand``: no schedule; trigger it with parameters, applied to params.yaml for
+  that run only, as ``dvc exp run -S`` would (``keep_params=true`` keeps them)::
 
       prefect deployment run pipeline/by-hand --param overrides='["train.max_epochs=8"]'
 
@@ -46,11 +46,17 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline_here(overrides: list[str] | None = None, only_if_data_changed: bool = False):
+def pipeline_here(
+    overrides: list[str] | None = None,
+    only_if_data_changed: bool = False,
+    keep_params: bool = False,
+):
     """The pipeline flow in the repository this deployment serves (flows/pipeline.py)."""
     from flows.pipeline import pipeline
 
-    return pipeline.fn(overrides, only_if_data_changed, root=str(REPOSITORY))
+    return pipeline.fn(
+        overrides, only_if_data_changed, root=str(REPOSITORY), keep_params=keep_params
+    )
 
 
 def deployment_specs(params: Params) -> list[dict]:
@@ -73,8 +79,9 @@ def deployment_specs(params: Params) -> list[dict]:
             "name": BY_HAND,
             "parameters": {"only_if_data_changed": False},
             "description": (
-                "Run what changed, with optional overrides of params.yaml "
-                "(--param overrides='[\"train.max_epochs=8\"]'), and save it as a DVC experiment."
+                "Run what changed, with optional overrides of params.yaml for this run only "
+                "(--param overrides='[\"train.max_epochs=8\"]'; keep_params=true keeps them), "
+                "and save it as a DVC experiment."
             ),
             "tags": ["pipeline", "by-hand"],
         },
