@@ -104,8 +104,13 @@ def serve_here(root: Path, params: Params) -> None:
     """Register the deployments and run their flow runs in this process, until stopped."""
     from prefect import serve
 
+    # Under `python -m flows.deploy` this module is `__main__`, so the flow's module path would
+    # be `__main__.pipeline_here`, which the runner's flow-run processes cannot import (they
+    # failed with MissingFlowError): take the flow from the module under its import name.
+    from flows.deploy import pipeline_here as flow_here
+
     deployments = [
-        pipeline_here.to_deployment(**spec, entrypoint_type=_module_entrypoint())
+        flow_here.to_deployment(**spec, entrypoint_type=_module_entrypoint())
         for spec in deployment_specs(params)
     ]
     # limit=1: Prefect starts one run at a time here; others wait as Scheduled/Late.
