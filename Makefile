@@ -31,8 +31,8 @@ repo-init: $(STAMP)
 	@test -d .git || (git init -q && echo "initialised a git repository (DVC needs one)")
 	@test -d .dvc || ($(VENV)/bin/dvc init -q && echo "initialised DVC")
 
-pipeline: setup repo-init ## run the whole pipeline (Prefect flow over the DVC stages) and build the bento
-	$(PY) -m flows.pipeline $(if $(SET),$(foreach s,$(SET),--set $(s)),)
+pipeline: setup repo-init ## run the whole pipeline and build the bento; SET="k=v ..." for this run only, KEEP=1 keeps them
+	$(PY) -m flows.pipeline $(if $(SET),$(foreach s,$(SET),--set $(s)),) $(if $(filter 1 yes true,$(KEEP)),--keep-params,)
 
 repro: setup ## the same stages with plain `dvc repro` (no Prefect)
 	$(VENV)/bin/dvc repro

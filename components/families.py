@@ -24,6 +24,9 @@ class Family:
     needs: str  # how a message names what it reads: "cnn needs images"
     widths: tuple[str, ...]  # NetConfig fields that set its size (distillation scales them)
     recurrent: bool = False  # LSTM / GRU units: pruned and shrunk by our own code
+    # train.* keys beyond its widths that shape its network: with the widths, the train keys
+    # only some families read (an override of one the chosen model ignores is refused).
+    also_reads: tuple[str, ...] = ()
     # The op types its ONNX graph hands the quantizer (dense layers arrive as MatMul: the
     # pre-processing splits Gemm into MatMul + Add), as far as dynamic int8 is concerned.
     quantized_ops: frozenset[str] = frozenset({"MatMul"})
@@ -39,6 +42,11 @@ class Family:
             if field != "rnn_hidden_size"
         ]
         return ", ".join(parts)
+
+    @property
+    def train_keys(self) -> tuple[str, ...]:
+        """The train.* keys that shape this family's network."""
+        return self.widths + self.also_reads
 
 
 FAMILIES: dict[str, Family] = {
@@ -66,6 +74,7 @@ FAMILIES: dict[str, Family] = {
             needs="sequences",
             widths=("rnn_hidden_size", "hidden_units"),
             recurrent=True,
+            also_reads=("rnn_layers",),
             quantized_ops=frozenset({"LSTM", "MatMul"}),
         ),
         Family(
@@ -75,6 +84,7 @@ FAMILIES: dict[str, Family] = {
             needs="sequences",
             widths=("rnn_hidden_size", "hidden_units"),
             recurrent=True,
+            also_reads=("rnn_layers",),
             quantized_ops=frozenset({"GRU", "MatMul"}),
         ),
     )
@@ -86,6 +96,13 @@ def family(name: str) -> Family:
     if name not in FAMILIES:
         raise ValueError(f"train.model: unknown model {name!r}; use one of {list(FAMILIES)}")
     return FAMILIES[name]
+
+
+def readers_of(train_key: str) -> tuple[str, ...]:
+    """The families whose network ``train.<train_key>`` shapes; () for a key all of them read
+    alike (learning rate, epochs, dropout, ...) or none declares."""
+    readers = tuple(name for name, f in FAMILIES.items() if train_key in f.train_keys)
+    return () if len(readers) == len(FAMILIES) else readers
 
 
 def reading(rank: int) -> tuple[str, ...]:

@@ -1,16 +1,27 @@
 """``--set key=value`` overrides of params.yaml, applied the way ``dvc exp run -S`` does.
 
 Every override is checked against the file and the typed schema (components/config.py) before
-anything is written; the file keeps its comments and layout (ruamel.yaml round trip).
+anything is written; the file keeps its comments and layout (ruamel.yaml round trip). A flow
+run applies its overrides for that run only (:func:`overrides_for_one_run`): params.yaml goes
+back byte for byte afterwards, so the next run trains what the file (and git) says.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from components.config import PARAMS_FILE, ParamsError, parse_params, read_params_file
+from components.families import FAMILIES, readers_of
+from components.stage import write_text
 
 
 def parse_value(text: str):
@@ -23,6 +34,11 @@ def parse_value(text: str):
 
 def resolve(overrides: list[str], path: Path) -> dict[str, object]:
     """Parse ``key=value`` items and check them against params.yaml; write nothing."""
+    return _resolve(overrides, path)[0]
+
+
+def _resolve(overrides: list[str], path: Path):
+    """The values by dotted key, and params.yaml as they make it (typed)."""
     raw = read_params_file(path)
     resolved: dict[str, object] = {}
     for item in overrides:
@@ -38,13 +54,38 @@ def resolve(overrides: list[str], path: Path) -> dict[str, object]:
         if leaf not in node or isinstance(node[leaf], dict):
             raise ParamsError(f"override {key!r}: no such parameter in {path}")
         node[leaf] = resolved[key] = parse_value(text)
-    parse_params(raw)  # the whole file must still validate
-    return resolved
+    return resolved, parse_params(raw)  # the whole file must still validate
 
 
 def check_overrides(overrides: list[str], path: Path = PARAMS_FILE) -> dict[str, object]:
     """Validate overrides without touching params.yaml; return the values by dotted key."""
     return resolve(overrides, Path(path))
+
+
+def ignored_by_the_model(overrides: list[str], path: Path = PARAMS_FILE) -> dict[str, str]:
+    """The overrides of train.* keys that the model they leave chosen does not read (each
+    family's ``train_keys``, components/families.py), each with a message naming it: e.g.
+    ``train.channels`` when train.model is mlp. Checked (and refused) before a run starts."""
+    resolved, params = _resolve(overrides, Path(path))
+    model = params.train.model
+    ignored = {}
+    for key in resolved:
+        section, _, name = key.partition(".")
+        readers = readers_of(name) if section == "train" else ()
+        if readers and name not in FAMILIES[model].train_keys:
+            ignored[key] = (
+                f"{key}: model {model} does not use it (only {' and '.join(readers)} "
+                f"{'does' if len(readers) == 1 else 'do'}), so this override would change "
+                f"nothing; set train.model={readers[0]} too, or drop it"
+            )
+    return ignored
+
+
+def refuse_ignored(overrides: list[str], path: Path = PARAMS_FILE) -> None:
+    """Raise :class:`ParamsError` naming every override the chosen model would ignore."""
+    ignored = ignored_by_the_model(overrides, path)
+    if ignored:
+        raise ParamsError("; ".join(ignored.values()))
 
 
 def apply_overrides(overrides: list[str], path: Path = PARAMS_FILE) -> dict[str, object]:
@@ -54,12 +95,20 @@ def apply_overrides(overrides: list[str], path: Path = PARAMS_FILE) -> dict[str,
     is touched, so a bad override leaves params.yaml exactly as it was. Comments and layout
     are kept. Returns the applied values by dotted key.
     """
+    path = Path(path)
+    applied, text = _render(overrides, path)
+    if text is not None:
+        write_text(path, text)
+    return applied
+
+
+def _render(overrides: list[str], path: Path) -> tuple[dict[str, object], str | None]:
+    """The checked values, and params.yaml's text with them applied (None: no override)."""
     from ruamel.yaml import YAML
 
-    path = Path(path)
     applied = resolve(overrides, path)
     if not applied:
-        return applied
+        return applied, None
     yaml_rt = YAML()
     yaml_rt.preserve_quotes = True
     yaml_rt.indent(mapping=2, sequence=4, offset=2)  # params.yaml's own layout
@@ -82,21 +131,19 @@ def apply_overrides(overrides: list[str], path: Path = PARAMS_FILE) -> dict[str,
             old[:] = [flow_style(v) for v in value]
         else:
             node[leaf] = flow_style(value)
-    tmp = path.with_suffix(".yaml.tmp")
-    with tmp.open("w") as fh:
-        yaml_rt.dump(doc, fh)
-    # Never leave a file that does not read back as the values just applied.
-    written = yaml.safe_load(tmp.read_text())
+    out = io.StringIO()
+    yaml_rt.dump(doc, out)
+    text = out.getvalue()
+    # Never write a file that does not read back as the values just applied.
+    written = yaml.safe_load(text)
     for key, value in applied.items():
         node = written
         for part in key.split("."):
             node = node[part]
         if node != value:
-            tmp.unlink()
             raise ParamsError(f"override {key!r}: params.yaml would not keep {value!r}; unchanged")
     parse_params(written)
-    tmp.replace(path)
-    return applied
+    return applied, text
 
 
 def flow_style(value):
@@ -114,3 +161,111 @@ def flow_style(value):
         mapping.fa.set_flow_style()
         return mapping
     return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides for one run
+
+
+@dataclass
+class OneRun:
+    """What :func:`overrides_for_one_run` applied, and whether params.yaml keeps it: a run that
+    turns out to have failed sets ``keep`` to False (its params are never kept)."""
+
+    applied: dict[str, object]
+    keep: bool
+    edited: bool = False  # params.yaml changed during the run: left as it was found, not put back
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def overrides_for_one_run(
+    overrides: list[str],
+    path: Path = PARAMS_FILE,
+    *,
+    keep: bool = False,
+    backup: Path | None = None,
+    run: str = "",
+) -> Iterator[OneRun]:
+    """params.yaml with ``overrides`` applied inside the block, and back byte for byte as it
+    was after it: when the block ends, fails, or is interrupted (Ctrl-C; SIGTERM where it
+    raises, as in a Prefect flow run). ``keep`` leaves the overrides in the file when the block
+    finishes.
+
+    A params.yaml edited while the block ran is left as it is (``edited``): an edit is never
+    lost. ``backup`` holds the bytes before while the block runs, so that a run killed where no
+    ``finally`` runs (SIGKILL, OOM, a reboot) is undone by the next one:
+    :func:`put_back_after_a_killed_run`. Yields a :class:`OneRun`.
+    """
+    path = Path(path)
+    applied, text = _render(overrides, path)
+    run_params = OneRun(applied, keep)
+    if text is None:
+        yield run_params
+        return
+    before = path.read_bytes()
+    if backup is not None:
+        write_text(
+            backup,
+            json.dumps(
+                {
+                    "run": run,
+                    "overrides": list(overrides),
+                    "params": str(path),
+                    "before": base64.b64encode(before).decode(),
+                    "after_sha256": _sha256(text.encode()),
+                }
+            ),
+        )
+    finished = False
+    try:
+        write_text(path, text)
+        yield run_params
+        finished = True
+    finally:
+        if not (run_params.keep and finished):  # an interrupted run's params are never kept
+            # An edit made to params.yaml during the run is never lost: the file stays.
+            now = path.read_bytes() if path.is_file() else b""
+            run_params.edited = now != text.encode()
+            if not run_params.edited:
+                write_text(path, before)
+        if backup is not None:
+            backup.unlink(missing_ok=True)
+
+
+def put_back_after_a_killed_run(backup: Path, path: Path = PARAMS_FILE) -> str | None:
+    """Undo the overrides of a run that was killed inside :func:`overrides_for_one_run`.
+
+    params.yaml goes back as it was before that run only when it is still exactly as that run
+    wrote it (an edit made since is never lost). Returns a line saying what happened, or None
+    when no run was killed with overrides applied.
+    """
+    path = Path(path)
+    if not backup.is_file():
+        return None
+    try:
+        saved = json.loads(backup.read_text())
+        before = base64.b64decode(saved["before"])
+        after = saved["after_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        backup.unlink(missing_ok=True)
+        return f"{backup}: unreadable, removed (params.yaml left as it is)"
+    current = path.read_bytes() if path.is_file() else b""
+    who = f"run {saved.get('run')!r}" if saved.get("run") else "an earlier run"
+    overrides = " ".join(saved.get("overrides") or [])
+    if _sha256(current) == after:
+        write_text(path, before)
+        said = f"params.yaml put back as it was before {who}, which was killed with overrides "
+        said += f"applied ({overrides})"
+    elif current == before:
+        said = None
+    else:
+        said = (
+            f"{who} was killed with overrides applied ({overrides}), but params.yaml changed "
+            "since: left as it is"
+        )
+    backup.unlink(missing_ok=True)
+    return said

@@ -8,8 +8,8 @@ Two deployments of the one ``pipeline`` flow:
 - ``pipeline/nightly``: on ``orchestrate.schedule_cron`` (in ``orchestrate.schedule_timezone``),
   with ``only_if_data_changed``: when DVC finds the data source unchanged, every stage is
   skipped and the run says so;
-- ``pipeline/by-hand``: no schedule; trigger it with parameters, applied to params.yaml as
-  ``dvc exp run -S`` would::
+- ``pipeline/by-hand``: no schedule; trigger it with parameters, applied to params.yaml for
+  that run only, as ``dvc exp run -S`` would (``keep_params=true`` keeps them)::
 
       prefect deployment run pipeline/by-hand --param overrides='["train.max_epochs=8"]'
 
@@ -59,8 +59,9 @@ def deployment_specs(params: Params) -> list[dict]:
             "name": BY_HAND,
             "parameters": {"only_if_data_changed": False},
             "description": (
-                "Run what changed, with optional overrides of params.yaml "
-                "(--param overrides='[\"train.max_epochs=8\"]'), and save it as a DVC experiment."
+                "Run what changed, with optional overrides of params.yaml for this run only "
+                "(--param overrides='[\"train.max_epochs=8\"]'; keep_params=true keeps them), "
+                "and save it as a DVC experiment."
             ),
             "tags": ["pipeline", "by-hand"],
         },
@@ -84,8 +85,13 @@ def serve_here(root: Path, params: Params) -> None:
     """Register the deployments and run their flow runs in this process, until stopped."""
     from prefect import serve
 
+    # Under `python -m flows.deploy` this module is `__main__`, so the flow's module path would
+    # be `__main__.pipeline_here`, which the runner's flow-run processes cannot import (they
+    # failed with MissingFlowError): take the flow from the module under its import name.
+    from flows.deploy import pipeline_here as flow_here
+
     deployments = [
-        pipeline_here.to_deployment(**spec, entrypoint_type=_module_entrypoint())
+        flow_here.to_deployment(**spec, entrypoint_type=_module_entrypoint())
         for spec in deployment_specs(params)
     ]
     # limit=1: Prefect starts one run at a time here; others wait as Scheduled/Late.

@@ -16,8 +16,14 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline_here(overrides: list[str] | None = None, only_if_data_changed: bool = False):
+def pipeline_here(
+    overrides: list[str] | None = None,
+    only_if_data_changed: bool = False,
+    keep_params: bool = False,
+):
     """The pipeline flow in the repository this deployment serves (flows/pipeline.py)."""
     from flows.pipeline import pipeline
 
-    return pipeline.fn(overrides, only_if_data_changed, root=str(REPOSITORY))
+    return pipeline.fn(
+        overrides, only_if_data_changed, root=str(REPOSITORY), keep_params=keep_params
+    )

@@ -5,13 +5,16 @@ DVC decides what re-runs (hashes of deps, params and outs); Prefect decides when
 finds unchanged ends in a ``Skipped`` state without starting a process.
 
     python -m flows.pipeline                          # run everything that changed
-    python -m flows.pipeline --set train.max_epochs=2 # override params.yaml, as `dvc exp run -S`
+    python -m flows.pipeline --set train.max_epochs=2 # this run only, as `dvc exp run -S`
+    python -m flows.pipeline --set ... --keep-params  # and keep the overrides in params.yaml
     python -m flows.pipeline --only-if-data-changed   # what the nightly schedule runs
 
 A run checks what it can first (overrides, the remotes), then holds the workspace (one run at
 a time), applies the overrides, runs the stages, and ends by saving itself as a DVC
 experiment named after the flow run and pushing data and models to the DVC remote, so any run
-reproduces elsewhere with ``dvc exp apply <run>`` and ``dvc repro --pull``. The ``orchestrate``
+reproduces elsewhere with ``dvc exp apply <run>`` and ``dvc repro --pull``. Overrides belong
+to that run: its experiment records them and params.yaml goes back as it was. A run that
+changes nothing saves no new experiment: it names the one it matched. The ``orchestrate``
 section of params.yaml holds the knobs (retries, lock wait, remotes, schedule).
 
 No ML logic lives here: each stage is ``python -m components.<stage>``, run by ``dvc repro``.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -47,7 +51,12 @@ from components.config import (  # noqa: E402
     parse_params,
     read_params_file,
 )
-from components.overrides import apply_overrides, check_overrides  # noqa: E402
+from components.overrides import (  # noqa: E402
+    check_overrides,
+    overrides_for_one_run,
+    put_back_after_a_killed_run,
+    refuse_ignored,
+)
 from components.report import REPORT_FILE, run_environment  # noqa: E402
 from flows.experiments import (  # noqa: E402
     BUSY,
@@ -143,23 +152,27 @@ def run_stage(stage: str, root: str, skip_reason: str = ""):
         text=True,
     )
     reason, busy, restored, last = None, None, False, ""
-    for from_stderr, line in _output_lines(process):
-        line = line.rstrip()
-        if not line:
-            continue
-        # stdout is the stage's own account (INFO); stderr its warnings, DVC's and Python's
-        # included, and its failure line: they show as warnings in the flow's log.
-        logger.log(logging.WARNING if from_stderr else logging.INFO, line)
-        last = line
-        if line.startswith(FAILURE_PREFIX):
-            reason = line.removeprefix(FAILURE_PREFIX).strip()
-        elif "Unable to acquire lock" in line:
-            busy = (
-                f"{stage}: another DVC command is running in {root_path} (DVC's lock is held); "
-                "wait for it to finish and run again"
-            )
-        elif "is cached - skipping run" in line:
-            restored = True
+    try:
+        for from_stderr, line in _output_lines(process):
+            line = line.rstrip()
+            if not line:
+                continue
+            # stdout is the stage's own account (INFO); stderr its warnings, DVC's and Python's
+            # included, and its failure line: they show as warnings in the flow's log.
+            logger.log(logging.WARNING if from_stderr else logging.INFO, line)
+            last = line
+            if line.startswith(FAILURE_PREFIX):
+                reason = line.removeprefix(FAILURE_PREFIX).strip()
+            elif "Unable to acquire lock" in line:
+                busy = (
+                    f"{stage}: another DVC command is running in {root_path} (DVC's lock is "
+                    "held); wait for it to finish and run again"
+                )
+            elif "is cached - skipping run" in line:
+                restored = True
+    except BaseException:  # Ctrl-C, or SIGTERM (a cancelled flow run: Prefect raises it here)
+        _stop(process)
+        raise
     if process.wait() != 0:
         # A failed state with the stage's own reason, not a traceback: the reason is the story.
         if reason:
@@ -235,6 +248,29 @@ def _untracked_files_counted(logger):
         )  # fmt: skip
 
 
+def _stop(process: subprocess.Popen, seconds: float = 60) -> None:
+    """Stop a stage the flow no longer waits for, before the flow puts params.yaml back: its
+    command first (SIGTERM: the stage puts its outputs back), then ``dvc repro`` itself, so no
+    dvc.lock is written after this run has ended."""
+    import psutil  # DVC's own dependency
+
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    psutil.wait_procs(children, timeout=seconds)
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @task(retries=0)
 def record_experiment(root: str, name: str, message: str) -> str:
     """``dvc exp save -n <name>``: the run, as an experiment any clone can apply."""
@@ -260,6 +296,60 @@ def push_run(root: str, remote: str, git_remote: str, experiment: str | None) ->
         logger.info("dvc exp push: experiment %r sent to git remote %r", experiment, git_remote)
         said += f", experiment ref pushed to {git_remote}"
     return said
+
+
+def matching_experiment(root: Path, newest: int = 10) -> str | None:
+    """The newest of the last ``newest`` experiments on this commit that holds the workspace
+    as it is: every file git tracks here or the experiment holds (code, params.yaml, dvc.lock,
+    metrics), byte for byte. None when no experiment matches.
+
+    A few git commands and one read of each tracked file (DVC's data is not in git): well
+    under a second. Contents only: a changed file mode alone does not count.
+    """
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return done.stdout if done.returncode == 0 else ""
+
+    top = Path(git("rev-parse", "--show-toplevel").strip() or root)
+    head = git("rev-parse", "--verify", "--quiet", "HEAD^{commit}").strip()
+    if not head:
+        return None
+    refs = git(
+        "for-each-ref", f"--count={newest}", "--sort=-committerdate", "--format=%(refname)",
+        f"refs/exps/{head[:2]}/{head[2:]}/",
+    ).split()  # fmt: skip
+    if not refs:
+        return None
+    tracked = {p for p in git("-C", str(top), "ls-files", "-z").split("\0") if p}
+    blobs: dict[str, str | None] = {}
+
+    def blob(path: str) -> str | None:
+        """The git blob id of the workspace's file (None when there is none)."""
+        if path not in blobs:
+            full = top / path
+            if full.is_symlink():
+                data = os.readlink(full).encode()
+            elif full.is_file():
+                data = full.read_bytes()
+            else:
+                blobs[path] = None
+                return None
+            header = b"blob %d\0" % len(data)
+            blobs[path] = hashlib.sha1(header + data, usedforsecurity=False).hexdigest()
+        return blobs[path]
+
+    for ref in refs:
+        held = {}
+        for entry in git("ls-tree", "-r", "-z", "--full-tree", ref).split("\0"):
+            if entry:
+                meta, path = entry.split("\t", 1)
+                _, kind, sha = meta.split()
+                if kind == "blob":
+                    held[path] = sha
+        if held and all(blob(path) == held.get(path) for path in tracked | held.keys()):
+            return ref.rsplit("/", 1)[-1]
+    return None
 
 
 def _read_lock(root: Path) -> bytes | None:
@@ -328,13 +418,15 @@ def params_with_overrides(root: Path, overrides: list[str]) -> Params:
 def preflight(root: Path, overrides: list[str]) -> Params:
     """Everything that can be checked before a run touches the workspace.
 
-    Bad overrides (unknown key, wrong type), ``paths.*`` that DVC would delete files git keeps
-    with, a missing or unreachable DVC remote, a missing or unreachable git remote: each raises
-    with a message that says what to fix (a remote's credentials shown as ``***``).
+    Bad overrides (unknown key, wrong type, a key the chosen model ignores), ``paths.*`` that
+    DVC would delete files git keeps with, a missing or unreachable DVC remote, a missing or
+    unreachable git remote: each raises with a message that says what to fix (a remote's
+    credentials shown as ``***``).
     """
     if not (root / "dvc.yaml").is_file():
         raise PreflightError(f"{root} has no dvc.yaml: run from the repository root")
     params = params_with_overrides(root, overrides)
+    refuse_ignored(overrides, root / "params.yaml")  # e.g. train.channels for an MLP
     check_repository_paths(params.paths, root)  # before DVC deletes a folder someone named
     orc = params.orchestrate
     try:
@@ -526,10 +618,15 @@ def pipeline(
     overrides: list[str] | None = None,
     only_if_data_changed: bool = False,
     root: str = ".",
+    keep_params: bool = False,
 ):
     """Check, hold the workspace, apply overrides, run every stage through DVC in graph order,
     then save the run as a DVC experiment named after this flow run and push it.
 
+    The overrides belong to this run: its experiment records them, and params.yaml goes back
+    byte for byte as it was (also when the run fails or is stopped), unless ``keep_params``
+    and the run completes. A run that ran no stage and matches the last experiments saves
+    none: it names the one it matched.
     ``only_if_data_changed`` (the nightly schedule): when DVC finds the source stages (ingest)
     unchanged, every stage is skipped, no override is applied and nothing is saved.
     A failing stage fails the flow with that stage's reason; later stages do not run.
@@ -556,16 +653,37 @@ def pipeline(
         ):
             logger.info("workspace held by this run (%s)", lock_path(root_path))
             return _run_holding_the_workspace(
-                root_path, overrides, only_if_data_changed, run_name, run_id
+                root_path, overrides, only_if_data_changed, run_name, run_id, keep_params
             )
     except WorkspaceBusy as exc:
         return Failed(name=BUSY, message=str(exc))
 
 
+def params_backup(root: Path) -> Path:
+    """Where a run keeps params.yaml as it was before its overrides, while it runs (beside the
+    workspace lock, in DVC's git-ignored tmp folder)."""
+    return lock_path(root).parent / "params-before-run.json"
+
+
 def _run_holding_the_workspace(
-    root: Path, overrides: list[str], only_if_data_changed: bool, run_name: str, run_id: str
+    root: Path,
+    overrides: list[str],
+    only_if_data_changed: bool,
+    run_name: str,
+    run_id: str,
+    keep_params: bool = False,
 ):
     logger = get_run_logger()
+    params_file = root / "params.yaml"
+    # A run killed with its overrides applied (SIGKILL, OOM, a reboot) ran no `finally`.
+    put_back = put_back_after_a_killed_run(params_backup(root), params_file)
+    if put_back:
+        logger.warning(put_back)
+        try:  # checked before against the file that run left
+            params_with_overrides(root, overrides)
+            refuse_ignored(overrides, params_file)
+        except ParamsError as exc:
+            return Failed(name=NOT_STARTED, message=str(exc))
     order, sources = stage_graph(root)
     if only_if_data_changed:
         changed = [s for s in sources if not stage_is_up_to_date(root, s)]
@@ -587,9 +705,34 @@ def _run_holding_the_workspace(
             return Completed(message=said, data=outcomes)
         logger.info("data source changed (dvc status): %s", ", ".join(changed))
 
-    if overrides:
-        applied = apply_overrides(overrides, root / "params.yaml")
-        logger.info("params.yaml overrides: %s", applied)
+    with overrides_for_one_run(
+        overrides, params_file, keep=keep_params, backup=params_backup(root), run=run_name
+    ) as one_run:
+        if one_run.applied:
+            logger.info("params.yaml overrides for this run: %s", one_run.applied)
+        state = _run_stages(root, order, overrides, keep_params, run_name, run_id)
+        if not state.is_completed():
+            one_run.keep = False  # a failed run's params are never kept
+    if one_run.edited:
+        logger.warning(
+            "params.yaml was edited during this run: left as it is, this run's overrides (%s) "
+            "may still be in it",
+            " ".join(overrides),
+        )
+    elif one_run.applied:
+        logger.info(
+            "params.yaml keeps this run's overrides (--keep-params)"
+            if one_run.keep
+            else "params.yaml put back as it was before this run"
+        )
+    return state
+
+
+def _run_stages(
+    root: Path, order: list[str], overrides: list[str], keep_params: bool, run_name: str, run_id
+):
+    """The stages, then the experiment and the push; params.yaml as this run has it."""
+    logger = get_run_logger()
     orc = load_params(root / "params.yaml").orchestrate  # as the overrides left it
     retry = {"retries": orc.retries, "retry_delay_seconds": orc.retry_delay_seconds}
 
@@ -605,18 +748,30 @@ def _run_holding_the_workspace(
             # The page first: it shows what this run's earlier stages wrote, before they go back.
             page = write_stopped_report(root, stage, reason, logger)
             said = roll_back(root, last_good_lock, logger)
+            if overrides:
+                said += "; params.yaml back as it was before this run"
             return Failed(message=f"{reason}; {said}" + (f"; report: {page}" if page else ""))
         outcomes[stage] = "skipped" if state.name == "Skipped" else "ran"
 
     notes: list[str] = []
-    experiment = None
-    if orc.save_experiment and has_commit(root):
+    experiment = matched = None
+    recorded = orc.save_experiment and has_commit(root)
+    if recorded and set(outcomes.values()) == {"skipped"}:
+        matched = matching_experiment(root)
+    if matched:
+        logger.info("nothing changed: this run matched experiment %r (not saved again)", matched)
+        notes.append(
+            f"nothing changed: this run matched experiment {matched}   "
+            f"(reproduce: dvc exp apply {matched})"
+        )
+        experiment = matched
+    elif recorded:
         experiment = experiment_name(run_name, run_id, existing_experiment_names(root))
+        message = f"Prefect flow run {run_name} ({run_id})"
+        if overrides:
+            message += "\n\noverrides: " + " ".join(overrides)
         state = record_experiment.with_options(task_run_name="dvc-exp-save")(
-            str(root),
-            experiment,
-            f"Prefect flow run {run_name} ({run_id})",
-            return_state=True,
+            str(root), experiment, message, return_state=True
         )
         if not state.is_completed():
             return Failed(message=f"dvc exp save failed: {state.message}")
@@ -624,6 +779,8 @@ def _run_holding_the_workspace(
     elif orc.save_experiment:
         logger.warning("no git commit yet: this run is not saved as a DVC experiment")
         notes.append("experiment: not saved (no git commit yet: commit once to record runs)")
+    if overrides:
+        notes += overrides_notes(overrides, keep_params, experiment)
     if orc.push:
         state = push_run.with_options(task_run_name="dvc-push", **retry)(
             str(root), orc.remote, orc.git_remote, experiment, return_state=True
@@ -633,8 +790,28 @@ def _run_holding_the_workspace(
             return Failed(message=f"push failed: {state.message}{saved}; retry with `dvc push`")
         notes.append(f"remote: {state.result()}")
     print(leave_artifact(root, format_summary(read_summary(root), outcomes, notes)))
-    said = f"saved as experiment {experiment}" if experiment else "not saved as an experiment"
+    if matched:
+        said = f"nothing changed: matched experiment {matched}"
+    else:
+        said = f"saved as experiment {experiment}" if experiment else "not saved as an experiment"
     return Completed(message=said, data=outcomes)
+
+
+def overrides_notes(overrides: list[str], kept: bool, experiment: str | None) -> list[str]:
+    """The summary's lines on this run's overrides: where they went, how to keep them, and
+    what DVC makes of them afterwards."""
+    lines = [f"overrides ({'kept' if kept else 'this run only'}): {' '.join(overrides)}"]
+    if kept:
+        lines.append("params.yaml keeps them (--keep-params)")
+        return lines
+    keep = "run again with --keep-params"
+    if experiment:
+        keep = f"dvc exp apply {experiment} (or run with --keep-params)"
+    lines += [
+        f"params.yaml is back as it was before this run; to keep these params: {keep}",
+        "dvc.lock records them, so the next run without them re-runs the stages they changed",
+    ]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -645,12 +822,19 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a value in params.yaml (repeatable), e.g. --set train.max_epochs=2",
+        help="override a value of params.yaml for this run (repeatable), e.g. --set "
+        "train.max_epochs=2",
     )
     parser.add_argument(
         "--only-if-data-changed",
         action="store_true",
         help="skip every stage when DVC finds the data source unchanged (as the nightly run)",
+    )
+    parser.add_argument(
+        "--keep-params",
+        action="store_true",
+        help="keep the overrides in params.yaml after a run that completes (by default they "
+        "belong to this run only: its experiment records them, params.yaml goes back)",
     )
     parser.add_argument("--root", default=".", help="repository root (default: current folder)")
     args = parser.parse_args(argv)
@@ -667,6 +851,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides=args.overrides,
         only_if_data_changed=args.only_if_data_changed,
         root=str(root),
+        keep_params=args.keep_params,
         return_state=True,
     )
     return exit_code(state, "Pipeline")

@@ -9,7 +9,8 @@ Prefect tasks, each one ``dvc exp run --temp`` of the pipeline up to evaluate
 (components/tuning/trials.py), killed after ``tune.trial_timeout_seconds``. Running it again
 resumes the study (Optuna storage, components/tuning/study.py), first marking FAIL the trials a
 killed run left RUNNING; ``dvc exp apply <study>-t3 && dvc repro`` reproduces a trial. At the
-end the best trial's params go through the whole pipeline (``flows.pipeline``), the top-k
+end the best trial's params go through the whole pipeline (``flows.pipeline``, kept in
+params.yaml after it), the top-k
 trials make an ensemble (components/tuning/top_k.py) and reports/tuning.html shows the trials
 (components/tuning/page.py). The storage URL is shown without its credentials.
 """
@@ -161,10 +162,21 @@ def tune(
             summary["best_params"],
         )
         if cfg.final_run if final_run is None else final_run:
+            from components.overrides import ignored_by_the_model
             from flows.pipeline import pipeline
 
+            best = best_overrides(study, cfg)
+            # The space draws every key for every model: the ones the best model ignores
+            # would be refused by the run (train.channels for an MLP), and change nothing.
+            ignored = ignored_by_the_model(best, root_path / "params.yaml")
+            if ignored:
+                logger.info("left out of the final run, the best model ignores: %s", list(ignored))
+            # keep_params: the best params stay in params.yaml, this flow's explicit keep step.
             final_state = pipeline(
-                overrides=best_overrides(study, cfg), root=str(root_path), return_state=True
+                overrides=[o for o in best if o.partition("=")[0] not in ignored],
+                root=str(root_path),
+                keep_params=True,
+                return_state=True,
             )
             summary["final_run"] = final_state.message or final_state.name
             os.chdir(root_path)

@@ -172,3 +172,155 @@ def test_missing_or_unreachable_remote_is_named(dvc_repo: Path, name: str, fragm
 def test_missing_git_remote_is_named(dvc_repo: Path):
     with pytest.raises(PreflightError, match="no git remote named 'upstream'"):
         check_git_remote(dvc_repo, "upstream")
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides: refused when the chosen model ignores them; applied for one run only
+
+
+@pytest.fixture
+def params_copy(tmp_path: Path) -> Path:
+    """The repository's params.yaml and dvc.yaml in a folder of their own."""
+    for name in ("params.yaml", "dvc.yaml"):
+        (tmp_path / name).write_bytes((REPO_ROOT / name).read_bytes())
+    return tmp_path / "params.yaml"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["train.model=mlp", "train.channels=[8, 16]"], "train.channels: model mlp does not use "
+         "it (only cnn does), so this override would change nothing; set train.model=cnn too"),
+        (["train.model=gru", "train.channels=[8]"], "train.channels: model gru"),
+        (["train.rnn_hidden_size=16"], "train.rnn_hidden_size: model cnn does not use it (only "
+         "lstm and gru do)"),
+        (["train.model=mlp", "train.rnn_layers=2"], "train.rnn_layers: model mlp"),
+    ],
+)  # fmt: skip
+def test_an_override_the_chosen_model_ignores_is_refused_by_name(params_copy, overrides, fragment):
+    from components.overrides import refuse_ignored
+
+    with pytest.raises(ParamsError) as exc:
+        refuse_ignored(overrides, params_copy)
+    assert fragment in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["train.channels=[8, 16]"],  # params.yaml's model is the cnn
+        ["train.model=lstm", "train.rnn_layers=2", "train.rnn_hidden_size=16"],
+        ["train.model=mlp", "train.hidden_units=[32]", "train.learning_rate=0.01"],
+        ["evaluate.min_accuracy=0.6"],
+    ],
+)
+def test_an_override_the_chosen_model_reads_passes(params_copy, overrides):
+    from components.overrides import ignored_by_the_model, refuse_ignored
+
+    refuse_ignored(overrides, params_copy)
+    assert ignored_by_the_model(overrides, params_copy) == {}
+
+
+def test_every_ignored_override_is_named_and_the_run_is_not_started(
+    params_copy, monkeypatch, capsys
+):
+    from components.overrides import ignored_by_the_model
+    from flows.pipeline import main
+
+    overrides = ["train.model=mlp", "train.channels=[8]", "train.rnn_layers=3"]
+    assert list(ignored_by_the_model(overrides, params_copy)) == [
+        "train.channels",
+        "train.rnn_layers",
+    ]
+    before = params_copy.read_bytes()
+    monkeypatch.chdir(params_copy.parent)
+    args = [a for o in overrides for a in ("--set", o)]
+    assert main([*args, "--root", str(params_copy.parent)]) == 2  # before Prefect starts
+    err = capsys.readouterr().err
+    assert "Pipeline not started: train.channels: model mlp" in err
+    assert "train.rnn_layers: model mlp" in err
+    assert params_copy.read_bytes() == before
+
+
+def test_overrides_belong_to_one_run_and_params_yaml_comes_back_byte_for_byte(params_copy):
+    from components.overrides import overrides_for_one_run
+
+    before = params_copy.read_bytes()
+    backup = params_copy.parent / "backup.json"
+    with overrides_for_one_run(["train.max_epochs=2"], params_copy, backup=backup) as run:
+        assert run.applied == {"train.max_epochs": 2}
+        assert read_params_file(params_copy)["train"]["max_epochs"] == 2
+        assert backup.is_file()  # for the next run, should this one be killed
+    assert params_copy.read_bytes() == before
+    assert not backup.exists()
+
+    with pytest.raises(RuntimeError), overrides_for_one_run(["train.max_epochs=2"], params_copy):
+        raise RuntimeError("a stage failed")
+    assert params_copy.read_bytes() == before
+
+    # Someone edits params.yaml while the run trains: their edit is never lost.
+    with overrides_for_one_run(["train.max_epochs=2"], params_copy) as run:
+        edited = params_copy.read_bytes() + b"# an edit during the run\n"
+        params_copy.write_bytes(edited)
+    assert run.edited and params_copy.read_bytes() == edited
+
+
+def test_keep_keeps_the_overrides_of_a_run_that_finished_only(params_copy):
+    from components.overrides import overrides_for_one_run
+
+    before = params_copy.read_bytes()
+    with overrides_for_one_run(["train.max_epochs=2"], params_copy, keep=True):
+        pass
+    assert read_params_file(params_copy)["train"]["max_epochs"] == 2
+    assert b"# " in params_copy.read_bytes()  # comments kept
+
+    params_copy.write_bytes(before)
+    with overrides_for_one_run(["train.max_epochs=2"], params_copy, keep=True) as run:
+        run.keep = False  # what the flow does when a stage failed
+    assert params_copy.read_bytes() == before
+    with (
+        pytest.raises(KeyboardInterrupt),
+        overrides_for_one_run(["train.max_epochs=2"], params_copy, keep=True),
+    ):
+        raise KeyboardInterrupt
+    assert params_copy.read_bytes() == before
+
+
+KILLED_IN_THE_BLOCK = """
+import os, signal, sys
+from pathlib import Path
+from components.overrides import overrides_for_one_run
+
+params, backup = Path(sys.argv[1]), Path(sys.argv[2])
+with overrides_for_one_run(["train.max_epochs=7"], params, backup=backup, run="tangerine-lizard"):
+    os.kill(os.getpid(), signal.SIGKILL)  # no finally runs
+"""
+
+
+@pytest.mark.parametrize("edited_since", [False, True])
+def test_the_next_run_puts_back_what_a_killed_run_left(params_copy, edited_since):
+    from components.overrides import put_back_after_a_killed_run
+
+    before = params_copy.read_bytes()
+    backup = params_copy.parent / "backup.json"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_IN_THE_BLOCK, str(params_copy), str(backup)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert read_params_file(params_copy)["train"]["max_epochs"] == 7
+    if edited_since:  # someone edited params.yaml by hand since: their edit wins
+        params_copy.write_bytes(params_copy.read_bytes() + b"\n# edited\n")
+    edited = params_copy.read_bytes()
+    said = put_back_after_a_killed_run(backup, params_copy)
+    assert "'tangerine-lizard'" in said and "train.max_epochs=7" in said
+    if edited_since:
+        assert "changed since: left as it is" in said
+        assert params_copy.read_bytes() == edited
+    else:
+        assert said.startswith("params.yaml put back as it was before run 'tangerine-lizard'")
+        assert params_copy.read_bytes() == before
+    assert not backup.exists()
+    assert put_back_after_a_killed_run(backup, params_copy) is None

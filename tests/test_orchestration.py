@@ -348,7 +348,20 @@ def test_killed_run_rerun_skips_completed_stages_and_finishes(
     assert states["train"] == "Completed", states  # cut short by the kill: ran again, whole
     assert set(states.values()) == {"Skipped", "Completed"}, states
     assert _lock_entry(workspace, "train")["params"]["params.yaml"]["train"]["max_epochs"] == 30
-    assert "up to date" in _dvc(workspace, env, "status").stdout  # no stale DVC lock either
+    # The killed run's override, left in params.yaml (no `finally` runs on SIGKILL), was put
+    # back before the re-run applied its own.
+    log = (base / "serve.log").read_text()
+    assert "params.yaml put back as it was before run" in log
+    assert "which was killed with overrides applied (train.max_epochs=30)" in log
+    # No stale DVC lock either: all DVC sees is params.yaml back as git has it (the run's
+    # overrides were its own), so the stages that read those params are due again.
+    status = json.loads(_dvc(workspace, env, "status", "--json").stdout)
+    assert {"train", "evaluate"} <= set(status), status
+    for stage, changes in status.items():
+        assert [list(change) for change in changes] == [["changed deps"]], (stage, changes)
+        deps = changes[0]["changed deps"]
+        assert list(deps) == ["params.yaml"], (stage, deps)
+        assert set(deps["params.yaml"]) <= {"train", "evaluate", "evaluate.min_accuracy"}, deps
 
 
 def test_second_run_at_once_is_refused_and_changes_nothing(rerun):
@@ -370,8 +383,9 @@ def test_deployment_run_applied_its_parameter_and_saved_the_run(api, workspace, 
     states = _task_states(api, run["id"])
     assert states["dvc-exp-save"] == states["dvc-push"] == "Completed"
 
-    # The override went to params.yaml as `dvc exp run -S` would, and into the experiment.
-    assert "min_accuracy: 0.55" in (workspace / "params.yaml").read_text()
+    # The overrides went into the experiment (as `dvc exp run -S` would); params.yaml is back
+    # as git has it, so the next nightly run trains what params.yaml in git says.
+    assert (workspace / "params.yaml").read_text() == _git(workspace, "show", "HEAD:params.yaml")
     ref = _experiments(workspace)[name]
     saved_params = yaml.safe_load(_git(workspace, "show", f"{ref}:params.yaml"))
     assert saved_params["evaluate"]["min_accuracy"] == 0.55
@@ -409,7 +423,8 @@ def test_run_reproduces_in_a_fresh_clone(workspace, rerun, base, env):
     _dvc(clone, env, "exp", "apply", name)
     _dvc(clone, env, "repro", "--pull")
     assert "up to date" in _dvc(clone, env, "status").stdout
-    assert (clone / "params.yaml").read_bytes() == (workspace / "params.yaml").read_bytes()
+    ref = _experiments(workspace)[name]
+    assert (clone / "params.yaml").read_text() == _git(workspace, "show", f"{ref}:params.yaml")
 
     # Recompute the data, the model and its metrics from the source, on this clone's CPU.
     _dvc(clone, env, "repro", "--force", "--single-item", "ingest", "train", "evaluate")

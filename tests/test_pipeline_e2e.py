@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -14,9 +16,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import yaml
 
+from components.config import read_params_file
 from components.overrides import apply_overrides
-from tests.conftest import TINY_CLASSES, TINY_OVERRIDES, make_images
+from tests.conftest import REPO_ROOT, TINY_CLASSES, TINY_OVERRIDES, make_images
 from tests.helpers import flatten, free_port, only_variants, project_repo, run_flow, wait_ready
 
 # Flow runs talk to one Prefect server per test process instead of each starting its own
@@ -58,6 +62,28 @@ def first_run(workspace: Path) -> subprocess.CompletedProcess:
     result = run_flow(workspace)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def _experiments(root: Path) -> dict[str, str]:
+    """Experiment name -> ref, from git itself."""
+    refs = subprocess.run(
+        ["git", "for-each-ref", "--format=%(refname)", "refs/exps"],
+        cwd=root, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    return {ref.rsplit("/", 1)[1]: ref for ref in refs if ref.count("/") == 4}
+
+
+def _saved_as(output: str) -> str:
+    """The experiment a run's summary says it was saved as."""
+    return re.search(r"experiment: (\S+)   \(reproduce: dvc exp apply", output).group(1)
+
+
+def _saved_params(root: Path, experiment: str) -> dict:
+    ref = _experiments(root)[experiment]
+    shown = subprocess.run(
+        ["git", "show", f"{ref}:params.yaml"], cwd=root, capture_output=True, text=True, check=True
+    )
+    return yaml.safe_load(shown.stdout)
 
 
 def test_flow_runs_every_stage_and_prints_a_summary(workspace, first_run):
@@ -128,21 +154,85 @@ def test_bento_serves_over_http(workspace, first_run):
 
 
 def test_second_run_with_nothing_changed_runs_no_stage(workspace, first_run):
+    from flows.pipeline import matching_experiment
+
+    first = _saved_as(first_run.stdout + first_run.stderr)
+    saved = _experiments(workspace)
+    assert first in saved
     started = time.monotonic()
     result = run_flow(workspace)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout + result.stderr
     assert "stages: " + ", ".join(f"{s} skipped" for s in STAGES) in out
     assert time.monotonic() - started < 60
+    # Nothing changed: no second, identical experiment; the run names the one it matched.
+    assert f"nothing changed: this run matched experiment {first}" in out
+    assert _experiments(workspace) == saved
+    started = time.monotonic()
+    assert matching_experiment(workspace) == first
+    assert time.monotonic() - started < 1
 
 
-def test_changing_one_param_reruns_that_stage_and_later_ones_only(workspace, first_run):
-    result = run_flow(workspace, "evaluate.min_accuracy=0.55")
+@pytest.fixture(scope="module")
+def one_param_run(workspace, first_run) -> tuple[subprocess.CompletedProcess, bytes]:
+    """A run with one override; params.yaml as it was before it."""
+    before = (workspace / "params.yaml").read_bytes()
+    return run_flow(workspace, "evaluate.min_accuracy=0.55"), before
+
+
+def test_changing_one_param_reruns_that_stage_and_later_ones_only(workspace, one_param_run):
+    result, params_before = one_param_run
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout + result.stderr
     assert "ingest skipped, validate skipped, train skipped, evaluate ran" in out
     # The threshold is a verdict, not a metric: compress reads only the metrics, so it stays.
     assert "compress skipped, gate ran" in out
+
+    # The override belonged to this run: its experiment and dvc.lock record it, and
+    # params.yaml is back as it was, byte for byte; the summary says how to keep it.
+    assert (workspace / "params.yaml").read_bytes() == params_before
+    name = _saved_as(out)
+    assert _saved_params(workspace, name)["evaluate"]["min_accuracy"] == 0.55
+    lock = yaml.safe_load((workspace / "dvc.lock").read_text())
+    assert lock["stages"]["evaluate"]["params"]["params.yaml"]["evaluate.min_accuracy"] == 0.55
+    assert "overrides (this run only): evaluate.min_accuracy=0.55" in out
+    assert f"to keep these params: dvc exp apply {name} (or run with --keep-params)" in out
+    assert "the next run without them re-runs the stages they changed" in out
+
+
+def test_a_second_override_run_starts_from_params_yaml_not_the_last_run(
+    workspace, one_param_run, tmp_path
+):
+    """Two override runs in a row (the README's reference lines, in any order): the second
+    trains what params.yaml says plus its own overrides, never the first's; --keep-params
+    keeps its own in params.yaml."""
+    before = (workspace / "params.yaml").read_bytes()
+    assert before == one_param_run[1]
+    kept = tmp_path / "params.yaml"
+    kept.write_bytes(before)
+    apply_overrides(["promote.auto=false"], kept)
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.pipeline", "--set", "promote.auto=false", "--keep-params"],
+        cwd=workspace, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    try:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        out = result.stdout + result.stderr
+        # dvc.lock held the first run's evaluate.min_accuracy, params.yaml its own again: DVC
+        # saw the difference and brought evaluate back to params.yaml's threshold (from its
+        # run-cache: the first run computed it), and promote ran with this run's override.
+        assert "ingest skipped, validate skipped, train skipped" in out
+        assert "promote ran" in out
+        lock = yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]
+        threshold = lock["evaluate"]["params"]["params.yaml"]["evaluate.min_accuracy"]
+        assert threshold == TINY_OVERRIDES["evaluate"]["min_accuracy"]
+        saved = _saved_params(workspace, _saved_as(out))
+        assert saved["evaluate"]["min_accuracy"] == TINY_OVERRIDES["evaluate"]["min_accuracy"]
+        assert saved["promote"]["auto"] is False
+        assert "overrides (kept): promote.auto=false" in out
+        assert (workspace / "params.yaml").read_bytes() == kept.read_bytes()
+    finally:
+        (workspace / "params.yaml").write_bytes(before)  # the later tests start from git's
 
 
 def test_failed_validation_stops_the_flow_and_keeps_earlier_artefacts(workspace, first_run):
@@ -235,3 +325,48 @@ def test_bad_override_fails_before_any_stage(workspace, first_run):
     assert "train.max_epochs" in result.stderr
     assert (workspace / "params.yaml").read_text() == before
     assert "Pipeline summary" not in result.stdout + result.stderr
+
+
+STOPPED_IN_A_FLOW = """
+import sys, time
+from pathlib import Path
+from components.stage import set_quiet_env
+set_quiet_env()
+from prefect import flow
+from components.overrides import overrides_for_one_run
+
+@flow
+def holds_overrides(params: str):
+    with overrides_for_one_run(["train.max_epochs=7"], Path(params)):
+        print("APPLIED", flush=True)
+        time.sleep(120)
+
+holds_overrides(sys.argv[1])
+"""
+
+
+def test_a_run_stopped_with_sigterm_puts_params_yaml_back(tmp_path):
+    """A cancelled flow run (Prefect's runner sends SIGTERM) unwinds through the overrides'
+    ``finally``: params.yaml is back as it was."""
+    params = tmp_path / "params.yaml"
+    params.write_bytes((REPO_ROOT / "params.yaml").read_bytes())
+    before = params.read_bytes()
+    process = subprocess.Popen(
+        [sys.executable, "-c", STOPPED_IN_A_FLOW, str(params)],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        seen = []
+        for line in process.stdout:
+            seen.append(line)
+            if "APPLIED" in line:
+                break
+        assert "APPLIED" in seen[-1], "".join(seen)[-3000:]
+        assert read_params_file(params)["train"]["max_epochs"] == 7
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert params.read_bytes() == before
