@@ -469,6 +469,7 @@ def read_summary(root: Path) -> dict:
         "evaluate_gates": read(
             records.read_evaluate_gates, metrics_dir, records.EVALUATE_GATES_FILE
         ),
+        "baselines": read(records.read_baselines, metrics_dir, records.BASELINES_FILE),
         "compress": read(records.read_compress, metrics_dir, records.COMPRESS_FILE),
         "gate": read(records.read_gate, metrics_dir, records.GATE_FILE),
         "bento": read(records.read_bento, artefacts_dir, records.BENTO_FILE),
@@ -550,6 +551,14 @@ def format_summary(summary: dict, outcomes: dict[str, str], notes: list[str] = (
         failed = [g["reason"] for g in network_gates.values() if not g["passed"]]
         if served_gates and failed:
             lines.append(f"  the network's gates: FAIL: {'; '.join(failed)}")
+    base = summary.get("baselines") or {}
+    if base.get("best"):
+        key = task.selection_key
+        others = ", ".join(f"{n} {b['metrics'][key]:.4f}" for n, b in base["baselines"].items())
+        lines.append(
+            f"  classical baselines ({key}, same splits): {others}; the network's "
+            f"lift over the best: {base['lift']:+.4f}"
+        )
     if comp:
         for name, v in comp["variants"].items():
             latency = v.get("latency_ms_batch1")

@@ -22,6 +22,7 @@ from components.config import read_params_file
 from components.overrides import apply_overrides
 from tests.conftest import REPO_ROOT, TINY_CLASSES, TINY_OVERRIDES, make_images
 from tests.helpers import flatten, free_port, only_variants, project_repo, run_flow, wait_ready
+from tests.test_progress_log import EPOCH_LINE, warning_lines
 
 # Flow runs talk to one Prefect server per test process instead of each starting its own
 # temporary one (tests/test_examples.py runs a flow that does).
@@ -88,6 +89,11 @@ def _saved_params(root: Path, experiment: str) -> dict:
 
 def test_flow_runs_every_stage_and_prints_a_summary(workspace, first_run):
     out = first_run.stdout + first_run.stderr
+    # Train prints a line per epoch, and the run prints no warning we could remove.
+    epochs = [m for line in out.splitlines() if (m := EPOCH_LINE.search(line))]
+    assert [m["epoch"] for m in epochs if m["label"] == ""] == ["1", "2", "3"]
+    assert warning_lines(out) == [], "\n".join(warning_lines(out))
+    assert "classical baselines (accuracy, same splits): logistic_regression " in out
     assert "Pipeline summary" in out
     assert (
         "stages: ingest ran, validate ran, train ran, evaluate ran, compress ran, gate ran, "
