@@ -56,7 +56,10 @@ def scratch_repo(budget_epochs: int | None) -> Path:
     for name in PROJECT_FILES:
         src = REPO / name
         if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+            # not the git-ignored state of this checkout's champion record: a clone has none
+            shutil.copytree(
+                src, root / name, ignore=shutil.ignore_patterns("__pycache__", ".champion.json.*")
+            )
         else:
             shutil.copy(src, root / name)
     (root / "deploy" / "champion.json").unlink(missing_ok=True)

@@ -65,7 +65,11 @@ def project_repo(
     for name in PROJECT_FILES:
         src = REPO_ROOT / name
         if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+            # Not the git-ignored lock and last-written copy of this checkout's champion record
+            # (components/champion.py): a clone has none, and the copy would bring it back.
+            shutil.copytree(
+                src, root / name, ignore=shutil.ignore_patterns("__pycache__", ".champion.json.*")
+            )
         elif src.is_file():
             shutil.copy(src, root / name)
     # A fresh start: the repository's own champion record (if any) is another data set's.

@@ -204,7 +204,8 @@ def test_a_terminal_gets_lightnings_progress_bar_and_the_lines(tmp_path, source)
         done = subprocess.run(
             [sys.executable, "-m", "components.train"],
             cwd=tmp_path,
-            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+            # Rich takes COLUMNS before the terminal's size; a test run may have it at 80.
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "200", "LINES": "50"},
             stdout=child_side,
             stderr=subprocess.PIPE,
             text=True,
