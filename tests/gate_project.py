@@ -197,11 +197,12 @@ def write_regression_model(params: Params, weight=WEIGHT, bias: float = BIAS) ->
 
 
 def make_regression_onnx(path: Path, weight=WEIGHT, bias: float = BIAS) -> Path:
-    """A regressor shaped like the pipeline's exports: features in, (N, 1) target values out."""
+    """A regressor shaped like the pipeline's exports: ``len(weight)`` features in, (N, 1) target
+    values out."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    n = len(FEATURES)
+    n = len(weight)
     graph = helper.make_graph(
         [helper.make_node("Gemm", ["features", "weight", "bias"], ["values"])],
         "tiny_regressor",

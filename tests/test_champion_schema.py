@@ -31,6 +31,7 @@ from tests.gate_project import (
     REGRESSION_PARAMS,
     TARGET,
     labelled_split,
+    make_regression_onnx,
     project_params,
     regression_meta,
     regression_split,
@@ -133,29 +134,6 @@ def test_a_record_from_before_input_columns_compares_what_it_has():
 # -- a table with a column fewer: gated, recorded, not promoted -------------------------------
 
 
-def _linear_onnx(path: Path, weight, bias: float) -> Path:
-    """A regressor like the pipeline's exports, reading ``len(weight)`` features."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    n = len(weight)
-    graph = helper.make_graph(
-        [helper.make_node("Gemm", ["features", "weight", "bias"], ["values"])],
-        "linear",
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", n])],
-        [helper.make_tensor_value_info("values", TensorProto.FLOAT, ["batch", 1])],
-        initializer=[
-            numpy_helper.from_array(np.asarray(weight, np.float32).reshape(n, 1), "weight"),
-            numpy_helper.from_array(np.array([bias], np.float32), "bias"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
-
-
 def _two_column_challenger(params) -> None:
     """The files a run on the table without ``age`` leaves up to compress: its test split and
     meta.json, an exact fp32 and int8 export of ``2 rooms - area + 10``, compress.json and
@@ -172,7 +150,7 @@ def _two_column_challenger(params) -> None:
     onnx_dir = Path(params.paths.model_dir) / "onnx"
     shutil.rmtree(onnx_dir, ignore_errors=True)
     for variant in ("fp32", "int8"):
-        _linear_onnx(onnx_dir / f"{variant}.onnx", [2.0, -1.0], 10.0)
+        make_regression_onnx(onnx_dir / f"{variant}.onnx", [2.0, -1.0], 10.0)
     measured = gate.measure(onnx_dir / "fp32.onnx", split, (), "regression")
     metrics_dir = Path(params.paths.metrics_dir)
     variants = {
