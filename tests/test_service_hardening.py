@@ -30,6 +30,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import socket
 import threading
 import time
@@ -431,8 +432,13 @@ def test_the_batcher_sheds_rows_beyond_its_queue_at_once():
 def limited(cloud):
     """Another process of the cloud fixture's imported bento: one worker, at most
     OVERLOAD_BOUND requests at once."""
+    # A store of its own: `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it
+    # starts, so a second server on the cloud fixture's store wiped that server's /metrics.
+    home = cloud.root / "limited-bentoml-home"
+    if not home.exists():
+        shutil.copytree(cloud.root / "fresh-bentoml-home" / "bentos", home / "bentos")
     env = {
-        "BENTOML_HOME": str(cloud.root / "fresh-bentoml-home"),
+        "BENTOML_HOME": str(home),
         "MODEL_DIR": "",
         "MAX_CONCURRENT_REQUESTS": str(OVERLOAD_BOUND),
         "BENTOML_CONFIG_OPTIONS": "services.ImageClassifier.workers=1",
