@@ -665,7 +665,7 @@ def section_validation(inputs: ReportInputs) -> str:
     links = []
     for href, label in (
         ("validation/summary.html", "our validation summary (every check)"),
-        ("validation/index.html", "Great Expectations Data Docs (styled only when online)"),
+        ("validation/index.html", "Great Expectations Data Docs (each suite on each split)"),
     ):
         if inputs.validation_links.get(href):
             links.append(f'<li><a href="{_e(href)}">{_e(label)}</a></li>')

@@ -39,7 +39,17 @@ log = logging.getLogger("pipeline.validate")
 DOCS_SITE = "validation"
 COUNTS_SUITE = "class_counts"
 
-__all__ = ["Check", "ValidationResult", "check_splits", "class_count_table", "run"]
+__all__ = ["Check", "SuiteRun", "ValidationResult", "check_splits", "class_count_table", "run"]
+
+
+@dataclass(frozen=True)
+class SuiteRun:
+    """One expectation suite run on one split: a row of the Data Docs landing page."""
+
+    split: str
+    suite: str
+    passed: int
+    failed: int
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,7 @@ class ValidationResult:
     checks: tuple[Check, ...]
     stats: dict[str, dict]  # per split: examples, class_counts, dtypes (what the kind reports)
     docs_index: Path | None = None  # Data Docs index.html, when docs were built
+    suite_runs: tuple[SuiteRun, ...] = ()  # one per split and suite, in the order they ran
     failed: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -173,6 +184,7 @@ def check_splits(
     ctx = {"class_names": meta.class_names}
 
     checks: list[Check] = []
+    runs: list[SuiteRun] = []
     stats: dict[str, dict] = {}
     for split, data in splits.items():
         tables = dict(kind.summary_tables(data, meta, frames[split] if frames else None))
@@ -199,6 +211,8 @@ def check_splits(
                 e = expected[result.expectation_config.description]
                 detail = "" if result.success else _describe_failure(result, e.detail, ctx)
                 checks.append(Check(split, e.description, bool(result.success), detail, e.param))
+            ok = sum(bool(r.success) for r in outcome.results)
+            runs.append(SuiteRun(split, name, ok, len(outcome.results) - ok))
         class_counts = {
             meta.class_names[i]: int(c)
             for i, c in zip(counts["label"], counts["count"], strict=True)
@@ -208,14 +222,73 @@ def check_splits(
     docs_index = None
     if docs_dir is not None:
         context.build_data_docs(site_names=[DOCS_SITE])
-        docs_index = Path(docs_dir) / "index.html"
+        docs_index = write_landing_page(Path(docs_dir), runs)
     checks_t = tuple(checks)
     return ValidationResult(
-        success=all(c.passed for c in checks_t), checks=checks_t, stats=stats, docs_index=docs_index
+        success=all(c.passed for c in checks_t),
+        checks=checks_t,
+        stats=stats,
+        docs_index=docs_index,
+        suite_runs=tuple(runs),
     )
 
 
 # ---------------------------------------------------------------- outputs
+
+GX_INDEX = "gx-index.html"
+_PAGE_CSS = """body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}
+td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}
+.fail{background:#fdd}.pass td:nth-child(3){color:#070}"""
+
+
+def write_landing_page(docs_dir: Path, runs: list[SuiteRun]) -> Path:
+    """Replace GX's ``index.html`` with a static one that works offline; keep GX's beside it.
+
+    GX's index builds its table in the browser from scripts on five CDNs, so on a closed
+    network it is an empty page. Its validation and suite pages are rendered HTML (only their
+    styles are remote): the landing page lists every split and suite with its verdict and links
+    to those pages, found where GX wrote them.
+    """
+    gx_index = docs_dir / "index.html"
+    if gx_index.is_file():
+        os.replace(gx_index, docs_dir / GX_INDEX)
+
+    def link(path: Path | None, text: str) -> str:
+        if path is None:
+            return html.escape(text)
+        href = html.escape(path.relative_to(docs_dir).as_posix())
+        return f'<a href="{href}">{html.escape(text)}</a>'
+
+    rows = []
+    for r in runs:
+        # GX names a validation page <data source>-<asset>.html under validations/<suite>/.
+        pages = sorted((docs_dir / "validations" / r.suite).rglob(f"*-{r.split}_{r.suite}.html"))
+        suite_page = docs_dir / "expectations" / f"{r.suite}.html"
+        verdict = "pass" if r.failed == 0 else "FAIL"
+        result = link(pages[-1], "result") if pages else "not written"
+        rows.append(
+            f"<tr class={'pass' if r.failed == 0 else 'fail'}><td>{html.escape(r.split)}</td>"
+            f"<td>{link(suite_page if suite_page.is_file() else None, r.suite)}</td>"
+            f"<td>{verdict}</td><td>{r.passed} of {r.passed + r.failed}</td>"
+            f"<td>{result}</td></tr>"
+        )
+    failed = sum(r.failed > 0 for r in runs)
+    verdict = "passed" if failed == 0 else f"FAILED ({failed} of {len(runs)} suite runs)"
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Data Docs: {verdict}</title>
+<style>{_PAGE_CSS}</style></head>
+<body><h1>Data Docs: validation {verdict}</h1>
+<p>Each expectation suite on each prepared split, with Great Expectations' page of its result.
+Every check and what it found: <a href="summary.html">the validation summary</a>.
+GX's own interactive index (it loads its scripts and styles from the internet):
+<a href="{GX_INDEX}">{GX_INDEX}</a>.</p>
+<table><tr><th>split</th><th>suite</th><th>verdict</th><th>expectations met</th>
+<th>GX page</th></tr>
+{chr(10).join(rows)}
+</table></body></html>
+"""
+    write_text(gx_index, page)
+    return gx_index
 
 
 def summary_html(result: ValidationResult) -> str:
@@ -229,12 +302,10 @@ def summary_html(result: ValidationResult) -> str:
     verdict = "passed" if result.success else f"FAILED ({len(result.failed)} checks)"
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Data validation: {verdict}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}
-.fail{{background:#fdd}}.pass td:nth-child(3){{color:#070}}</style></head>
+<style>{_PAGE_CSS}</style></head>
 <body><h1>Data validation: {verdict}</h1>
-<p>{result.evaluated_expectations} checks. Full Great Expectations report:
-<a href="index.html">Data Docs</a> (styled only when online).</p>
+<p>{result.evaluated_expectations} checks. Great Expectations' pages of each suite's result:
+<a href="index.html">Data Docs</a>.</p>
 <table><tr><th>split</th><th>expectation</th><th>result</th><th>found</th></tr>
 {rows}
 </table></body></html>

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -191,6 +192,9 @@ def test_run_writes_data_docs_and_summary(tmp_path, monkeypatch, clean):
         f"prepared-{s}_{t}.html" for s in SPLITS for t in ("images", "class_counts")
     )
     assert "passed" in (docs / "summary.html").read_text()
+    landing = (docs / "index.html").read_text()
+    assert "Data Docs: validation passed" in landing
+    _assert_works_offline(docs)
     summary = json.loads((params.paths.metrics_dir / "validation.json").read_text())
     assert summary == {"success": True, "evaluated_expectations": 33, "failed": []}
     assert list(cwd.iterdir()) == []  # no GX project or state left in the working directory
@@ -232,6 +236,30 @@ def test_run_fails_naming_each_problem_after_writing_reports(tmp_path, clean):
     assert (docs / "index.html").is_file()
     assert not stale.exists()
     assert "FAILED (3 checks)" in (docs / "summary.html").read_text()
+    landing = (docs / "index.html").read_text()
+    # val lacks a class (class_counts), test has a bad pixel (images): 2 of 6 suite runs
+    assert "FAILED (2 of 6 suite runs)" in landing
+    assert landing.count("<tr class=fail>") == 2
+    _assert_works_offline(docs)
+
+
+def _assert_works_offline(docs: Path) -> None:
+    """The Data Docs landing page needs nothing from the network and every link resolves.
+
+    GX's own index renders its tables in the browser from CDN scripts (an empty page offline);
+    ours is plain HTML. One row per split and suite, each linking GX's page of that result.
+    """
+    landing = (docs / "index.html").read_text()
+    assert "<script" not in landing
+    assert not re.search(r'(src|href)="(https?:)?//', landing)
+    links = re.findall(r'href="([^"]+)"', landing)
+    assert links and all((docs / link).is_file() for link in links), links
+    assert "gx-index.html" in links and "summary.html" in links
+    results = [link for link in links if link.startswith("validations/")]
+    assert len(results) == len(SPLITS) * 2  # each split: its kind's suite and class_counts
+    assert sorted(Path(r).name for r in results) == sorted(
+        f"prepared-{s}_{t}.html" for s in SPLITS for t in ("images", "class_counts")
+    )
 
 
 def test_run_names_missing_inputs(tmp_path):
