@@ -357,24 +357,46 @@ def plot_per_class(per_class: dict, min_recall: float | None) -> str:
     return _png(fig, "per-class precision, recall and F1")
 
 
-def plot_compression(variants: dict, metric: str = "accuracy") -> str:
-    """Size against the test metric (``accuracy``, or ``r2`` for regression), and latency."""
+def plot_compression(variants: dict, metric: str = "accuracy", served: str | None = None) -> str:
+    """Size against the test metric (``accuracy``, or ``r2`` for regression), and latency.
+
+    Variants often lie close together (same accuracy, similar size), so the points are told
+    apart by marker and colour in a legend beside the axes, never by labels on the points,
+    and the latency bars are horizontal, each named on its own line.
+    """
     label = {"accuracy": "accuracy", "r2": "R^2"}.get(metric, metric)
     names = [n for n in variants if isinstance(variants[n].get(metric), int | float)]
-    sizes = [variants[n]["size_bytes"] / 1024 for n in names]
-    accuracy = [variants[n][metric] for n in names]
-    latency = [variants[n].get("latency_ms_batch1") for n in variants]
-    fig, (acc_ax, lat_ax) = _figure(1, 2, figsize=(9, 3.2))
-    acc_ax.scatter(sizes, accuracy, s=60, color="tab:blue")
-    for name, x, y in zip(names, sizes, accuracy, strict=True):
-        acc_ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4))
+    markers = "osD^vP<>Xph*"
+    fig, (acc_ax, lat_ax) = _figure(
+        1, 2, figsize=(10, max(3.4, 1.0 + 0.32 * len(variants))), width_ratios=(1.25, 1)
+    )
+    for i, name in enumerate(names):
+        v = variants[name]
+        acc_ax.scatter(
+            v["size_bytes"] / 1024,
+            v[metric],
+            s=140 if name == served else 60,
+            marker="*" if name == served else markers[i % len(markers)],
+            color=f"C{i % 10}",
+            label=f"{name} (served)" if name == served else name,
+            edgecolors="black" if name == served else "none",
+            zorder=3,
+        )
     acc_ax.set(title=f"Test {label} vs model size", xlabel="size (KiB)", ylabel=label)
-    acc_ax.margins(x=0.25, y=0.3)
+    acc_ax.margins(x=0.15, y=0.25)
     acc_ax.grid(alpha=0.3)
-    shown = [(n, v) for n, v in zip(variants, latency, strict=True) if v is not None]
-    lat_ax.bar([n for n, _ in shown], [v for _, v in shown], color="tab:orange")
-    lat_ax.set(title="Latency at batch 1 (ms, 1 thread)", ylabel="ms")
-    lat_ax.grid(axis="y", alpha=0.3)
+    if names:
+        acc_ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=8)
+    shown = [(n, variants[n].get("latency_ms_batch1")) for n in variants]
+    shown = [(n, v) for n, v in shown if v is not None]
+    colours = [f"C{names.index(n) % 10}" if n in names else "tab:orange" for n, _ in shown]
+    bars = [f"{n} (served)" if n == served else n for n, _ in shown]
+    lat_ax.barh(bars, [v for _, v in shown], color=colours)
+    lat_ax.invert_yaxis()  # the table's order, top to bottom
+    lat_ax.tick_params(axis="y", labelsize=8)
+    lat_ax.set(title="Latency at batch 1 (ms, 1 thread)", xlabel="ms")
+    lat_ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
     return _png(fig, f"compression trade-off: size, {label} and latency")
 
 
@@ -433,6 +455,10 @@ def _gate_rows(subject: str, gates: dict) -> list[str]:
             f"<td>{_badge(g.get('passed'))}</td><td>{_e(g.get('reason', ''))}</td></tr>"
         )
     return rows
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _not_reached(stage: str, inputs: ReportInputs) -> str:
@@ -501,26 +527,49 @@ def data_facts(meta: dict | None) -> str:
     return f'<p class="data">{text}</p>'
 
 
+GATES_HEAD = (
+    "<table><tr><th>model</th><th>gate</th><th>value</th><th>threshold</th><th>verdict</th>"
+    "<th>reason</th></tr>"
+)
+
+
 def section_gates(inputs: ReportInputs) -> str:
-    rows = []
-    if inputs.evaluate_gates and "gates" in inputs.evaluate_gates:
-        rows += _gate_rows("network (PyTorch)", inputs.evaluate_gates["gates"])
+    """The served variant's gates and the network's (they decide), then the others folded."""
+    lead, others, folded = [], [], 0
     if inputs.gate:
         variants = inputs.gate.get("variants", {})
-        for name in sorted(variants, key=lambda n: not variants[n].get("served")):
+        for name in sorted(variants):
             v = variants[name]
-            subject = f"{name} ONNX" + (" (served)" if v.get("served") else " (not served)")
-            rows += _gate_rows(subject, v.get("gates", {}))
-    if not rows:
+            if v.get("served"):
+                lead += _gate_rows(f"{name} ONNX (served)", v.get("gates", {}))
+            else:
+                others += _gate_rows(f"{name} ONNX (not served)", v.get("gates", {}))
+                folded += 1
+    if inputs.evaluate_gates and "gates" in inputs.evaluate_gates:
+        lead += _gate_rows("network (PyTorch)", inputs.evaluate_gates["gates"])
+    if not lead and not others:
         return "<h2>Gates</h2>" + _not_reached("evaluate", inputs)
     champion = ""
     if inputs.gate:
         c = inputs.gate.get("champion", {})
         champion = f"<p>Compared with the champion: {_e(c.get('note', ''))}.</p>"
+    rest = ""
+    if others:
+        failing = sum('class="failed"' in row for row in others)
+        rest = (
+            f"<details><summary>{_plural(folded, 'variant')} not served: {len(others)} gates, "
+            f"{failing} failing (shown for comparison; they decide nothing)</summary>"
+            + GATES_HEAD
+            + "".join(others)
+            + "</table></details>"
+        )
     return (
-        "<h2>Gates</h2><p>Only the served model's verdicts decide; the others are shown for "
-        "comparison.</p>" + champion + "<table><tr><th>model</th><th>gate</th><th>value</th>"
-        "<th>threshold</th><th>verdict</th><th>reason</th></tr>" + "".join(rows) + "</table>"
+        "<h2>Gates</h2><p>The served model's verdicts and the trained network's decide.</p>"
+        + champion
+        + GATES_HEAD
+        + "".join(lead)
+        + "</table>"
+        + rest
     )
 
 
@@ -651,7 +700,7 @@ def section_compression(inputs: ReportInputs) -> str:
             )
             break
     head = "".join(f"<th>{_e(label)}</th>" for label in labels)
-    plot = plot_compression(variants, keys[0]) if variants else ""
+    plot = plot_compression(variants, keys[0], comp.get("served_variant")) if variants else ""
     return (
         "<h2>Compression</h2><table><tr><th>variant</th><th>size (KiB)</th>"
         f"<th>latency batch 1 (ms)</th>{head}</tr>" + "".join(rows) + "</table>" + drop + plot

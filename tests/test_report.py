@@ -124,6 +124,11 @@ def test_the_report_is_one_self_contained_page_with_every_section(project):
     assert "no_regression" in page and "no champion yet" in page
     assert 'href="validation/summary.html"' in page and 'href="validation/index.html"' in page
     assert "int8 ONNX (served)" in page and "fp32 ONNX (not served)" in page
+    # The served variant's gates lead; the others are folded below them.
+    gates = page[page.index("<h2>Gates</h2>") : page.index("<h2>Test metrics</h2>")]
+    assert gates.index("int8 ONNX (served)") < gates.index("<details>")
+    assert gates.index("<details>") < gates.index("fp32 ONNX (not served)")
+    assert "network (PyTorch)" not in gates[gates.index("<details>") :]
 
 
 def test_a_refused_run_shows_why_and_what_it_did_not_reach(project):
