@@ -1,0 +1,266 @@
+"""Benchmark: sharded splits (components/shards.py) against today's in-memory .npz splits.
+
+    make bench-scale                 (10k, 100k and 1M 28x28 images; about 10 minutes)
+    python -m bench.scale --smoke    (1k and 3k images in this process, seconds: does it run?)
+
+What it measures, for N synthetic 28x28 uint8 images with 10 classes (written once, as one
+raw ``.npy`` file per N, to ``build/bench-scale/cache``, outside git), each step in a fresh
+process so that its peak resident memory (``ru_maxrss``) is its own:
+
+1. **write**: the split written from a source read one example at a time (a memory-mapped
+   file stands in for an image folder read file by file), as shuffled WebDataset shards;
+   against today's path, which holds the whole split as one array and writes one ``.npz``
+   (``components.dataset.save_arrays``).
+2. **epoch**: one training epoch of a small MLP (784-128-10, Adam, batch 64, plain PyTorch,
+   one thread) fed by a :class:`~components.shards.ShardLoader`, against the same fed by
+   today's loader (the whole ``.npz`` in memory, a shuffled ``DataLoader`` over a
+   ``TensorDataset``, as components/train.py builds it): samples/s and peak memory.
+3. **ranks**: two processes' shares of one epoch (rank 0 and 1 of 2), checked disjoint and
+   equal, with each one's peak memory.
+
+It does not yet measure the pipeline's own ingest, train or evaluate stages: they still read
+whole splits (the data-beyond-memory issue's next step). Results and the growth from the
+smallest to the largest N go to ``bench/results/scale.json`` (``--smoke``: to
+``build/bench-smoke/scale.json``), with the machine's load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "scale.json"
+SMOKE_RESULTS = ROOT / "build" / "bench-smoke" / "scale.json"
+SIZES = (10_000, 100_000, 1_000_000)
+SMOKE_SIZES = (1_000, 3_000)
+SHAPE = (1, 28, 28)
+BATCH = 64
+GOALS = {
+    "peak_rss_mb_at_1m_streamed_max": 1536.0,  # under 1.5 GB at 1M 28x28 images (each step)
+    "epoch_throughput_streamed_vs_memory_at_10k_min": 0.9,
+}
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def source(cache: Path, n: int) -> Path:
+    """The raw images and labels for n examples: written once, in chunks (bounded memory)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    x_path, y_path = cache / f"x-{n}.npy", cache / f"y-{n}.npy"
+    if x_path.is_file() and y_path.is_file():
+        return cache
+    rng = np.random.default_rng(n)
+    x = np.lib.format.open_memmap(cache / f".x-{n}.npy", "w+", np.uint8, (n, *SHAPE))
+    y = np.empty(n, np.int64)
+    templates = rng.integers(0, 256, (10, *SHAPE)).astype(np.int16)
+    for lo in range(0, n, 50_000):
+        hi = min(n, lo + 50_000)
+        labels = np.sort(rng.integers(0, 10, hi - lo))  # class by class, as a folder reads
+        noise = rng.integers(-40, 41, (hi - lo, *SHAPE))
+        x[lo:hi] = np.clip(templates[labels] + noise, 0, 255).astype(np.uint8)
+        y[lo:hi] = labels
+    x.flush()
+    del x
+    np.save(cache / f".y-{n}.npy", y)
+    os.replace(cache / f".x-{n}.npy", x_path)
+    os.replace(cache / f".y-{n}.npy", y_path)
+    return cache
+
+
+# ---------------------------------------------------------------- one step, in its own process
+
+
+def step_write(cache: Path, n: int, work: Path, mode: str) -> dict:
+    x = np.load(cache / f"x-{n}.npy", mmap_mode="r")
+    y = np.load(cache / f"y-{n}.npy", mmap_mode="r")
+    started = time.perf_counter()
+    if mode == "streamed":
+        from components.shards import write_shards
+
+        pairs = ((x[i], y[i]) for i in range(n))
+        index = write_shards(pairs, work / f"shards-{n}", n, shuffle_seed=0)
+        extra = {"shards": len(index.shards)}
+    else:
+        from components.dataset import ArraySet, save_arrays
+
+        whole = ArraySet(np.array(x), np.array(y))  # today's ingest holds the whole split
+        save_arrays(whole, work / f"split-{n}.npz")
+        extra = {}
+    return {"seconds": time.perf_counter() - started, "peak_rss_mb": _peak_mb(), **extra}
+
+
+def _mlp():
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)
+    )
+    return net, torch.optim.Adam(net.parameters(), lr=1e-3)
+
+
+def step_epoch(work: Path, n: int, mode: str, rank: int = 0, world: int = 1) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    if mode == "streamed":
+        from components.shards import ShardLoader
+
+        batches = ShardLoader(work / f"shards-{n}", BATCH, shuffle=True, seed=0, rank=rank,
+                              world=world, drop_last=True)  # fmt: skip
+    else:
+        from torch.utils.data import DataLoader, TensorDataset
+
+        from components.dataset import load_arrays
+
+        data = load_arrays(work / f"split-{n}.npz")
+        tensors = TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y))
+        generator = torch.Generator().manual_seed(0)
+        batches = DataLoader(tensors, batch_size=BATCH, shuffle=True, generator=generator)
+    net, optimizer = _mlp()
+    started = time.perf_counter()
+    seen = 0
+    for x, y in batches:
+        loss = torch.nn.functional.cross_entropy(net(x.float() / 255), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        seen += len(y)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "samples": seen, "samples_per_s": seen / seconds,
+            "peak_rss_mb": _peak_mb()}  # fmt: skip
+
+
+def step_ranks(work: Path, n: int, rank: int) -> dict:
+    """What a rank of 2 reads of epoch 0: its block of the epoch and the examples it got."""
+    from components.shards import ShardIndex, epoch_plan, iter_examples
+
+    directory = work / f"shards-{n}"
+    index = ShardIndex.read(directory)
+    plan = epoch_plan(index, 0, 0, True, rank, 2)
+    count = sum(len(x) for x, _ in iter_examples(directory, index, plan, 0, 0, True))
+    return {"examples": count, "start": plan.start, "stop": plan.stop, "peak_rss_mb": _peak_mb()}
+
+
+def _child(args: argparse.Namespace) -> None:
+    work, cache = Path(args.work), Path(args.cache)
+    if args.child == "write":
+        out = step_write(cache, args.n, work, args.mode)
+    elif args.child == "epoch":
+        out = step_epoch(work, args.n, args.mode)
+    else:
+        out = step_ranks(work, args.n, args.rank)
+    print(json.dumps(out))
+
+
+def run_step(
+    step: str, n: int, work: Path, cache: Path, mode: str = "", rank: int = 0, here: bool = False
+) -> dict:
+    """One step in a fresh process (its own peak memory), or ``here`` (smoke: one import)."""
+    if here:
+        if step == "write":
+            return step_write(cache, n, work, mode)
+        return step_epoch(work, n, mode) if step == "epoch" else step_ranks(work, n, rank)
+    cmd = [sys.executable, "-m", "bench.scale", "--child", step, "--n", str(n), "--work",
+           str(work), "--cache", str(cache), "--mode", mode, "--rank", str(rank)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"bench.scale {step} n={n} {mode} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- the bench
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="1k and 3k images: does it run?")
+    parser.add_argument("--sizes", type=int, nargs="*", help="example counts (default 10k..1M)")
+    parser.add_argument("--child", choices=("write", "epoch", "ranks"), help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        _child(args)
+        return {}
+    sizes = tuple(args.sizes or (SMOKE_SIZES if args.smoke else SIZES))
+    base = ROOT / "build" / ("bench-smoke" if args.smoke else "bench-scale")
+    cache, work = base / "cache", base / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    rows = {}
+    for n in sizes:
+        source(cache, n)
+        row: dict = {}
+        for mode in ("streamed", "in_memory"):
+            row[f"write_{mode}"] = run_step("write", n, work, cache, mode, here=args.smoke)
+            row[f"epoch_{mode}"] = run_step("epoch", n, work, cache, mode, here=args.smoke)
+            print(f"n={n:>9,} {mode:>9}: write {row[f'write_{mode}']['seconds']:6.1f} s, "
+                  f"{row[f'write_{mode}']['peak_rss_mb']:7.0f} MB peak; epoch "
+                  f"{row[f'epoch_{mode}']['samples_per_s']:8.0f} samples/s, "
+                  f"{row[f'epoch_{mode}']['peak_rss_mb']:7.0f} MB peak", flush=True)  # fmt: skip
+        ranks = [run_step("ranks", n, work, cache, rank=r, here=args.smoke) for r in (0, 1)]
+        row["ranks"] = ranks
+        row["ranks_disjoint_equal"] = (
+            ranks[0]["stop"] == ranks[1]["start"]
+            and ranks[0]["examples"] == ranks[1]["examples"] == n // 2
+        )
+        rows[n] = row
+        for leftover in work.glob(f"*-{n}*"):  # the splits are cheap to re-make; disk is not
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    small, large = rows[sizes[0]], rows[sizes[-1]]
+    growth = {
+        f"{step}_{mode}_peak_rss_x": large[f"{step}_{mode}"]["peak_rss_mb"]
+        / small[f"{step}_{mode}"]["peak_rss_mb"]
+        for step in ("write", "epoch")
+        for mode in ("streamed", "in_memory")
+    }
+    growth["write_streamed_seconds_per_example_x"] = (
+        large["write_streamed"]["seconds"] / sizes[-1]
+    ) / (small["write_streamed"]["seconds"] / sizes[0])
+    result = {
+        "what": "sharded (WebDataset) vs in-memory .npz splits of 28x28 images (bench/scale.py)",
+        "sizes": list(sizes),
+        "rows": {str(n): row for n, row in rows.items()},
+        "growth_smallest_to_largest": growth,
+        "throughput_streamed_vs_memory": {
+            str(n): rows[n]["epoch_streamed"]["samples_per_s"]
+            / rows[n]["epoch_in_memory"]["samples_per_s"]
+            for n in sizes
+        },
+        "goals": GOALS,
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "load_before": load_before,
+            "load_after": os.getloadavg(),
+        },  # fmt: skip
+    }
+    out = SMOKE_RESULTS if args.smoke else RESULTS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["growth_smallest_to_largest"], indent=1))
+    print("streamed / in-memory samples/s:", result["throughput_streamed_vs_memory"])
+    print(f"written to {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
