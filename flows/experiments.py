@@ -70,6 +70,9 @@ def has_commit(root: Path) -> bool:
     return _git(root, "rev-parse", "--verify", "--quiet", "HEAD^{commit}").returncode == 0
 
 
+OBJECT_STORES = ("s3", "gs", "gcs", "azure", "abfs", "oss")  # paths that start with a bucket
+
+
 def check_dvc_remote(root: Path, name: str) -> str:
     """Make sure the DVC remote is configured and answers; return ``"name (url)"``.
 
@@ -101,8 +104,12 @@ def check_dvc_remote(root: Path, name: str) -> str:
                 probe = target / ".dvc-write-probe"
                 probe.write_bytes(b"")
                 probe.unlink()
+            elif fs.protocol in OBJECT_STORES and not fs.exists(path.split("/")[0]):
+                # One round trip (credentials, DNS, network). A new prefix is no error (the
+                # first push makes it), a missing bucket is: S3 says neither on its own.
+                raise FileNotFoundError(f"no bucket {path.split('/')[0]!r} there")
             else:
-                fs.exists(path)  # one round trip: credentials, DNS, network, bucket
+                fs.exists(path)  # one round trip: credentials, DNS, network
         except Exception as exc:  # any backend's error: auth, DNS, network, bucket, config
             reason = " ".join(str(exc).split()) or type(exc).__name__
             raise PreflightError(f"DVC remote {name!r} ({url}) is unreachable: {reason}") from None
