@@ -348,6 +348,9 @@ def _run_trials(
             return results, stopped, clock.elapsed()
         done = next(as_completed(running))
         running.discard(done)
+        # wait() keeps the task's final state; without it .state asks the API, which may not
+        # have recorded it yet (Prefect 3 sends states as events) and says Running.
+        done.wait()
         state = done.state
         if state.is_completed():
             results.append(done.result())

@@ -534,6 +534,7 @@ def test_a_study_of_three_trials_leaves_three_experiments_and_a_best_trial(works
     assert all(t.state.name == "COMPLETE" for t in study.trials)
     assert {f"digits-t{i}" for i in range(3)} <= _experiments(workspace)
     assert "best trial:" in out and "dvc exp apply digits-t" in out
+    assert "a trial's task failed" not in out  # each finished task's own state was read
     # the first trial measured the defaults: the workspace's params.yaml, no value drawn
     defaults = study.trials[0]
     assert "defaults" in defaults.user_attrs and "the first trial measures the defaults" in out
@@ -600,6 +601,7 @@ def test_reopened_by_two_workers_the_study_resumes_and_its_best_params_are_relea
     )
     out = result.stdout + result.stderr
     assert "Unable to acquire lock" not in out and "is busy" not in out
+    assert "a trial's task failed" not in out
     # BUDGET=10m with a count given too: both limits; the final run is said to come after
     assert "budget: 10m of trials (BUDGET=10m), at most 2 trials; then the final run" in out
     assert "trials stopped after" in out and "2 trial(s) started, the limit" in out
@@ -631,13 +633,15 @@ def test_reopened_by_two_workers_the_study_resumes_and_its_best_params_are_relea
     # trial's and the baselines the final run's evaluate fitted
     assert re.search(r"defaults \(params.yaml\), trial 0 +\d\.\d{4}", out)
     assert re.search(rf"best, trial {study.best_trial.number} +\d\.\d{{4}}", out)
-    assert re.search(r"final run \(best params, gated\) +\d\.\d{4} +\d\.\d{4}", out)
+    assert re.search(r"final run: network \(best params\) +\d\.\d{4} +\d\.\d{4}", out)
+    served = json.loads((workspace / "metrics" / "gate.json").read_text())["served_variant"]
+    assert re.search(rf"final run: served {served} \(gated\) +\d\.\d{{4}} +\d\.\d{{4}}", out)
     baselines = json.loads((workspace / "metrics" / "baselines.json").read_text())["baselines"]
     for name, figures in baselines.items():
         assert re.search(rf"baseline {name} +{figures['metrics']['accuracy']:.4f}", out)
     assert re.search(r"time: trials [\dhms]+, final run [\dhms]+", out)
     page = (workspace / "reports" / "tuning.html").read_text()
-    assert "Compared with the defaults and the baselines" in page and "final run (best" in page
+    assert "Compared with the defaults and the baselines" in page and "final run: served" in page
     summary = json.loads((workspace / "reports" / "tuning" / "summary.json").read_text())
     assert summary["comparison"]["test_keys"] == ["accuracy", "macro_f1"]
 

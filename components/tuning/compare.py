@@ -2,10 +2,11 @@
 
 Choosing uses the validation split only: the best trial's ``tune.metric`` beside the defaults
 trial's (params.yaml as it is, the study's first trial, measured the same way). The test split
-only reports, after the choice: the final run's test metrics (the best params, through the
-gates) beside the defaults trial's and the classical baselines' (evaluate's
-``metrics/baselines.json``, components/baselines.py). Each figure is read through its typed
-record (components/records.py), from the workspace or from a trial's DVC experiment.
+only reports, after the choice: the final run's test metrics (the best params' network, and the
+model the bento serves, through the gates) beside the defaults trial's and the classical
+baselines' (evaluate's ``metrics/baselines.json``, components/baselines.py). Each figure is
+read through its typed record (components/records.py), from the workspace or from a trial's
+DVC experiment.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from components.records import (
     EvaluateMetrics,
     read_baselines,
     read_evaluate,
+    read_gate,
 )
 from components.stage import StageError
 from components.tuning.study import direction
@@ -99,8 +101,18 @@ def compare(
         except StageError as exc:
             out["notes"].append(f"the final run's test metrics: {exc}")
         else:
-            rows.append({"label": "final run (best params, gated)", "metrics": _headline(record)})
             keys = tasks.get(record.task).headline_keys
+            rows.append({"label": "final run: network (best params)", "metrics": _headline(record)})
+            try:  # what the bento serves, as the gate stage measured and passed it
+                gate = read_gate(root / metrics)
+            except StageError as exc:
+                out["notes"].append(f"the final run's served model: {exc}")
+            else:
+                served = gate.served().model_dump()
+                rows.append({
+                    "label": f"final run: served {gate.served_variant} (gated)",
+                    "metrics": {k: served[k] for k in keys if isinstance(served.get(k), float)},
+                })  # fmt: skip
     else:
         record = experiment_record(
             root, best.user_attrs.get("experiment", ""), evaluate_file, EvaluateMetrics
