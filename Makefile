@@ -28,7 +28,7 @@ $(STAMP): requirements.lock pyproject.toml
 setup: $(STAMP) ## create .venv and install the pinned dependencies (requirements.lock)
 
 repo-init: $(STAMP)
-	@test -d .git || (git init -q && echo "initialised a git repository (DVC needs one)")
+	@test -e .git || (git init -q && echo "initialised a git repository (DVC needs one)")
 	@test -d .dvc || ($(VENV)/bin/dvc init -q && echo "initialised DVC")
 
 pipeline: setup repo-init ## run the whole pipeline and build the bento; SET="k=v ..." for this run only, KEEP=1 keeps them
@@ -87,8 +87,10 @@ bench: setup ## benchmarks on the last pipeline run: int8 vs fp32; compression g
 	$(PY) -m bench.compression
 	$(PY) -m bench.train_vs_loop
 
-tune: setup repo-init ## run (or resume) the tuning study in params.yaml's tune section; WORKERS=2 runs two trials at once
-	$(PY) -m flows.tune $(if $(WORKERS),--workers $(WORKERS),) $(if $(SET),$(foreach s,$(SET),--set $(s)),)
+# BUDGET=10m (or 90s, 1h, 1h30m, plain seconds): that much wall time of trials, as many as fit
+# (N_TRIALS=20 caps the count too); the final run with the best params comes after it.
+tune: setup repo-init ## run (or resume) the tuning study in params.yaml's tune section; BUDGET=10m: 10 minutes of trials; WORKERS=2: two at once
+	$(PY) -m flows.tune $(if $(BUDGET),--budget '$(BUDGET)',) $(if $(N_TRIALS),--n-trials '$(N_TRIALS)',) $(if $(WORKERS),--workers $(WORKERS),) $(if $(SET),$(foreach s,$(SET),--set $(s)),)
 
 bench-tune: setup ## tuned vs default params, 1 vs 2 workers, ensemble vs best single model (~10 min)
 	$(PY) -m bench.tune

@@ -1,19 +1,24 @@
 """Benchmark: what tuning and ensembles buy on the default data (the MNIST sample), in one run.
 
-    make bench-tune          (~10 minutes on 2 cores with the default budget below)
+    make bench-tune                  (~10 minutes on 2 cores with the default budget below)
+    python -m bench.tune --smoke     (tiny images, 2 trials of 2 epochs at once: does it run?)
 
 In a scratch copy of this repository (git + DVC, the default data), with the search space of
 params.yaml's tune section and a stated budget:
 
-1. the default params as one DVC experiment up to evaluate: validation and test accuracy;
-2. a study of ``--trials`` trials with 1 worker, then another of as many with 2 workers (the
-   real flow, ``python -m flows.tune``): trials per hour for each;
-3. the best trial of both vs the defaults: validation accuracy (the objective) and test
+1. a study of ``--trials`` trials with 1 worker, then another of as many with 2 workers (the
+   real flow, ``python -m flows.tune``): trials per hour for each. Each study's first trial is
+   the defaults (params.yaml as it is), which the flow measures like any trial;
+2. the best trial of both vs the defaults: validation accuracy (the objective) and test
    accuracy (read from its experiment, never used to choose);
-4. the ensemble of the top-3 trials vs the best single model: test accuracy, macro F1, size,
+3. the ensemble of the top-3 trials vs the best single model: test accuracy, macro F1, size,
    ONNX Runtime latency at batch 1 (as the flow builds it).
 
 Prints a table and writes bench/results/tune.json. Figures move with the machine's load.
+``--smoke`` (tests/test_bench.py) runs the same steps on 60 tiny images in 3 classes (8x8, made
+here) with a space of 3 keys, but only the 2-worker study, of 2 trials (the defaults and one
+drawn, at once: an ensemble of 2), and writes build/bench-smoke/tune.json under the current
+folder instead: the figures mean nothing.
 """
 
 from __future__ import annotations
@@ -51,8 +56,49 @@ def _run(cmd: list[str], cwd: Path, timeout: float = 3600) -> subprocess.Complet
     return result
 
 
-def scratch_repo(budget_epochs: int | None) -> Path:
-    root = Path(tempfile.mkdtemp(prefix="bench-tune-"))
+# --smoke: tiny images and a tiny space, so that a trial is seconds of DVC and Python start-up.
+SMOKE_OVERRIDES = [
+    "ingest.source=data/external/smoke.npz",
+    "ingest.test_fraction=0.25",
+    "ingest.val_fraction=0.25",
+    "validate.min_rows_per_class=3",
+    "train.max_epochs=2",
+    "train.batch_size=16",
+    "train.learning_rate=0.01",
+    "train.channels=[4, 8]",
+    "train.hidden_units=[16]",
+    "train.accelerator=cpu",
+    "train.devices=1",
+]
+SMOKE_SPACE = {
+    "train.learning_rate": {"low": 0.003, "high": 0.03, "log": True},
+    "train.model": {"choices": ["cnn", "mlp"]},
+    "train.hidden_units": {"choices": [[16], [8, 8]]},
+}
+
+
+def smoke_images(per_class: int = 20, size: int = 8):
+    """3 classes of grayscale images, each a bright block at its own place on noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 60, (3 * per_class, size, size))
+    y = np.repeat(np.arange(3), per_class)
+    half = size // 2
+    x[y == 0, :half, :half] += 180
+    x[y == 1, half:, half:] += 180
+    x[y == 2, :, half - 1 : half + 1] += 180
+    return np.clip(x, 0, 255).astype(np.uint8), y
+
+
+def scratch_repo(budget_epochs: int | None, smoke: bool = False) -> Path:
+    if smoke:  # inside the current folder's build/, so a test's temporary folder holds it
+        root = Path("build") / "bench-smoke" / "tune-repo"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        root = root.resolve()
+    else:
+        root = Path(tempfile.mkdtemp(prefix="bench-tune-"))
     for name in PROJECT_FILES:
         src = REPO / name
         if src.is_dir():
@@ -74,6 +120,16 @@ def scratch_repo(budget_epochs: int | None) -> Path:
 
     if budget_epochs is not None:
         apply_overrides([f"train.max_epochs={budget_epochs}"], root / "params.yaml")
+    if smoke:
+        import numpy as np
+        import yaml
+
+        x, y = smoke_images()
+        np.savez(root / "data" / "external" / "smoke.npz", x=x, y=y)
+        apply_overrides(SMOKE_OVERRIDES, root / "params.yaml")
+        raw = yaml.safe_load((root / "params.yaml").read_text())
+        raw["tune"]["space"] = SMOKE_SPACE  # a mapping: no --set override replaces it
+        (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     _run([*git, "add", "-A"], root)
     _run([*git, "commit", "-qm", "bench"], root)
     return root
@@ -138,6 +194,7 @@ def study(root: Path, name: str, trials: int, workers: int, train_seed: int) -> 
         "workers": workers,
         "trials_per_hour": round(trials / span * 3600, 1),
         "summary": summary,
+        "trial_rows": json.loads((root / "reports" / "tuning" / "trials.json").read_text()),
         "log_tail": out.stdout[-1500:],
     }
 
@@ -149,21 +206,20 @@ def main(argv: list[str] | None = None) -> int:
         "--epochs", type=int, default=None,
         help="train.max_epochs of the defaults (default: params.yaml's own)",
     )  # fmt: skip
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny data, 2 trials at once, results in build/"
+    )
     args = parser.parse_args(argv)
-    root = scratch_repo(args.epochs)
+    root = scratch_repo(args.epochs, smoke=args.smoke)
     print(f"scratch repository: {root}")
 
-    started = time.monotonic()
-    _run([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", "defaults", "evaluate"], root)
-    default_seconds = time.monotonic() - started
-    default = {
-        "val_accuracy": exp_file(root, "defaults", "metrics/train.json")["best_val_accuracy"],
-        "test_accuracy": exp_file(root, "defaults", "metrics/evaluate.json")["accuracy"],
-        "seconds": round(default_seconds, 1),
-    }
-    one = study(root, "bench-1w", args.trials, 1, train_seed=1001)
-    two = study(root, "bench-2w", args.trials, 2, train_seed=1002)
-    best = max((one, two), key=lambda s: s["summary"].get("best_value") or -1)["summary"]
+    # The smoke runs the 2-worker study alone (the 1-worker one is the same code, one at a time).
+    trials = (0, 2) if args.smoke else (args.trials, args.trials)
+    one = None if args.smoke else study(root, "bench-1w", trials[0], 1, train_seed=1001)
+    two = study(root, "bench-2w", trials[1], 2, train_seed=1002)
+    studies = [s for s in (one, two) if s is not None]
+    default = defaults_of(root, studies[0])
+    best = max(studies, key=lambda s: s["summary"].get("best_value") or -1)["summary"]
     tuned = {
         "experiment": best.get("best_experiment"),
         "params": best.get("best_params"),
@@ -180,16 +236,17 @@ def main(argv: list[str] | None = None) -> int:
             "load_before": os.getloadavg(),
         },
         "budget": {
-            "trials_per_study": args.trials,
-            "studies": 2,
-            "space": "params.yaml tune.space",
+            "trials_per_study": list(trials),
+            "studies": len(studies),
+            "space": "params.yaml tune.space" if not args.smoke else SMOKE_SPACE,
             "default_max_epochs": args.epochs
             or read_params_file(root / "params.yaml")["train"]["max_epochs"],
+            "smoke": args.smoke,
         },
         "default": default,
         "tuned": tuned,
-        "one_worker": {k: v for k, v in one.items() if k != "summary"},
-        "two_workers": {k: v for k, v in two.items() if k != "summary"},
+        "one_worker": one and {k: v for k, v in one.items() if k not in ("summary", "trial_rows")},
+        "two_workers": {k: v for k, v in two.items() if k not in ("summary", "trial_rows")},
         "ensemble": {
             k: ensemble.get(k) for k in ("ensemble", "best_single", "weights", "verdict", "note")
         },
@@ -199,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{'':28} {'val acc':>8} {'test acc':>8}",
         f"{'default params':28} {default['val_accuracy']:8.4f} {default['test_accuracy']:8.4f}",
         f"{'best tuned trial':28} {tuned['val_accuracy']:8.4f} {tuned['test_accuracy']:8.4f}",
-        f"trials/hour: 1 worker {one['trials_per_hour']}, 2 workers {two['trials_per_hour']}",
+        f"trials/hour: 1 worker {one['trials_per_hour'] if one else '- (smoke)'}, "
+        f"2 workers {two['trials_per_hour']}",
     ]
     for label in ("best_single", "ensemble"):
         m = ensemble.get(label)
@@ -209,11 +267,33 @@ def main(argv: list[str] | None = None) -> int:
                 f"{m['size_bytes'] / 1024:.0f} KiB  {m['latency_ms_batch1']:.3f} ms b1"
             )
     print("\n".join(lines))
-    out = REPO / "bench" / "results" / "tune.json"
+    out = Path("build/bench-smoke/tune.json") if args.smoke else REPO / "bench/results/tune.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"wrote {out}")
+    if args.smoke:
+        shutil.rmtree(root, ignore_errors=True)
     return 0
+
+
+def defaults_of(root: Path, one: dict) -> dict:
+    """The defaults as the study measured them: its defaults trial's validation accuracy (the
+    flow's comparison) and its experiment's test accuracy."""
+    comparison = one["summary"].get("comparison") or {}
+    row = next(
+        (r for r in comparison.get("validation", ()) if r["label"].startswith("defaults")), None
+    )
+    if row is None:
+        raise SystemExit(f"the study's defaults trial did not finish: {comparison}")
+    name = f"{one['summary']['study']}-t{row['trial']}"
+    return {
+        "trial": row["trial"],
+        "val_accuracy": row["value"],
+        "test_accuracy": exp_file(root, name, "metrics/evaluate.json")["accuracy"],
+        "seconds": next(
+            (r["seconds"] for r in one["trial_rows"] if r["number"] == row["trial"]), None
+        ),
+    }
 
 
 if __name__ == "__main__":

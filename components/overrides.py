@@ -37,9 +37,10 @@ def resolve(overrides: list[str], path: Path) -> dict[str, object]:
     return _resolve(overrides, path)[0]
 
 
-def _resolve(overrides: list[str], path: Path):
-    """The values by dotted key, and params.yaml as they make it (typed)."""
-    raw = read_params_file(path)
+def _resolve(overrides: list[str], path: Path, raw: dict | None = None):
+    """The values by dotted key, and params.yaml as they make it (typed). ``raw``: params.yaml
+    already read (changed in place), for a caller that checks many overrides one by one."""
+    raw = read_params_file(path) if raw is None else raw
     resolved: dict[str, object] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -57,9 +58,12 @@ def _resolve(overrides: list[str], path: Path):
     return resolved, parse_params(raw)  # the whole file must still validate
 
 
-def check_overrides(overrides: list[str], path: Path = PARAMS_FILE) -> dict[str, object]:
-    """Validate overrides without touching params.yaml; return the values by dotted key."""
-    return resolve(overrides, Path(path))
+def check_overrides(
+    overrides: list[str], path: Path = PARAMS_FILE, raw: dict | None = None
+) -> dict[str, object]:
+    """Validate overrides without touching params.yaml; return the values by dotted key.
+    ``raw``: a copy of params.yaml already read (it is changed), instead of reading ``path``."""
+    return _resolve(overrides, Path(path), raw)[0]
 
 
 def ignored_by_the_model(overrides: list[str], path: Path = PARAMS_FILE) -> dict[str, str]:

@@ -4,7 +4,9 @@ as fp32 and its static int8, compress.json serving int8), so a bench that breaks
 
 The smoke modes measure next to nothing (a few calls, one epoch, 0.3 s of load): they prove the
 code runs end to end on current interfaces, not that the figures mean anything. bench/tune.py
-(whole tuning studies through the real flow) has no smoke mode yet.
+runs whole tuning studies through the real flow: its smoke mode builds its own scratch
+repository with 60 tiny images and runs one study of 2 trials of 2 epochs at once (the slowest
+smoke here: DVC experiments, Python start-up in each stage).
 """
 
 from __future__ import annotations
@@ -114,3 +116,18 @@ def test_serve_smoke(finished_run):
     assert "goals:" in out
     report = json.loads((finished_run / "build" / "bench-serve" / "serve.json").read_text())
     assert report["bento"]["1"]["requests_per_s"] > 0 and report["baseline"]["1"]["errors"] == 0
+
+
+@pytest.mark.usefixtures("prefect_api")  # the two `flows.tune` runs use the session's server
+def test_tune_smoke(finished_run):
+    """A real study of 2 trials at once in a scratch git + DVC repository, the defaults first;
+    the best trial vs the defaults, and an ensemble of the two."""
+    out = smoke("tune", finished_run, timeout=900)
+    assert "default params" in out and "2 workers" in out
+    report = _results(finished_run, "tune")
+    assert report["budget"]["smoke"] and report["budget"]["trials_per_study"] == [0, 2]
+    assert report["default"]["trial"] == 0 and 0 <= report["default"]["test_accuracy"] <= 1
+    assert report["tuned"]["val_accuracy"] >= report["default"]["val_accuracy"]
+    assert report["two_workers"]["trials_per_hour"] > 0
+    assert report["ensemble"]["ensemble"] is not None, report["ensemble"]
+    assert not (finished_run / "build" / "bench-smoke" / "tune-repo").exists()  # cleaned up

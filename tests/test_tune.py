@@ -77,24 +77,177 @@ def test_bad_input_is_refused_before_any_trial(params_copy, space, values, expec
 
 
 @pytest.mark.parametrize(
-    ("ingest", "metric", "expected"),
+    ("ingest", "metric", "models", "expected"),
     [
-        ({"source": "data/external/houses.csv"}, "val_accuracy",
+        ({"source": "data/external/houses.csv"}, "val_accuracy", ["cnn"],
          "choice 'cnn' cannot read this data (a table); use mlp"),
-        ({"source": "data/external/load.csv", "kind": "sequence"}, "val_rmse",
+        ({"source": "data/external/houses.csv"}, "val_accuracy", ["cnn", "lstm"],
+         "choices 'cnn', 'lstm' cannot read this data (a table); use mlp"),
+        ({"source": "data/external/load.csv", "kind": "sequence"}, "val_rmse", ["cnn"],
          "choice 'cnn' cannot read this data (a sequence)"),
-        ({"source": "data/external/houses.csv", "task": "regression"}, "val_accuracy",
+        ({"source": "data/external/houses.csv", "task": "regression"}, "val_accuracy", None,
          "tune.metric val_accuracy: the data is a regression task"),
     ],
 )  # fmt: skip
 def test_a_space_or_metric_that_does_not_fit_the_data_is_refused(params_copy, ingest, metric,
-                                                                 expected):  # fmt: skip
+                                                                 models, expected):  # fmt: skip
+    """Refused when no model of the space can read the data (one that can is searched alone:
+    the next test)."""
     raw = yaml.safe_load(params_copy.read_text())
     raw["ingest"].update(ingest)
     raw["tune"]["metric"] = metric
+    if models is not None:
+        raw["tune"]["space"]["train.model"] = {"choices": models}
     params_copy.write_text(yaml.safe_dump(raw, sort_keys=False))
     with pytest.raises(TuneError, match=re.escape(expected)):
         preflight(params_copy.parent, [])
+
+
+def _fitted(params_file: Path, ingest: dict, metric: str, model: str = "cnn", **space):
+    from components.config import load_params
+    from components.tuning.fits import fit_space
+
+    raw = yaml.safe_load(params_file.read_text())
+    raw["ingest"].update(ingest)
+    raw["train"]["model"] = model
+    raw["tune"]["metric"] = metric
+    raw["tune"]["space"].update(space)
+    params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return fit_space(load_params(params_file), params_file.parent)
+
+
+def test_the_repository_space_is_cut_to_what_a_table_or_a_sequence_can_use(params_copy):
+    """A family that cannot read the data is never sampled, nor a key only it (or only images)
+    uses; each one left out is said, and the rest of the space is kept as it is."""
+    full = read_params_file(params_copy)["tune"]["space"]
+    assert {"cnn", "mlp", "lstm", "gru"} <= set(full["train.model"]["choices"])
+    assert {"train.channels", "train.rnn_layers", "train.augment.crop_padding"} <= set(full)
+
+    image, notes = _fitted(params_copy, {}, "val_accuracy")
+    assert set(image.space) == set(full) and notes == []  # images: every family, every key
+
+    table, notes = _fitted(
+        params_copy, {"source": "data/external/houses.csv"}, "val_accuracy", model="mlp"
+    )
+    assert table.space["train.model"].choices == ("mlp",)
+    left_out = {"train.channels", "train.rnn_hidden_size", "train.rnn_layers",
+                "train.augment.crop_padding", "train.augment.max_rotation_degrees"}  # fmt: skip
+    assert set(table.space) == set(full) - left_out
+    assert table.space["train.learning_rate"] == image.space["train.learning_rate"]
+    assert notes[0] == (
+        "tune.space.train.model: cnn, lstm, gru left out, they cannot read this data "
+        "(a table); searching mlp"
+    )
+    assert "tune.space.train.channels left out: only cnn reads it" in " ".join(notes)
+    assert "augment.crop_padding left out: crops, rotations and flips are for images, not a " \
+        "table" in " ".join(notes)  # fmt: skip
+    assert len(notes) == 1 + len(left_out)
+
+    sequence, notes = _fitted(
+        params_copy, {"source": "data/external/load.csv", "kind": "sequence"}, "val_rmse", "gru"
+    )
+    assert sequence.space["train.model"].choices == ("mlp", "lstm", "gru")
+    assert {"train.rnn_hidden_size", "train.rnn_layers"} <= set(sequence.space)
+    assert (
+        "train.channels" not in sequence.space
+        and "train.augment.crop_padding" not in sequence.space
+    )
+
+
+def test_a_choice_that_is_not_a_family_is_kept_and_stands_for_any_that_fits(params_copy):
+    """``auto`` (the train stage picks the family) is never left out, and counts as every
+    family that reads the data: only the keys of families that cannot are left out."""
+    table, notes = _fitted(
+        params_copy, {"source": "data/external/houses.csv"}, "val_accuracy",
+        **{"train.model": {"choices": ["auto", "cnn"]}},
+    )  # fmt: skip
+    assert table.space["train.model"].choices == ("auto",)
+    assert "train.channels" not in table.space and "train.hidden_units" in table.space
+    assert "cnn left out, it cannot read this data (a table); searching auto" in notes[0]
+    # the defaults' model cannot read a table: their trial will fail, and the flow says so first
+    assert any(n.startswith("train.model cnn (params.yaml) cannot read this data") for n in notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# The budget (make tune BUDGET=10m)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("600", 600), ("90s", 90), ("10m", 600), ("1h", 3600), ("1h30m", 5400), ("2.5m", 150),
+     (" 10M ", 600), (45, 45)],
+)  # fmt: skip
+def test_a_budget_is_seconds_or_a_number_with_h_m_or_s(text, seconds):
+    from components.tuning.budget import parse_duration
+
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["10x", "ten", "m", "-5", "0", "0s", "", "30m1h", "1m1m", "1d"])
+def test_a_budget_that_is_not_a_duration_is_refused_naming_the_accepted_forms(text):
+    from components.tuning.budget import BudgetError, parse_duration
+
+    with pytest.raises(BudgetError) as err:
+        parse_duration(text)
+    message = str(err.value)
+    assert message.startswith(f"BUDGET {text!r}")
+    assert "90s, 10m, 1h" in message or "more than 0" in message
+
+
+def test_a_budget_lifts_the_trial_count_unless_the_run_gives_one():
+    from components.tuning.budget import budget_for, format_duration
+    from flows.tune import count_given
+
+    plain = budget_for(1800, 10, None, False)
+    assert (plain.seconds, plain.max_trials) == (1800, 10)
+    timed = budget_for(1800, 10, "10m", count_given(["tune.workers=2"]))
+    assert (timed.seconds, timed.max_trials) == (600, None)
+    assert timed.describe() == "10m of trials (BUDGET=10m), no trial limit"
+    capped = budget_for(1800, 3, "90s", count_given(["tune.n_trials=3"]))
+    assert (capped.seconds, capped.max_trials) == (90, 3)
+    assert capped.describe() == "1m30s of trials (BUDGET=90s), at most 3 trials"
+    assert [format_duration(s) for s in (4.2, 95, 3600, 3630)] == ["4s", "1m35s", "1h", "1h0m30s"]
+
+
+def test_no_trial_runs_past_the_budget_and_none_starts_that_could_not_finish():
+    from components.tuning.budget import Budget, Clock
+
+    now = [1000.0]
+    clock = Clock(Budget(100, None, "BUDGET=100"), trial_timeout=60, now=lambda: now[0])
+    assert clock.why_not_start(started=0, quickest=None) is None
+    assert clock.timeout() == (60, "tune.trial_timeout_seconds")
+    now[0] += 70  # 30 s left: a trial may start, killed at the budget's end
+    assert clock.timeout() == (30, "the budget (BUDGET=100) ran out")
+    assert clock.why_not_start(started=1, quickest=None) is None
+    assert clock.why_not_start(started=1, quickest=25) is None
+    assert "the quickest finished trial took 40s" in clock.why_not_start(1, quickest=40)
+    now[0] += 30
+    assert clock.why_not_start(2, None) == "the budget of 1m40s is spent"
+    assert clock.timeout()[0] == 0 and clock.elapsed() == 100
+
+    counted = Clock(Budget(100, 2, "tune.timeout_seconds, tune.n_trials"), 60, lambda: 0.0)
+    assert counted.why_not_start(1, None) is None
+    assert counted.why_not_start(2, None) == "2 trial(s) started, the limit"
+
+
+def test_make_tune_passes_the_budget_and_a_bad_one_stops_before_prefect(capsys):
+    from flows.tune import main
+
+    shown = subprocess.run(
+        ["make", "-n", "tune", "BUDGET=10m", "N_TRIALS=3", "WORKERS=2"],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+    ).stdout.splitlines()[-1]  # fmt: skip
+    assert "-m flows.tune --budget '10m' --n-trials '3' --workers 2" in shown
+    assert (
+        "--budget"
+        not in subprocess.run(
+            ["make", "-n", "tune"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout
+    )
+    assert main(["--budget", "10x", "--root", str(REPO_ROOT)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Tuning not started: BUDGET '10x' is not a duration: use seconds")
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_set_takes_tune_keys_only_and_validates_them(params_copy):
@@ -192,6 +345,108 @@ def test_a_study_resumes_draws_list_choices_and_reports_its_best_trial(tmp_path)
     assert optuna.trial.TrialState.RUNNING not in {t.state for t in study.trials}
 
 
+def _hand_study(tmp_path: Path, space: dict, name: str):
+    from components.config import TuneParams, load_params
+    from components.tuning.study import open_study, shared_sampler, storage_url
+
+    raw = load_params(REPO_ROOT / "params.yaml").tune.model_dump(mode="json")
+    tune = TuneParams.model_validate({**raw, "space": space, "study_name": name, "storage": ""})
+    url = storage_url(tmp_path, tune)
+    study = open_study(url, tune, create=True)
+    return tune, url, study, shared_sampler(url, tune, offset=0)
+
+
+def test_the_defaults_are_the_first_trial_once_and_keep_what_lies_outside_the_space(tmp_path):
+    """params.yaml as it is becomes the study's next trial (never twice for the same params);
+    a value outside the space is not set by the trial, and not written back as a best param."""
+    import optuna
+
+    from components.tuning.study import (
+        DEFAULTS_ATTR,
+        ask,
+        best_overrides,
+        contains,
+        defaults_fingerprint,
+        enqueue_defaults,
+        measured_defaults,
+    )  # fmt: skip
+
+    raw = read_params_file(REPO_ROOT / "params.yaml")
+    space = {
+        **TINY_SPACE,
+        "train.learning_rate": {"low": 0.001, "high": 0.01, "log": True},
+        "train.hidden_units": {"choices": [[16], [64], [8, 8]]},
+    }
+    tune, url, study, key = _hand_study(tmp_path, space, "defaults")
+    fingerprint, outside = enqueue_defaults(study, tune, raw)
+    assert outside == [] and enqueue_defaults(study, tune, raw)[0] == fingerprint
+    assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 1  # not twice
+    study, trial, values = ask(url, tune, key)
+    assert values == {k: raw["train"][k.split(".")[1]] for k in space}  # cnn, 0.002, [64]
+    assert trial.user_attrs[DEFAULTS_ATTR] == fingerprint
+    assert measured_defaults(study, fingerprint) is None  # not finished yet
+    study.tell(trial, 0.5)
+    assert measured_defaults(study, fingerprint).number == trial.number
+    enqueue_defaults(study, tune, raw)  # measured already: nothing enqueued
+    study, trial, _ = ask(url, tune, key)
+    assert DEFAULTS_ATTR not in trial.user_attrs
+
+    # Another params.yaml is other defaults; its learning rate lies outside the space.
+    changed = {**raw, "train": {**raw["train"], "learning_rate": 0.5}}
+    assert defaults_fingerprint(changed) != fingerprint
+    tune2, url2, study2, key2 = _hand_study(tmp_path, space, "outside")
+    assert enqueue_defaults(study2, tune2, changed)[1] == ["train.learning_rate"]
+    study2, trial2, values2 = ask(url2, tune2, key2)
+    assert "train.learning_rate" not in values2 and values2["train.model"] == "cnn"
+    study2.tell(trial2, 0.9)
+    assert best_overrides(study2, tune2) == ['train.model="cnn"', "train.hidden_units=[64]"]
+
+    from components.config import SearchDimension
+
+    steps = SearchDimension(low=4, high=12, step=2)
+    assert contains(steps, 10) and not contains(steps, 9) and not contains(steps, 14)
+    assert contains(SearchDimension(choices=(0.0, 10.0)), 0) and not contains(
+        SearchDimension(choices=(0, 1)), False
+    )
+
+
+def test_the_comparison_reads_the_defaults_trial_and_the_baselines(tmp_path):
+    """Choosing on validation (best vs defaults, in the metric's direction); reporting on test
+    with the baselines, here the workspace's (no experiment to read them from), said so."""
+    import optuna
+
+    from components.records import BaselineFigures, Baselines, write_json
+    from components.tuning.compare import compare, format_comparison
+    from components.tuning.page import comparison_table
+
+    tune, *_ = _hand_study(tmp_path, TINY_SPACE, "compare")
+    study = optuna.create_study(direction="maximize")  # in memory: no heartbeat
+    for value in (0.90, 0.95, 0.80):
+        trial = study.ask()
+        trial.suggest_float("train.learning_rate", 0.003, 0.03, log=True)
+        study.tell(trial, value)
+    metrics = tmp_path / "metrics"
+    figures = {"accuracy": 0.91, "macro_f1": 0.905}
+    write_json(metrics / "baselines.json", Baselines(
+        network={"accuracy": 0.97, "macro_f1": 0.97},
+        baselines={"rbf_svc": BaselineFigures(metrics=figures, fit_seconds=1.0, train_rows=9)},
+        best="rbf_svc", lift=0.06,
+    ))  # fmt: skip
+    result = compare(tmp_path, "metrics", study, tune, study.trials[0], None)
+    assert [r["trial"] for r in result["validation"]] == [0, 1]
+    assert result["gain_over_defaults"] == pytest.approx(0.05)
+    assert result["test"] == [{"label": "baseline rbf_svc", "metrics": figures}]
+    assert "baselines: metrics/baselines.json of the last pipeline run" in result["notes"]
+    text = "\n".join(format_comparison(result))
+    assert "choosing, on the validation split (val_accuracy, higher is better):" in text
+    assert re.search(r"defaults \(params.yaml\), trial 0 +0.9000", text)
+    assert (
+        re.search(r"best, trial 1 +0.9500", text) and "best vs defaults: +0.0500 (better)" in text
+    )
+    assert re.search(r"baseline rbf_svc +0.9100 +0.9050", text)
+    assert "Reporting: test split (never used to choose)" in comparison_table(result)
+
+
 def test_the_tuning_modules_import_no_private_name_and_make_no_cycle():
     """components/tuning/ and flows/tune.py meet only through public names, one way."""
     import ast
@@ -279,6 +534,21 @@ def test_a_study_of_three_trials_leaves_three_experiments_and_a_best_trial(works
     assert all(t.state.name == "COMPLETE" for t in study.trials)
     assert {f"digits-t{i}" for i in range(3)} <= _experiments(workspace)
     assert "best trial:" in out and "dvc exp apply digits-t" in out
+    assert "a trial's task failed" not in out  # each finished task's own state was read
+    # the first trial measured the defaults: the workspace's params.yaml, no value drawn
+    defaults = study.trials[0]
+    assert "defaults" in defaults.user_attrs and "the first trial measures the defaults" in out
+    assert defaults.params == {"train.learning_rate": 0.01, "train.model": "cnn",
+                               "train.hidden_units": "[16]"}  # fmt: skip
+    assert "defaults" not in study.trials[1].user_attrs
+    # compared on validation; on test the defaults and the best trial's experiments (no final
+    # run), and no baselines: trials fit none, and this workspace has no pipeline run yet
+    assert "Compared with the defaults and the baselines" in out
+    assert re.search(r"defaults \(params.yaml\), trial 0 +\d\.\d{4}", out)
+    assert re.search(r"defaults, trial 0 +\d\.\d{4} +\d\.\d{4}", out)
+    assert re.search(rf"best trial {study.best_trial.number} +\d\.\d{{4}}", out)
+    assert "note: no classical baselines to compare with" in out
+    assert "budget: 30m of trials (tune.timeout_seconds, tune.n_trials), at most 3 trials" in out
     # every trial ran through the train stage's pruning callback (env reached `--temp`), unless
     # DVC's run-cache restored an identical trial
     assert any(t.intermediate_values for t in study.trials)
@@ -326,9 +596,16 @@ def test_reopened_by_two_workers_the_study_resumes_and_its_best_params_are_relea
     trial, and the best params then go through the whole pipeline and its gates."""
     before = len(_study(workspace).trials)
     assert before >= 3
-    result = _tune(workspace, "--no-ensemble", "--workers", "2", "--set", "tune.n_trials=2")
+    result = _tune(
+        workspace, "--no-ensemble", "--workers", "2", "--budget", "10m", "--n-trials", "2"
+    )
     out = result.stdout + result.stderr
     assert "Unable to acquire lock" not in out and "is busy" not in out
+    assert "a trial's task failed" not in out
+    # BUDGET=10m with a count given too: both limits; the final run is said to come after
+    assert "budget: 10m of trials (BUDGET=10m), at most 2 trials; then the final run" in out
+    assert "trials stopped after" in out and "2 trial(s) started, the limit" in out
+    assert "the defaults (params.yaml as it is) were measured in trial 0" in out  # not again
     study = _study(workspace)
     new = study.trials[before:]
     # Finished, none lost; with 3 trials done the median rule may prune one (it then leaves
@@ -350,6 +627,23 @@ def test_reopened_by_two_workers_the_study_resumes_and_its_best_params_are_relea
         assert params[section][name] == expected  # written back to params.yaml
     assert params["evaluate"]["min_accuracy"] == TINY_OVERRIDES["evaluate"]["min_accuracy"]
     assert (workspace / "artefacts" / "bento.json").is_file()
+    assert not any("defaults" in t.user_attrs for t in new)
+
+    # the comparison: validation chose, the final run's test metrics beside the defaults
+    # trial's and the baselines the final run's evaluate fitted
+    assert re.search(r"defaults \(params.yaml\), trial 0 +\d\.\d{4}", out)
+    assert re.search(rf"best, trial {study.best_trial.number} +\d\.\d{{4}}", out)
+    assert re.search(r"final run: network \(best params\) +\d\.\d{4} +\d\.\d{4}", out)
+    served = json.loads((workspace / "metrics" / "gate.json").read_text())["served_variant"]
+    assert re.search(rf"final run: served {served} \(gated\) +\d\.\d{{4}} +\d\.\d{{4}}", out)
+    baselines = json.loads((workspace / "metrics" / "baselines.json").read_text())["baselines"]
+    for name, figures in baselines.items():
+        assert re.search(rf"baseline {name} +{figures['metrics']['accuracy']:.4f}", out)
+    assert re.search(r"time: trials [\dhms]+, final run [\dhms]+", out)
+    page = (workspace / "reports" / "tuning.html").read_text()
+    assert "Compared with the defaults and the baselines" in page and "final run: served" in page
+    summary = json.loads((workspace / "reports" / "tuning" / "summary.json").read_text())
+    assert summary["comparison"]["test_keys"] == ["accuracy", "macro_f1"]
 
 
 def test_an_unpromising_trial_is_pruned_by_the_real_train_stage(tiny_params, tmp_path, monkeypatch):

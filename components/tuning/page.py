@@ -14,11 +14,14 @@ from pathlib import Path
 
 from components.config import TuneParams
 from components.stage import replacing, write_text
-from components.tuning.study import best_overrides, direction, finished, shown
+from components.tuning.budget import format_duration
+from components.tuning.compare import format_comparison
+from components.tuning.study import DEFAULTS_ATTR, best_overrides, direction, finished, shown
 
 
 def trials_table(study) -> list[dict]:
-    """One row per trial: number, state, value, experiment, time, epochs, reason, params."""
+    """One row per trial: number, state, value, experiment, whether it measured the defaults,
+    time, epochs, reason, params."""
     rows = []
     for t in study.trials:
         rows.append(
@@ -27,6 +30,7 @@ def trials_table(study) -> list[dict]:
                 "state": t.state.name,
                 "value": t.value,
                 "experiment": t.user_attrs.get("experiment", ""),
+                "defaults": DEFAULTS_ATTR in t.user_attrs,
                 "seconds": t.user_attrs.get("seconds"),
                 "epochs_run": t.user_attrs.get("epochs_run"),
                 "last_epoch_reported": max(t.intermediate_values)
@@ -142,7 +146,8 @@ def plots(rows: list[dict], ranked: dict[str, float], metric: str, maximise: boo
             ax.axvline(r["number"], color="#bbbbbb", lw=0.8, ls=":")
     ax.set_xlabel("trial")
     ax.set_ylabel(f"{metric} (validation)")
-    ax.legend(loc="best", fontsize=8)
+    if done:  # no finished trial: nothing labelled (an empty legend only warns)
+        ax.legend(loc="best", fontsize=8)
     out["objective"] = png_base64(fig)
     if ranked:
         fig, ax = plt.subplots(figsize=(6, 0.4 + 0.35 * len(ranked)))
@@ -189,6 +194,7 @@ def write_page(path: Path, summary: dict, rows: list[dict], images: dict) -> Pat
         if ens_rows
         else f"<p>{escape(ensemble.get('note', ''))}</p>"
     )
+    comparison_html = comparison_table(summary.get("comparison") or {})
     pics = "".join(
         f'<h2>{escape(title)}</h2><img alt="{escape(title)}" src="data:image/png;base64,{b64}">'
         for title, b64 in (
@@ -203,10 +209,50 @@ def write_page(path: Path, summary: dict, rows: list[dict], images: dict) -> Pat
         f"{escape(summary['study'])}</title><style>body{{font-family:sans-serif;margin:2em}}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;"
         "font-size:13px;text-align:left}</style></head><body>"
-        f"<h1>Tuning study {escape(summary['study'])}</h1><table>{facts}</table>{pics}"
+        f"<h1>Tuning study {escape(summary['study'])}</h1><table>{facts}</table>"
+        f"{comparison_html}{pics}"
         f"<h2>Trials</h2><table><tr>{head}</tr>{body}</table>{ens_html}</body></html>\n",
     )
     return path
+
+
+def comparison_table(comparison: dict) -> str:
+    """The comparison with the defaults and the baselines as HTML: the validation figures that
+    chose, then the test figures that only report."""
+    if not comparison.get("validation"):
+        return f"<p>{escape(comparison.get('note', ''))}</p>" if comparison else ""
+    metric = escape(comparison["metric"])
+    valid = "".join(
+        f"<tr><td>{escape(r['label'])}</td><td>{r['trial']}</td><td>{r['value']:.4f}</td></tr>"
+        for r in comparison["validation"]
+    )
+    keys = comparison["test_keys"]
+    test = "".join(
+        f"<tr><td>{escape(r['label'])}</td>"
+        + "".join(
+            f"<td>{r['metrics'][k]:.4f}</td>" if k in r["metrics"] else "<td></td>" for k in keys
+        )
+        + "</tr>"
+        for r in comparison["test"]
+    )
+    head = "".join(f"<th>{escape(k)}</th>" for k in keys)
+    notes = "".join(f"<li>{escape(n)}</li>" for n in comparison["notes"])
+    gain = comparison.get("gain_over_defaults")
+    verdict = (
+        ""
+        if gain is None
+        else "<p>The defaults are the best trial.</p>"
+        if comparison.get("best_is_defaults")
+        else f"<p>Best vs defaults: {gain:+.4f} {metric} ({comparison['better']} is better).</p>"
+    )
+    return (
+        "<h2>Compared with the defaults and the baselines</h2>"
+        f"<h3>Choosing: validation split, {metric} ({escape(comparison['better'])} is better)</h3>"
+        f"<table><tr><th>run</th><th>trial</th><th>{metric}</th></tr>{valid}</table>{verdict}"
+        "<h3>Reporting: test split (never used to choose)</h3>"
+        f"<table><tr><th>model</th>{head}</tr>{test}</table>"
+        + (f"<ul>{notes}</ul>" if notes else "")
+    )
 
 
 def write_report(
@@ -240,9 +286,22 @@ def format_summary(summary: dict, page: Path) -> str:
         "best_experiment",
         "best_params",
         "final_run",
+        "budget",
+        "stopped",
     ):
         if key in summary:
             lines.append(f"  {key.replace('_', ' ')}: {summary[key]}")
+    spent = [
+        f"{label} {format_duration(summary[key])}"
+        for label, key in (
+            ("trials", "seconds_trials"),
+            ("final run", "seconds_final_run"),
+            ("ensemble", "seconds_ensemble"),
+        )
+        if summary.get(key) is not None
+    ]
+    if spent:
+        lines.append(f"  time: {', '.join(spent)}")
     if summary.get("importance"):
         lines.append(
             "  importance: " + ", ".join(f"{k} {v:.2f}" for k, v in summary["importance"].items())
@@ -260,6 +319,12 @@ def format_summary(summary: dict, page: Path) -> str:
         lines.append(f"  ensemble: {ens.get('verdict') or ens.get('note')}")
     if ens.get("bento"):
         lines.append(f"  ensemble bento: {ens['bento']}")
+    comparison = summary.get("comparison") or {}
+    if comparison.get("validation"):
+        lines.append("Compared with the defaults and the baselines")
+        lines += format_comparison(comparison)
+    elif comparison.get("note"):
+        lines.append(f"  {comparison['note']}")
     if summary.get("best_experiment"):
         name = summary["best_experiment"]
         lines.append(f"  reproduce the best trial: dvc exp apply {name} && dvc repro")

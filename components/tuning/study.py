@@ -5,12 +5,15 @@ password comes from the environment), so opening it again resumes it and workers
 machines can share it. The flow keeps a heartbeat for each trial it runs; resuming marks FAIL the
 trials a killed flow left RUNNING (no heartbeat for a while, or older than a trial may run).
 Values go to DVC and Hydra as compact JSON (:func:`encode`); a choice that is not a plain value
-(a list of layer sizes) is offered to Optuna as its JSON text.
+(a list of layer sizes) is offered to Optuna as its JSON text. The defaults (params.yaml as it
+is) are the study's first trial, measured as every other one (:func:`enqueue_defaults`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
 import json
 import os
 import threading
@@ -18,7 +21,13 @@ import warnings
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from components.config import STORAGE_PASSWORD_ENV, ParamsError, SearchDimension, TuneParams
+from components.config import (
+    STORAGE_PASSWORD_ENV,
+    ParamsError,
+    SearchDimension,
+    TuneParams,
+    read_params_file,
+)
 from components.overrides import check_overrides
 from components.stage import redact
 from components.trial import open_storage, pruner_from
@@ -31,6 +40,13 @@ UNTUNABLE_SECTIONS = ("paths", "orchestrate", "tune", "ingest", "validate")
 # older than the grace period belongs to a flow that was killed.
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 120
+# A trial that measures params.yaml as it is carries the params' fingerprint in this user attr,
+# and in the other the space's keys whose params.yaml value lies outside the space (the trial
+# keeps them as they are: Optuna records no value outside a dimension).
+DEFAULTS_ATTR = "defaults"
+OUTSIDE_ATTR = "defaults_outside_space"
+# What a trial's validation metric depends on; the other sections only act after evaluate.
+MEASURED_SECTIONS = ("ingest", "validate", "train")
 
 
 class TuneError(ValueError):
@@ -82,6 +98,7 @@ def check_space(tune: TuneParams, params_file: Path) -> None:
     """Every key of ``tune.space`` must be a param of params.yaml and every choice (and both
     ends of every range) a value params.yaml accepts there. Raises :class:`TuneError` naming
     the key, before any trial starts."""
+    raw = read_params_file(params_file)  # once: each value is checked on a copy of it
     for key, dim in tune.space.items():
         where = f"tune.space.{key}"
         if key.split(".")[0] in UNTUNABLE_SECTIONS:
@@ -91,7 +108,7 @@ def check_space(tune: TuneParams, params_file: Path) -> None:
             )
         for value in dimension_values(dim):
             try:
-                check_overrides([f"{key}={encode(value)}"], params_file)
+                check_overrides([f"{key}={encode(value)}"], params_file, copy.deepcopy(raw))
             except ParamsError as exc:
                 what = "choice" if dim.choices is not None else "range end"
                 detail = str(exc).replace("invalid params: ", "")
@@ -200,16 +217,106 @@ def suggest(trial, key: str, dim: SearchDimension):
 
 
 def ask(url: str, tune: TuneParams, sampler_key: str = ""):
-    """A new trial of the study and its params (``{key: value}`` for every key of the space),
-    drawn by this process's shared sampler when ``sampler_key`` names one."""
+    """A new trial of the study and its params (``{key: value}`` for every key of the space;
+    the defaults trial leaves out the keys whose value lies outside it), drawn by this
+    process's shared sampler when ``sampler_key`` names one."""
     with _ASK_LOCK, warnings.catch_warnings():
         # "Heartbeat of storage is supposed to be used with Study.optimize": the trials' heartbeat
         # is the flow's own (components/tuning/trials.py), around each `dvc exp run`.
         warnings.simplefilter("ignore", UserWarning)
         study = open_study(url, tune, sampler=_SAMPLERS.get(sampler_key))
-        trial = study.ask()
-        values = {key: suggest(trial, key, dim) for key, dim in tune.space.items()}
+        trial = study.ask()  # an enqueued trial (the defaults) first
+        outside = set(trial.user_attrs.get(OUTSIDE_ATTR, ()))
+        values = {
+            key: suggest(trial, key, dim) for key, dim in tune.space.items() if key not in outside
+        }
     return study, trial, values
+
+
+# ---------------------------------------------------------------------------------------------
+# The defaults: params.yaml as it is, the study's first trial
+
+
+def param_value(raw: dict, key: str):
+    """The value of a dotted key in params.yaml's mapping (``train.augment.crop_padding``)."""
+    node = raw
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    return encode(a) == encode(b)
+
+
+def contains(dim: SearchDimension, value) -> bool:
+    """Whether ``value`` is a point of the dimension: one of its choices, or in its range (on
+    its step, an integer for an integer range)."""
+    if dim.choices is not None:
+        return any(_same(value, choice) for choice in dim.choices)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if not dim.low <= value <= dim.high:
+        return False
+    if dim.is_int:
+        return float(value).is_integer() and (int(value) - dim.low) % (dim.step or 1) == 0
+    if dim.step:
+        k = (value - dim.low) / dim.step
+        return abs(k - round(k)) < 1e-9
+    return True
+
+
+def defaults_fingerprint(raw: dict) -> str:
+    """What identifies the defaults a trial measured: params.yaml's sections that decide the
+    validation metric. Another run with the same ones reuses that trial instead of another."""
+    measured = {section: raw.get(section) for section in MEASURED_SECTIONS}
+    return hashlib.sha256(json.dumps(measured, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def defaults_trials(study, fingerprint: str, states=None) -> list:
+    """The study's trials that measured these defaults, in trial order (``states``: only
+    those)."""
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=states)
+        if t.user_attrs.get(DEFAULTS_ATTR) == fingerprint
+    ]
+
+
+def measured_defaults(study, fingerprint: str):
+    """The newest COMPLETE trial of these defaults, or None."""
+    import optuna
+
+    done = defaults_trials(study, fingerprint, (optuna.trial.TrialState.COMPLETE,))
+    return done[-1] if done else None
+
+
+def enqueue_defaults(study, tune: TuneParams, raw: dict) -> tuple[str, list[str]]:
+    """Make params.yaml's values the study's next trial (Optuna's queue: the next ``ask``),
+    unless a trial of the same defaults finished or waits already. Returns the fingerprint and
+    the space's keys whose value lies outside the space (that trial keeps them as params.yaml
+    has them: it measures the defaults, not a point of the space)."""
+    import optuna
+
+    fingerprint = defaults_fingerprint(raw)
+    state = optuna.trial.TrialState
+    found = state.WAITING, state.RUNNING, state.COMPLETE  # a failed one is measured again
+    fixed, outside = {}, []
+    for key, dim in tune.space.items():
+        value = param_value(raw, key)
+        if not contains(dim, value):
+            outside.append(key)
+        elif dim.choices is not None and not all(map(_is_plain, dim.choices)):
+            fixed[key] = encode(value)  # offered to Optuna as its JSON text
+        else:
+            fixed[key] = value
+    if not defaults_trials(study, fingerprint, found):
+        study.enqueue_trial(fixed, user_attrs={DEFAULTS_ATTR: fingerprint, OUTSIDE_ATTR: outside})
+    return fingerprint, outside
 
 
 @contextlib.contextmanager
@@ -276,6 +383,8 @@ def best_overrides(study, tune: TuneParams) -> list[str]:
     best = study.best_trial
     out = []
     for key, dim in tune.space.items():
+        if key not in best.params:  # the defaults trial kept params.yaml's value
+            continue
         value = best.params[key]
         if dim.choices is not None and not all(map(_is_plain, dim.choices)):
             value = json.loads(value)

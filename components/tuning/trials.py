@@ -35,7 +35,15 @@ from components.trial import (
     ENV_TRIAL_ID,
     PRUNED_MARK,
 )
-from components.tuning.study import TuneError, ask, encode, experiment_of, heartbeat
+from components.tuning.study import (
+    DEFAULTS_ATTR,
+    OUTSIDE_ATTR,
+    TuneError,
+    ask,
+    encode,
+    experiment_of,
+    heartbeat,
+)
 
 # One `dvc exp run` at a time through its launch (stash) phase is DVC's own business
 # (--wait-for-lock); this only keeps our log lines of two trials from interleaving.
@@ -149,7 +157,11 @@ def _kill_group(process: subprocess.Popen, sig: int) -> None:
 
 
 def _env(url: str, tune: TuneParams, trial) -> dict:
-    """The environment of a trial's ``dvc exp run``: where its train stage finds the trial."""
+    """The environment of a trial's ``dvc exp run``: where its train stage finds the trial.
+    The defaults trial is never pruned: it is what the others are compared with."""
+    pruning = tune.pruning.model_dump()
+    if DEFAULTS_ATTR in trial.user_attrs:
+        pruning["enabled"] = False
     env = {
         **os.environ,
         # dvc.yaml's commands say `python`: this interpreter (the project's venv).
@@ -159,28 +171,49 @@ def _env(url: str, tune: TuneParams, trial) -> dict:
         ENV_TRIAL_ID: str(trial._trial_id),  # Optuna has no public id of a live trial
         ENV_METRIC: tune.metric,
         # Optuna does not store a study's pruner: the stage builds the same one from this.
-        ENV_PRUNER: json.dumps(tune.pruning.model_dump()),
+        ENV_PRUNER: json.dumps(pruning),
     }
     env.update(trial_threads(tune.workers, env))
     return env
 
 
-def run_trial(root: Path, url: str, tune: TuneParams, sampler_key: str, logger) -> dict:
+def run_trial(
+    root: Path,
+    url: str,
+    tune: TuneParams,
+    sampler_key: str,
+    logger,
+    timeout: float | None = None,
+    timeout_reason: str = "tune.trial_timeout_seconds",
+) -> dict:
     """Ask the study for params, run them as a DVC experiment up to evaluate, tell the result.
+    It is killed after ``timeout`` seconds (``tune.trial_timeout_seconds`` unless given: less
+    when a budget ends sooner, which ``timeout_reason`` then names).
 
     Returns the trial's row: number, experiment, params, seconds, state (COMPLETE, PRUNED or
-    FAIL) and its value or the reason it has none. The trial is never left RUNNING."""
+    FAIL) and its value or the reason it has none; ``defaults`` when it measured params.yaml
+    as it is. The trial is never left RUNNING."""
     import optuna
 
+    timeout = tune.trial_timeout_seconds if timeout is None else timeout
     study, trial, values = ask(url, tune, sampler_key)
     name = experiment_of(tune.study_name, trial.number)
     trial.set_user_attr("experiment", name)
+    defaults = DEFAULTS_ATTR in trial.user_attrs
     sets = [*tune.trial_overrides, *(f"{key}={encode(v)}" for key, v in values.items())]
+    if defaults:
+        kept = trial.user_attrs.get(OUTSIDE_ATTR) or []
+        logger.info(
+            "trial %d (%s): the defaults, params.yaml as it is%s",
+            trial.number,
+            name,
+            f" (outside the space, kept as they are: {', '.join(kept)})" if kept else "",
+        )
     logger.info("trial %d (%s): %s", trial.number, name, " ".join(sets))
     started = time.monotonic()
     with heartbeat(study, trial):
         returncode, output = run_bounded(
-            _command(name, sets), root, _env(url, tune, trial), tune.trial_timeout_seconds
+            _command(name, sets), root, _env(url, tune, trial), timeout
         )
     seconds = time.monotonic() - started
     trial.set_user_attr("seconds", round(seconds, 1))
@@ -192,12 +225,10 @@ def run_trial(root: Path, url: str, tune: TuneParams, sampler_key: str, logger) 
         "experiment": name,
         "params": values,
         "seconds": round(seconds, 1),
+        "defaults": defaults,
     }
     if returncode is None:
-        reason = (
-            f"timed out: still running after {tune.trial_timeout_seconds:g} s "
-            "(tune.trial_timeout_seconds); killed"
-        )
+        reason = f"timed out: still running after {timeout:.0f} s ({timeout_reason}); killed"
         trial.set_user_attr("reason", reason)
         _tell(study, trial, state=optuna.trial.TrialState.FAIL)
         logger.info("trial %d: FAIL: %s", trial.number, reason)
