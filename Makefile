@@ -37,6 +37,16 @@ pipeline: setup repo-init ## run the whole pipeline and build the bento; SET="k=
 repro: setup ## the same stages with plain `dvc repro` (no Prefect)
 	$(VENV)/bin/dvc repro
 
+# `dvc exp show` with every run's name, its headline metrics (metrics/headline/*.json, kept even
+# where they are equal) and the params that differ between the runs shown; code, data and model
+# hashes left out. The plain `dvc exp show` has a column for each of params.yaml's keys and each
+# file dependency (over 200): at 160 characters DVC collapses them all into `…`.
+HISTORY_METRICS := best_epoch|accuracy|macro_f1|r2|rmse|mae|served_accuracy|served_r2|served_kib|served_ms
+history: setup ## every run: its name, headline metrics and the params that differ (SORT=accuracy: best first)
+	@$(VENV)/bin/dvc exp show --no-pager --only-changed \
+	  --keep '^(Experiment|Created|$(HISTORY_METRICS))$$' --drop '.*/' --drop '[^.]*$$' \
+	  $(if $(SORT),--sort-by $(SORT) --sort-order $(or $(ORDER),desc),) $(ARGS)
+
 # Test files in TEST_WORKERS processes (pytest-xdist; a module's tests stay together, so
 # its fixtures are built once). 2 on the 2-core CI machine: most tests wait on one process.
 TEST_WORKERS ?= 2
@@ -125,4 +135,4 @@ schedule: setup repo-init ## serve the nightly + by-hand deployments (make prefe
 clean: ## remove tool state and build scratch (keeps data, models and the DVC cache)
 	rm -rf build .pytest_cache .ruff_cache
 
-.PHONY: help setup repo-init pipeline repro test soak browser deps lint serve champion promote rollback bench bench-serve serve-edge clean tune bench-tune bench-scale
+.PHONY: help setup repo-init pipeline repro history test soak browser deps lint serve champion promote rollback bench bench-serve serve-edge clean tune bench-tune bench-scale

@@ -26,7 +26,8 @@ from fp32. Classification: accuracy and macro F1; a variant passes when both dro
 ``compress.max_accuracy_drop``. Regression: R^2, RMSE and MAE; a variant passes when its R^2
 drop is within ``compress.max_accuracy_drop``. ``compress.select.policy`` picks the variant to
 package among those; the choice and its reason go to ``compress.json`` (``selected``,
-``selected_reason``). Bad params, and variants this network cannot have, fail before any work.
+``selected_reason``), the served variant's accuracy (R^2), size and latency to the headline
+``headline/compress.json``. Bad params, and variants this network cannot have, fail before any work.
 
 Families: every step applies to cnn, mlp, lstm and gru networks. Structured pruning of an
 LSTM/GRU removes recurrent units (see :mod:`components.prune`); static int8 leaves LSTM/GRU ops
@@ -73,6 +74,7 @@ from components.onnx_files import (
     measure_latencies,
     run_onnx,
 )
+from components.records import CompressSummary, compress_headline, write_headline
 from components.stage import StageError, main, write_json
 
 log = logging.getLogger("pipeline.compress")
@@ -535,7 +537,10 @@ def run(params: Params) -> CompressResult:
     scratch.chmod(0o755)
     try:
         result = compress(model, config, meta, splits, cfg, params.train, scratch)
-        write_json(Path(paths.metrics_dir) / "compress.json", result_payload(result, cfg))
+        payload = result_payload(result, cfg)
+        write_json(Path(paths.metrics_dir) / "compress.json", payload)
+        headline = compress_headline(CompressSummary.model_validate(payload))
+        write_headline(paths.metrics_dir, "compress", headline)
         for line in format_table(result).splitlines():
             log.info("%s", line)
         log.info("selected %s: %s", result.selected, result.selected_reason)

@@ -6,7 +6,8 @@ lowest class recall for classification (``evaluate.min_accuracy``, ``min_macro_f
 
 Writes the metrics (``evaluate.json``, numbers only: a changed threshold leaves it as it was,
 so compress, which depends on it, does not re-run) apart from the verdicts
-(``evaluate_gates.json``, one reason per gate), and the plots ``confusion.csv``,
+(``evaluate_gates.json``, one reason per gate), the headline ``headline/evaluate.json`` (the
+task's headline metrics: what ``dvc exp show`` compares), and the plot files ``confusion.csv``,
 ``per_class.csv`` and ``predictions.csv`` (each written for both tasks so DVC finds them, empty
 but for the header where the task has none). A gate that does not pass fails the stage, so the
 flow stops before compress and package and writes the page of the stopped run.
@@ -32,6 +33,8 @@ from components.records import (
     Baselines,
     EvaluateMetrics,
     Verdicts,
+    evaluate_headline,
+    write_headline,
     write_json,
 )
 from components.stage import StageError, main, write_text
@@ -193,7 +196,9 @@ def run(params: Params) -> EvaluateResult:
         ]
         gate = lift_gate(result.metrics, scores, task, params.evaluate.min_lift_over_baseline)
         result = EvaluateResult(result.metrics, (*result.gates, gate))
-    write_json(metrics_dir / EVALUATE_FILE, metrics_record(result.metrics, meta, len(test)))
+    record = metrics_record(result.metrics, meta, len(test))
+    write_json(metrics_dir / EVALUATE_FILE, record)
+    write_headline(metrics_dir, "evaluate", evaluate_headline(record))
     write_json(metrics_dir / EVALUATE_GATES_FILE, Verdicts.of(result.gates))
     predicted = task.predictions(outputs, len(test))
     names = meta.class_names if task.has_classes else ()

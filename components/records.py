@@ -26,6 +26,8 @@ EVALUATE_GATES_FILE = "evaluate_gates.json"
 COMPRESS_FILE = "compress.json"
 GATE_FILE = "gate.json"
 BENTO_FILE = "bento.json"
+# The numbers runs are compared by, one file per stage: ``metrics_dir/headline/<stage>.json``.
+HEADLINE_DIR = "headline"
 
 
 class Record(BaseModel):
@@ -215,6 +217,7 @@ class CompressSummary(Record):
 
     served_variant: str
     variants: dict[str, CompressedVariant]
+    task: Literal["classification", "regression"] | None = None  # None: files before it was kept
 
     @model_validator(mode="after")
     def _serves_a_variant(self) -> CompressSummary:
@@ -290,6 +293,78 @@ class GateReport(Record):
 
     def served(self) -> JudgedVariant:
         return self.variants[self.served_variant]
+
+
+# -- headline metrics ----------------------------------------------------------------------
+
+
+class Headline(Record):
+    """``metrics/headline/<stage>.json``: the few numbers ``dvc exp show``, ``make history`` and
+    ``dvc metrics diff`` compare between runs (the stage's ``metrics:`` in dvc.yaml; the records
+    above are plain outs). Numbers only, and no key in two files: DVC makes a column of every
+    string too, and names a key two files share ``<path>:<key>``."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    @model_validator(mode="after")
+    def _numbers_only(self) -> Headline:
+        for key, value in (self.model_extra or {}).items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{key} must be a number, not {value!r}")
+        return self
+
+    def numbers(self) -> dict[str, float]:
+        return dict(self.model_extra or {})
+
+
+def train_headline(summary: TrainSummary) -> Headline:
+    """The epoch whose weights were kept (its validation figures are train.json's)."""
+    return Headline(best_epoch=summary.best_epoch)
+
+
+def evaluate_headline(metrics: EvaluateMetrics) -> Headline:
+    """The network's headline test metrics: accuracy and macro F1, or R^2, RMSE and MAE."""
+    from components import tasks
+
+    return Headline(**{k: getattr(metrics, k) for k in tasks.get(metrics.task).headline_keys})
+
+
+def compress_headline(summary: CompressSummary) -> Headline:
+    """What the bento serves, whichever variant it is: its test accuracy (R^2), size and
+    latency at batch 1, as ``served_accuracy`` (``served_r2``), ``served_kib``, ``served_ms``."""
+    from components import tasks
+
+    served = summary.variants[summary.served_variant]
+    task = tasks.get(summary.task) if summary.task else tasks.of_metrics(served.model_dump())
+    key = task.selection_key
+    numbers = {
+        f"served_{key}": getattr(served, key, None),
+        "served_kib": round(served.size_bytes / 1024, 1),
+        "served_ms": served.latency_ms_batch1,
+    }
+    return Headline(**{k: v for k, v in numbers.items() if v is not None})
+
+
+def headline_keys() -> tuple[str, ...]:
+    """Every key a headline file may hold, for any task (``make history`` keeps these columns)."""
+    from components import tasks
+
+    keys = ["best_epoch"]
+    for task in tasks.TASKS.values():
+        keys += [*task.headline_keys, f"served_{task.selection_key}"]
+    return (*dict.fromkeys(keys), "served_kib", "served_ms")
+
+
+def headline_path(metrics_dir: Path, stage: str) -> Path:
+    return Path(metrics_dir) / HEADLINE_DIR / f"{stage}.json"
+
+
+def write_headline(metrics_dir: Path, stage: str, headline: Headline) -> None:
+    write_json(headline_path(metrics_dir, stage), headline)
+
+
+def read_headline(metrics_dir: Path, stage: str) -> Headline:
+    return read(Headline, headline_path(metrics_dir, stage), stage)
 
 
 # -- package -------------------------------------------------------------------------------

@@ -31,15 +31,17 @@ from components.lightning_module import (
     show_progress_bar,
 )
 from components.model import NetConfig, build_model, load_state_dict, save_model
-from components.records import TRAIN_FILE, TrainSummary
+from components.records import TRAIN_FILE, TrainSummary, train_headline, write_headline
 from components.stage import StageError, main, replacing, write_json
 from components.trial import trial_callbacks
 
 log = logging.getLogger("pipeline.train")
 
 # The history file has every column for either task (the other task's is left empty), so the
-# plot declared once in dvc.yaml finds its fields whatever the data.
+# plots declared once in dvc.yaml find their fields whatever the data (their templates leave
+# the empty cells out).
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_rmse")
+HISTORY_FILE = "train_history.csv"
 LAST_CHECKPOINT = "last.ckpt"
 
 
@@ -275,6 +277,16 @@ def fit(
     return FitOutput(net, config, history.rows, trainer.is_global_zero, resumed_epoch, speed)
 
 
+def write_history_csv(path: Path, history: list[dict]) -> None:
+    """One row per epoch, every task's column (the other task's cells empty): the file the
+    training curves of `dvc plots show` and the report are drawn from."""
+    with replacing(path, "w") as fh:
+        fh.write(",".join(HISTORY_FIELDS) + "\n")
+        for row in history:
+            cells = ("" if row.get(k) is None else json.dumps(row[k]) for k in HISTORY_FIELDS)
+            fh.write(",".join(cells) + "\n")
+
+
 def run(params: Params) -> TrainResult | None:
     paths, cfg = params.paths, params.train
     meta = DatasetMeta.load(meta_path(paths.prepared_dir))
@@ -311,11 +323,8 @@ def run(params: Params) -> TrainResult | None:
         **{f"best_{k}": best[k] for k in ("val_loss", key)},
     )
     write_json(metrics_dir / TRAIN_FILE, summary)
-    with replacing(metrics_dir / "train_history.csv", "w") as fh:
-        fh.write(",".join(HISTORY_FIELDS) + "\n")
-        for row in history:
-            cells = ("" if row.get(k) is None else json.dumps(row[k]) for k in HISTORY_FIELDS)
-            fh.write(",".join(cells) + "\n")
+    write_headline(metrics_dir, "train", train_headline(summary))
+    write_history_csv(metrics_dir / HISTORY_FILE, history)
     # Checkpoints only serve to resume an interrupted run: once a run has finished they are
     # of no further use (and resuming a finished, early-stopped run would train on).
     shutil.rmtree(root, ignore_errors=True)

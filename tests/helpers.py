@@ -80,6 +80,7 @@ def project_repo(
         subprocess.run([*GIT, "init", "-q"], cwd=root, check=True, env=env)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True, env=env)
     shutil.copy(REPO_ROOT / ".dvc" / "config", root / ".dvc" / "config")
+    shutil.copytree(REPO_ROOT / ".dvc" / "plots", root / ".dvc" / "plots")  # dvc.yaml's templates
     if remote is not None:
         (root / ".dvc" / "config.local").write_text(f"['remote \"local\"']\n    url = {remote}\n")
     apply_overrides(overrides, root / "params.yaml")

@@ -402,7 +402,7 @@ def test_deployment_run_applied_its_parameter_and_saved_the_run(api, workspace, 
         for exp in baseline.get("experiments") or []
     }
     assert exps[name]["params"]["params.yaml"]["data"]["evaluate"]["min_accuracy"] == 0.55
-    assert exps[name]["metrics"]["metrics/evaluate.json"]["data"]["accuracy"] >= 0.5
+    assert exps[name]["metrics"]["metrics/headline/evaluate.json"]["data"]["accuracy"] >= 0.5
     # Pushed: the ref to origin, data and models to the default DVC remote (in HOME).
     assert ref in _git(workspace, "ls-remote", "origin")
     remote = base / "home" / ".local" / "share" / "data-to-bento" / "dvc-remote"

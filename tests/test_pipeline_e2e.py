@@ -206,6 +206,61 @@ def test_changing_one_param_reruns_that_stage_and_later_ones_only(workspace, one
     assert "the next run without them re-runs the stages they changed" in out
 
 
+def _dvc_json(root: Path, *command: str):
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", *command, "--json"],
+        cwd=root, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return json.loads(done.stdout)
+
+
+def test_the_runs_read_side_by_side_in_160_columns(workspace, first_run, one_param_run):
+    """After two runs: `make history` names them, with their headline metrics and the param
+    that differs, in 160 columns; every metric `dvc exp show` has is a headline number;
+    `dvc metrics diff` is a short table; `dvc plots show` draws each chart once, from data."""
+    names = [_saved_as(r.stdout + r.stderr) for r in (first_run, one_param_run[0])]
+    venv = Path(sys.executable).parent.parent  # the Makefile's VENV, this checkout's
+    shown = subprocess.run(
+        ["make", "-s", "--no-print-directory", "-f", str(REPO_ROOT / "Makefile"), "-C",
+         str(workspace), "-o", "setup", "history", f"VENV={venv}"],
+        env={**os.environ, "COLUMNS": "160"}, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    lines = shown.splitlines()
+    assert max(len(line) for line in lines) <= 160, shown
+    header = lines[1].split()
+    assert header[:2] == ["Experiment", "Created"], shown
+    for column in ("best_epoch", "accuracy", "macro_f1", "served_accuracy", "served_kib",
+                   "served_ms", "evaluate.min_accuracy"):  # fmt: skip
+        assert column in header, shown
+    assert not [c for c in header if "/" in c], shown  # no code, data or model hashes
+    rows = {name: line for line in lines for name in names if f"[{name}]" in line}
+    assert set(rows) == set(names), shown
+    assert rows[names[1]].split()[-1] == "0.55"  # the override, the column that differs
+
+    for baseline in _dvc_json(workspace, "exp", "show"):
+        for exp in baseline.get("experiments") or []:
+            metrics = exp["revs"][0]["data"]["metrics"]
+            assert sorted(metrics) == [f"metrics/headline/{s}.json" for s in
+                                       ("compress", "evaluate", "train")]  # fmt: skip
+            for numbers in metrics.values():
+                assert all(isinstance(v, int | float) for v in numbers["data"].values())
+    diff = subprocess.run(
+        [sys.executable, "-m", "dvc", "metrics", "diff", "--all", *names],
+        cwd=workspace, env={**os.environ, "COLUMNS": "160"}, capture_output=True, text=True,
+        check=True,
+    ).stdout.splitlines()  # fmt: skip
+    assert diff[0].split() == ["Path", "Metric", *names, "Change"], diff
+    assert len(diff) == 7 and max(len(line) for line in diff) <= 120, diff  # 6 numbers
+
+    plots = _dvc_json(workspace, "plots", "show")
+    assert plots.get("errors") is None, plots["errors"]
+    assert sorted(plots["data"]) == sorted(
+        ("loss", "validation", "confusion", "per_class", "compression_score", "compression_latency")
+    )
+    for name, chart in plots["data"].items():
+        assert chart and chart[0]["content"]["data"]["values"], f"{name} draws nothing"
+
+
 def test_a_second_override_run_starts_from_params_yaml_not_the_last_run(
     workspace, one_param_run, tmp_path
 ):
