@@ -73,6 +73,29 @@ def cached_object(root: Path, md5: str) -> Path:
     return cache_dir(root) / "files" / "md5" / md5[:2] / md5[2:]
 
 
+def not_in_cache(root: Path, lock_text: bytes | str) -> list[str]:
+    """The outputs a ``dvc.lock`` records whose contents the DVC cache lacks (a fresh clone
+    that pulled nothing has none): ``dvc checkout`` of that lock would delete them."""
+    try:
+        data = yaml.safe_load(lock_text) or {}
+    except yaml.YAMLError:
+        return ["dvc.lock is not valid YAML"]
+    missing = []
+    for entry in (data.get("stages") or {}).values():
+        for o in (entry or {}).get("outs") or []:
+            md5 = o.get("md5")
+            if not md5:
+                continue
+            obj = cached_object(root, md5)
+            if not obj.is_file():
+                missing.append(o["path"])
+            elif md5.endswith(".dir"):
+                entries = json.loads(obj.read_text())
+                if any(not cached_object(root, e["md5"]).is_file() for e in entries):
+                    missing.append(o["path"])
+    return missing
+
+
 def _restore_from_cache(root: Path, out: LockedOutput) -> str | None:
     """Copy ``out`` back from the cache; the reason it could not be, or None."""
     if not out.md5:

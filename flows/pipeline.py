@@ -58,6 +58,7 @@ from components.overrides import (  # noqa: E402
     refuse_ignored,
 )
 from components.report import REPORT_FILE, run_environment  # noqa: E402
+from components.restore import not_in_cache  # noqa: E402
 from flows.experiments import (  # noqa: E402
     BUSY,
     FALLBACK_IDENTITY,
@@ -370,9 +371,20 @@ def roll_back(root: Path, last_good_lock: bytes | None, logger) -> str:
         return "no earlier good run to go back to"
     if lock.is_file() and lock.read_bytes() == last_good_lock:
         return "outputs as the last good run left them (dvc status lists what is stale)"
+    missing = not_in_cache(root, last_good_lock)
+    if missing:  # a checkout would delete these outputs, and put nothing in their place
+        shown = ", ".join(missing[:4]) + (
+            f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        )
+        logger.warning("not rolled back: the last good run's %s are not in the DVC cache", shown)
+        return (
+            f"this run's outputs and dvc.lock are kept: the last good run's {shown} are not in "
+            "this clone's DVC cache (`dvc pull` fetches them, then `git checkout dvc.lock && "
+            "dvc checkout` goes back)"
+        )
     write_text(lock, last_good_lock)  # whole or not at all: a half dvc.lock breaks every run
     done = subprocess.run(
-        [sys.executable, "-m", "dvc", "checkout", "--force", "--quiet"],
+        [sys.executable, "-m", "dvc", "checkout", "--force"],
         cwd=root,
         capture_output=True,
         text=True,
