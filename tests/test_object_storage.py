@@ -100,8 +100,8 @@ def test_a_run_pushed_to_s3_is_pulled_into_a_fresh_clone(tmp_path, s3_endpoint):
     work = tmp_path / "work"
     repo = _new_repo(work)
     split = work / "data" / "shards" / "train"
-    written = write_shards(_examples(300), split, 300, shuffle_seed=0, shard_bytes=1200)
-    assert len(written.shards) == 9  # 37 examples of 32 bytes in each 1200-byte shard
+    written = write_shards(_examples(300), split, 300, shuffle_seed=0, shard_bytes=37 * 2048)
+    assert len(written.shards) == 9  # 37 examples of 2,048 bytes on disk in each shard
     repo.add(str(work / "data" / "shards"))
     repo.close()
     _remote(work, f"s3://{BUCKET}/dvc", s3_endpoint)

@@ -42,9 +42,9 @@ def _ids(batches) -> list[int]:
 
 @pytest.fixture
 def split(tmp_path):
-    """250 examples in shards of 32 (bytes per example: 12 + 8)."""
+    """250 examples in shards of 32 (2,048 bytes each on disk: two headers, two padded .npy)."""
     directory = tmp_path / "train"
-    write_shards(_examples(250), directory, 250, shuffle_seed=7, shard_bytes=32 * 20)
+    write_shards(_examples(250), directory, 250, shuffle_seed=7, shard_bytes=32 * 2048)
     return directory
 
 
@@ -223,7 +223,7 @@ def test_writing_holds_a_shard_not_the_split(tmp_path):
     def peak(n: int) -> int:
         tracemalloc.start()
         write_shards(_examples(n, sort_by_class=False), tmp_path / f"s{n}", n, shuffle_seed=0,
-                     shard_bytes=4096)  # fmt: skip
+                     shard_bytes=200 * 2048)  # fmt: skip
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         return peak
