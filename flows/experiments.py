@@ -132,22 +132,24 @@ def check_git_remote(root: Path, git_remote: str) -> str:
 # What DVC and git say about the workspace
 
 
+def stage_address(stage, root: Path) -> str:
+    """What `dvc repro` run from the root accepts for a DVC stage: its name for the root
+    dvc.yaml's stages (DVC's own ``addressing`` is relative to the current folder, not the
+    root), ``path/dvc.yaml:name`` for the others."""
+    dvcfile = Path(stage.path).resolve()
+    if dvcfile.parent == Path(root).resolve():
+        return stage.name
+    return f"{dvcfile.relative_to(Path(root).resolve()).as_posix()}:{stage.name}"
+
+
 def stages_in_order(repo, root: Path) -> tuple[list[str], list[str]]:
     """The stages of an open DVC ``repo`` in graph order (DVC's own topological sort of its
     stage graph), and the source stages among them: those that depend on no other stage."""
     import networkx as nx  # DVC's own dependency
 
-    def address(stage) -> str:
-        # What `dvc repro` run from the root accepts: the name for the root dvc.yaml's stages
-        # (DVC's own `addressing` is relative to the current folder, not the root).
-        dvcfile = Path(stage.path).resolve()
-        if dvcfile.parent == Path(root).resolve():
-            return stage.name
-        return f"{dvcfile.relative_to(Path(root).resolve()).as_posix()}:{stage.name}"
-
     graph = repo.index.graph  # edges point from a stage to the stages it depends on
-    order = [address(stage) for stage in reversed(list(nx.topological_sort(graph)))]
-    sources = {address(stage) for stage in graph if graph.out_degree(stage) == 0}
+    order = [stage_address(s, root) for s in reversed(list(nx.topological_sort(graph)))]
+    sources = {stage_address(s, root) for s in graph if graph.out_degree(s) == 0}
     return order, [s for s in order if s in sources]
 
 
