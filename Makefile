@@ -28,7 +28,7 @@ $(STAMP): requirements.lock pyproject.toml
 setup: $(STAMP) ## create .venv and install the pinned dependencies (requirements.lock)
 
 repo-init: $(STAMP)
-	@test -d .git || (git init -q && echo "initialised a git repository (DVC needs one)")
+	@test -e .git || (git init -q && echo "initialised a git repository (DVC needs one)")
 	@test -d .dvc || ($(VENV)/bin/dvc init -q && echo "initialised DVC")
 
 pipeline: setup repo-init ## run the whole pipeline and build the bento; SET="k=v ..." for this run only, KEEP=1 keeps them
