@@ -122,27 +122,28 @@ def _check_holding_the_workspace(root: Path) -> NothingToDo | None:
     return NothingToDo(experiment, order, pushed)
 
 
-def prefect_api_url(env: dict | None = None, cwd: Path | None = None) -> str | None:
+def prefect_api_url(env: dict | None = None, folders: tuple[Path, ...] = ()) -> str | None:
     """The Prefect API this process would talk to, read without importing Prefect (its settings
     alone take a second or more to import): ``PREFECT_API_URL`` from the environment, else from
     the active profile in the profiles file (``prefect config set``; ``PREFECT_PROFILE`` or the
     file's ``active``). None: no server, a flow run would start a temporary one. Raises
     :class:`_CannotTell` where Prefect could find settings this does not read (a
-    ``prefect.toml``, a ``.env`` or ``[tool.prefect]`` here) or would send credentials.
-    tests/test_flows.py checks the answers against Prefect's own."""
+    ``prefect.toml``, a ``.env`` or ``[tool.prefect]`` in one of ``folders``, by default the
+    current one) or would send credentials. tests/test_flows.py checks the answers against
+    Prefect's own."""
     env = os.environ if env is None else env
-    cwd = Path.cwd() if cwd is None else cwd
     if any(env.get(key) for key in ("PREFECT_API_KEY", "PREFECT_API_AUTH_STRING")):
         raise _CannotTell("Prefect credentials")
     if env.get("PREFECT_API_URL"):
         return env["PREFECT_API_URL"].rstrip("/")
-    dotenv = cwd / ".env"
-    if (
-        (cwd / "prefect.toml").is_file()
-        or (dotenv.is_file() and "PREFECT_" in dotenv.read_text(errors="replace"))
-        or "prefect" in _toml(cwd / "pyproject.toml").get("tool", {})
-    ):
-        raise _CannotTell("Prefect settings in a file of this folder")
+    for folder in folders or (Path.cwd(),):
+        dotenv = folder / ".env"
+        if (
+            (folder / "prefect.toml").is_file()
+            or (dotenv.is_file() and "PREFECT_" in dotenv.read_text(errors="replace"))
+            or "prefect" in _toml(folder / "pyproject.toml").get("tool", {})
+        ):
+            raise _CannotTell(f"Prefect settings in a file of {folder}")
     home = Path(env.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
     profiles = _toml(Path(env.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser())
     active = env.get("PREFECT_PROFILE") or profiles.get("active") or ""
@@ -235,7 +236,8 @@ def answered(argv: list[str]) -> bool:
     if root is None:
         return False
     try:
-        api = prefect_api_url(cwd=root)
+        # Prefect reads its files in the folder it starts in; the run goes on in the root.
+        api = prefect_api_url(folders=(Path.cwd(), root))
         os.chdir(root)  # DVC's Python API expects to run from inside the repository
         found = check(root)
     except Exception as exc:  # DVC, git, params, a Prefect setting: the flow says it better

@@ -384,7 +384,7 @@ def test_the_prefect_server_is_the_one_prefect_itself_would_use(tmp_path):
             (home / "profiles.toml").write_text(profiles)
         case = {"PREFECT_HOME": str(home), **env}
         cases[name] = case
-        ours[name] = prefect_api_url(case, cwd=tmp_path)
+        ours[name] = prefect_api_url(case, folders=(tmp_path,))
     script = (
         "import json, os, sys\n"
         "from prefect.settings.models.root import Settings\n"
@@ -425,4 +425,4 @@ def test_prefect_settings_it_does_not_read_leave_the_run_to_the_flow(tmp_path, f
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     with pytest.raises(_CannotTell):
-        prefect_api_url({"PREFECT_HOME": str(tmp_path), **env}, cwd=tmp_path)
+        prefect_api_url({"PREFECT_HOME": str(tmp_path), **env}, folders=(tmp_path,))
