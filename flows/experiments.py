@@ -14,6 +14,7 @@ fails the run at once instead of after an hour of training.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import subprocess
@@ -132,6 +133,85 @@ def check_git_remote(root: Path, git_remote: str) -> str:
         reason = " ".join(probe.stderr.split())[-300:]
         raise PreflightError(f"git remote {git_remote!r} is unreachable: {reason}")
     return url.stdout.strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# What DVC and git say about the workspace
+
+
+def stage_address(stage, root: Path) -> str:
+    """What `dvc repro` run from the root accepts for a DVC stage: its name for the root
+    dvc.yaml's stages (DVC's own ``addressing`` is relative to the current folder, not the
+    root), ``path/dvc.yaml:name`` for the others."""
+    dvcfile = Path(stage.path).resolve()
+    if dvcfile.parent == Path(root).resolve():
+        return stage.name
+    return f"{dvcfile.relative_to(Path(root).resolve()).as_posix()}:{stage.name}"
+
+
+def stages_in_order(repo, root: Path) -> tuple[list[str], list[str]]:
+    """The stages of an open DVC ``repo`` in graph order (DVC's own topological sort of its
+    stage graph), and the source stages among them: those that depend on no other stage."""
+    import networkx as nx  # DVC's own dependency
+
+    graph = repo.index.graph  # edges point from a stage to the stages it depends on
+    order = [stage_address(s, root) for s in reversed(list(nx.topological_sort(graph)))]
+    sources = {stage_address(s, root) for s in graph if graph.out_degree(s) == 0}
+    return order, [s for s in order if s in sources]
+
+
+def matching_experiment(root: Path, newest: int = 10) -> str | None:
+    """The newest of the last ``newest`` experiments on this commit that holds the workspace
+    as it is: every file git tracks here or the experiment holds (code, params.yaml, dvc.lock,
+    metrics), byte for byte. None when no experiment matches.
+
+    A few git commands and one read of each tracked file (DVC's data is not in git): well
+    under a second. Contents only: a changed file mode alone does not count.
+    """
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return done.stdout if done.returncode == 0 else ""
+
+    top = Path(git("rev-parse", "--show-toplevel").strip() or root)
+    head = git("rev-parse", "--verify", "--quiet", "HEAD^{commit}").strip()
+    if not head:
+        return None
+    refs = git(
+        "for-each-ref", f"--count={newest}", "--sort=-committerdate", "--format=%(refname)",
+        f"refs/exps/{head[:2]}/{head[2:]}/",
+    ).split()  # fmt: skip
+    if not refs:
+        return None
+    tracked = {p for p in git("-C", str(top), "ls-files", "-z").split("\0") if p}
+    blobs: dict[str, str | None] = {}
+
+    def blob(path: str) -> str | None:
+        """The git blob id of the workspace's file (None when there is none)."""
+        if path not in blobs:
+            full = top / path
+            if full.is_symlink():
+                data = os.readlink(full).encode()
+            elif full.is_file():
+                data = full.read_bytes()
+            else:
+                blobs[path] = None
+                return None
+            header = b"blob %d\0" % len(data)
+            blobs[path] = hashlib.sha1(header + data, usedforsecurity=False).hexdigest()
+        return blobs[path]
+
+    for ref in refs:
+        held = {}
+        for entry in git("ls-tree", "-r", "-z", "--full-tree", ref).split("\0"):
+            if entry:
+                meta, path = entry.split("\t", 1)
+                _, kind, sha = meta.split()
+                if kind == "blob":
+                    held[path] = sha
+        if held and all(blob(path) == held.get(path) for path in tracked | held.keys()):
+            return ref.rsplit("/", 1)[-1]
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

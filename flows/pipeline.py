@@ -14,8 +14,10 @@ a time), applies the overrides, runs the stages, and ends by saving itself as a 
 experiment named after the flow run and pushing data and models to the DVC remote, so any run
 reproduces elsewhere with ``dvc exp apply <run>`` and ``dvc repro --pull``. Overrides belong
 to that run: its experiment records them and params.yaml goes back as it was. A run that
-changes nothing saves no new experiment: it names the one it matched. The ``orchestrate``
-section of params.yaml holds the knobs (retries, lock wait, remotes, schedule).
+changes nothing saves no new experiment: it names the one it matched; when DVC finds every
+stage up to date and the workspace is that experiment, ``python -m flows.pipeline`` says so
+before Prefect starts (flows/noop.py). The ``orchestrate`` section of params.yaml holds the
+knobs (retries, lock wait, remotes, schedule).
 
 No ML logic lives here: each stage is ``python -m components.<stage>``, run by ``dvc repro``.
 """
@@ -25,8 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import hashlib
-import json
 import logging
 import os
 import queue
@@ -38,6 +38,14 @@ from pathlib import Path
 from components.stage import FAILURE_PREFIX, redact, set_quiet_env, write_text
 
 set_quiet_env()  # before Prefect is imported: it reads PREFECT_HOME at import
+
+if __name__ == "__main__":
+    # `python -m flows.pipeline` (make pipeline) with nothing to do is answered from DVC's own
+    # status in a second or two, before Prefect is imported or a temporary server started.
+    from flows.noop import answered
+
+    if answered(sys.argv[1:]):
+        sys.exit(0)
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
@@ -57,7 +65,7 @@ from components.overrides import (  # noqa: E402
     put_back_after_a_killed_run,
     refuse_ignored,
 )
-from components.report import REPORT_FILE, run_environment  # noqa: E402
+from components.report import run_environment  # noqa: E402
 from components.restore import not_in_cache  # noqa: E402
 from flows.experiments import (  # noqa: E402
     BUSY,
@@ -70,11 +78,25 @@ from flows.experiments import (  # noqa: E402
     exit_code,
     experiment_name,
     has_commit,
+    matching_experiment,
     push_data,
     push_experiment_ref,
     save_experiment,
+    stages_in_order,
 )
-from flows.workspace_lock import WorkspaceBusy, lock_path, workspace_lock  # noqa: E402
+from flows.noop import FLOW_NAME  # noqa: E402
+from flows.summary import (  # noqa: E402
+    SUMMARY_ARTIFACT,
+    format_summary,
+    read_summary,
+    summary_markdown,
+)
+from flows.workspace_lock import (  # noqa: E402
+    WorkspaceBusy,
+    lock_path,
+    params_backup,
+    workspace_lock,
+)
 
 # Final-state names the CLI and the tests read: the run did not start, or another run holds
 # the workspace; a stage failed with its own one-line reason (so retrying cannot help).
@@ -84,22 +106,10 @@ STAGE_FAILED = "StageFailed"
 def stage_graph(root: Path) -> tuple[list[str], list[str]]:
     """The stages of dvc.yaml in graph order (DVC's own topological sort of its stage graph),
     and the source stages among them: those that depend on no other stage (ingest)."""
-    import networkx as nx
     from dvc.repo import Repo
 
-    def address(stage) -> str:
-        # What `dvc repro` run from the root accepts: the name for the root dvc.yaml's stages
-        # (DVC's own `addressing` is relative to the current folder, not the root).
-        dvcfile = Path(stage.path).resolve()
-        if dvcfile.parent == Path(root).resolve():
-            return stage.name
-        return f"{dvcfile.relative_to(Path(root).resolve()).as_posix()}:{stage.name}"
-
     with Repo(str(root)) as repo:
-        graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        order = [address(stage) for stage in reversed(list(nx.topological_sort(graph)))]
-        sources = {address(stage) for stage in graph if graph.out_degree(stage) == 0}
-    return order, [s for s in order if s in sources]
+        return stages_in_order(repo, root)
 
 
 def stage_order(root: Path) -> list[str]:
@@ -299,60 +309,6 @@ def push_run(root: str, remote: str, git_remote: str, experiment: str | None) ->
     return said
 
 
-def matching_experiment(root: Path, newest: int = 10) -> str | None:
-    """The newest of the last ``newest`` experiments on this commit that holds the workspace
-    as it is: every file git tracks here or the experiment holds (code, params.yaml, dvc.lock,
-    metrics), byte for byte. None when no experiment matches.
-
-    A few git commands and one read of each tracked file (DVC's data is not in git): well
-    under a second. Contents only: a changed file mode alone does not count.
-    """
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-        return done.stdout if done.returncode == 0 else ""
-
-    top = Path(git("rev-parse", "--show-toplevel").strip() or root)
-    head = git("rev-parse", "--verify", "--quiet", "HEAD^{commit}").strip()
-    if not head:
-        return None
-    refs = git(
-        "for-each-ref", f"--count={newest}", "--sort=-committerdate", "--format=%(refname)",
-        f"refs/exps/{head[:2]}/{head[2:]}/",
-    ).split()  # fmt: skip
-    if not refs:
-        return None
-    tracked = {p for p in git("-C", str(top), "ls-files", "-z").split("\0") if p}
-    blobs: dict[str, str | None] = {}
-
-    def blob(path: str) -> str | None:
-        """The git blob id of the workspace's file (None when there is none)."""
-        if path not in blobs:
-            full = top / path
-            if full.is_symlink():
-                data = os.readlink(full).encode()
-            elif full.is_file():
-                data = full.read_bytes()
-            else:
-                blobs[path] = None
-                return None
-            header = b"blob %d\0" % len(data)
-            blobs[path] = hashlib.sha1(header + data, usedforsecurity=False).hexdigest()
-        return blobs[path]
-
-    for ref in refs:
-        held = {}
-        for entry in git("ls-tree", "-r", "-z", "--full-tree", ref).split("\0"):
-            if entry:
-                meta, path = entry.split("\t", 1)
-                _, kind, sha = meta.split()
-                if kind == "blob":
-                    held[path] = sha
-        if held and all(blob(path) == held.get(path) for path in tracked | held.keys()):
-            return ref.rsplit("/", 1)[-1]
-    return None
-
-
 def _read_lock(root: Path) -> bytes | None:
     lock = root / "dvc.lock"
     return lock.read_bytes() if lock.is_file() else None
@@ -452,170 +408,6 @@ def preflight(root: Path, overrides: list[str]) -> Params:
     return params
 
 
-def read_summary(root: Path) -> dict:
-    """Collect what the stages recorded, for the closing summary: each record through its typed
-    reader (components/records.py), as a plain dict; a record that is missing (the stage has
-    not run yet) or unreadable is left out, and an unreadable one is named in ``problems``."""
-    from components import records
-    from components.stage import StageError
-
-    params = load_params(root / "params.yaml")
-    metrics_dir = root / params.paths.metrics_dir
-    artefacts_dir = root / params.paths.artefacts_dir
-    problems: list[str] = []
-
-    def read(reader, folder: Path, name: str) -> dict:
-        if not (folder / name).is_file():
-            return {}
-        try:
-            return reader(folder).model_dump(exclude_none=True)
-        except StageError as exc:
-            problems.append(str(exc))
-            return {}
-
-    def read_json(path: Path) -> dict:
-        return json.loads(path.read_text()) if path.is_file() else {}
-
-    return {
-        "evaluate": read(records.read_evaluate, metrics_dir, records.EVALUATE_FILE),
-        "evaluate_gates": read(
-            records.read_evaluate_gates, metrics_dir, records.EVALUATE_GATES_FILE
-        ),
-        "baselines": read(records.read_baselines, metrics_dir, records.BASELINES_FILE),
-        "compress": read(records.read_compress, metrics_dir, records.COMPRESS_FILE),
-        "gate": read(records.read_gate, metrics_dir, records.GATE_FILE),
-        "bento": read(records.read_bento, artefacts_dir, records.BENTO_FILE),
-        "promote": read_json(metrics_dir / "promote.json"),
-        "report": root / params.paths.reports_dir / "report.html",
-        # Where the package stage built the bentos (its BENTOML_HOME, as this process has it).
-        "bento_store": os.environ.get("BENTOML_HOME") or str(root / ".bentoml"),
-        "root": root,
-        "problems": problems,
-    }
-
-
-def serve_command(tag: str, store: str, root: Path, port: int = 3000) -> str:
-    """A shell line that serves bento ``tag`` from ``store`` on 127.0.0.1:``port``, run as
-    printed from the repository root: the store and the project's bentoml named outright, since
-    a plain shell has neither the Makefile's BENTOML_HOME nor the .venv on its PATH."""
-    import shlex
-
-    def shown(path: Path) -> str:
-        # Not resolved: .venv/bin/bentoml is a link into the interpreter's own folder.
-        path = Path(os.path.abspath(path))
-        for base in (Path(os.path.abspath(root)), Path(root).resolve()):
-            if path.is_relative_to(base):
-                return str(path.relative_to(base))
-        return str(path)
-
-    bentoml = Path(sys.executable).parent / "bentoml"
-    program = shown(bentoml) if bentoml.is_file() else "bentoml"
-    return (
-        f"BENTOML_HOME={shlex.quote(shown(store))} {shlex.quote(program)} serve "
-        f"{shlex.quote(tag)} --host 127.0.0.1 --port {port}"
-    )
-
-
-def _numbers(metrics: dict, keys) -> str:
-    shown = [k for k in keys if isinstance(metrics.get(k), float | int)]
-    return ", ".join(f"{k} {metrics[k]:.4f}" for k in shown)
-
-
-def format_summary(summary: dict, outcomes: dict[str, str], notes: list[str] = ()) -> str:
-    """The closing summary: the served model's test metrics and gates first (what clients get),
-    then the PyTorch network it came from, the other variants, the bento and how to serve it."""
-    ev, comp, bento = summary["evaluate"], summary["compress"], summary["bento"]
-    gate = summary.get("gate") or {}
-    lines = [
-        "",
-        "Pipeline summary",
-        "  stages: " + ", ".join(f"{s} {o}" for s, o in outcomes.items()),
-        *(f"  {note}" for note in notes),
-        *(f"  could not read: {problem}" for problem in summary.get("problems", ())),
-    ]
-    from components import tasks
-
-    task = tasks.of_metrics(gate or ev or {})
-    headline = task.selection_key
-    # The served variant as the gate stage judged it on the test split (what the bento serves),
-    # else as compress measured it, else nothing: the network's figures are not the served ones.
-    served_name = bento.get("served_variant") or gate.get("served_variant")
-    served_name = served_name or comp.get("served_variant")
-    served, served_gates = {}, {}
-    if served_name and served_name in gate.get("variants", {}):
-        served = gate["variants"][served_name]
-        served_gates = served.get("gates", {})
-    elif served_name and served_name in comp.get("variants", {}):
-        served = comp["variants"][served_name]
-    if served_name and _numbers(served, task.summary_keys):
-        lines.append(
-            f"  served model ({served_name}), test metrics: {_numbers(served, task.summary_keys)}"
-        )
-    for name, g in served_gates.items():
-        lines.append(f"  gate {name}: {'PASS' if g['passed'] else 'FAIL'} ({g['reason']})")
-    if ev:
-        before = "the PyTorch network before compression" if served_name else "test metrics"
-        lines.append(f"  {before}: {_numbers(ev, task.summary_keys)}")
-        network_gates = (summary.get("evaluate_gates") or {}).get("gates", {})
-        for name, g in network_gates.items() if not served_gates else ():
-            verdict = "PASS" if g["passed"] else "FAIL"
-            lines.append(f"  gate {name}: {verdict} ({g['value']:.4f} vs min {g['threshold']})")
-        failed = [g["reason"] for g in network_gates.values() if not g["passed"]]
-        if served_gates and failed:
-            lines.append(f"  the network's gates: FAIL: {'; '.join(failed)}")
-    base = summary.get("baselines") or {}
-    if base.get("best"):
-        key = task.selection_key
-        others = ", ".join(f"{n} {b['metrics'][key]:.4f}" for n, b in base["baselines"].items())
-        lines.append(
-            f"  classical baselines ({key}, same splits): {others}; the network's "
-            f"lift over the best: {base['lift']:+.4f}"
-        )
-    if comp:
-        for name, v in comp["variants"].items():
-            latency = v.get("latency_ms_batch1")
-            lines.append(
-                f"  model {name}: {v['size_bytes'] / 1024:.0f} KiB, {headline} "
-                f"{v.get(headline, float('nan')):.4f}"
-                + (f", {latency:.3f} ms at batch 1" if latency is not None else "")
-                + ("   (served)" if name == served_name else "")
-            )
-        check = comp.get("gate") or {}
-        drop = comp.get(f"int8_{headline}_drop", comp.get("int8_accuracy_drop"))
-        if drop is not None and check:
-            lines.append(
-                f"  gate int8 {headline} drop: {'PASS' if check.get('passed') else 'FAIL'} "
-                f"({drop:+.4f} vs max {check.get('max_accuracy_drop')})"
-            )
-        if comp.get("served_variant"):
-            lines.append(f"  selected {comp['served_variant']}: {comp.get('selected_reason', '')}")
-    if gate:
-        champion = gate.get("champion") or {}
-        verdict = "PASS" if gate.get("passed") else "FAIL: " + "; ".join(gate.get("failed", []))
-        lines.append(f"  gate before packaging: {verdict}")
-        if champion.get("note"):
-            lines.append(f"  champion comparison: {champion['note']}")
-    if bento:
-        lines.append(f"  bento: {bento['tag']} (serves the {bento['served_variant']} model)")
-        lines.append(f"  archive: {bento['archive']}")
-        edge = bento.get("edge") or {}
-        if edge.get("tag"):
-            lines.append(f"  edge bento: {edge['tag']} (int8, ONNX Runtime + numpy only)")
-    promote = summary.get("promote") or {}
-    if promote:
-        lines.append(f"  champion: {promote.get('champion_after')} ({promote.get('outcome')}: "
-                     f"{promote.get('reason')})")  # fmt: skip
-    report = summary.get("report")
-    if report and Path(report).is_file():
-        lines.append(f"  report: {report}")
-    if bento:
-        root = summary.get("root") or Path.cwd()
-        store = summary.get("bento_store") or str(Path(root) / ".bentoml")
-        lines.append("  serve the champion: make serve   (another port: make serve PORT=8080)")
-        lines.append(f"  serve this run's bento: {serve_command(bento['tag'], store, root)}")
-    return "\n".join(lines)
-
-
 def leave_artifact(root: Path, summary: str) -> str:
     """Leave the closing summary, with a link to the report, as this flow run's Prefect markdown
     artifact (key ``pipeline-summary``: the UI's Artifacts page keeps one per run); returns the
@@ -624,17 +416,14 @@ def leave_artifact(root: Path, summary: str) -> str:
 
     name = flow_run.get_name() or "pipeline-run"
     try:
-        reports = load_params(root / "params.yaml").paths.reports_dir
-        report = (root / reports / REPORT_FILE).resolve()
-        link = f"[{report.name}]({report.as_uri()}) (`{report}`)" if report.is_file() else "none"
-        markdown = f"# Pipeline run {name}\n\nReport: {link}\n\n```text\n{summary.strip()}\n```\n"
-        create_markdown_artifact(markdown, key="pipeline-summary", description=f"run {name}")
+        markdown = summary_markdown(root, name, summary)
+        create_markdown_artifact(markdown, key=SUMMARY_ARTIFACT, description=f"run {name}")
     except Exception as exc:  # the API's own error types, a params.yaml gone bad: not the run's
         get_run_logger().warning("no Prefect artifact for this run: %s", exc)
     return summary
 
 
-@flow(name="pipeline", log_prints=True)
+@flow(name=FLOW_NAME, log_prints=True)
 def pipeline(
     overrides: list[str] | None = None,
     only_if_data_changed: bool = False,
@@ -678,12 +467,6 @@ def pipeline(
             )
     except WorkspaceBusy as exc:
         return Failed(name=BUSY, message=str(exc))
-
-
-def params_backup(root: Path) -> Path:
-    """Where a run keeps params.yaml as it was before its overrides, while it runs (beside the
-    workspace lock, in DVC's git-ignored tmp folder)."""
-    return lock_path(root).parent / "params-before-run.json"
 
 
 def _run_holding_the_workspace(

@@ -29,6 +29,12 @@ def lock_path(root: Path) -> Path:
     return Path(root) / LOCK_FILE
 
 
+def params_backup(root: Path) -> Path:
+    """Where a run keeps params.yaml as it was before its overrides, while it runs (beside the
+    workspace lock, in DVC's git-ignored tmp folder)."""
+    return lock_path(root).parent / "params-before-run.json"
+
+
 def read_holder(root: Path) -> dict:
     """Who holds (or last held) the lock, as the holder wrote it; {} when unknown."""
     try:

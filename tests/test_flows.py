@@ -324,3 +324,105 @@ def test_the_next_run_puts_back_what_a_killed_run_left(params_copy, edited_since
         assert params_copy.read_bytes() == before
     assert not backup.exists()
     assert put_back_after_a_killed_run(backup, params_copy) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The no-op answered before Prefect starts (flows/noop.py): which command lines it may answer,
+# and which Prefect server it records on. Its speed and its verdicts on a real repository are
+# tests/test_pipeline_e2e.py's.
+
+
+@pytest.mark.parametrize(
+    ("argv", "plain"),
+    [
+        ([], True),
+        (["--keep-params"], True),  # nothing to keep without --set
+        (["--root", "/tmp/ws"], True),
+        (["--root=/tmp/ws", "--keep-params"], True),
+        (["--set", "train.max_epochs=2"], False),
+        (["--keep-params", "--set", "train.max_epochs=2"], False),
+        (["--only-if-data-changed"], False),
+        (["--help"], False),
+        (["--root"], False),  # argparse's error message, from the flow's own parser
+        (["--keep"], False),  # argparse's abbreviations: the flow's parser decides
+    ],
+)
+def test_only_a_plain_run_is_answered_before_prefect(argv, plain):
+    from flows.noop import plain_run_root
+
+    assert (plain_run_root(argv) is not None) == plain
+
+
+# Prefect configurations: the environment, and the profiles file written into PREFECT_HOME.
+PREFECT_CONFIGS = {
+    "nothing": ({}, None),
+    "env": ({"PREFECT_API_URL": "http://127.0.0.1:4999/api"}, None),
+    "profile": ({}, 'active = "mine"\n[profiles.mine]\nPREFECT_API_URL = "http://h:1/api"\n'),
+    "another profile": (
+        {"PREFECT_PROFILE": "other"},
+        'active = "mine"\n[profiles.mine]\nPREFECT_API_URL = "http://h:1/api"\n'
+        '[profiles.other]\nPREFECT_API_URL = "http://h:2/api"\n',
+    ),
+    "env over profile": (
+        {"PREFECT_API_URL": "http://e:3/api"},
+        'active = "mine"\n[profiles.mine]\nPREFECT_API_URL = "http://h:1/api"\n',
+    ),
+    "Prefect's own profile name, no section": ({}, 'active = "local"\n'),
+}
+
+
+def test_the_prefect_server_is_the_one_prefect_itself_would_use(tmp_path):
+    """flows/noop.py reads PREFECT_API_URL without importing Prefect: its answers must be
+    Prefect's own (asked in one subprocess, a fresh Settings() per configuration)."""
+    from flows.noop import prefect_api_url
+
+    ours, cases = {}, {}
+    for name, (env, profiles) in PREFECT_CONFIGS.items():
+        home = tmp_path / name.replace(" ", "-").replace("'", "")
+        home.mkdir()
+        if profiles:
+            (home / "profiles.toml").write_text(profiles)
+        case = {"PREFECT_HOME": str(home), **env}
+        cases[name] = case
+        ours[name] = prefect_api_url(case, folders=(tmp_path,))
+    script = (
+        "import json, os, sys\n"
+        "from prefect.settings.models.root import Settings\n"
+        "answers = {}\n"
+        "for name, case in json.loads(sys.argv[1]).items():\n"
+        "    for key in ('PREFECT_API_URL', 'PREFECT_PROFILE', 'PREFECT_PROFILES_PATH'):\n"
+        "        os.environ.pop(key, None)\n"
+        "    os.environ.update(case)\n"
+        "    answers[name] = Settings().api.url\n"
+        "print(json.dumps(answers))\n"
+    )
+    import json
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(cases)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    theirs = json.loads(done.stdout.splitlines()[-1])
+    assert ours == theirs
+    assert ours["env over profile"] == "http://e:3/api" and ours["nothing"] is None
+
+
+@pytest.mark.parametrize(
+    ("files", "env"),
+    [
+        ({"prefect.toml": '[api]\nurl = "http://h:1/api"\n'}, {}),
+        ({".env": "PREFECT_API_URL=http://h:1/api\n"}, {}),
+        ({"pyproject.toml": '[tool.prefect.api]\nurl = "http://h:1/api"\n'}, {}),
+        ({}, {"PREFECT_API_URL": "https://api.prefect.cloud/api", "PREFECT_API_KEY": "pnu_x"}),
+    ],
+)
+def test_prefect_settings_it_does_not_read_leave_the_run_to_the_flow(tmp_path, files, env):
+    """Settings in files of the folder, or credentials: the no-op cannot tell the server (or
+    talk to it) cheaply, so the flow runs, with Prefect's own settings."""
+    from flows.noop import _CannotTell, prefect_api_url
+
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(_CannotTell):
+        prefect_api_url({"PREFECT_HOME": str(tmp_path), **env}, folders=(tmp_path,))
