@@ -73,6 +73,7 @@ from components.onnx_files import (
     measure_latencies,
     run_onnx,
 )
+from components.recipe import recorded
 from components.stage import StageError, main, write_json
 
 log = logging.getLogger("pipeline.compress")
@@ -534,7 +535,12 @@ def run(params: Params) -> CompressResult:
     scratch = Path(tempfile.mkdtemp(prefix="onnx-", dir=paths.model_dir))
     scratch.chmod(0o755)
     try:
-        result = compress(model, config, meta, splits, cfg, params.train, scratch)
+        # Fine-tune as train did: its recorded recipe, every auto value as it chose it.
+        try:
+            train_params = recorded(card, params.train, meta)
+        except ValueError as exc:
+            raise StageError(f"{Path(paths.model_dir) / 'model.json'}: {exc}") from None
+        result = compress(model, config, meta, splits, cfg, train_params, scratch)
         write_json(Path(paths.metrics_dir) / "compress.json", result_payload(result, cfg))
         for line in format_table(result).splitlines():
             log.info("%s", line)

@@ -21,6 +21,7 @@ class Family:
     name: str
     net: str  # the nn.Module class in components/model.py
     reads: tuple[int, ...]  # ranks of the examples it can read
+    built_for: int  # the rank it is made for: ``train.model: auto`` picks it for such data
     needs: str  # how a message names what it reads: "cnn needs images"
     widths: tuple[str, ...]  # NetConfig fields that set its size (distillation scales them)
     recurrent: bool = False  # LSTM / GRU units: pruned and shrunk by our own code
@@ -56,6 +57,7 @@ FAMILIES: dict[str, Family] = {
             "cnn",
             net="SmallCNN",
             reads=(IMAGE,),
+            built_for=IMAGE,
             needs="images",
             widths=("channels", "hidden_units"),
             quantized_ops=frozenset({"Conv", "MatMul"}),
@@ -64,6 +66,7 @@ FAMILIES: dict[str, Family] = {
             "mlp",
             net="MLP",
             reads=(IMAGE, SEQUENCE, ROW),  # on the flattened example
+            built_for=ROW,
             needs="examples of any shape",
             widths=("hidden_units",),
         ),
@@ -71,6 +74,7 @@ FAMILIES: dict[str, Family] = {
             "lstm",
             net="RecurrentNet",
             reads=(SEQUENCE, IMAGE),  # an image row by row
+            built_for=SEQUENCE,
             needs="sequences",
             widths=("rnn_hidden_size", "hidden_units"),
             recurrent=True,
@@ -81,6 +85,7 @@ FAMILIES: dict[str, Family] = {
             "gru",
             net="RecurrentNet",
             reads=(SEQUENCE, IMAGE),
+            built_for=SEQUENCE,
             needs="sequences",
             widths=("rnn_hidden_size", "hidden_units"),
             recurrent=True,
@@ -103,6 +108,23 @@ def readers_of(train_key: str) -> tuple[str, ...]:
     alike (learning rate, epochs, dropout, ...) or none declares."""
     readers = tuple(name for name, f in FAMILIES.items() if train_key in f.train_keys)
     return () if len(readers) == len(FAMILIES) else readers
+
+
+# ``train.model: auto`` for sequences: the GRU, which forecast both bench series better than the
+# LSTM after the same steps (bench/defaults.py) and is a third cheaper per unit.
+PREFERRED = {SEQUENCE: "gru"}
+
+
+def preferred(rank: int) -> str:
+    """``train.model: auto`` for examples of this rank: the family built for them (the GRU for
+    sequences, :data:`PREFERRED`), else the first that reads them."""
+    if rank in PREFERRED:
+        return PREFERRED[rank]
+    built = [name for name, f in FAMILIES.items() if f.built_for == rank]
+    readers = built or list(reading(rank))
+    if not readers:
+        raise ValueError(f"no model family reads examples of rank {rank}")
+    return readers[0]
 
 
 def reading(rank: int) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ import warnings
 
 from components import tasks
 from components.config import TrainParams
+from components.recipe import require_resolved
 
 
 def augment_batch(x, params):
@@ -59,6 +60,7 @@ def lightning_module(net, params: TrainParams):
     import torch
     from torch.nn import functional as F
 
+    require_resolved(params, "training")
     augmenting = bool(
         params.augment.crop_padding
         or params.augment.max_rotation_degrees
