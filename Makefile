@@ -93,6 +93,9 @@ tune: setup repo-init ## run (or resume) the tuning study in params.yaml's tune 
 bench-tune: setup ## tuned vs default params, 1 vs 2 workers, ensemble vs best single model (~10 min)
 	$(PY) -m bench.tune
 
+bench-defaults: setup ## default params vs classical baselines on 11 data sets that packages ship (~10 min)
+	$(PY) -m bench.defaults
+
 bench-serve: setup ## the served bento vs a hand-written FastAPI server vs ONNX Runtime in-process (~2 min)
 	$(PY) -m bench.serve
 
@@ -120,4 +123,4 @@ schedule: setup repo-init ## serve the nightly + by-hand deployments (make prefe
 clean: ## remove tool state and build scratch (keeps data, models and the DVC cache)
 	rm -rf build .pytest_cache .ruff_cache
 
-.PHONY: help setup repo-init pipeline repro test soak browser deps lint serve champion promote rollback bench bench-serve serve-edge clean tune bench-tune
+.PHONY: help setup repo-init pipeline repro test soak browser deps lint serve champion promote rollback bench bench-serve serve-edge clean tune bench-tune bench-defaults

@@ -4,7 +4,8 @@ as fp32 and its static int8, compress.json serving int8), so a bench that breaks
 
 The smoke modes measure next to nothing (a few calls, one epoch, 0.3 s of load): they prove the
 code runs end to end on current interfaces, not that the figures mean anything. bench/tune.py
-(whole tuning studies through the real flow) has no smoke mode yet.
+(whole tuning studies through the real flow) has no smoke mode yet; bench/defaults.py's makes
+its own tiny data sets from what packages ship (it needs no finished run).
 """
 
 from __future__ import annotations
@@ -114,3 +115,16 @@ def test_serve_smoke(finished_run):
     assert "goals:" in out
     report = json.loads((finished_run / "build" / "bench-serve" / "serve.json").read_text())
     assert report["bento"]["1"]["requests_per_s"] > 0 and report["baseline"]["1"]["errors"] == 0
+
+
+def test_defaults_smoke(tmp_path):
+    """Three tiny sets, one per data kind, through ingest's, train's and evaluate's cores with
+    params.yaml's defaults (two epochs): the recipe's choices and the baselines are reported."""
+    smoke("defaults", tmp_path)
+    report = json.loads((tmp_path / "build" / "bench-smoke" / "defaults.json").read_text())
+    rows = report["results"]
+    assert {r["kind"] for r in rows.values()} == {"image", "table", "sequence"}
+    assert {r["model"] for r in rows.values()} == {"cnn", "mlp", "gru"}  # train.model auto
+    for row in rows.values():
+        assert row["baselines"] and row["epochs_run"] == 2 and row["train_seconds"] > 0
+        assert any(c.startswith("train.model ") for c in row["choices"])
