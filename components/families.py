@@ -25,6 +25,10 @@ class Family:
     needs: str  # how a message names what it reads: "cnn needs images"
     widths: tuple[str, ...]  # NetConfig fields that set its size (distillation scales them)
     recurrent: bool = False  # LSTM / GRU units: pruned and shrunk by our own code
+    # Convolutions see an image's pixels in place: shifted or turned a little it is the same
+    # image to them, so the recipe augments images by default (components/recipe.py). A dense
+    # or recurrent net reads each pixel by position and has to learn every shift anew.
+    convolutional: bool = False
     # train.* keys beyond its widths that shape its network: with the widths, the train keys
     # only some families read (an override of one the chosen model ignores is refused).
     also_reads: tuple[str, ...] = ()
@@ -60,6 +64,7 @@ FAMILIES: dict[str, Family] = {
             built_for=IMAGE,
             needs="images",
             widths=("channels", "hidden_units"),
+            convolutional=True,
             quantized_ops=frozenset({"Conv", "MatMul"}),
         ),
         Family(

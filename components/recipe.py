@@ -16,10 +16,11 @@ never changed: the recipe fills in only the keys left ``auto`` / ``null``.
   (55 steps an epoch) for 10.
 - ``early_stopping_patience: null``: a fifth of those epochs (at least 3), so a long budget is
   not cut short by a few flat epochs (the best weights by val_loss are kept whatever happens).
-- ``augment.crop_padding`` / ``max_rotation_degrees`` null: for images, a random shift of about
-  1/14 of the side and rotations up to 10 degrees (safe for any image: neither changes what it
-  shows); never a flip unless ``horizontal_flip`` is set (a flipped digit is another symbol).
-  Nothing for other kinds.
+- ``augment.crop_padding`` / ``max_rotation_degrees`` null: for images read by a CNN, a random
+  shift of about 1/14 of the side and rotations up to 10 degrees (safe for any image: neither
+  changes what it shows); never a flip unless ``horizontal_flip`` is set (a flipped digit is
+  another symbol). Nothing for other kinds, nor for an MLP or RNN reading images (each pixel
+  is a fixed input to them: a shifted image is a new one).
 
 The train stage prints the lines and records them, with the resolved params, in model.json;
 compress fine-tunes with the recorded params (:func:`recorded`).
@@ -136,6 +137,17 @@ def resolve(params: TrainParams, kind, n_train: int, input_shape: tuple[int, ...
     aug = params.augment
     augment: dict = {}
     images = kind.augmentable and len(input_shape) == 3
+    if (
+        images
+        and not family.convolutional
+        and (aug.crop_padding is None or aug.max_rotation_degrees is None)
+    ):
+        choices.append(
+            f"train.augment off: {model} reads each pixel by position, so a shifted or turned "
+            "image is a new one to it (only a cnn is augmented by default); set "
+            "train.augment.* to augment anyway"
+        )
+        images = False
     if aug.crop_padding is None:
         if images:
             pad = max(1, round(min(input_shape[1:]) / CROP_SHARE))

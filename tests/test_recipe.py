@@ -56,12 +56,12 @@ def test_a_plugin_kind_of_rows_gets_the_mlp():
     assert recipe.resolve(_default_train(), signals, 60, (32,)).params.model == "mlp"
 
 
-def test_the_mnist_sample_keeps_its_network_and_gets_the_step_budget():
+def test_the_mnist_sample_keeps_the_network_and_epochs_it_had():
+    """The default run's 3,500 training images (55 steps an epoch) reach the step budget in
+    the 10 epochs they had: only augmentation is new to them."""
     p = _resolve(*MNIST).params
     assert (p.model, p.channels, p.hidden_units) == ("cnn", (16, 32), (64,))
-    steps = math.ceil(3500 / p.batch_size)  # 55
-    assert p.max_epochs == math.ceil(p.min_steps / steps)  # 19 at min_steps 1000
-    assert p.early_stopping_patience == math.ceil(p.max_epochs / recipe.PATIENCE_SHARE)
+    assert (p.max_epochs, p.early_stopping_patience) == (10, 3)
 
 
 def test_a_few_hundred_rows_train_for_more_epochs_to_reach_the_step_budget():
@@ -101,6 +101,15 @@ def test_images_are_augmented_by_default_but_never_flipped_and_other_data_not_at
     assert not any("augment" in c for c in table.choices)
     asked = _resolve("image", 3500, (3, 32, 32), **{"augment.horizontal_flip": True})
     assert asked.params.augment.horizontal_flip is True
+
+
+@pytest.mark.parametrize("model", ["mlp", "lstm"])
+def test_images_read_by_a_dense_or_recurrent_net_are_not_augmented_by_default(model):
+    r = _resolve("image", 3500, (1, 28, 28), model=model)
+    assert (r.params.augment.crop_padding, r.params.augment.max_rotation_degrees) == (0, 0.0)
+    assert any(c.startswith(f"train.augment off: {model} reads each pixel") for c in r.choices)
+    asked = _resolve("image", 3500, (1, 28, 28), model=model, **{"augment.crop_padding": 2})
+    assert asked.params.augment.crop_padding == 2  # set: kept
 
 
 @pytest.mark.parametrize(
