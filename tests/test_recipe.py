@@ -56,12 +56,14 @@ def test_a_plugin_kind_of_rows_gets_the_mlp():
     assert recipe.resolve(_default_train(), signals, 60, (32,)).params.model == "mlp"
 
 
-def test_the_mnist_sample_keeps_the_network_and_epochs_it_had():
-    """The default run's 3,500 training images (55 steps an epoch) reach the step budget in
-    the 10 epochs they had: only augmentation is new to them."""
+def test_the_mnist_sample_keeps_its_network_and_gets_the_step_budget():
+    """The default run's 3,500 training images (55 steps an epoch) keep the network they had;
+    the step budget (min_steps 1000) gives them 19 epochs instead of 10."""
     p = _resolve(*MNIST).params
     assert (p.model, p.channels, p.hidden_units) == ("cnn", (16, 32), (64,))
-    assert (p.max_epochs, p.early_stopping_patience) == (10, 3)
+    steps = math.ceil(3500 / p.batch_size)
+    assert p.max_epochs == math.ceil(p.min_steps / steps) == 19
+    assert p.early_stopping_patience == 4
 
 
 def test_a_few_hundred_rows_train_for_more_epochs_to_reach_the_step_budget():
