@@ -27,8 +27,9 @@ $(STAMP): requirements.lock pyproject.toml
 
 setup: $(STAMP) ## create .venv and install the pinned dependencies (requirements.lock)
 
+# -e, not -d: in a git worktree (or a submodule) .git is a file, and git init would re-initialise.
 repo-init: $(STAMP)
-	@test -d .git || (git init -q && echo "initialised a git repository (DVC needs one)")
+	@test -e .git || (git init -q && echo "initialised a git repository (DVC needs one)")
 	@test -d .dvc || ($(VENV)/bin/dvc init -q && echo "initialised DVC")
 
 pipeline: setup repo-init ## run the whole pipeline and build the bento; SET="k=v ..." for this run only, KEEP=1 keeps them
@@ -93,7 +94,7 @@ tune: setup repo-init ## run (or resume) the tuning study in params.yaml's tune 
 bench-tune: setup ## tuned vs default params, 1 vs 2 workers, ensemble vs best single model (~10 min)
 	$(PY) -m bench.tune
 
-bench-defaults: setup ## default params vs classical baselines on 11 data sets that packages ship (~10 min)
+bench-defaults: setup ## default params vs classical baselines on 10 data sets that packages ship (~4 min)
 	$(PY) -m bench.defaults
 
 bench-serve: setup ## the served bento vs a hand-written FastAPI server vs ONNX Runtime in-process (~2 min)

@@ -1,6 +1,6 @@
 """Benchmark: the network with default params against the classical baselines, per data set.
 
-    make bench-defaults                    (~10 min on 2 cores)
+    make bench-defaults                    (~4 min on 2 cores)
     python -m bench.defaults --smoke       (three tiny sets, a few epochs: does it run?)
     python -m bench.defaults --only digits --set train.max_epochs=20   (one set, a param changed)
 

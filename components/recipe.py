@@ -1,7 +1,7 @@
 """The training recipe: what ``auto`` (or ``null``) means for each train param, for this data.
 
-One pure function, :func:`resolve`, maps the data (its kind, task, training rows and example
-shape) and the user's train params to train params with every value set, plus one
+One pure function, :func:`resolve`, maps the data (its kind, training rows and example shape)
+and the user's train params to train params with every value set, plus one
 ``"key value: why"`` line per value it chose. A value set in params.yaml (or by ``--set``) is
 never changed: the recipe fills in only the keys left ``auto`` / ``null``.
 
@@ -13,7 +13,7 @@ never changed: the recipe fills in only the keys left ``auto`` / ``null``.
 - ``max_epochs: null``: the optimiser-step budget. At least ``min_steps`` optimiser steps and
   at least :data:`MIN_EPOCHS` epochs, at most :data:`MAX_EPOCHS`: a few hundred rows (a few
   steps an epoch) train for hundreds of epochs, the 3,500 training images of the MNIST sample
-  (55 steps an epoch) for 10.
+  (55 steps an epoch) for 19.
 - ``early_stopping_patience: null``: a fifth of those epochs (at least 3), so a long budget is
   not cut short by a few flat epochs (the best weights by val_loss are kept whatever happens).
 - ``augment.crop_padding`` / ``max_rotation_degrees`` null: for images read by a CNN, a random
