@@ -73,7 +73,7 @@ from components.onnx_files import (
     measure_latencies,
     run_onnx,
 )
-from components.recipe import recorded
+from components.recipe import recorded, resolve_for, unresolved
 from components.stage import StageError, main, write_json
 
 log = logging.getLogger("pipeline.compress")
@@ -340,11 +340,16 @@ def compress(
 
     ``model`` is the trained network (the teacher), ``config`` its architecture; ``splits``
     holds ``train`` (calibration, fine-tunes), ``val`` (the fine-tunes' best epoch) and
-    ``test`` (the measurements); ``train_params`` is the fine-tunes' recipe.
+    ``test`` (the measurements); ``train_params`` is the fine-tunes' recipe (values left auto
+    are chosen as the train stage chooses them, components/recipe.py).
     """
     from components import distill, prune
 
     train, val, test = splits["train"], splits["val"], splits["test"]
+    if unresolved(train_params):  # the stage passes model.json's recipe, already resolved
+        if train_params.model == "auto":
+            train_params = train_params.model_copy(update={"model": config.family})
+        train_params = resolve_for(train_params, meta, len(train)).params  # as train did
     # Everything that can be refused is refused here, before any work.
     if config.task != meta.task:
         raise StageError(

@@ -17,7 +17,6 @@ import warnings
 
 from components import tasks
 from components.config import TrainParams
-from components.recipe import require_resolved
 
 
 def augment_batch(x, params):
@@ -60,7 +59,11 @@ def lightning_module(net, params: TrainParams):
     import torch
     from torch.nn import functional as F
 
-    require_resolved(params, "training")
+    if params.max_epochs is None:  # the fine-tunes set their own; train resolves it first
+        raise ValueError(
+            "train.max_epochs is still auto (null): resolve the train params first "
+            "(components/recipe.py)"
+        )
     augmenting = bool(
         params.augment.crop_padding
         or params.augment.max_rotation_degrees

@@ -131,10 +131,12 @@ def test_the_cnn_is_sized_to_the_image(shape, channels):
 
 
 def test_unresolved_params_are_refused_where_a_network_is_built():
-    from components.lightning_module import lightning_module
+    from components.dataset import DatasetMeta
+    from components.train import net_config
 
+    meta = DatasetMeta(("a", "b"), (1, 8, 8), "x.npz", {"train": 10, "val": 2, "test": 2})
     with pytest.raises(ValueError, match=r"train\.model, train\.max_epochs.*still auto"):
-        lightning_module(object(), _default_train())
+        net_config(meta, _default_train())
 
 
 def test_the_tuning_space_values_resolve():
