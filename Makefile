@@ -27,6 +27,7 @@ $(STAMP): requirements.lock pyproject.toml
 
 setup: $(STAMP) ## create .venv and install the pinned dependencies (requirements.lock)
 
+# -e, not -d: in a git worktree (or a submodule) .git is a file, and git init would re-initialise.
 repo-init: $(STAMP)
 	@test -e .git || (git init -q && echo "initialised a git repository (DVC needs one)")
 	@test -d .dvc || ($(VENV)/bin/dvc init -q && echo "initialised DVC")
@@ -108,6 +109,9 @@ bench-tune: setup ## tuned vs default params, 1 vs 2 workers, ensemble vs best s
 bench-scale: setup ## sharded vs in-memory splits at 10k, 100k, 1M images: memory, time, throughput (~10 min)
 	$(PY) -m bench.scale
 
+bench-defaults: setup ## default params vs classical baselines on 10 data sets that packages ship (~4 min)
+	$(PY) -m bench.defaults
+
 bench-serve: setup ## the served bento vs a hand-written FastAPI server vs ONNX Runtime in-process (~2 min)
 	$(PY) -m bench.serve
 
@@ -135,4 +139,4 @@ schedule: setup repo-init ## serve the nightly + by-hand deployments (make prefe
 clean: ## remove tool state and build scratch (keeps data, models and the DVC cache)
 	rm -rf build .pytest_cache .ruff_cache
 
-.PHONY: help setup repo-init pipeline repro history test soak browser deps lint serve champion promote rollback bench bench-serve serve-edge clean tune bench-tune bench-scale
+.PHONY: help setup repo-init pipeline repro history test soak browser deps lint serve champion promote rollback bench bench-serve serve-edge clean tune bench-tune bench-scale bench-defaults

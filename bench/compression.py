@@ -210,13 +210,15 @@ def width_study(
     from components import quantize
     from components.model import build_model
     from components.onnx_files import export_onnx
+    from components.recipe import resolve_for
     from components.train import net_config
 
+    base = resolve_for(params.train, meta).params  # the network the train stage builds
     rows = []
     for factor in factors:
-        train = params.train.model_copy(update={
-            "channels": tuple(c * factor for c in params.train.channels),
-            "hidden_units": tuple(h * factor for h in params.train.hidden_units),
+        train = base.model_copy(update={
+            "channels": tuple(c * factor for c in base.channels),
+            "hidden_units": tuple(h * factor for h in base.hidden_units),
         })  # fmt: skip
         torch.manual_seed(0)
         net = build_model(net_config(meta, train)).eval()

@@ -32,6 +32,7 @@ from components.config import load_params
 from components.dataset import DatasetMeta, load_arrays, meta_path, split_path
 from components.lightning_module import lightning_module
 from components.model import build_model
+from components.recipe import resolve_for
 from components.train import net_config
 
 EPOCHS = 4
@@ -103,8 +104,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         EPOCHS, REPEATS = 1, 1
     all_params = load_params()
-    params = all_params.train.model_copy(update={"optimizer": "adam", "lr_schedule": "none"})
     meta = DatasetMeta.load(meta_path(all_params.paths.prepared_dir))
+    # The train stage's network for this data (the recipe), with a plain optimiser and no
+    # augmentation: the plain loop has neither.
+    params = resolve_for(all_params.train, meta).params
+    no_augment = {"crop_padding": 0, "max_rotation_degrees": 0.0, "horizontal_flip": False}
+    params = params.model_copy(update={
+        "optimizer": "adam", "lr_schedule": "none",
+        "augment": params.augment.model_copy(update=no_augment),
+    })  # fmt: skip
     train = load_arrays(split_path(all_params.paths.prepared_dir, "train"))
     torch.set_num_threads(torch.get_num_threads())
     plain, light = [], []

@@ -74,6 +74,7 @@ from components.onnx_files import (
     measure_latencies,
     run_onnx,
 )
+from components.recipe import recorded, resolve_for, unresolved
 from components.records import CompressSummary, compress_headline, write_headline
 from components.stage import StageError, main, write_json
 
@@ -341,11 +342,16 @@ def compress(
 
     ``model`` is the trained network (the teacher), ``config`` its architecture; ``splits``
     holds ``train`` (calibration, fine-tunes), ``val`` (the fine-tunes' best epoch) and
-    ``test`` (the measurements); ``train_params`` is the fine-tunes' recipe.
+    ``test`` (the measurements); ``train_params`` is the fine-tunes' recipe (values left auto
+    are chosen as the train stage chooses them, components/recipe.py).
     """
     from components import distill, prune
 
     train, val, test = splits["train"], splits["val"], splits["test"]
+    if unresolved(train_params):  # the stage passes model.json's recipe, already resolved
+        if train_params.model == "auto":
+            train_params = train_params.model_copy(update={"model": config.family})
+        train_params = resolve_for(train_params, meta, len(train)).params  # as train did
     # Everything that can be refused is refused here, before any work.
     if config.task != meta.task:
         raise StageError(
@@ -536,7 +542,12 @@ def run(params: Params) -> CompressResult:
     scratch = Path(tempfile.mkdtemp(prefix="onnx-", dir=paths.model_dir))
     scratch.chmod(0o755)
     try:
-        result = compress(model, config, meta, splits, cfg, params.train, scratch)
+        # Fine-tune as train did: its recorded recipe, every auto value as it chose it.
+        try:
+            train_params = recorded(card, params.train, meta)
+        except ValueError as exc:
+            raise StageError(f"{Path(paths.model_dir) / 'model.json'}: {exc}") from None
+        result = compress(model, config, meta, splits, cfg, train_params, scratch)
         payload = result_payload(result, cfg)
         write_json(Path(paths.metrics_dir) / "compress.json", payload)
         headline = compress_headline(CompressSummary.model_validate(payload))

@@ -168,15 +168,21 @@ class ValidateParams(_Section):
 class AugmentParams(_Section):
     """Random changes applied to training batches only (never to validation or test)."""
 
-    crop_padding: int = Field(ge=0)  # pad by this many pixels, then crop back at random
-    max_rotation_degrees: float = Field(ge=0, le=180)
-    horizontal_flip: bool  # digits must not be flipped; photos usually may
+    # None (null): the recipe chooses (components/recipe.py): small shifts and rotations for
+    # images, nothing for other kinds
+    crop_padding: int | None = Field(ge=0)  # pad by this many pixels, then crop back at random
+    max_rotation_degrees: float | None = Field(ge=0, le=180)
+    horizontal_flip: bool  # digits must not be flipped; photos usually may (never auto)
 
 
 class TrainParams(_Section):
-    model: Literal[MODELS]
+    """The train section. ``auto`` / ``None`` (null) values are the recipe's to choose for the
+    data (components/recipe.py); any other value is used as it is."""
+
+    model: Literal[("auto", *MODELS)]
     seed: int
-    max_epochs: int = Field(ge=1)
+    max_epochs: int | None = Field(ge=1)  # None: from min_steps and the training rows
+    min_steps: int = Field(ge=1)  # the step budget when max_epochs is None
     batch_size: int = Field(ge=1)  # global: split across processes under DDP
     optimizer: Literal["sgd", "adam", "adamw"]
     learning_rate: float = Field(gt=0)
@@ -189,14 +195,14 @@ class TrainParams(_Section):
     lr_step_gamma: float = Field(gt=0, le=1)
     gradient_clip_norm: float = Field(ge=0)
     dropout: float = Field(ge=0, lt=1)
-    channels: tuple[int, ...]
-    hidden_units: tuple[int, ...]
-    rnn_hidden_size: int = Field(ge=1)  # LSTM / GRU: units of each recurrent layer
+    channels: tuple[int, ...] | None  # None: sized to the image
+    hidden_units: tuple[int, ...] | None  # None: the recipe's dense layer
+    rnn_hidden_size: int | None = Field(ge=1)  # LSTM / GRU: units of each recurrent layer
     rnn_layers: int = Field(ge=1)
     batch_norm: bool
     activation: Literal["relu", "tanh", "sigmoid"]
     augment: AugmentParams
-    early_stopping_patience: int = Field(ge=1)
+    early_stopping_patience: int | None = Field(ge=1)  # None: from the epochs
     resume: bool
     init_from: str
     freeze: tuple[str, ...]
@@ -209,14 +215,15 @@ class TrainParams(_Section):
 
     @field_validator("channels", "hidden_units")
     @classmethod
-    def _positive_widths(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if any(c < 1 for c in value):
+    def _positive_widths(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is not None and any(c < 1 for c in value):
             raise ValueError("every layer needs at least 1 unit or channel")
         return value
 
     @model_validator(mode="after")
     def _family_needs(self) -> TrainParams:
-        if "channels" in FAMILIES[self.model].widths and not self.channels:
+        needs_channels = self.model != "auto" and "channels" in FAMILIES[self.model].widths
+        if needs_channels and self.channels is not None and not self.channels:
             raise ValueError(f"model {self.model} needs at least one entry in train.channels")
         if self.freeze and not self.init_from:
             raise ValueError("train.freeze needs train.init_from: there is nothing to keep")

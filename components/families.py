@@ -21,9 +21,14 @@ class Family:
     name: str
     net: str  # the nn.Module class in components/model.py
     reads: tuple[int, ...]  # ranks of the examples it can read
+    built_for: int  # the rank it is made for: ``train.model: auto`` picks it for such data
     needs: str  # how a message names what it reads: "cnn needs images"
     widths: tuple[str, ...]  # NetConfig fields that set its size (distillation scales them)
     recurrent: bool = False  # LSTM / GRU units: pruned and shrunk by our own code
+    # Convolutions see an image's pixels in place: shifted or turned a little it is the same
+    # image to them, so the recipe augments images by default (components/recipe.py). A dense
+    # or recurrent net reads each pixel by position and has to learn every shift anew.
+    convolutional: bool = False
     # train.* keys beyond its widths that shape its network: with the widths, the train keys
     # only some families read (an override of one the chosen model ignores is refused).
     also_reads: tuple[str, ...] = ()
@@ -56,14 +61,17 @@ FAMILIES: dict[str, Family] = {
             "cnn",
             net="SmallCNN",
             reads=(IMAGE,),
+            built_for=IMAGE,
             needs="images",
             widths=("channels", "hidden_units"),
+            convolutional=True,
             quantized_ops=frozenset({"Conv", "MatMul"}),
         ),
         Family(
             "mlp",
             net="MLP",
             reads=(IMAGE, SEQUENCE, ROW),  # on the flattened example
+            built_for=ROW,
             needs="examples of any shape",
             widths=("hidden_units",),
         ),
@@ -71,6 +79,7 @@ FAMILIES: dict[str, Family] = {
             "lstm",
             net="RecurrentNet",
             reads=(SEQUENCE, IMAGE),  # an image row by row
+            built_for=SEQUENCE,
             needs="sequences",
             widths=("rnn_hidden_size", "hidden_units"),
             recurrent=True,
@@ -81,6 +90,7 @@ FAMILIES: dict[str, Family] = {
             "gru",
             net="RecurrentNet",
             reads=(SEQUENCE, IMAGE),
+            built_for=SEQUENCE,
             needs="sequences",
             widths=("rnn_hidden_size", "hidden_units"),
             recurrent=True,
@@ -103,6 +113,23 @@ def readers_of(train_key: str) -> tuple[str, ...]:
     alike (learning rate, epochs, dropout, ...) or none declares."""
     readers = tuple(name for name, f in FAMILIES.items() if train_key in f.train_keys)
     return () if len(readers) == len(FAMILIES) else readers
+
+
+# ``train.model: auto`` for sequences: the GRU, which forecast both bench series better than the
+# LSTM after the same steps (bench/defaults.py) and is a third cheaper per unit.
+PREFERRED = {SEQUENCE: "gru"}
+
+
+def preferred(rank: int) -> str:
+    """``train.model: auto`` for examples of this rank: the family built for them (the GRU for
+    sequences, :data:`PREFERRED`), else the first that reads them."""
+    if rank in PREFERRED:
+        return PREFERRED[rank]
+    built = [name for name, f in FAMILIES.items() if f.built_for == rank]
+    readers = built or list(reading(rank))
+    if not readers:
+        raise ValueError(f"no model family reads examples of rank {rank}")
+    return readers[0]
 
 
 def reading(rank: int) -> tuple[str, ...]:

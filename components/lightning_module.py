@@ -59,6 +59,11 @@ def lightning_module(net, params: TrainParams):
     import torch
     from torch.nn import functional as F
 
+    if params.max_epochs is None:  # the fine-tunes set their own; train resolves it first
+        raise ValueError(
+            "train.max_epochs is still auto (null): resolve the train params first "
+            "(components/recipe.py)"
+        )
     augmenting = bool(
         params.augment.crop_padding
         or params.augment.max_rotation_degrees

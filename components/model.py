@@ -179,6 +179,15 @@ def build_model(config: NetConfig) -> nn.Module:
     return NETS[spec.net](config)
 
 
+class TrainRecipe(BaseModel):
+    """``model.json``'s ``recipe``: what train resolved, and why (components/recipe.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    choices: list[str]  # "train.key value: why", one per value the recipe chose
+    train: dict  # the train section as trained (TrainParams fields, every value set)
+
+
 class ModelCard(BaseModel):
     """``model.json``: how to rebuild the network and what it was trained for. Written by the
     train stage beside the weights; read here only (:func:`load_model`)."""
@@ -193,6 +202,9 @@ class ModelCard(BaseModel):
     target: str
     feature_names: list[str]
     preprocess: dict | None
+    # The train params it was trained with, every auto value chosen, and one line per choice
+    # (components/recipe.py); None in a model.json written before the recipe.
+    recipe: TrainRecipe | None = None
 
 
 def save_model(model: nn.Module, config: NetConfig, model_dir: Path, extra: dict) -> None:

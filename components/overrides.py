@@ -71,7 +71,16 @@ def ignored_by_the_model(overrides: list[str], path: Path = PARAMS_FILE) -> dict
     family's ``train_keys``, components/families.py), each with a message naming it: e.g.
     ``train.channels`` when train.model is mlp. Checked (and refused) before a run starts."""
     resolved, params = _resolve(overrides, Path(path))
-    model = params.train.model
+    model, auto = params.train.model, ""
+    if model == "auto":  # the family the recipe picks for the data kind ingest will read
+        from components import kinds
+
+        try:
+            kind = kinds.detect(params.ingest)
+            model = kinds.get(kind).auto_model
+        except (ValueError, ImportError):
+            return {}  # an unknown kind: the run is refused for that, by name, elsewhere
+        auto = f" (train.model auto picks {model} for {kind} data)"
     ignored = {}
     for key in resolved:
         section, _, name = key.partition(".")
@@ -80,7 +89,7 @@ def ignored_by_the_model(overrides: list[str], path: Path = PARAMS_FILE) -> dict
             ignored[key] = (
                 f"{key}: model {model} does not use it (only {' and '.join(readers)} "
                 f"{'does' if len(readers) == 1 else 'do'}), so this override would change "
-                f"nothing; set train.model={readers[0]} too, or drop it"
+                f"nothing; set train.model={readers[0]} too, or drop it{auto}"
             )
     return ignored
 

@@ -31,6 +31,7 @@ from components.lightning_module import (
     show_progress_bar,
 )
 from components.model import NetConfig, build_model, load_state_dict, save_model
+from components.recipe import Recipe, require_resolved, resolve_for
 from components.records import TRAIN_FILE, TrainSummary, train_headline, write_headline
 from components.stage import StageError, main, replacing, write_json
 from components.trial import trial_callbacks
@@ -59,6 +60,7 @@ class TrainResult:
 class FitOutput:
     net: object  # the plain nn.Module, best weights loaded (rank zero only)
     config: NetConfig
+    recipe: Recipe  # the train params it ran with, every auto value chosen, and why
     history: list[dict]
     is_global_zero: bool
     resumed_from_epoch: int
@@ -67,7 +69,9 @@ class FitOutput:
 
 def net_config(meta: DatasetMeta, params: TrainParams, train_y=None) -> NetConfig:
     """The network for this data: its input shape and outputs come from the data, the rest
-    from params. A regression net learns the training targets' mean and spread (``train_y``)."""
+    from params (resolved: components/recipe.py). A regression net learns the training
+    targets' mean and spread (``train_y``)."""
+    require_resolved(params, "the network's configuration")
     target_mean, target_std = 0.0, 1.0
     if meta.is_regression and train_y is not None and len(train_y):
         target_mean = float(train_y.astype("float64").mean())
@@ -189,7 +193,10 @@ def fit(
     params: TrainParams,
     checkpoint_dir: Path,
 ) -> FitOutput:
-    """The core: train (or resume) a network; rank zero gets it back with the best weights."""
+    """The core: train (or resume) a network; rank zero gets it back with the best weights.
+
+    ``params`` may leave values ``auto`` (null): the recipe (components/recipe.py) chooses them
+    for this data first, and each choice is logged with its reason."""
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -197,6 +204,10 @@ def fit(
 
     L.seed_everything(params.seed, workers=True, verbose=False)
     quiet_lightning()
+    if params.model != "auto":
+        check_model_fits_data(meta, params)  # an explicit family that cannot read the data
+    recipe = resolve_for(params, meta, len(train_set))
+    params = recipe.params
     check_model_fits_data(meta, params)
     config = net_config(meta, params, train_set.y)
     try:
@@ -258,6 +269,9 @@ def fit(
             log.info("resuming from %s after epoch %d of %d", resume_from, resumed_epoch,
                      params.max_epochs)  # fmt: skip
 
+    if trainer.is_global_zero:
+        for line in recipe.choices:
+            log.info("recipe: %s", line)
     module = lightning_module(net, params)
     started = time.perf_counter()
     trainer.fit(
@@ -274,7 +288,9 @@ def fit(
     if trainer.is_global_zero:
         net.load_state_dict(load_state_dict(Path(checkpoint.best_model_path)))
         net.eval()
-    return FitOutput(net, config, history.rows, trainer.is_global_zero, resumed_epoch, speed)
+    return FitOutput(
+        net, config, recipe, history.rows, trainer.is_global_zero, resumed_epoch, speed
+    )
 
 
 def write_history_csv(path: Path, history: list[dict]) -> None:
@@ -313,6 +329,10 @@ def run(params: Params) -> TrainResult | None:
             "target": meta.target,
             "feature_names": list(meta.feature_names),
             "preprocess": meta.preprocess,
+            "recipe": {
+                "choices": list(out.recipe.choices),
+                "train": out.recipe.params.model_dump(mode="json"),
+            },
         },
     )
     metrics_dir = Path(paths.metrics_dir)

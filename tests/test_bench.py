@@ -6,7 +6,8 @@ The smoke modes measure next to nothing (a few calls, one epoch, 0.3 s of load):
 code runs end to end on current interfaces, not that the figures mean anything. bench/tune.py
 runs whole tuning studies through the real flow: its smoke mode builds its own scratch
 repository with 60 tiny images and runs one study of 2 trials of 2 epochs at once (the slowest
-smoke here: DVC experiments, Python start-up in each stage).
+smoke here: DVC experiments, Python start-up in each stage); bench/defaults.py's makes its own
+tiny data sets from what packages ship (it needs no finished run).
 """
 
 from __future__ import annotations
@@ -131,3 +132,16 @@ def test_tune_smoke(finished_run):
     assert report["two_workers"]["trials_per_hour"] > 0
     assert report["ensemble"]["ensemble"] is not None, report["ensemble"]
     assert not (finished_run / "build" / "bench-smoke" / "tune-repo").exists()  # cleaned up
+
+
+def test_defaults_smoke(tmp_path):
+    """Three tiny sets, one per data kind, through ingest's, train's and evaluate's cores with
+    params.yaml's defaults (two epochs): the recipe's choices and the baselines are reported."""
+    smoke("defaults", tmp_path)
+    report = json.loads((tmp_path / "build" / "bench-smoke" / "defaults.json").read_text())
+    rows = report["results"]
+    assert {r["kind"] for r in rows.values()} == {"image", "table", "sequence"}
+    assert {r["model"] for r in rows.values()} == {"cnn", "mlp", "gru"}  # train.model auto
+    for row in rows.values():
+        assert row["baselines"] and row["epochs_run"] == 2 and row["train_seconds"] > 0
+        assert any(c.startswith("train.model ") for c in row["choices"])

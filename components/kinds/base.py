@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from components.dataset import SPLITS, ArraySet, DatasetMeta
-from components.families import FAMILIES, reading
+from components.families import FAMILIES, preferred, reading
 from components.kinds.checks import Check, Expectation
 from components.stage import StageError
 
@@ -71,6 +71,12 @@ class DataKind:
     def models(self) -> tuple[str, ...]:
         """The model families that can read it (each family declares what it reads)."""
         return reading(self.example_rank)
+
+    @property
+    def auto_model(self) -> str:
+        """The family ``train.model: auto`` trains on it: the one built for its examples (a CNN
+        for images, an MLP for rows, a GRU for sequences; components/families.py)."""
+        return preferred(self.example_rank)
 
     def check_model(self, family: str, source: str) -> None:
         """Refuse a model family that cannot read this kind, naming those that can."""

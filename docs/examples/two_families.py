@@ -23,9 +23,9 @@ from components.train import fit
 
 # Everything a training run reads, written out: the typed model refuses a missing or bad value.
 TRAIN = dict(
-    seed=0, max_epochs=5, batch_size=32, optimizer="adam", learning_rate=0.003, momentum=0.9,
-    nesterov=False, weight_decay=0.0, l1_penalty=0.0, lr_schedule="none", lr_step_epochs=5,
-    lr_step_gamma=0.5, gradient_clip_norm=0.0, dropout=0.1, channels=(8, 16),
+    seed=0, max_epochs=5, min_steps=1000, batch_size=32, optimizer="adam", learning_rate=0.003,
+    momentum=0.9, nesterov=False, weight_decay=0.0, l1_penalty=0.0, lr_schedule="none",
+    lr_step_epochs=5, lr_step_gamma=0.5, gradient_clip_norm=0.0, dropout=0.1, channels=(8, 16),
     hidden_units=(32,), rnn_hidden_size=32, rnn_layers=1, batch_norm=False, activation="relu",
     augment=AugmentParams(crop_padding=0, max_rotation_degrees=0.0, horizontal_flip=False),
     early_stopping_patience=3, resume=False, init_from="", freeze=(), accelerator="cpu",
