@@ -235,7 +235,7 @@ class EvaluateParams(_Section):
     min_macro_f1: float = Field(ge=0, le=1)
     min_class_recall: float = Field(ge=0, le=1)
     min_r2: float = Field(le=1)  # regression gate: coefficient of determination on the test split
-    max_regression: float = Field(ge=0, le=1)
+    max_drop_vs_champion: float = Field(ge=0, le=1)
     baselines: bool  # fit the data kind's classical baselines and report them (baselines.json)
     baseline_max_train_rows: int = Field(ge=10)  # a seeded sample of the train split beyond this
     # gate (off when null): the network's accuracy (R^2) minus the best baseline's must reach
@@ -522,6 +522,10 @@ class Params(_Section):
     tune: TuneParams
 
 
+# Keys that changed name, so an older params.yaml gets told what to write instead.
+RENAMED = {"evaluate.max_regression": "evaluate.max_drop_vs_champion"}
+
+
 def parse_params(raw: dict) -> Params:
     """Validate a params mapping; raise :class:`ParamsError` naming every bad key."""
     try:
@@ -530,6 +534,9 @@ def parse_params(raw: dict) -> Params:
         problems = []
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"])
+            if key in RENAMED and err["type"] == "extra_forbidden":
+                problems.append(f"{key} is now {RENAMED[key]} (same meaning): rename it")
+                continue
             problems.append(f"{key}: {err['msg']}")
         raise ParamsError("invalid params: " + "; ".join(problems)) from None
 

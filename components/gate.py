@@ -14,7 +14,7 @@ evaluate uses, and judged by
   (regression: the same tolerance, R^2 being on accuracy's 0-1 scale);
 - for the variant that will be served (compress.json's ``served_variant``, picked by
   ``compress.select``): no regression against the champion on the same test split, by at
-  most ``evaluate.max_regression`` of accuracy and macro F1, or of R^2 for regression.
+  most ``evaluate.max_drop_vs_champion`` of accuracy and macro F1, or of R^2 for regression.
 
 Only the served variant's verdicts decide; the others are recorded and shown in the report.
 Regression models output values in the target's units (an (N, 1) output), classifiers logits.
@@ -74,7 +74,7 @@ class Baseline:
     """What the served variant is compared with: the champion's metrics on this test split."""
 
     run: str | None
-    metrics: dict | None  # None: no comparable champion, the no-regression gate passes
+    metrics: dict | None  # None: no comparable champion, the champion gate passes
     source: str  # "none" | "not comparable" | "recorded" | "re-evaluated"
     note: str
     # What the champion's clients find changed in this run's inputs, in one line (None: none)
@@ -326,8 +326,8 @@ def gate(
         )  # fmt: skip
         if name == served:
             gates += champion_gates(
-                metrics, baseline.metrics, cfg.max_regression, str(baseline.run), baseline.note,
-                task.compared_keys,
+                metrics, baseline.metrics, cfg.max_drop_vs_champion, str(baseline.run),
+                baseline.note, task.compared_keys,
             )  # fmt: skip
         latency = info.get("latency_ms_batch1")
         verdicts[name] = VariantVerdict(

@@ -81,10 +81,10 @@ def champion_gates(
     keys: Sequence[str],
 ) -> tuple[Gate, ...]:
     """Not worse than the champion: each of ``keys`` at least the champion's minus
-    ``max_worse`` (gates ``no_regression_<key>``). ``value`` is challenger - champion. Without
+    ``max_worse`` (gates ``vs_champion_<key>``). ``value`` is challenger - champion. Without
     a comparable champion one gate passes and says why (``why_none``)."""
     if champion is None:
-        return (Gate("no_regression", None, None, True, why_none),)
+        return (Gate("vs_champion", None, None, True, why_none),)
     gates = []
     for key in keys:
         label = LABELS[key]
@@ -100,5 +100,5 @@ def champion_gates(
                 f"{label} {metrics[key]:.4f} is {-delta:.4f} below champion {champion_name} "
                 f"{champion[key]:.4f}, more than the {max_worse:.4f} allowed"
             )
-        gates.append(Gate(f"no_regression_{key}", delta, -max_worse, passed, reason, ">="))
+        gates.append(Gate(f"vs_champion_{key}", delta, -max_worse, passed, reason, ">="))
     return tuple(gates)

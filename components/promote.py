@@ -14,7 +14,7 @@ The same module moves the champion by hand (these never touch DVC's state):
 
 The record keeps each run's task, data kind and target and the task's metrics (accuracy,
 macro F1 and the lowest class recall for classification; R^2, RMSE and MAE for regression);
-the metric comparison itself is the gate stage's no-regression gate, per task.
+the metric comparison itself is the gate stage's champion gate, per task.
 
 Only runs that were packaged after passing their gates are in the record, so a hand promotion
 can choose among earned runs but cannot let a refused one through. A run whose inputs differ
@@ -23,7 +23,7 @@ fewer, other classes, another target) is recorded but never promoted automatical
 champion's clients would get 400s; ``make promote RUN=...`` takes it on purpose and says what
 changes for them. A hand's rollback sticks: a later pipeline run that reproduces the run rolled
 back from records it but does not promote it again (a hand promotion brings it back). To accept
-a challenger the no-regression gate refused, loosen ``evaluate.max_regression`` for that run;
+a challenger the champion gate refused, loosen ``evaluate.max_drop_vs_champion`` for that run;
 params.yaml then says so in git.
 """
 
@@ -170,7 +170,7 @@ def decide(
         _event(record, "record", name, before, "pipeline", reason)
         return PromoteResult(name, False, "recorded", reason, before, before)
     gates = gate["variants"][gate["served_variant"]]["gates"]
-    reason = "; ".join(g["reason"] for k, g in gates.items() if k.startswith("no_regression"))
+    reason = "; ".join(g["reason"] for k, g in gates.items() if k.startswith("vs_champion"))
     reason = f"passed every gate; {reason}" if reason else "passed every gate"
     _promote(record, name, "pipeline", reason)
     return PromoteResult(name, True, "promoted", reason, before, name)

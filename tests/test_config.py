@@ -147,3 +147,13 @@ def test_a_run_of_list_overrides_keeps_params_yaml_readable_and_laid_out(params_
     # 3 values (a line out, a line in each) and the list's items (now 2): no other line moved
     items = len(yaml.safe_load(before)["tune"]["trial_overrides"])
     assert len(changed) <= 6 + items, changed
+
+
+def test_a_renamed_key_is_named_with_its_new_name():
+    raw = read_params_file(REPO_ROOT / "params.yaml")
+    raw["evaluate"]["max_regression"] = raw["evaluate"].pop("max_drop_vs_champion")
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    message = str(err.value)
+    assert "evaluate.max_regression is now evaluate.max_drop_vs_champion" in message
+    assert "evaluate.max_drop_vs_champion: Field required" in message  # and the new one lacks

@@ -186,14 +186,14 @@ def test_first_run_without_a_champion_passes_and_says_so(project):
     assert written["passed"] and written["failed"] == []
     served = written["variants"]["int8"]
     assert served["served"] and served["accuracy"] == pytest.approx(measured["accuracy"], abs=1e-6)
-    assert served["gates"]["no_regression"] == {
+    assert served["gates"]["vs_champion"] == {
         "value": None,
         "threshold": None,
         "op": ">=",
         "passed": True,
         "reason": "no champion yet: the first challenger passes by definition",
     }
-    assert "no_regression" not in written["variants"]["fp32"]["gates"]  # only the served one
+    assert "vs_champion" not in written["variants"]["fp32"]["gates"]  # only the served one
     rows = (Path(project.paths.metrics_dir) / "compression.csv").read_text().splitlines()
     assert (
         rows[0]
@@ -224,14 +224,14 @@ def test_a_worse_challenger_fails_with_the_reason_and_the_report_says_so(project
     assert "Refused at gate" in page and "below champion rchampion0001" in page
 
 
-def test_a_better_challenger_passes_the_no_regression_gate(project):
+def test_a_better_challenger_passes_the_vs_champion_gate(project):
     write_challenger(project, GOOD_SEED)
     champ.save_record(
         project.paths.champion_file, champion_record(project, {"accuracy": 0.5, "macro_f1": 0.5})
     )
     result = gate.run(project)
     assert result.passed
-    reasons = [g.reason for g in result.variants["int8"].gates if g.name.startswith("no_reg")]
+    reasons = [g.reason for g in result.variants["int8"].gates if g.name.startswith("vs_champion")]
     assert reasons[0] == (
         "accuracy 1.0000 vs champion rchampion0001 0.5000 (+0.5000, tolerance 0.0500)"
     )
@@ -411,7 +411,7 @@ def test_gate_judges_regression_variants_by_r2(regression_project):
     assert set(written["network"]) == {"r2", "rmse", "mae"}
     served = written["variants"]["int8"]
     assert served["r2"] == pytest.approx(measured["r2"], abs=1e-6) and "accuracy" not in served
-    assert set(served["gates"]) == {"r2", "r2_drop", "no_regression"}
+    assert set(served["gates"]) == {"r2", "r2_drop", "vs_champion"}
     assert set(written["variants"]["fp32"]["gates"]) == {"r2", "r2_drop"}
     rows = (metrics_dir / "compression.csv").read_text().splitlines()
     assert (
@@ -433,7 +433,7 @@ def test_a_regression_variant_losing_too_much_r2_fails(regression_project):
 
 
 def test_a_better_regression_champion_on_the_same_split_refuses_the_challenger(regression_project):
-    strict = {**REGRESSION_PARAMS, "evaluate.max_regression": 0.005}
+    strict = {**REGRESSION_PARAMS, "evaluate.max_drop_vs_champion": 0.005}
     params = project_params(Path.cwd(), **strict)
     measured = write_regression_challenger(params, int8_weight=WEIGHT * 0.9)  # R^2 about 0.99
     better = {"r2": 1.0, "rmse": 0.0, "mae": 0.0}
@@ -444,8 +444,8 @@ def test_a_better_regression_champion_on_the_same_split_refuses_the_challenger(r
     assert written["champion"]["source"] == "recorded"
     assert written["champion"]["metrics"] == better
     gates = written["variants"]["int8"]["gates"]
-    assert set(gates) == {"r2", "r2_drop", "no_regression_r2"}
-    assert gates["no_regression_r2"]["value"] == pytest.approx(measured["r2"] - 1.0, abs=1e-6)
+    assert set(gates) == {"r2", "r2_drop", "vs_champion_r2"}
+    assert gates["vs_champion_r2"]["value"] == pytest.approx(measured["r2"] - 1.0, abs=1e-6)
     within = {"r2": measured["r2"] + 0.004, "rmse": 0.1, "mae": 0.1}  # tolerance 0.005
     champ.save_record(params.paths.champion_file, regression_champion(params, within))
     assert gate.run(params).passed

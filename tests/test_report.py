@@ -121,7 +121,7 @@ def test_the_report_is_one_self_contained_page_with_every_section(project):
         assert f"<h2>{heading}</h2>" in page
     assert "Promoted: run r0123456789ab is the champion (the first champion)" in page
     assert "Data: images of 8x8 pixels, 1 channel(s); classification into 3 classes;" in page
-    assert "no_regression" in page and "no champion yet" in page
+    assert "vs_champion" in page and "no champion yet" in page
     assert 'href="validation/summary.html"' in page and 'href="validation/index.html"' in page
     assert "int8 ONNX (served)" in page and "fp32 ONNX (not served)" in page
     # The served variant's gates lead; the others are folded below them.

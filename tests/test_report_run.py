@@ -48,7 +48,7 @@ def test_the_report_names_its_flow_run_commit_date_and_the_params_it_changed(pro
     # This run's overrides, as a flow run applies them to params.yaml before the stages run.
     before = raw["train"]["max_epochs"]
     raw["train"]["max_epochs"] = before + 4
-    raw["evaluate"]["max_regression"] = 0.5
+    raw["evaluate"]["max_drop_vs_champion"] = 0.5
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     for name in IDENTITY_ENV:
         monkeypatch.delenv(name, raising=False)
@@ -66,7 +66,7 @@ def test_the_report_names_its_flow_run_commit_date_and_the_params_it_changed(pro
         f"<tr><td><code>train.max_epochs</code></td><td><code>{before}</code></td>"
         f"<td><code>{before + 4}</code></td></tr>" in page
     )
-    assert "<code>evaluate.max_regression</code>" in page
+    assert "<code>evaluate.max_drop_vs_champion</code>" in page
     # The run is named before the data: the identity sits right under the verdict.
     assert page.index("tangerine-lizard") < page.index('class="data"')
 

@@ -20,7 +20,7 @@ class Task:
     headline_keys: tuple[str, ...]  # the metrics a run is shown by
     summary_keys: tuple[str, ...]  # the test metrics the flow's summary prints
     record_keys: tuple[str, ...]  # what the champion record keeps of the served model
-    compared_keys: tuple[str, ...]  # what the no-regression gate compares with the champion
+    compared_keys: tuple[str, ...]  # what the champion gate compares
     drop_keys: tuple[str, ...]  # what a compressed model may lose at most max_drop of
     variant_keys: tuple[str, ...]  # the metrics compress.json records per variant
     selection_key: str  # the one metric that ranks compressed variants

@@ -32,7 +32,7 @@ TRAIN = dict(
     devices=1, num_nodes=1, strategy="auto", precision="32-true", deterministic=True,
 )  # fmt: skip
 GATES = EvaluateParams(
-    min_accuracy=0.5, min_macro_f1=0.5, min_class_recall=0.0, min_r2=0.0, max_regression=0.0,
+    min_accuracy=0.5, min_macro_f1=0.5, min_class_recall=0.0, min_r2=0.0, max_drop_vs_champion=0.0,
     baselines=False, baseline_max_train_rows=20000,
 )  # fmt: skip
 
