@@ -142,15 +142,24 @@ def test_unresolved_params_are_refused_where_a_network_is_built():
 def test_the_tuning_space_values_resolve():
     """Every choice and both ends of every range of params.yaml's tune.space, set as a trial
     sets it, still validates and resolves (an explicit train.max_epochs from the space wins)."""
+    import copy
+
     raw = read_params_file(REPO_ROOT / "params.yaml")
     for key, dim in raw["tune"]["space"].items():
-        section, _, name = key.partition(".")
+        section, *path = key.split(".")  # train.augment.crop_padding: a nested key
         values = dim.get("choices") or [dim["low"], dim["high"]]
         for value in values:
-            trial = {**raw, section: {**raw[section], name: value}}
+            trial = copy.deepcopy(raw)
+            node = trial[section]
+            for part in path[:-1]:
+                node = node[part]
+            node[path[-1]] = value
             params = parse_params(trial)
             r = recipe.resolve(params.train, kinds.get("image"), 3500, (1, 28, 28))
-            assert getattr(r.params, name) == (tuple(value) if isinstance(value, list) else value)
+            got = r.params
+            for part in path:
+                got = getattr(got, part)
+            assert got == (tuple(value) if isinstance(value, list) else value), key
 
 
 # ---------------------------------------------------------------- through the train stage

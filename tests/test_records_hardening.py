@@ -289,6 +289,7 @@ IN_PLACE_ALLOWED = {
     "components/ensemble.py": "model files copied into a scratch folder for the ensemble",
     "components/overrides.py": "params.yaml: its own temporary file, read back, then replaced",
     "flows/experiments.py": "a probe file that checks the DVC remote folder is writable",
+    "components/shards.py": "shards and index written in a scratch folder, moved in place whole",
 }
 IN_PLACE_CALLS = ("write_text", "write_bytes")
 

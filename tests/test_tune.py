@@ -233,15 +233,21 @@ def test_no_trial_runs_past_the_budget_and_none_starts_that_could_not_finish():
 def test_make_tune_passes_the_budget_and_a_bad_one_stops_before_prefect(capsys):
     from flows.tune import main
 
+    # --no-print-directory: under `make test` this make is nested, and would end its output
+    # with "make[1]: Leaving directory ...".
     shown = subprocess.run(
-        ["make", "-n", "tune", "BUDGET=10m", "N_TRIALS=3", "WORKERS=2"],
+        ["make", "--no-print-directory", "-n", "tune", "BUDGET=10m", "N_TRIALS=3", "WORKERS=2"],
         cwd=REPO_ROOT, capture_output=True, text=True, check=True,
     ).stdout.splitlines()[-1]  # fmt: skip
     assert "-m flows.tune --budget '10m' --n-trials '3' --workers 2" in shown
     assert (
         "--budget"
         not in subprocess.run(
-            ["make", "-n", "tune"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+            ["make", "--no-print-directory", "-n", "tune"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
     )
     assert main(["--budget", "10x", "--root", str(REPO_ROOT)]) == 2
@@ -371,12 +377,18 @@ def test_the_defaults_are_the_first_trial_once_and_keep_what_lies_outside_the_sp
         measured_defaults,
     )  # fmt: skip
 
-    raw = read_params_file(REPO_ROOT / "params.yaml")
     space = {
         **TINY_SPACE,
         "train.learning_rate": {"low": 0.001, "high": 0.01, "log": True},
         "train.hidden_units": {"choices": [[16], [64], [8, 8]]},
     }
+    # params.yaml leaves the family and widths to the recipe (auto, null): values no space
+    # holds, so its defaults trial leaves them to the recipe too.
+    raw = read_params_file(REPO_ROOT / "params.yaml")
+    tune0, _, study0, _ = _hand_study(tmp_path, space, "recipe")
+    assert enqueue_defaults(study0, tune0, raw)[1] == ["train.model", "train.hidden_units"]
+    # Defaults inside the space, set by hand: the trial takes them as they are.
+    raw = {**raw, "train": {**raw["train"], "model": "cnn", "hidden_units": [64]}}
     tune, url, study, key = _hand_study(tmp_path, space, "defaults")
     fingerprint, outside = enqueue_defaults(study, tune, raw)
     assert outside == [] and enqueue_defaults(study, tune, raw)[0] == fingerprint
@@ -538,8 +550,8 @@ def test_a_study_of_three_trials_leaves_three_experiments_and_a_best_trial(works
     # the first trial measured the defaults: the workspace's params.yaml, no value drawn
     defaults = study.trials[0]
     assert "defaults" in defaults.user_attrs and "the first trial measures the defaults" in out
-    assert defaults.params == {"train.learning_rate": 0.01, "train.model": "cnn",
-                               "train.hidden_units": "[16]"}  # fmt: skip
+    # (train.model is auto in params.yaml: no space choice, so the recipe picks it, cnn here)
+    assert defaults.params == {"train.learning_rate": 0.01, "train.hidden_units": "[16]"}
     assert "defaults" not in study.trials[1].user_attrs
     # compared on validation; on test the defaults and the best trial's experiments (no final
     # run), and no baselines: trials fit none, and this workspace has no pipeline run yet
