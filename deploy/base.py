@@ -15,12 +15,14 @@ import inspect
 import os
 import re
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args, get_origin
 
 import bentoml
 import numpy as np
+import orjson
 from bentoml.exceptions import InvalidArgument
-from pydantic import BaseModel, create_model
+from pydantic import BaseModel, Field, create_model
+from starlette.responses import Response
 
 from deploy.batching import AdaptiveBatcher, Overloaded
 from deploy.common import (
@@ -34,6 +36,7 @@ from deploy.common import (
     MODEL_FILE,
     Answer,
     DataKind,
+    JSONIntegers,
     Predictions,
     Route,
     check_session,
@@ -196,8 +199,7 @@ class ModelService:
 
     async def answer(self, batch: np.ndarray, items: list) -> list[BaseModel]:
         """Checked examples (and the same as the client sent them) -> one answer each."""
-        outputs = await self.batcher(batch)
-        return [self.card.task.answer(row, self.card) for row in outputs]
+        return self.card.task.answers(await self.batcher(batch), self.card)
 
     async def serve(self, route: Route, value: Any) -> Any:
         """One request to ``route``: its answer, a 400 naming the field and the rule, or a
@@ -211,6 +213,93 @@ class ModelService:
         except Overloaded as exc:
             return overloaded(exc)
         return self.batch_doc.model_construct(predictions=answers) if route.many else answers[0]
+
+
+# -- JSON in and out, with orjson ------------------------------------------------------------
+
+# Digits -> "0", anything else -> " ": a run of 19 zeros then marks a long integer.
+_DIGIT_RUNS = bytes(48 if 48 <= b <= 57 else 32 for b in range(256))
+_LONG_INTEGER = b"0" * 19
+# What a JSON array of whole numbers >= 0 is written with.
+_INTEGER_ARRAY = b"0123456789[], \t\r\n"
+
+
+def read_json_field(body: bytes, field: str, json_type: type) -> Any | None:
+    """The value of ``field`` in a JSON object ``body`` when orjson reads it as BentoML's own
+    parser (pydantic) would, and it has the field's JSON type (``list`` or ``dict``); None
+    otherwise: then pydantic reads the body, and words any refusal as it always has.
+
+    orjson refuses what pydantic takes but JSON does not (``NaN``, ``Infinity``: refused by
+    the adapters with their own message) and reads an integer beyond 64 bits as a float
+    (pydantic keeps it whole): bodies holding 19 digits in a row are left to pydantic.
+    """
+    if _LONG_INTEGER in body.translate(_DIGIT_RUNS):
+        return None
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if type(data) is not dict:
+        return None
+    value = data.get(field)
+    if type(value) is not json_type:
+        return None
+    if json_type is list and body.translate(None, _INTEGER_ARRAY) == b'{"%s":}' % field.encode():
+        return JSONIntegers(value)  # no text, literal, sign or fraction in it
+    return value
+
+
+class JSONInput(bentoml.IODescriptor):
+    """A JSON route's request, read with orjson instead of the pydantic validation BentoML
+    runs (a batch of 64 MNIST images as JSON, 195 kB: ~0.65 ms of CPU instead of ~0.95). The
+    route's one field is taken as sent (its decode checks it); a body orjson does not read as
+    pydantic would goes BentoML's way, with the same answers and messages. The schema, and so
+    the OpenAPI page and BentoML's clients, are the route's, as before."""
+
+    json_field: ClassVar[str] = ""
+    json_type: ClassVar[type] = list
+
+    @classmethod
+    async def from_http_request(cls, request: Any, serde: Any) -> Any:
+        if serde.media_type == "application/json":
+            value = read_json_field(await request.body(), cls.json_field, cls.json_type)
+            if value is not None:
+                return cls.model_construct(**{cls.json_field: value})
+        return await super().from_http_request(request, serde)
+
+
+def _model_fields(obj: Any) -> dict:
+    if isinstance(obj, BaseModel):  # answers are built with model_construct: no extras
+        return obj.__dict__
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+class JSONOutput(bentoml.IODescriptor):
+    """An answer written with orjson in one body: 64 answers in ~0.03 ms of CPU (BentoML:
+    pydantic, ~0.12 ms, and the body in three ASGI sends)."""
+
+    @classmethod
+    async def to_http_response(cls, obj: Any, serde: Any) -> Any:
+        if isinstance(obj, BaseModel):
+            return Response(orjson.dumps(obj, default=_model_fields), media_type=cls.mime_type())
+        return await super().to_http_response(obj, serde)
+
+
+def _input_spec(route: Route, module: str) -> type[bentoml.IODescriptor]:
+    """What BentoML would make of the endpoint's signature (same name, field and schema),
+    read with :class:`JSONInput`."""
+    spec = create_model(
+        "Input", __module__=module, __base__=JSONInput, **{route.field: (route.schema, Field())}
+    )
+    annotation = get_args(route.schema)[0]
+    spec.json_field = route.field
+    spec.json_type = get_origin(annotation) or annotation
+    return spec
+
+
+def _output_spec(answers: type[BaseModel]) -> type[bentoml.IODescriptor]:
+    """BentoML's output spec for ``answers`` (same name and schema), written with orjson."""
+    return create_model(f"{answers.__name__}IODescriptor", __base__=(JSONOutput, answers))
 
 
 def _endpoint(route: Route, answers: type[BaseModel]) -> Any:
@@ -231,7 +320,13 @@ def _endpoint(route: Route, answers: type[BaseModel]) -> Any:
         ],
         return_annotation=answers,
     )
-    return bentoml.api(endpoint)
+    if route.upload_limit is not None:  # multipart: BentoML's own reading
+        return bentoml.api(endpoint, output_spec=_output_spec(answers))
+    return bentoml.api(
+        endpoint,
+        input_spec=_input_spec(route, endpoint.__module__),
+        output_spec=_output_spec(answers),
+    )
 
 
 def _info_endpoint(info: type[BaseModel]) -> Any:

@@ -171,7 +171,7 @@ class EdgeService(ModelService):
         """Checked examples (and the same as the client sent them, for the cloud) -> one
         answer each: the edge model's, or the cloud's for those it is unsure about."""
         outputs = await self.batcher(batch)
-        answers = [self.card.task.answer(row, self.card) for row in outputs]
+        answers = self.card.task.answers(outputs, self.card)
         if not self.card.task.hands_off:  # regression: answered here, always
             return [EdgeValuePrediction.model_construct(**dict(a)) for a in answers]
         confidence = self.card.task.confidence(outputs)

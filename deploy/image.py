@@ -9,6 +9,7 @@ decoded, so the edge bento does without it.
 from __future__ import annotations
 
 import io
+from itertools import chain
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +17,14 @@ import numpy as np
 from bentoml.exceptions import InvalidArgument
 from pydantic import Field
 
-from deploy.common import BYTES_PER_NUMBER, DataKind, ModelCard, Route, ServiceInfo
+from deploy.common import (
+    BYTES_PER_NUMBER,
+    DataKind,
+    JSONIntegers,
+    ModelCard,
+    Route,
+    ServiceInfo,
+)
 
 PIXEL_MIN, PIXEL_MAX = 0.0, 255.0
 IMAGE_FORMATS = ("PNG", "JPEG")
@@ -36,13 +44,47 @@ def to_chw(image: Any, image_shape: tuple[int, int, int], field: str = "image") 
     if len(image) == 0:
         raise InvalidArgument(f"{field}: must not be empty")
     try:
-        arr = np.asarray(image)
+        arr = as_array(image)
     except (ValueError, TypeError, OverflowError):
         raise InvalidArgument(
             f"{field}: must be a rectangular nested list of numbers (rows of unequal length?)"
         ) from None
     check_numbers(arr, field)
     return check_pixels(to_layout(arr, image_shape, field), field)
+
+
+def as_array(images: list) -> np.ndarray:
+    """``np.asarray(images)``; ~2x faster (as uint8) when the request held whole numbers only
+    and they are all pixel values, 0-255 (:func:`byte_pixels`): numpy's asarray spends ~1.5
+    ms of CPU finding out what 64 MNIST images as nested lists hold."""
+    if type(images) is JSONIntegers:
+        pixels = byte_pixels(images)
+        if pixels is not None:
+            return pixels
+    return np.asarray(images)
+
+
+def byte_pixels(images: JSONIntegers) -> np.ndarray | None:
+    """A rectangular nested list of ints 0-255 as a uint8 array of its shape; None when it is
+    not one (ragged, a list where a number belongs or back, a value out of 0-255).
+
+    ``bytes(row)`` reads a list of ints in one C loop and refuses anything that is not an int
+    in 0-255; ``JSONIntegers`` has no true or false (which it would take as 1 and 0)."""
+    shape = [len(images)]
+    first: Any = images
+    while shape[-1] and type(first := first[0]) is list:
+        shape.append(len(first))
+    rows: list = images
+    try:
+        for depth, width in enumerate(shape[1:], start=2):
+            if set(map(len, rows)) != {width}:  # len() of a number: TypeError
+                return None
+            if depth < len(shape):
+                rows = list(chain.from_iterable(rows))
+        data = b"".join(map(bytes, rows)) if len(shape) > 1 else bytes(rows)
+    except (TypeError, ValueError):  # a list where a number belongs; a value not in 0-255
+        return None
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def check_numbers(arr: np.ndarray, field: str) -> None:
@@ -114,7 +156,7 @@ def to_batch(images: Any, image_shape: tuple[int, int, int], max_batch_size: int
             f"images: at most {max_batch_size} images per request, got {len(images)}"
         )
     try:
-        whole = batch_layout(np.asarray(images), image_shape)
+        whole = batch_layout(as_array(images), image_shape)
         if whole is not None and whole.dtype.kind in "iuf":
             return check_pixels(whole, "images")
     except (ValueError, TypeError, OverflowError, InvalidArgument):
