@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar, get_args, get_origin
 
+import attrs
 import bentoml
 import numpy as np
 import orjson
@@ -104,6 +105,7 @@ class ModelService:
     kind: ClassVar[DataKind]
     service_name: ClassVar[str]  # "module:Class", for messages
     guard_rules: ClassVar[GuardRules]  # this class's guard's: filled in by __init__
+    api_examples: ClassVar[dict[str, Any]]  # route path -> its example: filled in by __init__
     info_model: ClassVar[type[BaseModel]]  # the kind's /info answer (+ the info_mixins)
     # @bentoml.service options. One process per core (cgroup-aware): HTTP + JSON, not the
     # model, take the CPU, and one Python process uses one core. Each worker batches its own
@@ -150,6 +152,8 @@ class ModelService:
             if r.upload_limit is not None
         }
         self.guard_rules.foreign = foreign_routes(self.kind, card.summary, [r.path for r in routes])
+        # What the OpenAPI page offers: a request this model answers, made by the adapter.
+        self.api_examples.update({r.path: r.example(card) for r in routes if r.example is not None})
         self.session = open_session(model_dir / MODEL_FILE)
         check_session(self.session, card)
         # e.g. image_classifier_batch_size for ImageClassifier
@@ -345,6 +349,102 @@ def _info_endpoint(info: type[BaseModel]) -> Any:
     return bentoml.api(info_endpoint)
 
 
+# -- the OpenAPI page ------------------------------------------------------------------------
+
+INFO_PATH = "/info"
+_REFUSAL = {
+    "application/json": {
+        "schema": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "string",
+                    "description": "what is wrong (<field>: <rule>), or why the request was shed",
+                }
+            },
+        }
+    }
+}
+
+
+def answers_of(service: type[ModelService], path: str) -> dict[int, str]:
+    """Every status ``path`` of ``service`` can answer -> one line on when (with the live
+    limits once the service has read its card). Never a 404 (other kinds' routes are not
+    listed) or a 500 (a bad request is a 4xx; tests/test_service_fuzz.py fuzzes for it)."""
+    rules = service.guard_rules
+    route = next((r for r in service.kind.routes if r.path == path), None)
+    upload = rules.uploads.get(path)
+    limit = upload[1] if upload else rules.json_limit
+    size = f"{limit} bytes" if rules.max_concurrency else "the limit /info shows"
+    json_only = "the body is not sent as Content-Type: application/json"
+    if route is None:  # /info
+        ok, bad, wrong_type = "what this service serves", "the body is not JSON", json_only
+    elif upload:
+        ok = "the answer, one per example in the file's order" if route.many else "the answer"
+        bad = (
+            f'the upload is not exactly one file in form field "{upload[0]}", or not one the '
+            "model takes; the error names the rule"
+        )
+        wrong_type = "the body is not a multipart/form-data upload"
+    else:
+        ok = "one answer per example, in the request's order" if route.many else "the answer"
+        bad = (
+            "a value breaks a rule (shape, type, range, count, a missing or unknown field) or "
+            'the JSON is malformed: {"error": "<field>: <rule>"}'
+        )
+        wrong_type = json_only
+    return {
+        200: ok,
+        400: f"{bad}; or the request's framing headers are ambiguous (two Content-Type, ...)",
+        413: f"the body is larger than {size} (package.max_request_bytes / max_image_bytes, "
+        "MAX_REQUEST_BYTES)",
+        415: f"{wrong_type}; the error says what was sent",
+        503: "the server sheds load (busy: MAX_CONCURRENT_REQUESTS; overloaded: MAX_QUEUED_ROWS, "
+        "max_latency_ms; or stopping): retry after the Retry-After header's seconds",
+    }
+
+
+def document(service: type[ModelService], spec: Any) -> Any:
+    """``spec`` (BentoML's OpenAPI for ``service``) with, on every route of the service: the
+    statuses it can answer (:func:`answers_of`), and a request its model answers with a 200
+    as the example ("Try it out"): the body for a JSON route, a command that writes the file
+    in an upload route's description."""
+    for route in service.kind.routes:
+        if not service.serves(route):
+            continue
+        operation = spec.paths[route.path].post
+        _list_answers(operation, answers_of(service, route.path))
+        example = service.api_examples.get(route.path)
+        if example is None:
+            continue
+        if route.upload_limit is not None:
+            operation["description"] += f"\n\nA file this model takes: `{example}`"
+            continue
+        content = operation["requestBody"]["content"]
+        media = content["application/json"]  # BentoML's spec objects are frozen
+        media.schema.properties[route.field]["examples"] = [example]
+        content["application/json"] = attrs.evolve(media, example={route.field: example})
+    _list_answers(spec.paths[INFO_PATH].post, answers_of(service, INFO_PATH))
+    return spec
+
+
+def _list_answers(operation: dict, answers: dict[int, str]) -> None:
+    """Replace BentoML's list (200, 400, 404, 500) with ``answers``; 200 keeps its schema."""
+    ok = {**operation["responses"][200], "description": answers[200]}
+    refusals = {code: {"description": text, "content": _REFUSAL} for code, text in answers.items()}
+    operation["responses"] = {**refusals, 200: ok}
+
+
+class DocumentedService(bentoml.Service):
+    """A BentoML service whose OpenAPI page (``/docs.json``, the Swagger page at ``/``) shows
+    its own model's examples and every status each route answers (:func:`document`)."""
+
+    @property
+    def openapi_spec(self) -> Any:
+        return document(self.inner, super().openapi_spec)
+
+
 def service_class(base: type[ModelService], kind: DataKind, name: str, module: str) -> type:
     """The class ``module:name``: ``base`` answering ``kind``'s routes (those it serves),
     and /info. Decorate it with ``@bentoml.service`` in ``module``, then :func:`with_guard`."""
@@ -356,6 +456,7 @@ def service_class(base: type[ModelService], kind: DataKind, name: str, module: s
         "kind": kind,
         "service_name": f"{module}:{name}",
         "guard_rules": GuardRules(),
+        "api_examples": {},
         "info_model": info,
         "info": _info_endpoint(info),
     }

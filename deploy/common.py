@@ -321,15 +321,19 @@ class Route:
     or raises ``InvalidArgument`` naming the field and the rule. A route answers one answer,
     or ``{"predictions": [...]}`` when ``many``. An upload route takes a multipart file
     (``upload_limit(card, json_limit)`` is its byte limit); the edge serves JSON routes only.
+    ``example(card)`` is what the OpenAPI page offers for the card's model: a JSON route's
+    field value that the route answers with a 200, or for an upload route a shell command
+    that writes such a file.
     """
 
     name: str
     field: str
-    schema: Any  # the field's type, Annotated with its description and examples
+    schema: Any  # the field's type, Annotated with its description and (illustrative) examples
     decode: Callable[[Any, ModelCard], np.ndarray]
     many: bool
     doc: str
     upload_limit: Callable[[ModelCard, int], int] | None = None
+    example: Callable[[ModelCard], Any] | None = None
 
     @property
     def path(self) -> str:

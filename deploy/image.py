@@ -291,6 +291,40 @@ ArrayField = Annotated[
 ]
 
 
+def example_image(image_shape: tuple[int, int, int], variant: int = 0) -> np.ndarray:
+    """A valid image of the model's shape, as uint8 (C, H, W): a bright vertical stroke on
+    black (variant 0) or a ring (1), the way a digit is drawn."""
+    c, h, w = image_shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    if variant == 0:
+        drawn = (abs(xx - (w - 1) / 2) <= max(w / 14, 0.5)) & (abs(yy - (h - 1) / 2) <= 0.3 * h)
+    else:
+        r = np.hypot((yy - (h - 1) / 2) / (h / 2), (xx - (w - 1) / 2) / (w / 2))
+        drawn = (r > 0.4) & (r < 0.65)
+    return np.broadcast_to(np.where(drawn, 255, 0).astype(np.uint8), (c, h, w))
+
+
+def _as_sent(image: np.ndarray) -> list:
+    """(C, H, W) as a client sends it: (H, W) for one channel, else (C, H, W)."""
+    return (image[0] if len(image) == 1 else image).tolist()
+
+
+def _example_file(card: ModelCard, name: str) -> str:
+    c, h, w = card.input_shape
+    if name == "array":
+        shape = (2, h, w) if c == 1 else (2, c, h, w)
+        return (
+            f"python -c \"import numpy as np; np.save('batch.npy', "
+            f'np.zeros({shape}, np.uint8))" && curl -F array=@batch.npy <this server>'
+            "/predict_array"
+        )
+    mode = "L" if c == 1 else "RGB"
+    return (
+        f"python -c \"from PIL import Image; Image.new('{mode}', ({w}, {h})).save('image.png')\""
+        " && curl -F image=@image.png <this server>/predict_image"
+    )
+
+
 def _one(image: Any, card: ModelCard) -> np.ndarray:
     return to_chw(image, card.input_shape, "image")[None]
 
@@ -311,17 +345,21 @@ IMAGE = DataKind(
     name="image",
     routes=(
         Route("predict", "image", ImageField, _one, many=False,
-              doc="Classify one image sent as nested lists of raw pixel values."),
+              doc="Classify one image sent as nested lists of raw pixel values.",
+              example=lambda card: _as_sent(example_image(card.input_shape))),
         Route("predict_batch", "images", ImagesField, _many, many=True,
-              doc="Up to ``max_batch_size`` images in one call; answers in the same order."),
+              doc="Up to ``max_batch_size`` images in one call; answers in the same order.",
+              example=lambda card: [_as_sent(example_image(card.input_shape, v)) for v in (0, 1)]),
         Route("predict_array", "array", ArrayField, _npy_file, many=True,
               doc="A batch sent as one .npy file (multipart/form-data, field ``array``).\n\n"
               "The compact way to send many images: no JSON to parse, answers in order.",
               # A .npy batch is far smaller than the same batch as JSON: that limit bounds it.
-              upload_limit=lambda card, json_limit: json_limit + MULTIPART_SLACK),
+              upload_limit=lambda card, json_limit: json_limit + MULTIPART_SLACK,
+              example=lambda card: _example_file(card, "array")),
         Route("predict_image", "image", UploadField, _image_file, many=False,
               doc="One uploaded PNG or JPEG file (multipart/form-data, field ``image``).",
-              upload_limit=lambda card, json_limit: max_image_bytes(card) + MULTIPART_SLACK),
+              upload_limit=lambda card, json_limit: max_image_bytes(card) + MULTIPART_SLACK,
+              example=lambda card: _example_file(card, "image")),
     ),
     read_shape=_read_shape,
     request_limit=lambda card: request_limit(card.input_shape, card.max_batch_size),
