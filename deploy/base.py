@@ -15,12 +15,15 @@ import inspect
 import os
 import re
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args, get_origin
 
+import attrs
 import bentoml
 import numpy as np
+import orjson
 from bentoml.exceptions import InvalidArgument
-from pydantic import BaseModel, create_model
+from pydantic import BaseModel, Field, create_model
+from starlette.responses import Response
 
 from deploy.batching import AdaptiveBatcher, Overloaded
 from deploy.common import (
@@ -34,6 +37,7 @@ from deploy.common import (
     MODEL_FILE,
     Answer,
     DataKind,
+    JSONIntegers,
     Predictions,
     Route,
     check_session,
@@ -101,6 +105,7 @@ class ModelService:
     kind: ClassVar[DataKind]
     service_name: ClassVar[str]  # "module:Class", for messages
     guard_rules: ClassVar[GuardRules]  # this class's guard's: filled in by __init__
+    api_examples: ClassVar[dict[str, Any]]  # route path -> its example: filled in by __init__
     info_model: ClassVar[type[BaseModel]]  # the kind's /info answer (+ the info_mixins)
     # @bentoml.service options. One process per core (cgroup-aware): HTTP + JSON, not the
     # model, take the CPU, and one Python process uses one core. Each worker batches its own
@@ -147,6 +152,8 @@ class ModelService:
             if r.upload_limit is not None
         }
         self.guard_rules.foreign = foreign_routes(self.kind, card.summary, [r.path for r in routes])
+        # What the OpenAPI page offers: a request this model answers, made by the adapter.
+        self.api_examples.update({r.path: r.example(card) for r in routes if r.example is not None})
         self.session = open_session(model_dir / MODEL_FILE)
         check_session(self.session, card)
         # e.g. image_classifier_batch_size for ImageClassifier
@@ -196,8 +203,7 @@ class ModelService:
 
     async def answer(self, batch: np.ndarray, items: list) -> list[BaseModel]:
         """Checked examples (and the same as the client sent them) -> one answer each."""
-        outputs = await self.batcher(batch)
-        return [self.card.task.answer(row, self.card) for row in outputs]
+        return self.card.task.answers(await self.batcher(batch), self.card)
 
     async def serve(self, route: Route, value: Any) -> Any:
         """One request to ``route``: its answer, a 400 naming the field and the rule, or a
@@ -211,6 +217,93 @@ class ModelService:
         except Overloaded as exc:
             return overloaded(exc)
         return self.batch_doc.model_construct(predictions=answers) if route.many else answers[0]
+
+
+# -- JSON in and out, with orjson ------------------------------------------------------------
+
+# Digits -> "0", anything else -> " ": a run of 19 zeros then marks a long integer.
+_DIGIT_RUNS = bytes(48 if 48 <= b <= 57 else 32 for b in range(256))
+_LONG_INTEGER = b"0" * 19
+# What a JSON array of whole numbers >= 0 is written with.
+_INTEGER_ARRAY = b"0123456789[], \t\r\n"
+
+
+def read_json_field(body: bytes, field: str, json_type: type) -> Any | None:
+    """The value of ``field`` in a JSON object ``body`` when orjson reads it as BentoML's own
+    parser (pydantic) would, and it has the field's JSON type (``list`` or ``dict``); None
+    otherwise: then pydantic reads the body, and words any refusal as it always has.
+
+    orjson refuses what pydantic takes but JSON does not (``NaN``, ``Infinity``: refused by
+    the adapters with their own message) and reads an integer beyond 64 bits as a float
+    (pydantic keeps it whole): bodies holding 19 digits in a row are left to pydantic.
+    """
+    if _LONG_INTEGER in body.translate(_DIGIT_RUNS):
+        return None
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if type(data) is not dict:
+        return None
+    value = data.get(field)
+    if type(value) is not json_type:
+        return None
+    if json_type is list and body.translate(None, _INTEGER_ARRAY) == b'{"%s":}' % field.encode():
+        return JSONIntegers(value)  # no text, literal, sign or fraction in it
+    return value
+
+
+class JSONInput(bentoml.IODescriptor):
+    """A JSON route's request, read with orjson instead of the pydantic validation BentoML
+    runs (a batch of 64 MNIST images as JSON, 195 kB: ~0.65 ms of CPU instead of ~0.95). The
+    route's one field is taken as sent (its decode checks it); a body orjson does not read as
+    pydantic would goes BentoML's way, with the same answers and messages. The schema, and so
+    the OpenAPI page and BentoML's clients, are the route's, as before."""
+
+    json_field: ClassVar[str] = ""
+    json_type: ClassVar[type] = list
+
+    @classmethod
+    async def from_http_request(cls, request: Any, serde: Any) -> Any:
+        if serde.media_type == "application/json":
+            value = read_json_field(await request.body(), cls.json_field, cls.json_type)
+            if value is not None:
+                return cls.model_construct(**{cls.json_field: value})
+        return await super().from_http_request(request, serde)
+
+
+def _model_fields(obj: Any) -> dict:
+    if isinstance(obj, BaseModel):  # answers are built with model_construct: no extras
+        return obj.__dict__
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+class JSONOutput(bentoml.IODescriptor):
+    """An answer written with orjson in one body: 64 answers in ~0.03 ms of CPU (BentoML:
+    pydantic, ~0.12 ms, and the body in three ASGI sends)."""
+
+    @classmethod
+    async def to_http_response(cls, obj: Any, serde: Any) -> Any:
+        if isinstance(obj, BaseModel):
+            return Response(orjson.dumps(obj, default=_model_fields), media_type=cls.mime_type())
+        return await super().to_http_response(obj, serde)
+
+
+def _input_spec(route: Route, module: str) -> type[bentoml.IODescriptor]:
+    """What BentoML would make of the endpoint's signature (same name, field and schema),
+    read with :class:`JSONInput`."""
+    spec = create_model(
+        "Input", __module__=module, __base__=JSONInput, **{route.field: (route.schema, Field())}
+    )
+    annotation = get_args(route.schema)[0]
+    spec.json_field = route.field
+    spec.json_type = get_origin(annotation) or annotation
+    return spec
+
+
+def _output_spec(answers: type[BaseModel]) -> type[bentoml.IODescriptor]:
+    """BentoML's output spec for ``answers`` (same name and schema), written with orjson."""
+    return create_model(f"{answers.__name__}IODescriptor", __base__=(JSONOutput, answers))
 
 
 def _endpoint(route: Route, answers: type[BaseModel]) -> Any:
@@ -231,7 +324,13 @@ def _endpoint(route: Route, answers: type[BaseModel]) -> Any:
         ],
         return_annotation=answers,
     )
-    return bentoml.api(endpoint)
+    if route.upload_limit is not None:  # multipart: BentoML's own reading
+        return bentoml.api(endpoint, output_spec=_output_spec(answers))
+    return bentoml.api(
+        endpoint,
+        input_spec=_input_spec(route, endpoint.__module__),
+        output_spec=_output_spec(answers),
+    )
 
 
 def _info_endpoint(info: type[BaseModel]) -> Any:
@@ -250,6 +349,102 @@ def _info_endpoint(info: type[BaseModel]) -> Any:
     return bentoml.api(info_endpoint)
 
 
+# -- the OpenAPI page ------------------------------------------------------------------------
+
+INFO_PATH = "/info"
+_REFUSAL = {
+    "application/json": {
+        "schema": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "string",
+                    "description": "what is wrong (<field>: <rule>), or why the request was shed",
+                }
+            },
+        }
+    }
+}
+
+
+def answers_of(service: type[ModelService], path: str) -> dict[int, str]:
+    """Every status ``path`` of ``service`` can answer -> one line on when (with the live
+    limits once the service has read its card). Never a 404 (other kinds' routes are not
+    listed) or a 500 (a bad request is a 4xx; tests/test_service_fuzz.py fuzzes for it)."""
+    rules = service.guard_rules
+    route = next((r for r in service.kind.routes if r.path == path), None)
+    upload = rules.uploads.get(path)
+    limit = upload[1] if upload else rules.json_limit
+    size = f"{limit} bytes" if rules.max_concurrency else "the limit /info shows"
+    json_only = "the body is not sent as Content-Type: application/json"
+    if route is None:  # /info
+        ok, bad, wrong_type = "what this service serves", "the body is not JSON", json_only
+    elif upload:
+        ok = "the answer, one per example in the file's order" if route.many else "the answer"
+        bad = (
+            f'the upload is not exactly one file in form field "{upload[0]}", or not one the '
+            "model takes; the error names the rule"
+        )
+        wrong_type = "the body is not a multipart/form-data upload"
+    else:
+        ok = "one answer per example, in the request's order" if route.many else "the answer"
+        bad = (
+            "a value breaks a rule (shape, type, range, count, a missing or unknown field) or "
+            'the JSON is malformed: {"error": "<field>: <rule>"}'
+        )
+        wrong_type = json_only
+    return {
+        200: ok,
+        400: f"{bad}; or the request's framing headers are ambiguous (two Content-Type, ...)",
+        413: f"the body is larger than {size} (package.max_request_bytes / max_image_bytes, "
+        "MAX_REQUEST_BYTES)",
+        415: f"{wrong_type}; the error says what was sent",
+        503: "the server sheds load (busy: MAX_CONCURRENT_REQUESTS; overloaded: MAX_QUEUED_ROWS, "
+        "max_latency_ms; or stopping): retry after the Retry-After header's seconds",
+    }
+
+
+def document(service: type[ModelService], spec: Any) -> Any:
+    """``spec`` (BentoML's OpenAPI for ``service``) with, on every route of the service: the
+    statuses it can answer (:func:`answers_of`), and a request its model answers with a 200
+    as the example ("Try it out"): the body for a JSON route, a command that writes the file
+    in an upload route's description."""
+    for route in service.kind.routes:
+        if not service.serves(route):
+            continue
+        operation = spec.paths[route.path].post
+        _list_answers(operation, answers_of(service, route.path))
+        example = service.api_examples.get(route.path)
+        if example is None:
+            continue
+        if route.upload_limit is not None:
+            operation["description"] += f"\n\nA file this model takes: `{example}`"
+            continue
+        content = operation["requestBody"]["content"]
+        media = content["application/json"]  # BentoML's spec objects are frozen
+        media.schema.properties[route.field]["examples"] = [example]
+        content["application/json"] = attrs.evolve(media, example={route.field: example})
+    _list_answers(spec.paths[INFO_PATH].post, answers_of(service, INFO_PATH))
+    return spec
+
+
+def _list_answers(operation: dict, answers: dict[int, str]) -> None:
+    """Replace BentoML's list (200, 400, 404, 500) with ``answers``; 200 keeps its schema."""
+    ok = {**operation["responses"][200], "description": answers[200]}
+    refusals = {code: {"description": text, "content": _REFUSAL} for code, text in answers.items()}
+    operation["responses"] = {**refusals, 200: ok}
+
+
+class DocumentedService(bentoml.Service):
+    """A BentoML service whose OpenAPI page (``/docs.json``, the Swagger page at ``/``) shows
+    its own model's examples and every status each route answers (:func:`document`)."""
+
+    @property
+    def openapi_spec(self) -> Any:
+        return document(self.inner, super().openapi_spec)
+
+
 def service_class(base: type[ModelService], kind: DataKind, name: str, module: str) -> type:
     """The class ``module:name``: ``base`` answering ``kind``'s routes (those it serves),
     and /info. Decorate it with ``@bentoml.service`` in ``module``, then :func:`with_guard`."""
@@ -261,6 +456,7 @@ def service_class(base: type[ModelService], kind: DataKind, name: str, module: s
         "kind": kind,
         "service_name": f"{module}:{name}",
         "guard_rules": GuardRules(),
+        "api_examples": {},
         "info_model": info,
         "info": _info_endpoint(info),
     }

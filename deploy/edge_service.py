@@ -34,7 +34,15 @@ import bentoml
 import numpy as np
 from pydantic import BaseModel, Field
 
-from deploy.base import IMAGE, SEQUENCE, TABLE, ModelService, service_class, with_guard
+from deploy.base import (
+    IMAGE,
+    SEQUENCE,
+    TABLE,
+    DocumentedService,
+    ModelService,
+    service_class,
+    with_guard,
+)
 from deploy.common import Answer, DataKind, Prediction, Route, ValuePrediction
 
 CLOUD_URL_ENV = "CLOUD_URL"
@@ -171,7 +179,7 @@ class EdgeService(ModelService):
         """Checked examples (and the same as the client sent them, for the cloud) -> one
         answer each: the edge model's, or the cloud's for those it is unsure about."""
         outputs = await self.batcher(batch)
-        answers = [self.card.task.answer(row, self.card) for row in outputs]
+        answers = self.card.task.answers(outputs, self.card)
         if not self.card.task.hands_off:  # regression: answered here, always
             return [EdgeValuePrediction.model_construct(**dict(a)) for a in answers]
         confidence = self.card.task.confidence(outputs)
@@ -259,7 +267,9 @@ def _setting(section: dict, key: str, default: float) -> float:
 
 def _edge(kind: DataKind, name: str) -> bentoml.Service:
     return with_guard(
-        bentoml.service(**EdgeService.options)(service_class(EdgeService, kind, name, __name__))
+        bentoml.service(service_class=DocumentedService, **EdgeService.options)(
+            service_class(EdgeService, kind, name, __name__)
+        )
     )
 
 

@@ -9,6 +9,7 @@ decoded, so the edge bento does without it.
 from __future__ import annotations
 
 import io
+from itertools import chain
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +17,14 @@ import numpy as np
 from bentoml.exceptions import InvalidArgument
 from pydantic import Field
 
-from deploy.common import BYTES_PER_NUMBER, DataKind, ModelCard, Route, ServiceInfo
+from deploy.common import (
+    BYTES_PER_NUMBER,
+    DataKind,
+    JSONIntegers,
+    ModelCard,
+    Route,
+    ServiceInfo,
+)
 
 PIXEL_MIN, PIXEL_MAX = 0.0, 255.0
 IMAGE_FORMATS = ("PNG", "JPEG")
@@ -36,13 +44,47 @@ def to_chw(image: Any, image_shape: tuple[int, int, int], field: str = "image") 
     if len(image) == 0:
         raise InvalidArgument(f"{field}: must not be empty")
     try:
-        arr = np.asarray(image)
+        arr = as_array(image)
     except (ValueError, TypeError, OverflowError):
         raise InvalidArgument(
             f"{field}: must be a rectangular nested list of numbers (rows of unequal length?)"
         ) from None
     check_numbers(arr, field)
     return check_pixels(to_layout(arr, image_shape, field), field)
+
+
+def as_array(images: list) -> np.ndarray:
+    """``np.asarray(images)``; ~2x faster (as uint8) when the request held whole numbers only
+    and they are all pixel values, 0-255 (:func:`byte_pixels`): numpy's asarray spends ~1.5
+    ms of CPU finding out what 64 MNIST images as nested lists hold."""
+    if type(images) is JSONIntegers:
+        pixels = byte_pixels(images)
+        if pixels is not None:
+            return pixels
+    return np.asarray(images)
+
+
+def byte_pixels(images: JSONIntegers) -> np.ndarray | None:
+    """A rectangular nested list of ints 0-255 as a uint8 array of its shape; None when it is
+    not one (ragged, a list where a number belongs or back, a value out of 0-255).
+
+    ``bytes(row)`` reads a list of ints in one C loop and refuses anything that is not an int
+    in 0-255; ``JSONIntegers`` has no true or false (which it would take as 1 and 0)."""
+    shape = [len(images)]
+    first: Any = images
+    while shape[-1] and type(first := first[0]) is list:
+        shape.append(len(first))
+    rows: list = images
+    try:
+        for depth, width in enumerate(shape[1:], start=2):
+            if set(map(len, rows)) != {width}:  # len() of a number: TypeError
+                return None
+            if depth < len(shape):
+                rows = list(chain.from_iterable(rows))
+        data = b"".join(map(bytes, rows)) if len(shape) > 1 else bytes(rows)
+    except (TypeError, ValueError):  # a list where a number belongs; a value not in 0-255
+        return None
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def check_numbers(arr: np.ndarray, field: str) -> None:
@@ -114,7 +156,7 @@ def to_batch(images: Any, image_shape: tuple[int, int, int], max_batch_size: int
             f"images: at most {max_batch_size} images per request, got {len(images)}"
         )
     try:
-        whole = batch_layout(np.asarray(images), image_shape)
+        whole = batch_layout(as_array(images), image_shape)
         if whole is not None and whole.dtype.kind in "iuf":
             return check_pixels(whole, "images")
     except (ValueError, TypeError, OverflowError, InvalidArgument):
@@ -249,6 +291,40 @@ ArrayField = Annotated[
 ]
 
 
+def example_image(image_shape: tuple[int, int, int], variant: int = 0) -> np.ndarray:
+    """A valid image of the model's shape, as uint8 (C, H, W): a bright vertical stroke on
+    black (variant 0) or a ring (1), the way a digit is drawn."""
+    c, h, w = image_shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    if variant == 0:
+        drawn = (abs(xx - (w - 1) / 2) <= max(w / 14, 0.5)) & (abs(yy - (h - 1) / 2) <= 0.3 * h)
+    else:
+        r = np.hypot((yy - (h - 1) / 2) / (h / 2), (xx - (w - 1) / 2) / (w / 2))
+        drawn = (r > 0.4) & (r < 0.65)
+    return np.broadcast_to(np.where(drawn, 255, 0).astype(np.uint8), (c, h, w))
+
+
+def _as_sent(image: np.ndarray) -> list:
+    """(C, H, W) as a client sends it: (H, W) for one channel, else (C, H, W)."""
+    return (image[0] if len(image) == 1 else image).tolist()
+
+
+def _example_file(card: ModelCard, name: str) -> str:
+    c, h, w = card.input_shape
+    if name == "array":
+        shape = (2, h, w) if c == 1 else (2, c, h, w)
+        return (
+            f"python -c \"import numpy as np; np.save('batch.npy', "
+            f'np.zeros({shape}, np.uint8))" && curl -F array=@batch.npy <this server>'
+            "/predict_array"
+        )
+    mode = "L" if c == 1 else "RGB"
+    return (
+        f"python -c \"from PIL import Image; Image.new('{mode}', ({w}, {h})).save('image.png')\""
+        " && curl -F image=@image.png <this server>/predict_image"
+    )
+
+
 def _one(image: Any, card: ModelCard) -> np.ndarray:
     return to_chw(image, card.input_shape, "image")[None]
 
@@ -269,17 +345,21 @@ IMAGE = DataKind(
     name="image",
     routes=(
         Route("predict", "image", ImageField, _one, many=False,
-              doc="Classify one image sent as nested lists of raw pixel values."),
+              doc="Classify one image sent as nested lists of raw pixel values.",
+              example=lambda card: _as_sent(example_image(card.input_shape))),
         Route("predict_batch", "images", ImagesField, _many, many=True,
-              doc="Up to ``max_batch_size`` images in one call; answers in the same order."),
+              doc="Up to ``max_batch_size`` images in one call; answers in the same order.",
+              example=lambda card: [_as_sent(example_image(card.input_shape, v)) for v in (0, 1)]),
         Route("predict_array", "array", ArrayField, _npy_file, many=True,
               doc="A batch sent as one .npy file (multipart/form-data, field ``array``).\n\n"
               "The compact way to send many images: no JSON to parse, answers in order.",
               # A .npy batch is far smaller than the same batch as JSON: that limit bounds it.
-              upload_limit=lambda card, json_limit: json_limit + MULTIPART_SLACK),
+              upload_limit=lambda card, json_limit: json_limit + MULTIPART_SLACK,
+              example=lambda card: _example_file(card, "array")),
         Route("predict_image", "image", UploadField, _image_file, many=False,
               doc="One uploaded PNG or JPEG file (multipart/form-data, field ``image``).",
-              upload_limit=lambda card, json_limit: max_image_bytes(card) + MULTIPART_SLACK),
+              upload_limit=lambda card, json_limit: max_image_bytes(card) + MULTIPART_SLACK,
+              example=lambda card: _example_file(card, "image")),
     ),
     read_shape=_read_shape,
     request_limit=lambda card: request_limit(card.input_shape, card.max_batch_size),

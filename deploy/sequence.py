@@ -19,6 +19,7 @@ from deploy.table import (
     RecordsInfo,
     check_count,
     encode,
+    example_value,
     json_type,
     read_records_shape,
     records_info,
@@ -97,6 +98,14 @@ SequencesField = Annotated[
 ]
 
 
+def example_window(spec: dict, steps: int, reverse: bool = False) -> list[list[Any]]:
+    """A valid window for the model: ``steps`` steps, oldest first, each a list of one value
+    per input column, swinging one standard deviation about the training mean."""
+    swing = (0, 1, 0, -1)
+    window = [[example_value(col, swing[t % 4]) for col in spec["columns"]] for t in range(steps)]
+    return window[::-1] if reverse else window
+
+
 def _one(window: Any, card: ModelCard) -> np.ndarray:
     return encode_window(window, card.raw["preprocess"], card.input_shape)
 
@@ -115,9 +124,14 @@ SEQUENCE = DataKind(
     name="sequence",
     routes=(
         Route("forecast", "window", WindowField, _one, many=False,
-              doc="One sequence of T steps: the forecast value (regression) or its class."),
+              doc="One sequence of T steps: the forecast value (regression) or its class.",
+              example=lambda card: example_window(card.raw["preprocess"], card.input_shape[0])),
         Route("predict_sequences", "sequences", SequencesField, _many, many=True,
-              doc="Up to ``max_batch_size`` sequences in one call; answers in the same order."),
+              doc="Up to ``max_batch_size`` sequences in one call; answers in the same order.",
+              example=lambda card: [
+                  example_window(card.raw["preprocess"], card.input_shape[0], reverse)
+                  for reverse in (False, True)
+              ]),
     ),
     read_shape=_read_shape,
     request_limit=lambda card: records_limit(

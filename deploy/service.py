@@ -19,13 +19,23 @@ from __future__ import annotations
 
 import bentoml
 
-from deploy.base import IMAGE, SEQUENCE, TABLE, ModelService, service_class, with_guard
+from deploy.base import (
+    IMAGE,
+    SEQUENCE,
+    TABLE,
+    DocumentedService,
+    ModelService,
+    service_class,
+    with_guard,
+)
 from deploy.common import DataKind
 
 
 def _cloud(kind: DataKind, name: str) -> bentoml.Service:
     return with_guard(
-        bentoml.service(**ModelService.options)(service_class(ModelService, kind, name, __name__))
+        bentoml.service(service_class=DocumentedService, **ModelService.options)(
+            service_class(ModelService, kind, name, __name__)
+        )
     )
 
 

@@ -212,6 +212,20 @@ RowsField = Annotated[
 ]
 
 
+def example_value(column: dict, variant: int = 0) -> Any:
+    """A valid value of one input column: near the training mean (``variant`` standard
+    deviations off it, rounded), or one of the known categories (null when none is known)."""
+    if column["type"] == "numeric":
+        return float(f"{float(column['mean']) + variant * float(column['std']):.4g}")
+    categories = column.get("categories") or [None]
+    return categories[variant % len(categories)]
+
+
+def example_row(spec: dict, variant: int = 0) -> dict[str, Any]:
+    """A valid row for the model: every input column, with :func:`example_value`."""
+    return {str(col["name"]): example_value(col, variant) for col in spec["columns"]}
+
+
 def _one(row: Any, card: ModelCard) -> np.ndarray:
     return encode_row(row, card.raw["preprocess"])
 
@@ -224,9 +238,11 @@ TABLE = DataKind(
     name="table",
     routes=(
         Route("predict_row", "row", RowField, _one, many=False,
-              doc="One row of column -> value: its class (classification) or value."),
+              doc="One row of column -> value: its class (classification) or value.",
+              example=lambda card: example_row(card.raw["preprocess"])),
         Route("predict_rows", "rows", RowsField, _many, many=True,
-              doc="Up to ``max_batch_size`` rows in one call; answers in the same order."),
+              doc="Up to ``max_batch_size`` rows in one call; answers in the same order.",
+              example=lambda card: [example_row(card.raw["preprocess"], v) for v in (0, 1)]),
     ),
     read_shape=lambda card, where: read_records_shape(card, where, "table", "[F]"),
     request_limit=lambda card: records_limit(card.raw["preprocess"], card.max_batch_size),

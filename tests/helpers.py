@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -236,3 +237,42 @@ def serving(
         yield server
     finally:
         stop(process)
+
+
+# -- the OpenAPI page of a served bento -------------------------------------------------------
+
+# What every route of a bento can answer, as its OpenAPI page must list (deploy/base.py).
+STATUSES = {"200", "400", "413", "415", "503"}
+# How an upload route's description says to make a file it takes (deploy/image.py).
+FILE_EXAMPLE = re.compile(r'`python -c "(?P<code>[^"]+)" && curl -F (?P<field>\w+)=@(?P<file>\S+) ')
+
+
+def try_every_openapi_example(client: httpx.Client, folder: Path) -> list[str]:
+    """Send every route on the served bento's OpenAPI page (``/docs.json``) the example the
+    page offers, as Swagger's "Try it out" would: a JSON route its request body's example, an
+    upload route the file its description's command writes (run here, in ``folder``), /info
+    an empty object. Fails unless each answers 200 and lists exactly :data:`STATUSES`, each
+    with a line saying when; returns the routes tried."""
+    spec = client.get("/docs.json").json()
+    routes = {
+        p: ops["post"]
+        for p, ops in spec["paths"].items()
+        if "x-bentoml-name" in ops.get("post", {})
+    }
+    for path, post in routes.items():
+        responses = post["responses"]
+        assert set(responses) == STATUSES, (path, sorted(responses))
+        assert all(r["description"] for r in responses.values()), (path, responses)
+        content = post["requestBody"]["content"]
+        if "multipart/form-data" in content:
+            made = FILE_EXAMPLE.search(post["description"])
+            assert made, (path, post["description"])
+            subprocess.run([sys.executable, "-c", made["code"]], cwd=folder, check=True)
+            upload = (folder / made["file"]).read_bytes()
+            reply = client.post(path, files={made["field"]: (made["file"], upload)})
+        else:
+            example = content["application/json"].get("example", {})
+            assert example or path == "/info", (path, "no example")
+            reply = client.post(path, json=example)
+        assert reply.status_code == 200, (path, reply.status_code, reply.text[:500])
+    return list(routes)

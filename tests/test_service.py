@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.helpers import STATUSES, try_every_openapi_example
 from tests.tiny_models import (
     CLASS_NAMES,
     IMAGE_SHAPE,
@@ -582,6 +583,8 @@ def test_every_bento_class_serves_its_kinds_routes_and_documents_them():
                     body = paths[route.path]["post"]["requestBody"]["content"]
                     field = body["application/json"]["schema"]["properties"][route.field]
                     assert field["description"] and field["examples"], (svc, route.path)
+            for path in routes | {"/info"}:
+                assert set(map(str, paths[path]["post"]["responses"])) == STATUSES, (svc, path)
         assert edge.inner.guard_rules is not cloud.inner.guard_rules  # one guard each
 
 
@@ -594,6 +597,20 @@ def test_swagger_page_and_openapi_are_served_locally(served):
     assert routes <= set(spec["paths"])
     upload = spec["paths"]["/predict_image"]["post"]["requestBody"]["content"]
     assert upload["multipart/form-data"]["schema"]["properties"]["image"]["format"] == "binary"
+
+
+def test_every_route_answers_the_example_on_its_openapi_page(served, tmp_path):
+    """Swagger's "Try it out" works on the first click: each route's example is a request this
+    bento's model answers (an image of its 8x8 shape, not an illustrative 3x3 one), and each
+    route lists every status it can answer."""
+    _, client, _, _ = served
+    tried = try_every_openapi_example(client, tmp_path)
+    assert set(tried) == {"/predict", "/predict_batch", "/predict_array", "/predict_image", "/info"}
+    post = client.get("/docs.json").json()["paths"]["/predict"]["post"]
+    example = post["requestBody"]["content"]["application/json"]["example"]["image"]
+    assert np.array(example).shape == (H, W)
+    limit = client.post("/info").json()["max_request_bytes"]
+    assert f"larger than {limit} bytes" in post["responses"]["413"]["description"]
 
 
 def test_decode_image_checks_size_before_decoding_pixels():

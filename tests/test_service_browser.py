@@ -2,7 +2,9 @@
 
 The page (served by BentoML itself, its scripts and styles local) must render the operations,
 ``/predict`` among them, on a closed network: it also asks Google Tag Manager for a script,
-which the test refuses at once (a machine without internet would otherwise wait on it).
+which the test refuses at once (a machine without internet would otherwise wait on it). On
+``/predict``, "Try it out" then "Execute" with the page's own example must show the
+service's 200 answer (with Playwright; Chromium's command line cannot click).
 
 Debian's ``chromium`` (``make test`` installs it when missing and root) is driven by Python
 Playwright, or by Chromium's own ``--dump-dom``/``--screenshot`` when Playwright is missing.
@@ -12,6 +14,7 @@ The test skips only when no Chromium can be found, and says so. Screenshots go t
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -19,7 +22,10 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
+
+from tests.tiny_models import CLASS_NAMES, IMAGE_SHAPE
 
 pytestmark = pytest.mark.slow
 
@@ -90,14 +96,35 @@ def _check_with_playwright(browser: str, url: str, shot: Path) -> None:
                 ".opblock-summary-path", "els => els.map(e => e.getAttribute('data-path'))"
             )
             title = page.title()
+            sent, status, answer = _try_it_out(page, "/predict")
             page.screenshot(path=str(shot), full_page=True)
         finally:
             chromium.close()
     assert set(ROUTES) <= set(paths), paths
+    # "Try it out", then "Execute", with the page's own example: the model's 8x8 image, and
+    # the answer the page shows is the service's 200 with a label.
+    assert np.array(json.loads(sent)["image"]).shape == IMAGE_SHAPE[1:], sent[:200]
+    assert status == "200", (status, answer[:500])
+    assert json.loads(answer)["label"] in CLASS_NAMES, answer[:500]
     assert title
     assert time.monotonic() - started < 60  # no wait on the unreachable tag manager
     assert all("googletagmanager" in u for u in refused), refused
     assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
+
+
+def _try_it_out(page, path: str) -> tuple[str, str, str]:
+    """Open ``path``'s operation, click "Try it out" and "Execute" with the example the page
+    fills in; (the body sent, the status and the body the page shows as the answer)."""
+    block = page.locator(".opblock", has=page.locator(f'.opblock-summary-path[data-path="{path}"]'))
+    block.locator(".opblock-summary").click()
+    block.locator("button.try-out__btn").click()
+    sent = block.locator("textarea.body-param__text").input_value()
+    block.locator("button.execute").click()
+    live = block.locator(".live-responses-table .response")
+    live.first.wait_for(timeout=30_000)
+    status = live.first.locator(".response-col_status").inner_text().strip()
+    answer = live.first.locator(".response-col_description pre").first.inner_text()
+    return sent, status, answer
 
 
 def _check_with_chromium_cli(browser: str, url: str, shot: Path, tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ import pytest
 
 from components import features
 from components.dataset import DatasetMeta
-from tests.helpers import serving
+from tests.helpers import serving, try_every_openapi_example
 from tests.tiny_models import tiny_settings
 
 MAX_BATCH = 4  # tiny_settings
@@ -435,6 +435,30 @@ def test_sequence_edge_hands_unsure_sequences_to_the_cloud(sequences, monkeypatc
 
 
 # -- the encoding helpers, without a server --------------------------------------------------
+
+
+def test_table_and_sequence_routes_answer_their_openapi_examples(table, sequences, tmp_path):
+    """Each route's example on the OpenAPI page is a request the bento's model answers: a row
+    of the table's own columns, windows of the sequence model's 5 steps x 3 features."""
+    _, client = table
+    assert set(try_every_openapi_example(client, tmp_path)) == {
+        "/predict_row",
+        "/predict_rows",
+        "/info",
+    }
+    row = client.get("/docs.json").json()["paths"]["/predict_row"]["post"]["requestBody"]
+    assert set(row["content"]["application/json"]["example"]["row"]) == set(COLUMNS)
+    _, client, _ = sequences
+    assert set(try_every_openapi_example(client, tmp_path)) == {
+        "/forecast",
+        "/predict_sequences",
+        "/info",
+    }
+    window = client.get("/docs.json").json()["paths"]["/forecast"]["post"]["requestBody"]
+    assert np.array(window["content"]["application/json"]["example"]["window"]).shape == (
+        STEPS,
+        WIDTH,
+    )
 
 
 def test_window_steps_as_lists_or_objects_encode_like_training():
