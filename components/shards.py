@@ -147,15 +147,12 @@ def write_shards(
     scratch = directory.with_name(f".{directory.name}.writing-{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    counts: dict[int, int] = {}
+    files: dict[int, _ShardFile] = {}
     try:
         with ExitStack() as open_shards:
             layout = _write_all(examples, n_examples, scratch, shuffle_seed, shard_bytes,
-                                open_shards, counts)  # fmt: skip
-        shards = tuple(
-            Shard(f"shard-{i:06d}.tar", counts[i], _sha256(scratch / f"shard-{i:06d}.tar"))
-            for i in sorted(counts)
-        )
+                                open_shards, files)  # fmt: skip
+        shards = tuple(files[i].shard() for i in sorted(files))
         index = ShardIndex(shards, str(layout[0]), tuple(layout[1]), str(layout[2]),
                            tuple(layout[3]))  # fmt: skip
         (scratch / INDEX_FILE).write_text(json.dumps(index.to_json(), indent=1) + "\n")
@@ -171,9 +168,27 @@ def write_shards(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _write_all(examples, n_examples, scratch, shuffle_seed, shard_bytes, open_shards, counts):
-    """Every example into its shard's tar file (opened on ``open_shards``); the layout."""
-    writers: dict[int, Any] = {}
+class _ShardFile:
+    """One shard being written: its file, its count and its sha256, hashed as it is written."""
+
+    def __init__(self, path: Path, open_shards: ExitStack) -> None:
+        self.name = path.name
+        # ExitStack is the context manager: one file open per shard, all closed at once
+        self.file = open_shards.enter_context(open(path, "wb"))  # noqa: SIM115
+        self.digest = hashlib.sha256()
+        self.examples = 0
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.digest.update(data)
+
+    def shard(self) -> Shard:
+        return Shard(self.name, self.examples, self.digest.hexdigest())
+
+
+def _write_all(examples, n_examples, scratch, shuffle_seed, shard_bytes, open_shards, writers):
+    """Every example into its shard's tar file (``writers``, opened on ``open_shards``);
+    returns the layout."""
     iterator = iter(examples)
     layout = per_shard = perm = members = None
     for position in range(n_examples + 1):
@@ -207,13 +222,11 @@ def _write_all(examples, n_examples, scratch, shuffle_seed, shard_bytes, open_sh
         slot = int(perm[position]) if perm is not None else position
         shard = slot // per_shard
         if shard not in writers:
-            path = scratch / f"shard-{shard:06d}.tar"
-            writers[shard] = open_shards.enter_context(open(path, "wb"))  # noqa: SIM115
-            counts[shard] = 0
+            writers[shard] = _ShardFile(scratch / f"shard-{shard:06d}.tar", open_shards)
         # The key is the slot: unique, and a shard's keys say nothing of the source order.
         key = b"%010d" % slot
         writers[shard].write(members[0].record(key, x) + members[1].record(key, y))
-        counts[shard] += 1
+        writers[shard].examples += 1
     raise AssertionError("unreachable: the loop returns or raises")
 
 
@@ -239,16 +252,7 @@ class _Member:
         header = self.header
         header[:10] = key
         header[148:156] = b"%06o\0 " % (self.base_sum + sum(key))
-        data = array.tobytes() if array.flags.c_contiguous else array.copy(order="C").tobytes()
-        return bytes(header) + self.npy_header + data + self.padding
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return bytes(header) + self.npy_header + array.tobytes() + self.padding  # C order
 
 
 # ---------------------------------------------------------------- reading
@@ -423,7 +427,6 @@ class ShardLoader:
         rank: int | None = None,
         world: int | None = None,
         drop_last: bool = False,
-        transform=None,
     ) -> None:
         if batch_size < 1:
             raise ShardError(f"batch_size must be at least 1, got {batch_size}")
@@ -434,7 +437,6 @@ class ShardLoader:
         self.seed = seed
         self._rank, self._world = rank, world
         self.drop_last = drop_last
-        self.transform = transform
         self.epoch = 0  # the epoch the next iter() reads
         self._current_epoch = 0
         self._resume_skip = 0
@@ -487,8 +489,7 @@ class ShardLoader:
     def _batch(self, x: np.ndarray, y: np.ndarray):
         import torch
 
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-        return self.transform(xt, yt) if self.transform else (xt, yt)
+        return torch.from_numpy(x), torch.from_numpy(y)
 
     def state_dict(self) -> dict[str, int]:
         """The epoch and how many of its examples this process has trained on (or been given)."""

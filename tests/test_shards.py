@@ -6,6 +6,7 @@ can tell exactly which examples a reader gave, in which order, to which rank.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -60,6 +61,8 @@ def test_a_split_is_written_once_as_webdataset_shards_with_an_index(split):
     assert len(names) == 64 and all(n.endswith((".x.npy", ".y.npy")) for n in names)
     raw = json.loads((split / INDEX_FILE).read_text())
     assert raw["format"] == "webdataset-npy/1" and len(raw["shards"][0]["sha256"]) == 64
+    for shard in index.shards:  # hashed as written: the hash of the file on disk
+        assert shard.sha256 == hashlib.sha256((split / shard.file).read_bytes()).hexdigest()
 
 
 def test_webdataset_reads_the_shards(split):
