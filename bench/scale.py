@@ -18,10 +18,16 @@ process so that its peak resident memory (``ru_maxrss``) is its own:
 3. **ranks**: two processes' shares of one epoch (rank 0 and 1 of 2), checked disjoint and
    equal, with each one's peak memory.
 
-It does not yet measure the pipeline's own ingest, train or evaluate stages: they still read
-whole splits (the data-beyond-memory issue's next step). Results and the growth from the
-smallest to the largest N go to ``bench/results/scale.json`` (``--smoke``: to
-``build/bench-smoke/scale.json``), with the machine's load average before and after.
+4. **stages**: the pipeline's own stages on a folder of N PNG files (one sub-folder per class,
+   written once to the cache), with ``ingest.storage`` shards against memory, each stage in its
+   own process: ``components.ingest`` (the folder read file by file into shards, against read
+   whole into ``.npz``), ``components.train`` for one epoch (a 784-128-10 MLP: the loader's
+   cost, not a CNN's, is what differs) and ``components.evaluate`` (baselines on their
+   20,000-example sample). ``--no-stages`` leaves them out.
+
+Results and the growth from the smallest to the largest N go to ``bench/results/scale.json``
+(``--smoke``: to ``build/bench-smoke/scale.json``), with the machine's load average before and
+after.
 """
 
 from __future__ import annotations
@@ -186,12 +192,68 @@ def step_ranks(work: Path, n: int, rank: int) -> dict:
     return {"examples": count, "start": plan.start, "stop": plan.stop, "peak_rss_mb": _peak_mb()}
 
 
+def png_folder(cache: Path, n: int) -> Path:
+    """N of the source's images as PNG files in class folders: written once, like an image
+    folder a user brings (class by class)."""
+    from PIL import Image
+
+    folder = cache / f"pngs-{n}"
+    if (folder / ".complete").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    for i, (image, label) in enumerate(read_source(cache, n)):
+        target = folder / f"class{int(label)}" / f"{i:07d}.png"
+        if i == 0 or not target.parent.is_dir():
+            target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[0]).save(target, optimize=False, compress_level=1)
+    (folder / ".complete").write_text("")
+    return folder
+
+
+STAGES = ("ingest", "train", "evaluate")
+
+
+def stage_params(cache: Path, n: int, work: Path, mode: str):
+    """params.yaml's values, with this run's folder, storage, a one-epoch MLP and no gate."""
+    from components.config import parse_params, read_params_file
+
+    raw = read_params_file(ROOT / "params.yaml")
+    root = work / f"stages-{mode}-{n}"
+    raw["paths"] = {k: str(root / v) for k, v in raw["paths"].items()}
+    raw["paths"]["external_dir"] = str(cache)
+    raw["ingest"].update(source=str(cache / f"pngs-{n}"), kind="image",
+                         storage="shards" if mode == "streamed" else "memory")  # fmt: skip
+    raw["train"].update(model="mlp", hidden_units=[128], max_epochs=1, early_stopping_patience=1,
+                        augment={"crop_padding": 0, "max_rotation_degrees": 0,
+                                 "horizontal_flip": False})  # fmt: skip
+    raw["evaluate"].update(min_accuracy=0.0, min_macro_f1=0.0, min_class_recall=0.0)
+    return parse_params(raw)
+
+
+def step_stage(cache: Path, n: int, work: Path, mode: str, stage: str) -> dict:
+    """One pipeline stage, as DVC runs it (its ``run(params)``), on the PNG folder."""
+    import importlib
+
+    params = stage_params(cache, n, work, mode)
+    module = importlib.import_module(f"components.{stage}")
+    started = time.perf_counter()
+    result = module.run(params)
+    out = {"seconds": time.perf_counter() - started, "peak_rss_mb": _peak_mb()}
+    if stage == "train":
+        out["samples_per_s"] = result.samples_per_second
+    if stage == "evaluate":
+        out["accuracy"] = result.metrics["accuracy"]
+    return out
+
+
 def _child(args: argparse.Namespace) -> None:
     work, cache = Path(args.work), Path(args.cache)
     if args.child == "write":
         out = step_write(cache, args.n, work, args.mode)
     elif args.child == "epoch":
         out = step_epoch(work, args.n, args.mode)
+    elif args.child in STAGES:
+        out = step_stage(cache, args.n, work, args.mode, args.child)
     else:
         out = step_ranks(work, args.n, args.rank)
     print(json.dumps(out))
@@ -204,6 +266,8 @@ def run_step(
     if here:
         if step == "write":
             return step_write(cache, n, work, mode)
+        if step in STAGES:
+            return step_stage(cache, n, work, mode, step)
         return step_epoch(work, n, mode) if step == "epoch" else step_ranks(work, n, rank)
     cmd = [sys.executable, "-m", "bench.scale", "--child", step, "--n", str(n), "--work",
            str(work), "--cache", str(cache), "--mode", mode, "--rank", str(rank)]  # fmt: skip
@@ -221,7 +285,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="1k and 3k images: does it run?")
     parser.add_argument("--sizes", type=int, nargs="*", help="example counts (default 10k..1M)")
-    parser.add_argument("--child", choices=("write", "epoch", "ranks"), help=argparse.SUPPRESS)
+    parser.add_argument("--no-stages", action="store_true", help="leave the pipeline's stages out")
+    parser.add_argument("--child", choices=("write", "epoch", "ranks", *STAGES),
+                        help=argparse.SUPPRESS)  # fmt: skip
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
@@ -253,6 +319,14 @@ def main(argv: list[str] | None = None) -> dict:
             ranks[0]["stop"] == ranks[1]["start"]
             and ranks[0]["examples"] == ranks[1]["examples"] == n // 2
         )
+        if not args.no_stages and not (args.smoke and n != sizes[0]):  # smoke: the first only
+            png_folder(cache, n)
+            for mode in ("streamed", "in_memory"):
+                for stage in STAGES:
+                    out = run_step(stage, n, work, cache, mode, here=args.smoke)
+                    row[f"{stage}_{mode}"] = out
+                    print(f"n={n:>9,} {mode:>9}: stage {stage:8} {out['seconds']:7.1f} s, "
+                          f"{out['peak_rss_mb']:7.0f} MB peak", flush=True)  # fmt: skip
         rows[n] = row
         for leftover in work.glob(f"*-{n}*"):  # the splits are cheap to re-make; disk is not
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
@@ -260,8 +334,9 @@ def main(argv: list[str] | None = None) -> dict:
     growth = {
         f"{step}_{mode}_peak_rss_x": large[f"{step}_{mode}"]["peak_rss_mb"]
         / small[f"{step}_{mode}"]["peak_rss_mb"]
-        for step in ("write", "epoch")
+        for step in ("write", "epoch", *STAGES)
         for mode in ("streamed", "in_memory")
+        if f"{step}_{mode}" in large and f"{step}_{mode}" in small
     }
     growth["write_streamed_seconds_per_example_x"] = (
         large["write_streamed"]["seconds"] / sizes[-1]
@@ -271,6 +346,12 @@ def main(argv: list[str] | None = None) -> dict:
         "sizes": list(sizes),
         "rows": {str(n): row for n, row in rows.items()},
         "growth_smallest_to_largest": growth,
+        "train_stage_throughput_streamed_vs_memory": {
+            str(n): rows[n]["train_streamed"]["samples_per_s"]
+            / rows[n]["train_in_memory"]["samples_per_s"]
+            for n in sizes
+            if "train_streamed" in rows[n]
+        },
         "throughput_streamed_vs_memory": {
             str(n): rows[n]["epoch_streamed"]["samples_per_s"]
             / rows[n]["epoch_in_memory"]["samples_per_s"]

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from components.dataset import ArraySet, DatasetMeta
+from components.dataset import DatasetMeta, Split
 from components.tasks import Task
 
 log = logging.getLogger("pipeline.baselines")
@@ -91,7 +91,7 @@ def _outputs(model, x: np.ndarray, task: Task, n_classes: int) -> np.ndarray:
     return scores
 
 
-def persistence_outputs(test: ArraySet, meta: DatasetMeta) -> np.ndarray | None:
+def persistence_outputs(test: Split, meta: DatasetMeta) -> np.ndarray | None:
     """The target's last observed value in each window (in target units), or None when the
     target is not among the window's inputs."""
     spec = meta.preprocess or {}  # components/features.py: column specs, encoded feature names
@@ -103,24 +103,23 @@ def persistence_outputs(test: ArraySet, meta: DatasetMeta) -> np.ndarray | None:
     if column.get("type") != "numeric":
         return None
     j = features.index(meta.target)
-    return test.x[:, -1, j].astype(np.float64) * column["std"] + column["mean"]
+    return test.map_x(lambda x: x[:, -1, j].astype(np.float64) * column["std"] + column["mean"])
 
 
 def fit_baselines(
     names: Sequence[str],
-    train: ArraySet,
-    test: ArraySet,
+    train: Split,
+    test: Split,
     meta: DatasetMeta,
     task: Task,
     input_scale: float,
     max_train_rows: int,
     seed: int = 0,
 ) -> list[BaselineScore]:
-    """Fit each named baseline on (a sample of) ``train`` and score it on ``test``."""
-    if len(train) > max_train_rows:
-        keep = np.sort(np.random.default_rng(seed).choice(len(train), max_train_rows, False))
-        train = ArraySet(train.x[keep], train.y[keep])
-    x_train, x_test = flat(train.x, input_scale), flat(test.x, input_scale)
+    """Fit each named baseline on (a sample of) ``train`` and score it on ``test`` (read a chunk
+    at a time when it is sharded)."""
+    train = train.sample(max_train_rows, seed)
+    x_train = flat(train.x, input_scale)
     n_classes = len(meta.class_names)
     scores = []
     for name in names:
@@ -144,7 +143,9 @@ def fit_baselines(
 
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 model.fit(x_train, train.y)
-            outputs = _outputs(model, x_test, task, n_classes)
+            outputs = test.map_x(
+                lambda x, model=model: _outputs(model, flat(x, input_scale), task, n_classes)
+            )
         seconds = time.perf_counter() - started
         metrics = task.metrics(test.y, outputs, meta.class_names, source=f"baseline {name}")
         headline = {k: float(metrics[k]) for k in task.headline_keys}

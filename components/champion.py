@@ -52,7 +52,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from components import tasks
-from components.dataset import ArraySet
+from components.dataset import Split
 from components.records import InputColumn
 from components.stage import StageError, file_digest, write_text
 
@@ -369,17 +369,20 @@ def save_record(path: Path, record: ChampionRecord) -> None:
         _write_record(Path(path), record)
 
 
-def split_fingerprint(test: ArraySet, class_names) -> str:
+def split_fingerprint(test: Split, class_names) -> str:
     """SHA-256 of the test split's content: the same inputs, targets and class names, same hash.
 
     Hashes the arrays (dtype, shape and bytes), not the .npz file, so re-writing the same split
     gives the same value. Works for every kind and task: uint8 images or float32 features,
     int64 labels or float32 regression targets (a regression split has no class names).
+    A sharded split is hashed a shard at a time, to the digest of the same arrays in memory.
     """
     digest = hashlib.sha256()
-    for arr in (test.x, test.y):
-        digest.update(f"{arr.dtype.str}{arr.shape}".encode())
-        digest.update(arr.tobytes())
+    digest.update(f"{test.x.dtype.str}{tuple(test.x.shape)}".encode())
+    for x, _ in test.chunks():
+        digest.update(x.tobytes())  # C order, whatever the array's own layout
+    digest.update(f"{test.y.dtype.str}{test.y.shape}".encode())
+    digest.update(test.y.tobytes())
     digest.update(json.dumps(list(class_names)).encode())
     return digest.hexdigest()
 

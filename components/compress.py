@@ -57,7 +57,7 @@ from components.config import (
     Params,
     TrainParams,
 )
-from components.dataset import ArraySet, DatasetMeta, load_arrays, meta_path, split_path
+from components.dataset import DatasetMeta, Split, load_split, meta_path
 from components.families import FAMILIES
 from components.metrics import task_metrics
 from components.model import NetConfig, config_from_dict, load_model
@@ -127,15 +127,12 @@ class CompressResult:
     distillation: dict | None = None
 
 
-def pick_calibration(train: ArraySet, n: int, seed: int = 0) -> np.ndarray:
+def pick_calibration(train: Split, n: int, seed: int = 0) -> np.ndarray:
     """At most ``n`` training examples, seeded: all of them for a small training split."""
-    if n >= len(train):
-        if n > len(train):
-            log.info("calibrating on all %d training examples (calibration_samples is %d)",
-                     len(train), n)  # fmt: skip
-        return train.x
-    idx = np.random.default_rng(seed).choice(len(train), size=n, replace=False)
-    return train.x[np.sort(idx)]
+    if n > len(train):
+        log.info("calibrating on all %d training examples (calibration_samples is %d)",
+                 len(train), n)  # fmt: skip
+    return train.sample(n, seed).x
 
 
 def check_variants_apply(config: NetConfig, params: CompressParams) -> None:
@@ -205,8 +202,8 @@ class _Networks:
 def build_variants(
     teacher,
     teacher_config: NetConfig,
-    train: ArraySet,
-    val: ArraySet,
+    train: Split,
+    val: Split,
     params: CompressParams,
     train_params: TrainParams,
     out_dir: Path,
@@ -222,8 +219,8 @@ def build_variants(
 
     shape = tuple(teacher_config.input_shape)
     nets = _Networks(teacher, teacher_config, student_config, (train, val), train_params, params)
-    samples = np.concatenate([val.x, train.x])[:CHECK_SAMPLES]
-    probes = train.x[:CHECK_SAMPLES]  # real examples for exporting and checking fp32 files
+    probes = train.head(CHECK_SAMPLES).x  # real examples for exporting and checking fp32 files
+    samples = np.concatenate([val.head(CHECK_SAMPLES).x, probes])[:CHECK_SAMPLES]
     # Regression: differences are judged in standard deviations of the training target.
     target_std = None if tasks.get(teacher_config.task).has_classes else teacher_config.target_std
     fp32_exports: dict[tuple[str, ...], Path] = {}
@@ -333,7 +330,7 @@ def compress(
     model,
     config: NetConfig,
     meta: DatasetMeta,
-    splits: dict[str, ArraySet],
+    splits: dict[str, Split],
     params: CompressParams,
     train_params: TrainParams,
     out_dir: Path,
@@ -371,7 +368,12 @@ def compress(
         {n: b[0] for n, b in built.items()}, calibration, params.latency_threads
     )
     measured = {
-        name: task_metrics(meta.task, test.y, run_onnx(path, test.x), meta.class_names)
+        name: task_metrics(
+            meta.task,
+            test.y,
+            test.map_x(lambda x, path=path: run_onnx(path, x)),
+            meta.class_names,
+        )
         for name, (path, *_) in built.items()
     }
     ref = measured[REFERENCE_VARIANT]
@@ -532,7 +534,7 @@ def format_table(result: CompressResult) -> str:
 def run(params: Params) -> CompressResult:
     paths, cfg = params.paths, params.compress
     meta = DatasetMeta.load(meta_path(paths.prepared_dir))
-    splits = {s: load_arrays(split_path(paths.prepared_dir, s)) for s in ("train", "val", "test")}
+    splits = {s: load_split(paths.prepared_dir, s) for s in ("train", "val", "test")}
     model, card = load_model(paths.model_dir)
     config = config_from_dict(card.config)
 

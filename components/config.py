@@ -140,6 +140,11 @@ class IngestParams(_Section):
     test_fraction: float = Field(gt=0, lt=1)
     val_fraction: float = Field(gt=0, lt=1)
     seed: int
+    # memory: splits as .npz, loaded whole; shards: tar shards read a shard at a time (every
+    # stage, every DDP rank); auto: shards when the splits' encoded examples exceed
+    # shard_above_mb (components/dataset.py, docs/training.md)
+    storage: Literal["auto", "memory", "shards"] = "auto"
+    shard_above_mb: float = Field(default=1024, gt=0)
 
     @field_validator("kind")
     @classmethod
@@ -163,6 +168,9 @@ class IngestParams(_Section):
 class ValidateParams(_Section):
     min_rows_per_class: int = Field(ge=1)
     max_missing_fraction: float = Field(ge=0, le=1)
+    # a sharded split's per-example summaries above this many rows: the suites run on a seeded
+    # sample of them (counts, shares and ranges still come from every example)
+    max_summary_rows: int = Field(default=200_000, ge=100)
 
 
 class AugmentParams(_Section):

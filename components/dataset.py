@@ -6,17 +6,33 @@ layout: ``x`` is ``(N, *input_shape)`` and ``y`` is ``(N,)``. Images are ``uint8
 ``(N, T, F)``. Targets are ``int64`` class indices into ``class_names`` for classification and
 ``float32`` values in the target's own units for regression (``class_names`` is then empty).
 
-Each file has its read and write here: the splits (``prepared/<split>.npz``), the rows of a
-table or series as read (``prepared/<split>.parquet``), the raw snapshot and ``meta.json``.
+Each file has its read and write here: the splits, the rows of a table or series as read
+(``prepared/<split>.parquet``), the raw snapshot and ``meta.json``.
+
+A split is stored one of two ways (``ingest.storage``; docs/training.md says what each costs):
+
+- **in memory**: ``prepared/<split>.npz``, loaded whole as an :class:`ArraySet`;
+- **sharded**: ``prepared/<split>/``, WebDataset tar shards (components/shards.py) opened as a
+  :class:`ShardedSet`, whose targets are in memory and whose inputs are read a shard at a time.
+
+Stages read either through the same few calls: ``len``, ``y``, ``x.dtype`` and ``x.shape``,
+:meth:`~ArraySet.map_x` (a function of a batch of inputs, over every example in order),
+:meth:`~ArraySet.chunks`, :meth:`~ArraySet.sample` and :meth:`~ArraySet.head` (a few examples in
+memory). Only an :class:`ArraySet`'s ``x`` is an array; a sharded split's ``x`` says so when
+used as one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
+
+from components import shards
 
 SPLITS = ("train", "val", "test")
 TASKS = ("classification", "regression")
@@ -41,6 +57,111 @@ class ArraySet:
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every example once, in order, as (x, y) chunks: here the whole split."""
+        yield self.x, self.y
+
+    def map_x(self, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """``fn`` of the inputs, in order: here one call on them all."""
+        return np.asarray(fn(self.x))
+
+    def sample(self, n: int, seed: int) -> ArraySet:
+        """At most ``n`` examples, a seeded choice kept in order; all of them when fewer."""
+        if len(self) <= n:
+            return self
+        keep = np.sort(np.random.default_rng(seed).choice(len(self), n, False))
+        return ArraySet(self.x[keep], self.y[keep])
+
+    def head(self, n: int) -> ArraySet:
+        """The first ``n`` examples (all when fewer)."""
+        return self if len(self) <= n else ArraySet(self.x[:n], self.y[:n])
+
+
+class ShardedInputs:
+    """What a sharded split's ``x`` answers without reading it: dtype, shape, ndim. Used as an
+    array, it says what to call instead."""
+
+    def __init__(self, index: shards.ShardIndex, directory: Path) -> None:
+        self.dtype = np.dtype(index.x_dtype)
+        self.shape = (index.examples, *index.x_shape)
+        self.ndim = len(self.shape)
+        self._where = directory
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, *args, **kwargs):
+        raise DatasetError(
+            f"{self._where} is a sharded split, read a shard at a time: use map_x, chunks, "
+            "sample or head, not the whole x in memory"
+        )
+
+    def __getitem__(self, item):
+        self.__array__()
+
+
+@dataclass(frozen=True)
+class ShardedSet:
+    """A split on disk as shards (components/shards.py): targets in memory, inputs streamed."""
+
+    directory: Path
+    index: shards.ShardIndex
+    y: np.ndarray  # every target, in reading order
+
+    @classmethod
+    def open(cls, directory: Path) -> ShardedSet:
+        directory = Path(directory)
+        try:
+            index = shards.ShardIndex.read(directory)
+            return cls(directory, index, shards.read_targets(directory, index))
+        except shards.ShardError as exc:
+            raise DatasetError(str(exc)) from None
+
+    @property
+    def x(self) -> ShardedInputs:
+        return ShardedInputs(self.index, self.directory)
+
+    def __len__(self) -> int:
+        return self.index.examples
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every example once, in reading order, one shard a chunk."""
+        return shards.iter_in_order(self.directory, self.index)
+
+    def map_x(self, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """``fn`` of each shard's inputs, concatenated: the outputs of every example in order,
+        with one shard in memory at a time."""
+        outputs = [np.asarray(fn(x)) for x, _ in self.chunks()]
+        return np.concatenate(outputs)
+
+    def sample(self, n: int, seed: int) -> ArraySet:
+        """At most ``n`` examples in memory. Every shard is a uniform random sample of the
+        split (the writer scatters examples by a seeded permutation), so whole shards in a
+        seeded order, cut at ``n``, are one too, and only those shards are read."""
+        order = np.random.default_rng(seed).permutation(len(self.index.shards))
+        return self._take([int(i) for i in order], n)
+
+    def head(self, n: int) -> ArraySet:
+        """The first ``n`` examples in reading order."""
+        return self._take(range(len(self.index.shards)), n)
+
+    def _take(self, order, n: int) -> ArraySet:
+        """The first ``n`` examples of the shards in ``order``; only those shards are read."""
+        xs, ys, have = [], [], 0
+        for i in order:
+            if have >= n:
+                break
+            shard = self.index.shards[i]
+            x, y = shards.read_shard(self.directory / shard.file, self.index, shard.examples)
+            xs.append(x[: n - have])
+            ys.append(y[: n - have])
+            have += len(ys[-1])
+        return ArraySet(np.concatenate(xs), np.concatenate(ys))
+
+
+Split = ArraySet | ShardedSet
+STORAGES = ("memory", "shards")
 
 
 @dataclass(frozen=True)
@@ -117,11 +238,91 @@ def load_arrays(path: Path) -> ArraySet:
         return ArraySet(x=npz["x"], y=npz["y"])
 
 
+def load_split(prepared_dir: Path, split: str) -> Split:
+    """A prepared split as ingest stored it: ``<split>.npz`` in memory, ``<split>/`` sharded."""
+    path = split_path(prepared_dir, split)
+    sharded = sharded_path(prepared_dir, split)
+    if (sharded / shards.INDEX_FILE).is_file():
+        return ShardedSet.open(sharded)
+    return load_arrays(path)
+
+
+def save_split(data: ArraySet, prepared_dir: Path, split: str, storage: str, seed: int) -> None:
+    """Store a split in memory (``.npz``) or as shards, removing the other form's leftover."""
+    if storage not in STORAGES:
+        raise DatasetError(f"unknown storage {storage!r}; expected one of {STORAGES}")
+    if storage == "shards":
+        examples = zip(data.x, data.y, strict=True)
+        write_sharded(examples, len(data), prepared_dir, split, seed)
+    else:
+        save_arrays(data, split_path(prepared_dir, split))
+        clear_other_storage(prepared_dir, split, "memory")
+
+
+def write_sharded(examples, n: int, prepared_dir: Path, split: str, seed: int) -> None:
+    """Write ``n`` (x, y) examples of a split as shards, read one at a time from ``examples``."""
+    try:
+        shards.write_shards(examples, sharded_path(prepared_dir, split), n, shuffle_seed=seed)
+    except shards.ShardError as exc:
+        raise DatasetError(f"{split} split: {exc}") from None
+    clear_other_storage(prepared_dir, split, "shards")
+
+
+def clear_other_storage(prepared_dir: Path, split: str, kept: str) -> None:
+    """An earlier run's split stored the other way would be read instead of this one."""
+    import shutil
+
+    if kept == "shards":
+        split_path(prepared_dir, split).unlink(missing_ok=True)
+    else:
+        shutil.rmtree(sharded_path(prepared_dir, split), ignore_errors=True)
+
+
+def split_digest(prepared_dir: Path, split: str) -> bytes:
+    """SHA-256 of a stored split's files (for a sharded one, its index, which holds every
+    shard's hash): what decides that two runs trained on the same data."""
+    sharded = sharded_path(prepared_dir, split)
+    if (sharded / shards.INDEX_FILE).is_file():
+        return hashlib.sha256((sharded / shards.INDEX_FILE).read_bytes()).digest()
+    return hashlib.sha256(split_path(prepared_dir, split).read_bytes()).digest()
+
+
 def save_frame(frame, path: Path) -> None:
     """Rows as read (a pandas frame) as Parquet, without the index."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(path, index=False)
+
+
+class FrameWriter:
+    """Rows as read, batch by batch (pandas frames of one schema), into one Parquet file,
+    written beside it and moved in place when closed without an error."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.scratch = self.path.with_name(f".{self.path.name}.writing")
+        self.writer = None
+
+    def write(self, frame) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        if self.writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = pq.ParquetWriter(self.scratch, table.schema)
+        self.writer.write_table(table.cast(self.writer.schema))
+
+    def __enter__(self) -> FrameWriter:
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if kind is None and self.writer is not None:
+            self.scratch.replace(self.path)
+        else:
+            self.scratch.unlink(missing_ok=True)
 
 
 def load_frame(path: Path):
@@ -142,6 +343,13 @@ def split_path(prepared_dir: Path, split: str) -> Path:
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
     return Path(prepared_dir) / f"{split}.npz"
+
+
+def sharded_path(prepared_dir: Path, split: str) -> Path:
+    """A split stored as shards: a folder of tar files and their index."""
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
+    return Path(prepared_dir) / split
 
 
 def table_path(prepared_dir: Path, split: str) -> Path:

@@ -161,7 +161,8 @@ def measure(paths: dict[str, Path], test, class_names, input_shape, threads: int
     latencies = measure_latencies(paths, input_shape, threads, rounds=LATENCY_ROUNDS)
     out = {}
     for name, path in paths.items():
-        m = classification_metrics(test.y, run_onnx(path, test.x).argmax(axis=1), class_names)
+        outputs = test.map_x(lambda x, path=path: run_onnx(path, x))
+        m = classification_metrics(test.y, outputs.argmax(axis=1), class_names)
         out[name] = {
             "accuracy": round(m["accuracy"], 6),
             "macro_f1": round(m["macro_f1"], 6),
@@ -189,7 +190,7 @@ def build_and_measure(
     absolute gates of ``evaluate``), and packaged into its own bento when asked and it passes.
     ``data_dir`` holds the data set's ``meta.json`` and ``test.npz`` (default: the workspace's
     ``paths.prepared_dir``). Returns the summary written to ``out_dir/ensemble.json``."""
-    from components.dataset import DatasetMeta, load_arrays, meta_path, split_path
+    from components.dataset import DatasetMeta, load_split, meta_path
     from components.onnx_files import export_onnx
     from components.stage import write_json
     from components.tasks import CLASSIFICATION
@@ -202,7 +203,7 @@ def build_and_measure(
     data_dir = Path(data_dir or paths.prepared_dir)
     meta_file = meta_path(data_dir)
     meta = DatasetMeta.load(meta_file)
-    test = load_arrays(split_path(data_dir, "test"))
+    test = load_split(data_dir, "test")
 
     onnx_file = out_dir / f"{ENSEMBLE_VARIANT}.onnx"
     diff = export_ensemble(nets, weights, shape, onnx_file)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from components import kinds, tasks
 from components.baselines import BaselineScore, best, fit_baselines, lift_gate
 from components.config import EvaluateParams, Params
-from components.dataset import ArraySet, DatasetMeta, load_arrays, meta_path, split_path
+from components.dataset import DatasetMeta, Split, load_split, meta_path
 from components.gates import Gate, failed_reasons
 from components.records import (
     BASELINES_FILE,
@@ -57,7 +57,7 @@ class EvaluateResult:
 
 
 def evaluate(
-    outputs, test: ArraySet, class_names, params: EvaluateParams, task: Task = tasks.CLASSIFICATION
+    outputs, test: Split, class_names, params: EvaluateParams, task: Task = tasks.CLASSIFICATION
 ) -> EvaluateResult:
     """The core: the task's metrics of a model's raw outputs on the test split, and its gates."""
     task.check_test(test.y, class_names)
@@ -118,7 +118,7 @@ def write_confusion_csv(path: Path, actual, predicted, class_names) -> None:
     write_text(path, "".join(lines))
 
 
-def check_model_fits(card: ModelCard, meta: DatasetMeta, test: ArraySet, model_dir) -> None:
+def check_model_fits(card: ModelCard, meta: DatasetMeta, test: Split, model_dir) -> None:
     """The trained model (model.json) is for this data (meta.json): task, classes, input shape."""
     where = Path(model_dir) / "model.json"
     if card.task != meta.task:
@@ -137,7 +137,7 @@ def check_model_fits(card: ModelCard, meta: DatasetMeta, test: ArraySet, model_d
             f"{meta.target!r}: re-run the train stage"
         )
     shape = tuple(card.config["input_shape"])
-    if len(test) and tuple(test.x.shape[1:]) != shape:
+    if len(test) and tuple(test.x.shape[1:]) != shape:  # (a sharded split knows its shape)
         raise StageError(
             f"{where}: the model takes examples shaped {shape} but the test split's are "
             f"{tuple(test.x.shape[1:])}: re-run the train stage"
@@ -145,7 +145,7 @@ def check_model_fits(card: ModelCard, meta: DatasetMeta, test: ArraySet, model_d
 
 
 def compare_with_baselines(
-    result: EvaluateResult, test: ArraySet, meta: DatasetMeta, params: Params, task: Task
+    result: EvaluateResult, test: Split, meta: DatasetMeta, params: Params, task: Task
 ) -> Baselines:
     """The data kind's classical baselines, fitted on the train split and scored on ``test``
     (none when ``evaluate.baselines`` is off), beside the network's headline metrics."""
@@ -153,7 +153,7 @@ def compare_with_baselines(
     scores = []
     if params.evaluate.baselines:
         kind = kinds.get(meta.kind)
-        train = load_arrays(split_path(params.paths.prepared_dir, "train"))
+        train = load_split(params.paths.prepared_dir, "train")
         scores = fit_baselines(
             kind.baselines, train, test, meta, task, kind.input_scale,
             params.evaluate.baseline_max_train_rows, seed=params.train.seed,
@@ -179,11 +179,11 @@ def run(params: Params) -> EvaluateResult:
     paths = params.paths
     meta = DatasetMeta.load(meta_path(paths.prepared_dir))
     task = tasks.get(meta.task)
-    test = load_arrays(split_path(paths.prepared_dir, "test"))
+    test = load_split(paths.prepared_dir, "test")
     model, card = load_model(paths.model_dir)
     check_model_fits(card, meta, test, paths.model_dir)
     task.check_test(test.y, meta.class_names)  # before running the model on it
-    outputs = predict_logits(model, test.x).numpy()
+    outputs = test.map_x(lambda x: predict_logits(model, x).numpy())
     result = evaluate(outputs, test, meta.class_names, params.evaluate, task)
 
     metrics_dir = Path(paths.metrics_dir)

@@ -58,6 +58,64 @@ def fit(frame, columns: Sequence[str], max_categories: int = MAX_CATEGORIES) -> 
     return {"version": SPEC_VERSION, "columns": specs, "features": feature_names(specs)}
 
 
+class OnePassFit:
+    """:func:`fit` over batches of training rows (pandas frames), in one pass and bounded memory:
+    each column's kind is decided by its first batch; numeric columns keep a count, a mean and
+    a sum of squared deviations, merged batch by batch (Chan et al.'s pairwise update, as
+    stable as a two-pass variance); categorical ones the set of values seen (at most
+    ``max_categories``). :meth:`spec` gives what :func:`fit` gives on the concatenated rows
+    (means and deviations equal to rounding)."""
+
+    def __init__(self, columns: Sequence[str], max_categories: int = MAX_CATEGORIES) -> None:
+        self.columns = list(columns)
+        self.max_categories = max_categories
+        self.categorical: dict[str, bool] = {}
+        self.values: dict[str, set[str]] = {}
+        self.moments: dict[str, tuple[int, float, float]] = {}  # count, mean, M2
+
+    def update(self, frame) -> None:
+        for name in self.columns:
+            series = frame[name]
+            if self.categorical.setdefault(name, is_categorical(series)):
+                seen = self.values.setdefault(name, set())
+                seen.update(str(v) for v in series.dropna().unique().tolist())
+                if len(seen) > self.max_categories:
+                    raise FeatureError(
+                        f"column {name!r} has more than {self.max_categories} distinct values: "
+                        "too many for a category; leave it out with ingest.features"
+                    )
+                continue
+            numbers = series.astype("float64").to_numpy()
+            finite = numbers[np.isfinite(numbers)]
+            if finite.size == 0:
+                continue
+            n_b, mean_b = finite.size, float(finite.mean())
+            m2_b = float(((finite - mean_b) ** 2).sum())
+            n_a, mean_a, m2_a = self.moments.get(name, (0, 0.0, 0.0))
+            n = n_a + n_b
+            delta = mean_b - mean_a
+            self.moments[name] = (
+                n,
+                mean_a + delta * n_b / n,
+                m2_a + m2_b + delta * delta * n_a * n_b / n,
+            )
+
+    def spec(self) -> dict:
+        specs = []
+        for name in self.columns:
+            if self.categorical.get(name, False):
+                specs.append({"name": name, "type": "categorical",
+                              "categories": sorted(self.values.get(name, ()))})  # fmt: skip
+                continue
+            n, mean, m2 = self.moments.get(name, (0, 0.0, 0.0))
+            if n == 0:
+                raise FeatureError(f"column {name!r} has no numeric value in the training split")
+            std = math.sqrt(m2 / n)
+            specs.append({"name": name, "type": "numeric", "mean": mean,
+                          "std": std if std > 1e-12 else 1.0})  # fmt: skip
+        return {"version": SPEC_VERSION, "columns": specs, "features": feature_names(specs)}
+
+
 def fit_numeric(rows: np.ndarray, names: Sequence[str]) -> list[dict]:
     """Column specs standardising each column of ``rows`` (training rows, ``(n, len(names))``).
 

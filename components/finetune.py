@@ -17,9 +17,10 @@ import math
 from dataclasses import dataclass
 
 from components.config import TrainParams
-from components.dataset import ArraySet
+from components.dataset import Split
 from components.lightning_module import (
     augment_batch,
+    data_loader,
     epoch_progress,
     lightning_module,
     quiet_lightning,
@@ -175,8 +176,8 @@ def _best_weights_callback():
 
 def fit_network(
     net,
-    train_set: ArraySet,
-    val_set: ArraySet,
+    train_set: Split,
+    val_set: Split,
     params: TrainParams,
     epochs: int,
     learning_rate: float,
@@ -192,8 +193,6 @@ def fit_network(
     ``epoch_progress``) that starts with ``label`` (default ``distil`` or ``fine-tune``).
     """
     import lightning as L
-    import torch
-    from torch.utils.data import DataLoader, TensorDataset
 
     params = params.model_copy(update={"max_epochs": epochs, "learning_rate": learning_rate})
     regression = bool(getattr(net, "regression", False))
@@ -218,18 +217,9 @@ def fit_network(
         enable_model_summary=False,
     )
 
-    def loader(images: ArraySet, shuffle: bool) -> DataLoader:
-        y = images.y.astype("float32") if regression else images.y
-        tensors = TensorDataset(torch.from_numpy(images.x), torch.from_numpy(y))
-        drop_last = shuffle and params.batch_norm and len(images) % params.batch_size == 1
-        generator = torch.Generator().manual_seed(params.seed)
-        return DataLoader(
-            tensors,
-            batch_size=params.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            drop_last=drop_last,
-        )
+    def loader(data: Split, shuffle: bool):
+        return data_loader(data, params.batch_size, shuffle=shuffle, seed=params.seed,
+                           regression=regression, batch_norm=params.batch_norm)  # fmt: skip
 
     module = _module(net, params, teacher)
     # Lightning keeps each module's mode: a network handed over in eval mode (as loaded or

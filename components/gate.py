@@ -54,14 +54,7 @@ import numpy as np
 from components import champion as champ
 from components import kinds, records, tasks
 from components.config import Params
-from components.dataset import (
-    ArraySet,
-    DatasetError,
-    DatasetMeta,
-    load_arrays,
-    meta_path,
-    split_path,
-)
+from components.dataset import DatasetError, DatasetMeta, Split, load_split, meta_path
 from components.gates import Gate, champion_gates, drop_gates, failed_reasons
 from components.records import CompressSummary, GateReport, read, write_json
 from components.stage import StageError, main, write_text
@@ -143,9 +136,11 @@ def onnx_predict(path: Path, x: np.ndarray, batch_size: int = 512) -> np.ndarray
     return onnx_outputs(path, x, batch_size).argmax(axis=1)
 
 
-def measure(path: Path, test: ArraySet, class_names, task: str = "classification") -> dict:
-    """Test metrics of one ONNX model, with the same code as evaluate."""
-    return tasks.get(task).metrics(test.y, onnx_outputs(path, test.x), class_names, str(path))
+def measure(path: Path, test: Split, class_names, task: str = "classification") -> dict:
+    """Test metrics of one ONNX model, with the same code as evaluate (a sharded split is run
+    a shard at a time)."""
+    outputs = test.map_x(lambda x: onnx_outputs(path, x))
+    return tasks.get(task).metrics(test.y, outputs, class_names, str(path))
 
 
 @dataclass(frozen=True)
@@ -200,7 +195,7 @@ def champion_baseline(
     fingerprint: str,
     class_names,
     image_shape,
-    test: ArraySet,
+    test: Split,
     root: Path = Path("."),
     described: Described | None = None,
     raw_test=None,
@@ -257,7 +252,7 @@ def champion_baseline(
         card = json.loads((model_file.parent / "model.json").read_text())
         try:
             test = kinds.get(ours.schema.kind).reencode(
-                raw_test, card.get("preprocess"), test, ours.schema.target
+                raw_test, card.get("preprocess"), test, ours.schema.target, class_names
             )
         except StageError as exc:
             raise StageError(f"the champion cannot read this test split: {exc}") from None
@@ -278,7 +273,7 @@ def read_compress_json(path: Path) -> dict:
 
 
 def gate(
-    test: ArraySet,
+    test: Split,
     meta: DatasetMeta,
     evaluated: dict,
     compressed: dict,
@@ -419,7 +414,7 @@ def run(params: Params) -> GateResult:
     paths = params.paths
     metrics_dir = Path(paths.metrics_dir)
     meta = DatasetMeta.load(meta_path(paths.prepared_dir))
-    test = load_arrays(split_path(paths.prepared_dir, "test"))
+    test = load_split(paths.prepared_dir, "test")
     evaluated = records.read_evaluate(metrics_dir).numbers()
     if not records.read_evaluate_gates(metrics_dir).passed:
         raise StageError(

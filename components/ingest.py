@@ -6,6 +6,12 @@ tables (stratified for classes, random for regression), sequences (a time series
 or per-sample sequences). This stage only asks the kind and writes what it returns: the raw
 snapshot to ``paths.raw_dir``, the splits and ``meta.json`` to ``paths.prepared_dir``.
 
+``ingest.storage`` says how the splits are stored (components/dataset.py): ``memory`` (.npz,
+loaded whole), ``shards`` (read a shard at a time by every later stage), or ``auto``: shards
+when the encoded examples exceed ``ingest.shard_above_mb``. A kind that can read its source
+incrementally (an image folder, file by file) then never holds the data set in memory; its raw
+snapshot is a manifest of the files read, not a copy.
+
 Local sources must lie under ``paths.external_dir``: dvc.yaml declares that folder as a
 dependency, so adding, changing or removing a file there re-runs ingest and what follows.
 """
@@ -17,17 +23,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components import kinds
-from components.config import Params
+from components.config import IngestParams, Params
 from components.dataset import (
     SPLITS,
+    FrameWriter,
     meta_path,
     raw_path,
     save_arrays,
     save_frame,
-    split_path,
+    save_split,
     table_path,
+    write_sharded,
 )
-from components.stage import main
+from components.stage import main, write_json
+
+MANIFEST = "manifest.json"  # the raw snapshot of a source read incrementally
 
 log = logging.getLogger("pipeline.ingest")
 
@@ -38,32 +48,81 @@ class IngestResult:
     n_examples: int
     class_names: tuple[str, ...]
     split_sizes: dict[str, int]
+    storage: str = "memory"  # memory | shards
 
 
-def save(prepared: kinds.Prepared, raw_dir: Path, prepared_dir: Path) -> None:
+def save(
+    prepared: kinds.Prepared, raw_dir: Path, prepared_dir: Path, storage: str = "memory",
+    seed: int = 0,
+) -> None:  # fmt: skip
     """Write the raw snapshot, the splits (and rows as read, if any) and meta.json."""
     rows = prepared.frames is not None
+    (Path(raw_dir) / MANIFEST).unlink(missing_ok=True)
     if rows:
         save_frame(prepared.raw, raw_path(raw_dir, rows=True))
         for split, frame in prepared.frames.items():
             save_frame(frame, table_path(prepared_dir, split))
     else:
         save_arrays(prepared.raw, raw_path(raw_dir, rows=False))
-        for split in SPLITS:  # a table's rows from an earlier run would be validated instead
-            table_path(prepared_dir, split).unlink(missing_ok=True)
+        _drop_rows(prepared_dir)
     for split, data in prepared.splits.items():
-        save_arrays(data, split_path(prepared_dir, split))
+        save_split(data, prepared_dir, split, storage, seed)
     prepared.meta.save(meta_path(prepared_dir))
+
+
+def _drop_rows(prepared_dir: Path) -> None:
+    for split in SPLITS:  # a table's rows from an earlier run would be validated instead
+        table_path(prepared_dir, split).unlink(missing_ok=True)
+
+
+def save_streamed(streamed: kinds.StreamedSplits, raw_dir: Path, prepared_dir: Path,
+                  seed: int) -> None:  # fmt: skip
+    """Each split written as shards while its examples are read, one at a time (and, for a kind
+    that keeps them, its rows as read, batch by batch); the manifest of what was read is the
+    raw snapshot."""
+    for rows in (True, False):
+        raw_path(raw_dir, rows=rows).unlink(missing_ok=True)
+    write_json(Path(raw_dir) / MANIFEST, streamed.manifest)
+    if not streamed.keeps_rows:
+        _drop_rows(prepared_dir)
+    for split in SPLITS:
+        n = streamed.meta.split_sizes[split]
+        if streamed.keeps_rows:
+            with FrameWriter(table_path(prepared_dir, split)) as rows:
+                write_sharded(streamed.examples(split, rows.write), n, prepared_dir, split, seed)
+        else:
+            write_sharded(streamed.examples(split), n, prepared_dir, split, seed)
+    streamed.meta.save(meta_path(prepared_dir))
+
+
+def storage_for(cfg: IngestParams, nbytes: int) -> str:
+    """``ingest.storage``, with ``auto`` decided by the encoded examples' size."""
+    if cfg.storage != "auto":
+        return cfg.storage
+    return "shards" if nbytes > cfg.shard_above_mb * 1e6 else "memory"
 
 
 def run(params: Params) -> IngestResult:
     paths, cfg = params.paths, params.ingest
     kind = kinds.get(kinds.detect(cfg))
-    prepared = kind.prepare(cfg, Path(paths.external_dir))
-    save(prepared, Path(paths.raw_dir), Path(paths.prepared_dir))
-    log.info("%s", prepared.summary)
-    meta = prepared.meta
-    return IngestResult(cfg.source, prepared.n_examples, meta.class_names, dict(meta.split_sizes))
+    external, raw_dir, prepared_dir = (
+        Path(paths.external_dir),
+        Path(paths.raw_dir),
+        Path(paths.prepared_dir),
+    )
+    streamed = kind.stream(cfg, external) if cfg.storage != "memory" else None
+    if streamed is not None and storage_for(cfg, streamed.nbytes) == "shards":
+        opened = streamed.open()
+        save_streamed(opened, raw_dir, prepared_dir, cfg.seed)
+        meta, n, summary, storage = opened.meta, streamed.n_examples, opened.summary, "shards"
+    else:
+        prepared = kind.prepare(cfg, external)
+        nbytes = sum(d.x.nbytes + d.y.nbytes for d in prepared.splits.values())
+        storage = storage_for(cfg, nbytes)
+        save(prepared, raw_dir, prepared_dir, storage, cfg.seed)
+        meta, n, summary = prepared.meta, prepared.n_examples, prepared.summary
+    log.info("%s; stored %s", summary, "as shards" if storage == "shards" else "in memory (.npz)")
+    return IngestResult(cfg.source, n, meta.class_names, dict(meta.split_sizes), storage)
 
 
 if __name__ == "__main__":

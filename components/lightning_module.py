@@ -151,6 +151,31 @@ def lightning_module(net, params: TrainParams):
     return NetworkModule()
 
 
+def data_loader(data, batch_size: int, *, shuffle: bool, seed: int, regression: bool,
+                batch_norm: bool):  # fmt: skip
+    """Batches of a split for one process: a seeded DataLoader over an in-memory split, or a
+    :class:`~components.shards.ShardLoader` over a sharded one (each DDP rank reads its own
+    share of every epoch; its place in the epoch is saved in checkpoints)."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from components.dataset import ShardedSet
+    from components.shards import ShardLoader
+
+    # A last batch of one example breaks batch norm's statistics: drop it.
+    drop_last = shuffle and batch_norm and len(data) % batch_size == 1
+    if isinstance(data, ShardedSet):
+        return ShardLoader(data.directory, batch_size, shuffle=shuffle, seed=seed,
+                           drop_last=shuffle and batch_norm,
+                           y_dtype="float32" if regression else None)  # fmt: skip
+    y = data.y.astype("float32") if regression else data.y
+    tensors = TensorDataset(torch.from_numpy(data.x), torch.from_numpy(y))
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        tensors, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last
+    )
+
+
 def show_progress_bar() -> bool:
     """Lightning's progress bar only on a terminal: piped into DVC and Prefect, a bar redrawn
     in place is one ever-growing line; the per-epoch lines of :func:`epoch_progress` are what

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 INDEX_FILE = "index.json"
+TARGETS_FILE = "targets.npy"  # every example's y, in reading order (shard by shard)
 FORMAT = "webdataset-npy/1"
 SHARD_BYTES = 64 * 1024 * 1024
 
@@ -150,8 +151,9 @@ def write_shards(
     files: dict[int, _ShardFile] = {}
     try:
         with ExitStack() as open_shards:
-            layout = _write_all(examples, n_examples, scratch, shuffle_seed, shard_bytes,
-                                open_shards, files)  # fmt: skip
+            layout, targets = _write_all(examples, n_examples, scratch, shuffle_seed,
+                                         shard_bytes, open_shards, files)  # fmt: skip
+        np.save(scratch / TARGETS_FILE, targets, allow_pickle=False)
         shards = tuple(files[i].shard() for i in sorted(files))
         index = ShardIndex(shards, str(layout[0]), tuple(layout[1]), str(layout[2]),
                            tuple(layout[3]))  # fmt: skip
@@ -188,9 +190,10 @@ class _ShardFile:
 
 def _write_all(examples, n_examples, scratch, shuffle_seed, shard_bytes, open_shards, writers):
     """Every example into its shard's tar file (``writers``, opened on ``open_shards``);
-    returns the layout."""
+    returns the layout and every y in reading order (shard 0's first, as each was written):
+    the targets a reader needs whole (metrics, class counts) without reading the shards."""
     iterator = iter(examples)
-    layout = per_shard = perm = members = None
+    layout = per_shard = perm = members = targets = None
     for position in range(n_examples + 1):
         try:
             x, y = next(iterator)
@@ -200,7 +203,7 @@ def _write_all(examples, n_examples, scratch, shuffle_seed, shard_bytes, open_sh
                                  f"{position}") from None  # fmt: skip
             for writer in writers.values():
                 writer.write(bytes(2 * tarfile.BLOCKSIZE))  # the end-of-archive marker
-            return layout
+            return layout, targets
         if position == n_examples:
             raise ShardError(f"the source gave more than the {n_examples} examples expected")
         x, y = np.asarray(x), np.asarray(y)
@@ -214,6 +217,7 @@ def _write_all(examples, n_examples, scratch, shuffle_seed, shard_bytes, open_sh
             per_shard = max(1, min(n_examples, shard_bytes // record))
             rng = np.random.default_rng(shuffle_seed)
             perm = rng.permutation(n_examples) if shuffle_seed is not None else None
+            targets = np.empty((n_examples, *y.shape), y.dtype)
         elif (x.dtype, x.shape, y.dtype, y.shape) != layout:
             raise ShardError(
                 f"example {position}: x {x.dtype}{list(x.shape)}, y {y.dtype}{list(y.shape)}; "
@@ -226,6 +230,7 @@ def _write_all(examples, n_examples, scratch, shuffle_seed, shard_bytes, open_sh
         # The key is the slot: unique, and a shard's keys say nothing of the source order.
         key = b"%010d" % slot
         writers[shard].write(members[0].record(key, x) + members[1].record(key, y))
+        targets[shard * per_shard + writers[shard].examples] = y
         writers[shard].examples += 1
     raise AssertionError("unreachable: the loop returns or raises")
 
@@ -352,6 +357,30 @@ def _read_members(path: Path, index: ShardIndex, expected: int):
     return x, y
 
 
+def iter_in_order(directory: Path, index: ShardIndex) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every example once, as (x, y) chunks of one shard each, in reading order (the order of
+    :data:`TARGETS_FILE`): shard 0 first, each shard's examples as they were written."""
+    for shard in index.shards:
+        yield read_shard(Path(directory) / shard.file, index, shard.examples)
+
+
+def read_targets(directory: Path, index: ShardIndex) -> np.ndarray:
+    """Every example's y in reading order: ``targets.npy``, or one pass over the shards when
+    another tool wrote them without it."""
+    path = Path(directory) / TARGETS_FILE
+    if not path.is_file():
+        ys = [y for _, y in iter_in_order(directory, index)]
+        return np.concatenate(ys) if ys else np.empty((0, *index.y_shape), index.y_dtype)
+    try:
+        targets = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ShardError(f"{path}: unreadable ({exc})") from exc
+    if len(targets) != index.examples or targets.dtype != np.dtype(index.y_dtype):
+        raise ShardError(f"{path}: {len(targets)} {targets.dtype} targets, the index says "
+                         f"{index.examples} {index.y_dtype}")  # fmt: skip
+    return targets
+
+
 @dataclass(frozen=True)
 class EpochPlan:
     """Which shards, in which order, and which examples of each, a rank reads in an epoch."""
@@ -427,6 +456,7 @@ class ShardLoader:
         rank: int | None = None,
         world: int | None = None,
         drop_last: bool = False,
+        y_dtype: str | None = None,
     ) -> None:
         if batch_size < 1:
             raise ShardError(f"batch_size must be at least 1, got {batch_size}")
@@ -437,6 +467,7 @@ class ShardLoader:
         self.seed = seed
         self._rank, self._world = rank, world
         self.drop_last = drop_last
+        self.y_dtype = y_dtype  # the targets as training wants them (float32 for regression)
         self.epoch = 0  # the epoch the next iter() reads
         self._current_epoch = 0
         self._resume_skip = 0
@@ -489,6 +520,8 @@ class ShardLoader:
     def _batch(self, x: np.ndarray, y: np.ndarray):
         import torch
 
+        if self.y_dtype is not None:
+            y = y.astype(self.y_dtype, copy=False)
         return torch.from_numpy(x), torch.from_numpy(y)
 
     def state_dict(self) -> dict[str, int]:

@@ -23,8 +23,9 @@ from pathlib import Path
 
 from components import kinds, tasks
 from components.config import Params, TrainParams
-from components.dataset import ArraySet, DatasetMeta, load_arrays, meta_path, split_path
+from components.dataset import DatasetMeta, Split, load_split, meta_path, split_digest
 from components.lightning_module import (
+    data_loader,
     epoch_progress,
     lightning_module,
     quiet_lightning,
@@ -108,13 +109,15 @@ def check_model_fits_data(meta: DatasetMeta, params: TrainParams) -> None:
         )
 
 
-def run_key(params: TrainParams, data_files: list[Path]) -> str:
-    """Hash of what decides the result: train params (but ``resume``) and the data files."""
+def run_key(params: TrainParams, prepared_dir: Path) -> str:
+    """Hash of what decides the result: train params (but ``resume``) and the data (the train
+    and val splits' files, and meta.json)."""
     digest = hashlib.sha256(
         json.dumps(params.model_dump(mode="json", exclude={"resume"}), sort_keys=True).encode()
     )
-    for path in data_files:
-        digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
+    for split in ("train", "val"):
+        digest.update(split_digest(prepared_dir, split))
+    digest.update(hashlib.sha256(meta_path(prepared_dir).read_bytes()).digest())
     return digest.hexdigest()[:16]
 
 
@@ -187,8 +190,8 @@ def _history_callback():
 
 
 def fit(
-    train_set: ArraySet,
-    val_set: ArraySet,
+    train_set: Split,
+    val_set: Split,
     meta: DatasetMeta,
     params: TrainParams,
     checkpoint_dir: Path,
@@ -200,7 +203,6 @@ def fit(
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-    from torch.utils.data import DataLoader, TensorDataset
 
     L.seed_everything(params.seed, workers=True, verbose=False)
     quiet_lightning()
@@ -247,16 +249,9 @@ def fit(
 
     per_process = max(1, params.batch_size // trainer.world_size)  # keep the global batch
 
-    def loader(images: ArraySet, shuffle: bool) -> DataLoader:
-        y = images.y.astype("float32") if meta.is_regression else images.y
-        tensors = TensorDataset(torch.from_numpy(images.x), torch.from_numpy(y))
-        # A last batch of one image breaks batch norm's statistics: drop it.
-        drop_last = shuffle and params.batch_norm and len(images) % per_process == 1
-        generator = torch.Generator().manual_seed(params.seed)
-        return DataLoader(
-            tensors, batch_size=per_process, shuffle=shuffle, generator=generator,
-            drop_last=drop_last,
-        )  # fmt: skip
+    def loader(data: Split, shuffle: bool):
+        return data_loader(data, per_process, shuffle=shuffle, seed=params.seed,
+                           regression=meta.is_regression, batch_norm=params.batch_norm)  # fmt: skip
 
     last = Path(checkpoint_dir) / LAST_CHECKPOINT
     resume_from = last if params.resume and last.is_file() else None
@@ -306,11 +301,10 @@ def write_history_csv(path: Path, history: list[dict]) -> None:
 def run(params: Params) -> TrainResult | None:
     paths, cfg = params.paths, params.train
     meta = DatasetMeta.load(meta_path(paths.prepared_dir))
-    files = [split_path(paths.prepared_dir, s) for s in ("train", "val")]
-    train_set, val_set = (load_arrays(f) for f in files)
+    train_set, val_set = (load_split(paths.prepared_dir, s) for s in ("train", "val"))
 
     root = Path(paths.checkpoint_dir)
-    key = run_key(cfg, [*files, meta_path(paths.prepared_dir)])
+    key = run_key(cfg, Path(paths.prepared_dir))
     out = fit(train_set, val_set, meta, cfg, root / key)
     if not out.is_global_zero:
         return None  # under DDP only rank zero writes artefacts

@@ -8,6 +8,10 @@ so an absent class fails too) needs ``validate.min_rows_per_class`` examples of 
 every split of a classification. Plain numpy checks (also the kind's) cover what a summary
 table cannot see, such as the arrays' dtypes.
 
+A sharded split (components/dataset.py) is summarised in one pass, a shard at a time; above
+``validate.max_summary_rows`` summaries the suites run on a seeded sample of them, while the
+class counts and the reported statistics come from every example.
+
 GX state lives in an in-memory (ephemeral) context; only the Data Docs HTML is written, to
 ``paths.reports_dir/validation``, next to our own summary in ``paths.metrics_dir/validation.json``.
 A failed validation raises :class:`StageError` naming every failed check, after both outputs
@@ -29,7 +33,15 @@ import pandas as pd
 
 from components import kinds
 from components.config import Params, ValidateParams
-from components.dataset import SPLITS, ArraySet, DatasetMeta, load_arrays, meta_path, split_path
+from components.dataset import (
+    SPLITS,
+    ArraySet,
+    DatasetMeta,
+    ShardedSet,
+    Split,
+    load_split,
+    meta_path,
+)
 from components.kinds.checks import MIN_ROWS_PARAM, Check, Detail, Expectation
 from components.records import VALIDATION_FILE, ValidationSummary
 from components.stage import StageError, main, write_json, write_text
@@ -153,8 +165,41 @@ def _describe_failure(result, detail: Detail, ctx: dict) -> str:
     return detail(result.result, ctx)
 
 
+def streamed_summaries(kind, split: str, data: ShardedSet, meta: DatasetMeta, frame=None):
+    """A sharded split's summary tables and array checks in one pass, a shard at a time: each
+    shard's per-example summaries, concatenated (a table the kind builds from the rows as read,
+    ``frame``, is taken once), and each check passed only when it passed on every shard (the
+    first failing shard's finding reported)."""
+    parts: dict[str, list] = {}
+    merged: dict[str, Check] = {}
+    for x, y in data.chunks():
+        chunk = ArraySet(x, y)
+        for name, table in kind.summary_tables(chunk, meta, frame).items():
+            if table is frame and name in parts:
+                continue
+            parts.setdefault(name, []).append(table)
+        for check in kind.array_checks(split, chunk, meta):
+            seen = merged.get(check.description)
+            if seen is None or (seen.passed and not check.passed):
+                merged[check.description] = check
+    tables = {
+        name: ts[0] if ts[0] is frame else pd.concat(ts, ignore_index=True)
+        for name, ts in parts.items()
+    }
+    return tables, list(merged.values())
+
+
+def sampled(table, max_rows: int, seed: int):
+    """At most ``max_rows`` rows of ``table``, a seeded sample in order (the suites' input when
+    a sharded split has more per-example summaries than that)."""
+    if table is None or len(table) <= max_rows:
+        return table
+    keep = np.sort(np.random.default_rng(seed).choice(len(table), max_rows, replace=False))
+    return table.iloc[keep].reset_index(drop=True)
+
+
 def check_splits(
-    splits: Mapping[str, ArraySet],
+    splits: Mapping[str, Split],
     meta: DatasetMeta,
     params: ValidateParams,
     docs_dir: Path | None = None,
@@ -187,10 +232,20 @@ def check_splits(
     runs: list[SuiteRun] = []
     stats: dict[str, dict] = {}
     for split, data in splits.items():
-        tables = dict(kind.summary_tables(data, meta, frames[split] if frames else None))
+        frame = frames[split] if frames else None
+        if isinstance(data, ShardedSet):
+            tables, split_checks = streamed_summaries(kind, split, data, meta, frame)
+            suite_tables = {
+                name: sampled(table, params.max_summary_rows, seed=0)
+                for name, table in tables.items()
+            }
+        else:
+            tables = dict(kind.summary_tables(data, meta, frame))
+            split_checks = kind.array_checks(split, data, meta)
+            suite_tables = tables
         counts = class_count_table(data.y, len(meta.class_names))
-        tables[COUNTS_SUITE] = counts
-        checks += kind.array_checks(split, data, meta)
+        tables[COUNTS_SUITE] = suite_tables[COUNTS_SUITE] = counts
+        checks += split_checks
         for name, (suite, expected) in suites.items():
             # One asset per split and table, so each Data Docs page names its split.
             batch = source.add_dataframe_asset(
@@ -200,10 +255,12 @@ def check_splits(
                 gx.ValidationDefinition(name=f"{split}_{name}", data=batch, suite=suite)
             )
             outcome = definition.run(
-                batch_parameters={"dataframe": tables[name]},
+                batch_parameters={"dataframe": suite_tables[name]},
                 result_format={
                     "result_format": "SUMMARY",
-                    "unexpected_index_column_names": ["label"] if "label" in tables[name] else [],
+                    "unexpected_index_column_names": (
+                        ["label"] if "label" in suite_tables[name] else []
+                    ),
                 },
                 run_id=run_id,
             )
@@ -317,7 +374,7 @@ def run(params: Params) -> ValidationResult:
     paths = params.paths
     meta = DatasetMeta.load(meta_path(paths.prepared_dir))
     kind = kinds.get(meta.kind)
-    splits = {split: load_arrays(split_path(paths.prepared_dir, split)) for split in SPLITS}
+    splits = {split: load_split(paths.prepared_dir, split) for split in SPLITS}
     frames = kind.raw_splits(Path(paths.prepared_dir), meta)
     docs_dir = Path(paths.reports_dir) / "validation"
     if docs_dir.exists():

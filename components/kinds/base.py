@@ -8,7 +8,7 @@ read it. Stages only ask; the on-disk format stays components/dataset.py's.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -42,6 +42,34 @@ class Prepared:
     summary: str  # one log line
 
 
+@dataclass(frozen=True)
+class StreamedSplits:
+    """A source being read incrementally: the data set's metadata, and each split's examples
+    one at a time (``examples(split, rows)``; ``rows``, when given, gets each batch of that
+    split's rows as read, for kinds that keep them), with a manifest of what was read (the raw
+    snapshot of a source too large to copy)."""
+
+    meta: DatasetMeta
+    examples: Callable[..., Iterator[tuple[np.ndarray, Any]]]
+    manifest: dict
+    summary: str
+    keeps_rows: bool = False  # tables: ``rows`` batches go to prepared/<split>.parquet
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """What ingest needs to decide a source's storage (its size, cheaply known) and, for
+    shards, to read it incrementally (:attr:`open`: the passes that fit the metadata)."""
+
+    n_examples: int
+    example_bytes: int  # one encoded example in memory (an estimate where encoding may widen)
+    open: Callable[[], StreamedSplits]
+
+    @property
+    def nbytes(self) -> int:
+        return self.example_bytes * self.n_examples
+
+
 class DataKind:
     """The base of every data kind; a subclass overrides what differs for its data."""
 
@@ -64,6 +92,12 @@ class DataKind:
     def prepare(self, cfg: IngestParams, external_dir: Path) -> Prepared:
         """Read the source, split it and encode it (the pure core of ingest)."""
         raise NotImplementedError
+
+    def stream(self, cfg: IngestParams, external_dir: Path) -> Streamed | None:
+        """The same data set, to be read an example at a time (``ingest.storage`` shards), or
+        None when this kind reads this source whole (then :meth:`prepare`'s splits are
+        sharded)."""
+        return None
 
     # ------------------------------------------------------------ train
 
@@ -115,10 +149,14 @@ class DataKind:
 
     # ------------------------------------------------------------ another fit's encoding
 
-    def reencode(self, raw: pd.DataFrame, spec: Mapping, test: ArraySet, target: str) -> ArraySet:
-        """``raw`` (this split as read) encoded by another preprocessing fit ``spec``: how a
-        champion fitted on other training data is measured on this split. Only kinds that
-        keep their raw rows (tables, series) can; others raise."""
+    def reencode(
+        self, raw: pd.DataFrame, spec: Mapping, test: ArraySet, target: str,
+        class_names: Sequence[str] = (),
+    ) -> ArraySet:  # fmt: skip
+        """``raw`` (this split as read) encoded by another preprocessing fit ``spec``, with its
+        targets (class indices into ``class_names``): how a champion fitted on other training
+        data is measured on this split. Only kinds that keep their raw rows (tables, series)
+        can; others raise."""
         raise StageError(f"a {self.noun} keeps no raw rows to encode with another fit")
 
     # ------------------------------------------------------------ cards
@@ -151,7 +189,7 @@ class DataKind:
         return {"input_shape": "x".join(str(d) for d in card["input_shape"])}
 
 
-__all__ = ["Check", "DataKind", "Expectation", "Prepared"]
+__all__ = ["Check", "DataKind", "Expectation", "Prepared", "Streamed", "StreamedSplits"]
 
 
 # ---------------------------------------------------------------- shared by several kinds

@@ -22,6 +22,8 @@ from components.kinds.base import (
     BUILTIN_SOURCES,
     DataKind,
     Prepared,
+    Streamed,
+    StreamedSplits,
     labels_to_indices,
     local_source,
     read_npz,
@@ -90,47 +92,110 @@ def load_npz(path: Path) -> ImageSource:
     return ImageSource(ArraySet(to_uint8_images(x, str(path)), y), class_names)
 
 
-def load_image_folder(root: Path) -> ImageSource:
-    from PIL import Image, UnidentifiedImageError
-
+def folder_files(root: Path) -> tuple[list[tuple[str, int]], tuple[str, ...]]:
+    """An image folder's files (as strings: a million Paths would take 300 MB) with their
+    class indices, class folder by class folder in sorted order, and the class names."""
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(class_dirs) < 2:
         raise StageError(
             f"{root}: an image folder needs one sub-folder per class and at least 2 classes, "
             f"found {len(class_dirs)}"
         )
-    files: list[tuple[Path, int]] = []
+    files: list[tuple[str, int]] = []
     for label, class_dir in enumerate(class_dirs):
         found_files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not found_files:
             raise StageError(f"{class_dir}: class folder holds no images")
-        files += [(p, label) for p in found_files]
+        files += [(str(p), label) for p in found_files]
+    return files, tuple(d.name for d in class_dirs)
 
-    pictures = []
-    for path, _ in files:
-        try:
-            with Image.open(path) as img:
-                pictures.append(
-                    img.convert("RGB") if img.mode not in ("L", "1") else img.convert("L")
-                )
-        except (UnidentifiedImageError, OSError) as exc:
-            raise StageError(f"{path}: not a readable image ({exc})") from None
+
+def _open_image(path: str, header_only: bool = False):
+    """The picture at ``path`` as grey ("L") or RGB, or with ``header_only`` its (mode, size)
+    without decoding a pixel; an unreadable file is an error naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            grey = img.mode in ("L", "1")
+            if header_only:
+                return ("L" if grey else "RGB"), img.size
+            return img.convert("L") if grey else img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise StageError(f"{path}: not a readable image ({exc})") from None
+
+
+def _check_size(path: str, size: tuple[int, int], first: tuple[int, int]) -> None:
+    if size != first:
+        raise StageError(
+            f"{path}: size {size[0]}x{size[1]} differs from {first[0]}x{first[1]} "
+            "of the first image; resize the folder to one size first"
+        )
+
+
+def load_image_folder(root: Path) -> ImageSource:
+    files, class_names = folder_files(root)
+    pictures = [_open_image(path) for path, _ in files]
     # Grayscale only when every image is; otherwise everything becomes RGB.
     mode = "L" if all(p.mode == "L" for p in pictures) else "RGB"
     size = pictures[0].size
     arrays = []
     for (path, _), pic in zip(files, pictures, strict=True):
-        if pic.size != size:
-            raise StageError(
-                f"{path}: size {pic.size[0]}x{pic.size[1]} differs from {size[0]}x{size[1]} "
-                "of the first image; resize the folder to one size first"
-            )
+        _check_size(path, pic.size, size)
         arrays.append(np.asarray(pic.convert(mode), dtype=np.uint8))
     x = np.stack(arrays)
     y = np.array([label for _, label in files], dtype=np.int64)
-    return ImageSource(
-        ArraySet(to_uint8_images(x, str(root)), y), tuple(d.name for d in class_dirs)
-    )
+    return ImageSource(ArraySet(to_uint8_images(x, str(root)), y), class_names)
+
+
+def stream_image_folder(root: Path, cfg, kind: str) -> Streamed:
+    """An image folder read file by file. Its size comes from the listing and the first file's
+    header; opening it makes one pass over the headers (mode, size), splits the labels alone
+    (the same stratified split as :func:`load_image_folder`'s), and then each split's images
+    are decoded one at a time as its shards are written."""
+    files, class_names = folder_files(root)
+    first_mode, first = _open_image(files[0][0], header_only=True)
+    channels = 1 if first_mode == "L" else 3
+
+    def open_splits() -> StreamedSplits:
+        modes = set()
+        for path, _ in files:
+            mode, size = _open_image(path, header_only=True)
+            _check_size(path, size, first)
+            modes.add(mode)
+        mode = "L" if modes == {"L"} else "RGB"
+        y = np.fromiter((label for _, label in files), np.int64, len(files))
+        idx = stratified_split(y, cfg.test_fraction, cfg.val_fraction, cfg.seed, class_names)
+        width, height = first
+
+        def examples(split: str, rows=None):
+            for i in idx[split]:
+                path, label = files[i]
+                pixels = np.asarray(_open_image(path).convert(mode), dtype=np.uint8)
+                _check_size(path, (pixels.shape[1], pixels.shape[0]), first)  # changed since?
+                chw = pixels[None] if mode == "L" else pixels.transpose(2, 0, 1)
+                yield np.ascontiguousarray(chw), y[i]
+
+        meta = DatasetMeta(
+            class_names=class_names,
+            input_shape=(1 if mode == "L" else 3, height, width),
+            source=cfg.source,
+            split_sizes={s: len(i) for s, i in idx.items()},
+            kind=kind,
+        )
+        cut = len(str(root)) + 1  # the files are root's, found by rglob: "<root>/<class>/..."
+        manifest = {
+            "source": cfg.source,
+            "classes": list(class_names),
+            "files": [[path[cut:], label] for path, label in files],
+        }
+        summary = (
+            f"{len(files)} images, {len(class_names)} classes, splits {meta.split_sizes} (read "
+            "file by file)"
+        )
+        return StreamedSplits(meta, examples, manifest, summary)
+
+    return Streamed(len(files), channels * first[0] * first[1], open_splits)
 
 
 def read_source(source: str, external_dir: Path) -> ImageSource:
@@ -226,6 +291,12 @@ class ImageKind(DataKind):
         )
         summary = f"{n} images, {len(source.class_names)} classes, splits {meta.split_sizes}"
         return Prepared(meta, splits, source.images, None, n, summary)
+
+    def stream(self, cfg, external_dir: Path) -> Streamed | None:
+        if cfg.source in BUILTIN_SOURCES:
+            return None
+        path = local_source(cfg.source, external_dir)
+        return stream_image_folder(path, cfg, self.name) if path.is_dir() else None
 
     def expectations(self, meta: DatasetMeta, params) -> dict[str, list[Expectation]]:
         channels, height, width = meta.input_shape

@@ -225,7 +225,7 @@ class SequenceKind(DataKind):
     def raw_splits(self, prepared_dir: Path, meta: DatasetMeta):
         return read_rows(prepared_dir) if is_time_series(meta) else None
 
-    def reencode(self, raw, spec, test: ArraySet, target: str) -> ArraySet:
+    def reencode(self, raw, spec, test: ArraySet, target: str, class_names=()) -> ArraySet:
         x = encode_with(raw, spec)
         values = raw[target].astype("float64").to_numpy()
         return windows(x, values, int(spec["window"]), int(spec["horizon"]))

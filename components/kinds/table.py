@@ -20,6 +20,8 @@ from components.kinds.base import (
     BUILTIN_TABLES,
     DataKind,
     Prepared,
+    Streamed,
+    StreamedSplits,
     local_source,
     random_split,
     sizes,
@@ -194,6 +196,112 @@ def encode_target(target, task: str) -> tuple[np.ndarray, tuple[str, ...]]:
     return np.array([index[v] for v in values], dtype=np.int64), tuple(names)
 
 
+BATCH_ROWS = 65_536  # rows a streamed table is read by (pyarrow record batches)
+
+
+def _dataset(path: Path):
+    import pyarrow.dataset as ds
+
+    try:
+        return ds.dataset(path, format="csv" if path.suffix.lower() == ".csv" else "parquet")
+    except Exception as exc:  # pyarrow raises its own types for a malformed file
+        raise StageError(f"{path}: not a readable {path.suffix} table ({exc})") from None
+
+
+def _batches(dataset, path: Path, columns: list[str]):
+    """The table's rows as pandas frames of ``BATCH_ROWS``, with each frame's first row's
+    position; a row pyarrow cannot parse is an error naming the file."""
+    at = 0
+    try:
+        for batch in dataset.to_batches(columns=columns, batch_size=BATCH_ROWS):
+            if batch.num_rows:
+                yield at, batch.to_pandas()
+                at += batch.num_rows
+    except Exception as exc:  # ArrowInvalid and friends: a truncated or malformed row
+        raise StageError(f"{path}: unreadable after row {at} ({exc})") from None
+
+
+def stream_table(path: Path, cfg, kind: str) -> Streamed:
+    """A .csv or .parquet table read in batches (pyarrow datasets): the target column alone
+    decides the split (the same stratified or random split as an in-memory read), one pass
+    fits the preprocessing on the training rows (:class:`features.OnePassFit`), and one pass
+    per split encodes its rows as its shards are written. Memory holds the target column, the
+    split's positions and one batch."""
+    dataset = _dataset(path)
+    try:
+        head = dataset.head(1000).to_pandas()
+        n = dataset.count_rows()
+    except Exception as exc:
+        raise StageError(f"{path}: not a readable {path.suffix} table ({exc})") from None
+    if head.empty:
+        raise StageError(f"{path}: the table has no rows")
+    target_name, inputs = choose_columns(head, cfg, numeric_only=False)
+    width = len(fit_spec(head[inputs], inputs)["features"])  # categories may add more
+
+    def open_splits() -> StreamedSplits:
+        columns = [*inputs, target_name]
+        target = dataset.to_table(columns=[target_name]).column(0).to_pandas()
+        target.name = target_name
+        task = resolve_task(target, cfg)
+        y, class_names = encode_target(target, task)
+        del target
+        if task == "classification":
+            if len(class_names) < 2:
+                raise StageError(f"target column {target_name!r} has {len(class_names)} "
+                                 "class(es): need at least 2")  # fmt: skip
+            idx = stratified_split(y, cfg.test_fraction, cfg.val_fraction, cfg.seed, class_names)
+        else:
+            idx = random_split(len(y), cfg.test_fraction, cfg.val_fraction, cfg.seed)
+        membership = np.empty(len(y), np.int8)
+        for code, split in enumerate(SPLITS):
+            membership[idx[split]] = code
+        fitter = features.OnePassFit(inputs)
+        for at, frame in _batches(dataset, path, columns):
+            train_rows = membership[at : at + len(frame)] == SPLITS.index("train")
+            try:
+                fitter.update(frame[inputs][train_rows])
+            except features.FeatureError as exc:
+                raise StageError(f"ingest.features: {exc}") from None
+        try:
+            spec = fitter.spec()
+        except features.FeatureError as exc:
+            raise StageError(f"ingest.features: {exc}") from None
+
+        def examples(split: str, rows=None):
+            code = SPLITS.index(split)
+            for at, frame in _batches(dataset, path, columns):
+                mine = membership[at : at + len(frame)] == code
+                if not mine.any():
+                    continue
+                part = frame[mine].reset_index(drop=True)
+                if rows is not None:
+                    rows(part)
+                x = features.encode_frame(part, spec)
+                yield from zip(x, y[at : at + len(frame)][mine], strict=True)
+
+        meta = DatasetMeta(
+            class_names=class_names,
+            input_shape=(len(spec["features"]),),
+            source=cfg.source,
+            split_sizes={s: len(i) for s, i in idx.items()},
+            kind=kind,
+            task=task,
+            target=target_name,
+            feature_names=tuple(spec["features"]),
+            preprocess=spec,
+        )
+        classes = f", {len(class_names)} classes" if class_names else ""
+        summary = (
+            f"table of {n} rows, {len(inputs)} input columns {inputs} -> "
+            f"{len(spec['features'])} features, target {target_name!r} ({task}{classes}), "
+            f"splits {meta.split_sizes} (read in batches of {BATCH_ROWS})"
+        )
+        manifest = {"source": cfg.source, "rows": n, "columns": columns}
+        return StreamedSplits(meta, examples, manifest, summary, keeps_rows=True)
+
+    return Streamed(n, 4 * width, open_splits)
+
+
 def fit_spec(train_frame, columns: list[str]) -> dict:
     try:
         return features.fit(train_frame, columns)
@@ -332,11 +440,29 @@ class TableKind(DataKind):
         )
         return Prepared(meta, splits, frame, frames, len(frame), summary)
 
+    def stream(self, cfg, external_dir: Path) -> Streamed | None:
+        if cfg.source in BUILTIN_TABLES:
+            return None
+        path = local_source(cfg.source, external_dir)
+        return stream_table(path, cfg, self.name) if path.suffix.lower() in TABLE_SUFFIXES else None
+
     def raw_splits(self, prepared_dir: Path, meta: DatasetMeta) -> dict:
         return read_rows(prepared_dir)
 
-    def reencode(self, raw, spec, test: ArraySet, target: str) -> ArraySet:
-        return ArraySet(encode_with(raw, spec), test.y)
+    def reencode(self, raw, spec, test: ArraySet, target: str, class_names=()) -> ArraySet:
+        # The targets come from the rows themselves: a sharded split's reading order is not the
+        # order its rows were kept in (for an in-memory split the two are the same).
+        if not np.issubdtype(test.y.dtype, np.integer):  # regression: the values as read
+            y = raw[target].astype("float64").to_numpy().astype(np.float32)
+            return ArraySet(encode_with(raw, spec), y)
+        if not class_names:
+            return ArraySet(encode_with(raw, spec), test.y)
+        index = {name: i for i, name in enumerate(class_names)}
+        try:
+            y = np.array([index[str(v)] for v in raw[target]], dtype=np.int64)
+        except KeyError as exc:
+            raise StageError(f"target {exc} of the kept rows is not a known class") from None
+        return ArraySet(encode_with(raw, spec), y)
 
     def expectations(self, meta: DatasetMeta, params) -> dict[str, list[Expectation]]:
         return {ROWS_SUITE: rows_expectations(meta, params)}

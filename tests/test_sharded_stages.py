@@ -1,0 +1,345 @@
+"""Sharded splits through the stages (``ingest.storage: shards``): ingest writes them (an image
+folder file by file), and validate, train, evaluate, compress and gate read them a shard at a
+time, measuring what they measure on the same split in memory. Under DDP each rank reads its
+own share of every epoch (real processes, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from components import evaluate, gate, ingest, train, validate
+from components.config import parse_params
+from components.dataset import ArraySet, DatasetError, ShardedSet, load_split, sharded_path
+from components.shards import write_shards
+from components.stage import StageError
+from tests.conftest import REPO_ROOT, TINY_CLASSES, make_images, tiny_params_dict
+
+
+def _params(root: Path, source: Path, storage: str, **sections):
+    raw = tiny_params_dict(root, str(source))
+    raw["paths"]["external_dir"] = str(source.parent)
+    raw["ingest"]["storage"] = storage
+    for section, values in sections.items():
+        raw[section].update(values)
+    return parse_params(raw)
+
+
+def _rows(data) -> np.ndarray:
+    """A split's examples as sorted rows (x bytes then y): equal for the same examples in any
+    order."""
+    parts = []
+    for x, y in data.chunks():
+        flat = x.reshape(len(x), -1).astype(np.float64)
+        parts.append(np.column_stack([flat, y.astype(np.float64)]))
+    rows = np.concatenate(parts)
+    return rows[np.lexsort(rows.T[::-1])]
+
+
+@pytest.fixture(scope="module")
+def npz_source(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("src") / "external" / "tiny.npz"
+    path.parent.mkdir(parents=True)
+    x, y = make_images(per_class=30)
+    np.savez(path, x=x, y=y, class_names=np.array(TINY_CLASSES))
+    return path
+
+
+def _png_folder(root: Path, per_class: int = 12, rgb: bool = False) -> Path:
+    from PIL import Image
+
+    x, y = make_images(per_class=per_class, size=10)
+    folder = root / "external" / "pngs"
+    for i, (img, label) in enumerate(zip(x, y, strict=True)):
+        target = folder / TINY_CLASSES[label] / f"{i:04d}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        picture = Image.fromarray(img)
+        if rgb and i % 2:
+            picture = picture.convert("RGB")  # a folder of grey and colour files becomes RGB
+        picture.save(target)
+    return folder
+
+
+def test_sharded_splits_hold_the_same_examples_as_in_memory(tmp_path, npz_source):
+    memory = _params(tmp_path / "m", npz_source, "memory")
+    sharded = _params(tmp_path / "s", npz_source, "shards")
+    assert ingest.run(memory).storage == "memory"
+    assert ingest.run(sharded).storage == "shards"
+    for split in ("train", "val", "test"):
+        a = load_split(memory.paths.prepared_dir, split)
+        b = load_split(sharded.paths.prepared_dir, split)
+        assert isinstance(a, ArraySet) and isinstance(b, ShardedSet)
+        assert len(a) == len(b) and b.x.shape == a.x.shape and b.x.dtype == a.x.dtype
+        np.testing.assert_array_equal(_rows(a), _rows(b))
+        assert not (Path(sharded.paths.prepared_dir) / f"{split}.npz").exists()
+    assert (Path(memory.paths.prepared_dir) / "meta.json").read_text() == (
+        Path(sharded.paths.prepared_dir) / "meta.json"
+    ).read_text()
+    # Back to memory: the shards go, so a stage cannot read the stale form.
+    ingest.run(_params(tmp_path / "s", npz_source, "memory"))
+    assert isinstance(load_split(sharded.paths.prepared_dir, "train"), ArraySet)
+    assert not sharded_path(sharded.paths.prepared_dir, "train").exists()
+
+
+def test_auto_storage_shards_above_the_size_param(tmp_path, npz_source):
+    small = _params(tmp_path / "a", npz_source, "auto")
+    assert ingest.run(small).storage == "memory"
+    over = _params(tmp_path / "b", npz_source, "auto", ingest={"shard_above_mb": 0.001})
+    assert ingest.run(over).storage == "shards"  # 90 images of 64 bytes > 1 kB
+
+
+def test_a_sharded_split_refuses_to_be_used_as_an_array(tmp_path, npz_source):
+    params = _params(tmp_path, npz_source, "shards")
+    ingest.run(params)
+    test = load_split(params.paths.prepared_dir, "test")
+    with pytest.raises(DatasetError, match="sharded split.*map_x"):
+        np.asarray(test.x)
+    head = test.head(5)
+    assert isinstance(head, ArraySet) and len(head) == 5
+    assert len(test.sample(1000, seed=0)) == len(test)  # all of it when it asks for more
+
+
+def test_image_folder_is_read_file_by_file_into_the_same_splits(tmp_path):
+    folder = _png_folder(tmp_path, rgb=True)
+    memory = _params(tmp_path / "m", folder, "memory")
+    memory = memory.model_copy(update={"ingest": memory.ingest.model_copy(
+        update={"source": str(folder)})})  # fmt: skip
+    sharded = memory.model_copy(update={
+        "ingest": memory.ingest.model_copy(update={"storage": "shards"}),
+        "paths": _params(tmp_path / "s", folder, "shards").paths,
+    })  # fmt: skip
+    ingest.run(memory)
+    result = ingest.run(sharded)
+    assert result.storage == "shards" and result.n_examples == 36
+    for split in ("train", "val", "test"):
+        a = load_split(memory.paths.prepared_dir, split)
+        b = load_split(sharded.paths.prepared_dir, split)
+        assert b.x.shape[1:] == (3, 10, 10)  # grey and colour files: all RGB, as in memory
+        np.testing.assert_array_equal(_rows(a), _rows(b))
+    manifest = json.loads((Path(sharded.paths.raw_dir) / "manifest.json").read_text())
+    assert manifest["classes"] == sorted(TINY_CLASSES) and len(manifest["files"]) == 36
+    assert not (Path(sharded.paths.raw_dir) / "dataset.npz").exists()
+
+
+def test_a_broken_file_is_named_before_any_split_is_replaced(tmp_path):
+    folder = _png_folder(tmp_path)
+    params = _params(tmp_path / "w", folder, "shards")
+    params = params.model_copy(update={"ingest": params.ingest.model_copy(
+        update={"source": str(folder)})})  # fmt: skip
+    ingest.run(params)
+    prepared = Path(params.paths.prepared_dir)
+    before = {p: p.read_bytes() for p in prepared.rglob("*") if p.is_file()}
+    broken = folder / TINY_CLASSES[1] / "zz-broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(StageError, match="zz-broken.png: not a readable image"):
+        ingest.run(params)
+    after = {p: p.read_bytes() for p in prepared.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_stages_on_shards_measure_what_they_measure_in_memory(tmp_path, npz_source):
+    """The same trained model, evaluated and gated on the same test split stored both ways:
+    the same metrics and verdicts; validation finds the same counts."""
+    sections = {"train": {"max_epochs": 3}, "evaluate": {"baselines": True}}
+    memory = _params(tmp_path / "m", npz_source, "memory", **sections)
+    sharded = _params(tmp_path / "s", npz_source, "shards", **sections)
+    for params in (memory, sharded):
+        ingest.run(params)
+    checks = [validate.run(p) for p in (memory, sharded)]
+    assert [c.passed for c in checks[0].checks] == [c.passed for c in checks[1].checks]
+    assert checks[0].stats == checks[1].stats
+    train.run(memory)
+    shutil.copytree(memory.paths.model_dir, sharded.paths.model_dir)
+    a, b = (evaluate.run(p) for p in (memory, sharded))
+    assert a.metrics == b.metrics
+    assert [g.passed for g in a.gates] == [g.passed for g in b.gates]
+    baselines = [
+        json.loads((Path(p.paths.metrics_dir) / "baselines.json").read_text())
+        for p in (memory, sharded)
+    ]
+    assert baselines[0]["baselines"].keys() == baselines[1]["baselines"].keys()
+    from components.model import load_model
+    from components.onnx_files import export_onnx
+
+    net, card = load_model(memory.paths.model_dir)
+    onnx = tmp_path / "fp32.onnx"
+    export_onnx(net, tuple(card.config["input_shape"]), onnx, 1e-4)
+    measured = [
+        gate.measure(onnx, load_split(p.paths.prepared_dir, "test"), TINY_CLASSES)
+        for p in (memory, sharded)
+    ]
+    assert measured[0] == measured[1]
+
+
+def test_sharded_training_runs_through_the_train_stage(tmp_path, npz_source):
+    params = _params(tmp_path, npz_source, "shards", train={"max_epochs": 3, "batch_norm": True})
+    ingest.run(params)
+    result = train.run(params)
+    assert result.epochs_run == 3 and result.best_val_accuracy > 0.5
+    history = (Path(params.paths.metrics_dir) / "train_history.csv").read_text().splitlines()
+    assert len(history) == 4
+
+
+_RANK_SCRIPT = """
+import json, os, sys
+import torch.distributed as dist
+from components.shards import ShardLoader
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+loader = ShardLoader(sys.argv[1], batch_size=8, shuffle=True, seed=3)
+seen = {}
+for epoch in range(2):
+    seen[epoch] = [int(v) for _, y in loader for v in y.tolist()]
+json.dump({"batches": len(loader), "seen": seen}, open(sys.argv[2] + f".{rank}", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_two_ddp_ranks_read_disjoint_halves_of_every_epoch(tmp_path):
+    """Two real processes (torch.distributed, gloo): each rank's examples of an epoch are its
+    own, both ranks get the same count, and together they cover the epoch (but the one example
+    an odd split leaves over)."""
+    from tests.helpers import free_port
+
+    n = 101
+    ids = np.arange(n, dtype=np.int64)
+    examples = ((np.full((4,), i, np.float32), i) for i in ids)
+    write_shards(examples, tmp_path / "split", n, shuffle_seed=0, shard_bytes=20 * 1024)
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_SCRIPT)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": "2", "PYTHONPATH": str(REPO_ROOT)}  # fmt: skip
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(tmp_path / "split"),
+                          str(tmp_path / "seen")], env={**env, "RANK": str(r)},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in (0, 1)
+    ]  # fmt: skip
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out[-2000:]
+    ranks = [json.loads((tmp_path / f"seen.{r}").read_text()) for r in (0, 1)]
+    assert ranks[0]["batches"] == ranks[1]["batches"] == 7  # ceil(50 / 8)
+    for epoch in ("0", "1"):
+        a, b = (set(r["seen"][epoch]) for r in ranks)
+        assert len(ranks[0]["seen"][epoch]) == len(a) == len(b) == 50
+        assert not a & b and len(a | b) == n - 1
+    assert ranks[0]["seen"]["0"] != ranks[0]["seen"]["1"]  # another order each epoch
+
+
+@pytest.mark.slow
+def test_ddp_train_stage_on_shards(tmp_path, npz_source):
+    """`python -m components.train` with two gloo processes on sharded splits."""
+    root = tmp_path / "ddp"
+    raw = tiny_params_dict(root, str(npz_source))
+    raw["paths"] = {k: v.removeprefix(str(root) + "/") for k, v in raw["paths"].items()}
+    raw["paths"]["external_dir"] = str(npz_source.parent)
+    raw["ingest"]["storage"] = "shards"
+    raw["train"].update(max_epochs=2, devices=2, strategy="ddp", accelerator="cpu")
+    root.mkdir(parents=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    cwd = Path.cwd()
+    try:
+        os.chdir(root)
+        ingest.run(parse_params(raw))
+    finally:
+        os.chdir(cwd)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "WORLD_", "RANK"))}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    out = subprocess.run([sys.executable, "-m", "components.train"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "GLOBAL_RANK: 1" in out.stdout + out.stderr
+    metrics = json.loads((root / "metrics" / "train.json").read_text())
+    assert metrics["epochs_run"] == 2
+
+
+# ---------------------------------------------------------------- tables, in batches
+
+
+def test_one_pass_fit_equals_the_whole_frame_fit():
+    import pandas as pd
+
+    from components import features
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({
+        "a": rng.normal(1e4, 3.0, 5000),  # a large mean: a naive sum of squares loses it
+        "b": rng.integers(0, 7, 5000),
+        "c": rng.choice(["x", "y", "z", None], 5000),
+    })  # fmt: skip
+    frame.loc[::17, "a"] = np.nan
+    fitter = features.OnePassFit(["a", "b", "c"])
+    for lo in range(0, len(frame), 777):
+        fitter.update(frame.iloc[lo : lo + 777])
+    one, whole = fitter.spec(), features.fit(frame, ["a", "b", "c"])
+    assert one["features"] == whole["features"]
+    for got, want in zip(one["columns"], whole["columns"], strict=True):
+        assert got.keys() == want.keys() and got["type"] == want["type"]
+        if got["type"] == "numeric":
+            assert got["mean"] == pytest.approx(want["mean"], rel=1e-12)
+            assert got["std"] == pytest.approx(want["std"], rel=1e-9)
+        else:
+            assert got["categories"] == want["categories"]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_a_table_is_read_in_batches_into_the_same_splits(tmp_path, suffix, monkeypatch):
+    from components.kinds import table
+    from tests.conftest import make_table
+
+    monkeypatch.setattr(table, "BATCH_ROWS", 17)  # many batches of a small table
+    frame = make_table(n=150)
+    path = tmp_path / "external" / f"rows{suffix}"
+    path.parent.mkdir(parents=True)
+    frame.to_parquet(path) if suffix == ".parquet" else frame.to_csv(path, index=False)
+    target = {"ingest": {"target": "kind"}}
+    memory = _params(tmp_path / "m", path, "memory", **target)
+    sharded = _params(tmp_path / "s", path, "shards", **target)
+    ingest.run(memory)
+    assert ingest.run(sharded).storage == "shards"
+    metas = [json.loads((Path(p.paths.prepared_dir) / "meta.json").read_text())
+             for p in (memory, sharded)]  # fmt: skip
+    spec_m, spec_s = (m.pop("preprocess") for m in metas)
+    assert metas[0] == metas[1]
+    assert spec_m["features"] == spec_s["features"]
+    for a, b in zip(spec_m["columns"], spec_s["columns"], strict=True):
+        for key in ("mean", "std"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-12)
+    for split in ("train", "val", "test"):
+        a = load_split(memory.paths.prepared_dir, split)
+        b = load_split(sharded.paths.prepared_dir, split)
+        np.testing.assert_allclose(_rows(a), _rows(b), rtol=1e-6, atol=1e-6)
+        kept = [pd_read(p, split) for p in (memory, sharded)]
+        assert sorted(map(tuple, kept[0].astype(str).values.tolist())) == sorted(
+            map(tuple, kept[1].astype(str).values.tolist())
+        )
+    assert validate.run(sharded).success
+
+
+def pd_read(params, split):
+    import pandas as pd
+
+    return pd.read_parquet(Path(params.paths.prepared_dir) / f"{split}.parquet")
+
+
+def test_a_truncated_csv_is_named_with_the_row_it_stopped_at(tmp_path):
+    from tests.conftest import make_table
+
+    path = tmp_path / "external" / "rows.csv"
+    path.parent.mkdir(parents=True)
+    make_table(n=60).to_csv(path, index=False)
+    with open(path, "a") as fh:
+        fh.write("1.5,oops\n")  # a row with too few fields
+    params = _params(tmp_path / "w", path, "shards", ingest={"target": "kind"})
+    with pytest.raises(StageError, match=r"rows\.csv: .*Row #62: Expected 5 columns, got 2"):
+        ingest.run(params)
