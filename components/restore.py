@@ -83,36 +83,40 @@ def not_in_cache(root: Path, lock_text: bytes | str) -> list[str]:
     missing = []
     for entry in (data.get("stages") or {}).values():
         for o in (entry or {}).get("outs") or []:
-            md5 = o.get("md5")
-            if not md5:
-                continue
-            obj = cached_object(root, md5)
-            if not obj.is_file():
+            if o.get("md5") and cache_gap(root, o["path"], o["md5"]) is not None:
                 missing.append(o["path"])
-            elif md5.endswith(".dir"):
-                entries = json.loads(obj.read_text())
-                if any(not cached_object(root, e["md5"]).is_file() for e in entries):
-                    missing.append(o["path"])
     return missing
+
+
+def cache_gap(root: Path, path: str, md5: str) -> str | None:
+    """What the DVC cache lacks of the output ``path`` recorded as ``md5`` (a file, or a
+    directory's listing and files), or None when all of it is there."""
+    obj = cached_object(root, md5)
+    if not obj.is_file():
+        return f"{path}: not in the DVC cache (dvc pull, then dvc checkout)"
+    if md5.endswith(".dir"):
+        entries = json.loads(obj.read_text())
+        missing = [e for e in entries if not cached_object(root, e["md5"]).is_file()]
+        if missing:
+            return f"{path}: {len(missing)} file(s) not in the DVC cache (dvc pull)"
+    return None
 
 
 def _restore_from_cache(root: Path, out: LockedOutput) -> str | None:
     """Copy ``out`` back from the cache; the reason it could not be, or None."""
     if not out.md5:
         return f"{out.path}: dvc.lock records no hash"
+    gap = cache_gap(root, out.path, out.md5)
+    if gap is not None:
+        return gap
     target = Path(root) / out.path
     obj = cached_object(root, out.md5)
-    if not obj.is_file():
-        return f"{out.path}: not in the DVC cache (dvc pull, then dvc checkout)"
     if not out.md5.endswith(".dir"):
         _remove(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(obj, target)
         return None
     entries = json.loads(obj.read_text())
-    missing = [e["relpath"] for e in entries if not cached_object(root, e["md5"]).is_file()]
-    if missing:
-        return f"{out.path}: {len(missing)} file(s) not in the DVC cache (dvc pull)"
     _remove(target)
     for entry in entries:
         dest = target / entry["relpath"]

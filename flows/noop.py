@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from components.stage import set_quiet_env
+from components.stage import redact, set_quiet_env
 from flows.summary import SUMMARY_ARTIFACT
 
 # The flow's name in Prefect (flows/pipeline.py) and the tag of the runs answered here.
@@ -275,8 +275,11 @@ def answered(argv: list[str]) -> bool:
             name, page = record_flow_run(
                 api, parameters, message, summary, lambda run: summary_markdown(root, run, summary)
             )
-            said = f"prefect: recorded as flow run {name} (tag {NO_OP_TAG}): {page}"
+            said = f"prefect: recorded as flow run {name} (tag {NO_OP_TAG}): {redact(page)}"
         except httpx.HTTPError as exc:
-            said = f"prefect: no flow run recorded: the server at {api} did not answer ({exc})"
+            said = (  # the URL and httpx's message may hold credentials
+                f"prefect: no flow run recorded: the server at {redact(api)} did not answer "
+                f"({redact(exc)})"
+            )
     print(f"{summary}\n  {said}")
     return True
