@@ -212,6 +212,9 @@ class TrainParams(_Section):
     augment: AugmentParams
     early_stopping_patience: int | None = Field(ge=1)  # None: from the epochs
     resume: bool
+    # also checkpoint every this many optimiser steps (0: at epoch ends only): with sharded
+    # splits a killed run then resumes mid-epoch at exactly the next example
+    checkpoint_every_n_steps: int = Field(default=0, ge=0)
     init_from: str
     freeze: tuple[str, ...]
     accelerator: Literal["auto", "cpu", "gpu"]

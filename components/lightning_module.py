@@ -88,6 +88,22 @@ def lightning_module(net, params: TrainParams):
             self._loss_sum = torch.zeros((), device=self.device)
             self._loss_count = torch.zeros((), device=self.device)
 
+        # A run resumed mid-epoch (train.checkpoint_every_n_steps) does not start that epoch
+        # again: the running loss of its first part travels in the checkpoint.
+        def on_save_checkpoint(self, checkpoint):
+            if hasattr(self, "_loss_sum"):
+                checkpoint["epoch_train_loss"] = [float(self._loss_sum), float(self._loss_count)]
+
+        def on_load_checkpoint(self, checkpoint):
+            total, count = checkpoint.get("epoch_train_loss", (0.0, 0.0))
+            self._loss_sum = torch.tensor(total)
+            self._loss_count = torch.tensor(count)
+
+        def on_train_start(self):
+            for name in ("_loss_sum", "_loss_count"):  # loaded on the CPU: to this device
+                if hasattr(self, name):
+                    setattr(self, name, getattr(self, name).to(self.device))
+
         def training_step(self, batch, _):
             x, y = batch
             x = x.float()
@@ -263,6 +279,9 @@ def epoch_progress(logger: logging.Logger, train_samples: int, task: str, label:
         def __init__(self):
             self.started = 0.0
             self.seconds: list[float] = []
+
+        def on_train_start(self, trainer, module):  # a run resumed mid-epoch starts here
+            self.started = time.perf_counter()
 
         def on_train_epoch_start(self, trainer, module):
             self.started = time.perf_counter()

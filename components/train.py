@@ -45,6 +45,7 @@ log = logging.getLogger("pipeline.train")
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_rmse")
 HISTORY_FILE = "train_history.csv"
 LAST_CHECKPOINT = "last.ckpt"
+STEP_CHECKPOINT = "step.ckpt"  # train.checkpoint_every_n_steps: the latest mid-epoch one
 
 
 @dataclass(frozen=True)
@@ -110,10 +111,13 @@ def check_model_fits_data(meta: DatasetMeta, params: TrainParams) -> None:
 
 
 def run_key(params: TrainParams, prepared_dir: Path) -> str:
-    """Hash of what decides the result: train params (but ``resume``) and the data (the train
-    and val splits' files, and meta.json)."""
+    """Hash of what decides the result: train params (but ``resume`` and how often to
+    checkpoint) and the data (the train and val splits' files, and meta.json)."""
     digest = hashlib.sha256(
-        json.dumps(params.model_dump(mode="json", exclude={"resume"}), sort_keys=True).encode()
+        json.dumps(
+            params.model_dump(mode="json", exclude={"resume", "checkpoint_every_n_steps"}),
+            sort_keys=True,
+        ).encode()
     )
     for split in ("train", "val"):
         digest.update(split_digest(prepared_dir, split))
@@ -201,7 +205,6 @@ def fit(
     ``params`` may leave values ``auto`` (null): the recipe (components/recipe.py) chooses them
     for this data first, and each choice is logged with its reason."""
     import lightning as L
-    import torch
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     L.seed_everything(params.seed, workers=True, verbose=False)
@@ -225,6 +228,13 @@ def fit(
     checkpoint = ModelCheckpoint(
         dirpath=checkpoint_dir, filename="best", monitor="val_loss", mode="min", save_last=True
     )
+    every_steps = []
+    if params.checkpoint_every_n_steps:
+        every_steps.append(ModelCheckpoint(
+            dirpath=checkpoint_dir, filename=STEP_CHECKPOINT.removesuffix(".ckpt"),
+            every_n_train_steps=params.checkpoint_every_n_steps, save_top_k=1,
+            enable_version_counter=False,
+        ))  # fmt: skip
     trainer = L.Trainer(
         max_epochs=params.max_epochs,
         accelerator=params.accelerator,
@@ -236,6 +246,7 @@ def fit(
         gradient_clip_val=params.gradient_clip_norm or None,
         callbacks=[
             checkpoint,
+            *every_steps,
             EarlyStopping(monitor="val_loss", patience=params.early_stopping_patience),
             history,
             epoch_progress(log, len(train_set), meta.task),
@@ -253,16 +264,14 @@ def fit(
         return data_loader(data, per_process, shuffle=shuffle, seed=params.seed,
                            regression=meta.is_regression, batch_norm=params.batch_norm)  # fmt: skip
 
-    last = Path(checkpoint_dir) / LAST_CHECKPOINT
-    resume_from = last if params.resume and last.is_file() else None
-    resumed_epoch = 0
-    if resume_from is not None:
-        resumed_epoch = (
-            int(torch.load(resume_from, map_location="cpu", weights_only=True)["epoch"]) + 1
+    resume_from, resumed_epoch = latest_checkpoint(Path(checkpoint_dir)) if params.resume else (
+        None, 0
+    )
+    if resume_from is not None and trainer.is_global_zero:
+        where = ("mid-epoch, " if resume_from.name == STEP_CHECKPOINT else "") + (
+            f"after epoch {resumed_epoch} of {params.max_epochs}"
         )
-        if trainer.is_global_zero:
-            log.info("resuming from %s after epoch %d of %d", resume_from, resumed_epoch,
-                     params.max_epochs)  # fmt: skip
+        log.info("resuming from %s %s", resume_from, where)
 
     if trainer.is_global_zero:
         for line in recipe.choices:
@@ -286,6 +295,24 @@ def fit(
     return FitOutput(
         net, config, recipe, history.rows, trainer.is_global_zero, resumed_epoch, speed
     )
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> tuple[Path | None, int]:
+    """The checkpoint a resumed run starts from, the later (by optimiser step) of the last
+    epoch's and the last mid-epoch one, and the epochs it had finished."""
+    import torch
+
+    found = []
+    for name in (LAST_CHECKPOINT, STEP_CHECKPOINT):
+        path = Path(checkpoint_dir) / name
+        if path.is_file():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            found.append((int(state["global_step"]), name == LAST_CHECKPOINT, path, state))
+    if not found:
+        return None, 0
+    step, end_of_epoch, path, state = max(found, key=lambda f: (f[0], f[1]))
+    # An epoch's checkpoint is saved when that epoch is done; a mid-epoch one during it.
+    return path, int(state["epoch"]) + (1 if end_of_epoch else 0)
 
 
 def write_history_csv(path: Path, history: list[dict]) -> None:

@@ -343,3 +343,55 @@ def test_a_truncated_csv_is_named_with_the_row_it_stopped_at(tmp_path):
     params = _params(tmp_path / "w", path, "shards", ingest={"target": "kind"})
     with pytest.raises(StageError, match=r"rows\.csv: .*Row #62: Expected 5 columns, got 2"):
         ingest.run(params)
+
+
+@pytest.mark.slow
+def test_a_killed_sharded_run_resumes_mid_epoch(tmp_path):
+    """`train.checkpoint_every_n_steps`: SIGKILL mid-epoch, start again: the run resumes from
+    the mid-epoch checkpoint (the loader's place in the epoch with it) and finishes."""
+    import signal
+    import time
+
+    source = tmp_path / "external" / "big.npz"
+    source.parent.mkdir(parents=True)
+    x, y = make_images(per_class=200, size=12)
+    np.savez(source, x=x, y=y, class_names=np.array(TINY_CLASSES))
+    root = tmp_path / "ws"
+    raw = tiny_params_dict(root, str(source))
+    raw["paths"] = {k: v.removeprefix(str(root) + "/") for k, v in raw["paths"].items()}
+    raw["paths"]["external_dir"] = str(source.parent)
+    raw["ingest"]["storage"] = "shards"
+    raw["train"].update(max_epochs=2, batch_size=4, early_stopping_patience=10,
+                        checkpoint_every_n_steps=5)  # fmt: skip
+    root.mkdir()
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    cwd = Path.cwd()
+    try:
+        os.chdir(root)
+        ingest.run(parse_params(raw))
+    finally:
+        os.chdir(cwd)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("PIPELINE_DEBUG", None)
+
+    def start():
+        command = [sys.executable, "-m", "components.train"]
+        return subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    process = start()
+    deadline = time.monotonic() + 180
+    steps = root / "build" / "checkpoints"
+    while not list(steps.glob("*/step.ckpt")) or list(steps.glob("*/last.ckpt")):
+        assert process.poll() is None, "training ended before a mid-epoch checkpoint"
+        assert time.monotonic() < deadline, "no mid-epoch checkpoint within 180 s"
+        time.sleep(0.02)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = start()
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out[-3000:]
+    assert "resuming from" in out and "mid-epoch, after epoch 0 of 2" in out, out[-3000:]
+    metrics = json.loads((root / "metrics" / "train.json").read_text())
+    assert metrics["epochs_run"] == 2
