@@ -136,27 +136,35 @@ class ShardedSet:
         return np.concatenate(outputs)
 
     def sample(self, n: int, seed: int) -> ArraySet:
-        """At most ``n`` examples in memory. Every shard is a uniform random sample of the
-        split (the writer scatters examples by a seeded permutation), so whole shards in a
-        seeded order, cut at ``n``, are one too, and only those shards are read."""
-        order = np.random.default_rng(seed).permutation(len(self.index.shards))
-        return self._take([int(i) for i in order], n)
+        """At most ``n`` examples in memory, a seeded sample. Every shard is a uniform random
+        sample of the split (the writer scatters examples by a seeded permutation), so whole
+        shards in a seeded order are one too; the last shard needed gives a seeded choice of
+        its examples (a shard keeps the order they arrived in: class by class for a folder).
+        Only those shards are read."""
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(self.index.shards))
+        return self._take([int(i) for i in order], n, rng)
 
     def head(self, n: int) -> ArraySet:
         """The first ``n`` examples in reading order."""
         return self._take(range(len(self.index.shards)), n)
 
-    def _take(self, order, n: int) -> ArraySet:
-        """The first ``n`` examples of the shards in ``order``; only those shards are read."""
+    def _take(self, order, n: int, rng: np.random.Generator | None = None) -> ArraySet:
+        """``n`` examples of the shards in ``order``, only those shards read: the first ones
+        of the last shard needed, or with ``rng`` a seeded choice of them."""
         xs, ys, have = [], [], 0
         for i in order:
             if have >= n:
                 break
             shard = self.index.shards[i]
             x, y = shards.read_shard(self.directory / shard.file, self.index, shard.examples)
-            xs.append(x[: n - have])
-            ys.append(y[: n - have])
-            have += len(ys[-1])
+            need = n - have
+            if need < len(y):
+                pick = np.sort(rng.choice(len(y), need, replace=False)) if rng else slice(need)
+                x, y = x[pick], y[pick]
+            xs.append(x)
+            ys.append(y)
+            have += len(y)
         return ArraySet(np.concatenate(xs), np.concatenate(ys))
 
 

@@ -395,3 +395,16 @@ def test_a_killed_sharded_run_resumes_mid_epoch(tmp_path):
     assert "resuming from" in out and "mid-epoch, after epoch 0 of 2" in out, out[-3000:]
     metrics = json.loads((root / "metrics" / "train.json").read_text())
     assert metrics["epochs_run"] == 2
+
+
+def test_a_sample_of_a_class_by_class_split_holds_every_class(tmp_path):
+    """A folder arrives class by class and a shard keeps its arrival order: the sample (the
+    calibration set, the baselines' rows) must still be a random one, not one class."""
+    n = 3000
+    labels = np.repeat(np.arange(3), n // 3)  # sorted, as a folder is read
+    examples = ((np.zeros(4, np.float32), label) for label in labels)
+    write_shards(examples, tmp_path / "train", n, shuffle_seed=0, shard_bytes=8 << 20)
+    split = ShardedSet.open(tmp_path / "train")
+    assert len(split.index.shards) == 1  # the case where a prefix would be one class
+    sample = split.sample(90, seed=0)
+    assert len(sample) == 90 and min(np.bincount(sample.y, minlength=3)) >= 15
