@@ -94,16 +94,12 @@ def _outputs(model, x: np.ndarray, task: Task, n_classes: int) -> np.ndarray:
 def persistence_outputs(test: Split, meta: DatasetMeta) -> np.ndarray | None:
     """The target's last observed value in each window (in target units), or None when the
     target is not among the window's inputs."""
-    spec = meta.preprocess or {}  # components/features.py: column specs, encoded feature names
-    features = list(spec.get("features", ()))
-    columns = {c.get("name"): c for c in spec.get("columns", ())}
-    column = columns.get(meta.target)
-    if test.x.ndim != 3 or meta.target not in features or not column:
+    from components.model import last_target_input  # torch: imported when needed
+
+    last = last_target_input(meta)
+    if test.x.ndim != 3 or last is None:
         return None
-    if column.get("type") != "numeric":
-        return None
-    j = features.index(meta.target)
-    return test.map_x(lambda x: x[:, -1, j].astype(np.float64) * column["std"] + column["mean"])
+    return test.map_x(last.decode)
 
 
 def fit_baselines(

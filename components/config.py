@@ -188,6 +188,9 @@ class TrainParams(_Section):
     data (components/recipe.py); any other value is used as it is."""
 
     model: Literal[("auto", *MODELS)]
+    # Time series: forecast the target's level, or its change from the window's last value
+    # (added back inside the network); auto: the recipe measures the series and chooses.
+    forecast: Literal["auto", "level", "change"]
     seed: int
     max_epochs: int | None = Field(ge=1)  # None: from min_steps and the training rows
     min_steps: int = Field(ge=1)  # the step budget when max_epochs is None

@@ -10,17 +10,21 @@ arrive already encoded by components/features.py (the bento applies the same spe
 
 Regression networks end in one output and carry the training target's mean and standard
 deviation as buffers: they predict in the target's own units (so do their ONNX exports), while
-the training loss is taken on the standardised scale.
+the training loss is taken on the standardised scale. A change forecast of a time series
+(``train.forecast: change``, components/recipe.py) learns the change from the window's last
+target value and adds that value back in its forward pass, so it too answers in target units
+and its exports need nothing else.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
@@ -49,7 +53,13 @@ class NetConfig:
     rnn_hidden_size: int = 64  # LSTM / GRU units per layer
     rnn_layers: int = 1
     target_mean: float = 0.0  # regression: the training target's mean and standard deviation
-    target_std: float = 1.0
+    target_std: float = 1.0  # (of its change from the last value, for a change forecast)
+    # A change forecast (train.forecast change): the output is added to the window's last
+    # value of input feature ``last_value_feature`` (the target's own column), decoded into
+    # target units with this mean and std. None: the network forecasts the level itself.
+    last_value_feature: int | None = None
+    last_value_mean: float = 0.0
+    last_value_std: float = 1.0
 
 
 def _dense_stack(in_features: int, config: NetConfig) -> list[nn.Module]:
@@ -77,6 +87,16 @@ class _Net(nn.Module):
         if self.regression:
             self.register_buffer("target_mean", torch.tensor(float(config.target_mean)))
             self.register_buffer("target_std", torch.tensor(float(config.target_std)))
+        self.last_value_feature = config.last_value_feature
+        if self.last_value_feature is not None:
+            if not self.regression or len(config.input_shape) != 2:
+                raise ValueError(
+                    "train.forecast change: only a regression network on windows (T, F) adds "
+                    f"the last value; this one is a {config.task} on {tuple(config.input_shape)}"
+                )
+            # Constants of the graph, not weights: -mean and 1/std of the encoded column.
+            self.last_value_neg_mean = -float(config.last_value_mean)
+            self.last_value_inv_std = 1.0 / float(config.last_value_std)
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -87,6 +107,14 @@ class _Net(nn.Module):
         out = self.body(x)
         if self.regression:
             out = out * self.target_std + self.target_mean
+        if self.last_value_feature is not None:
+            # out + last value, written as Div and Sub: ONNX Runtime's static int8 quantizer
+            # wraps every Mul and Add (and whatever feeds them) in quantize/dequantize pairs,
+            # calibrated on training windows, so a last value above every training value
+            # would be clipped, and the forecast with it. It leaves Div and Sub in float.
+            j = self.last_value_feature
+            negated = self.last_value_neg_mean - x[:, -1, j : j + 1] / self.last_value_inv_std
+            out = out - negated
         return out
 
 
@@ -169,6 +197,63 @@ class RecurrentNet(_Net):
 
 
 NETS = {net.__name__: net for net in (SmallCNN, MLP, RecurrentNet)}
+
+
+@dataclass(frozen=True)
+class LastValue:
+    """Where a window holds its target's last observed value: encoded input feature
+    ``feature`` of the last step, ``(value - mean) / std``."""
+
+    column: str
+    feature: int
+    mean: float
+    std: float
+
+    def decode(self, x) -> np.ndarray:
+        """The last observed target value of each window ``(N, T, F)``, in target units."""
+        return np.asarray(x)[:, -1, self.feature].astype(np.float64) * self.std + self.mean
+
+
+def last_target_input(meta) -> LastValue | None:
+    """The target's last observed value in each window of a time series (``meta``: the data
+    set's meta.json), or None when there is none: not windows, or the target is not one of
+    their inputs (left out by ``ingest.features``). Persistence forecasts it
+    (components/baselines.py); a change forecast adds its output to it (:func:`change_forecast`).
+    """
+    if len(meta.input_shape) != 2 or not meta.target:
+        return None
+    spec = meta.preprocess or {}  # components/features.py: column specs, encoded feature names
+    names = list(spec.get("features", ()))
+    column = {c.get("name"): c for c in spec.get("columns", ())}.get(meta.target)
+    if meta.target not in names or not column or column.get("type") != "numeric":
+        return None
+    return LastValue(meta.target, names.index(meta.target), float(column["mean"]),
+                     float(column["std"]))  # fmt: skip
+
+
+def change_forecast(config: NetConfig, meta, train_x, train_y) -> NetConfig:
+    """``config`` made to forecast the change from each window's last target value: the network
+    adds that value to its output, and its output is standardised on the training windows'
+    changes rather than their levels, so the loss is taken on the scale of what it learns."""
+    last = last_target_input(meta)
+    if train_x is None or train_y is None:
+        raise ValueError("a change forecast is sized on the training windows: pass them")
+    if last is None:
+        raise ValueError(
+            "train.forecast change needs windows of a time series that hold its target "
+            f"{meta.target!r} as an input (ingest.features); use train.forecast level"
+        )
+    # (a split, in memory or sharded, is read a chunk at a time; an array is decoded as it is)
+    decoded = train_x.map_x(last.decode) if hasattr(train_x, "map_x") else last.decode(train_x)
+    change = np.asarray(train_y, dtype=np.float64) - decoded
+    return replace(
+        config,
+        last_value_feature=last.feature,
+        last_value_mean=last.mean,
+        last_value_std=last.std,
+        target_mean=float(change.mean()),
+        target_std=float(change.std()) or 1.0,
+    )
 
 
 def build_model(config: NetConfig) -> nn.Module:

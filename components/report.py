@@ -4,10 +4,11 @@
 refused and why), the data (kind, task, target and features, from the prepared meta.json),
 every gate with its reason, the test metrics (classification: accuracy, macro F1, per-class
 figures and the confusion matrix; regression: R^2, RMSE, MAE and a predicted-vs-actual plot
-from predictions.csv), the training curves, the compression trade-off, the data validation
-result (with links to our validation summary and the Great Expectations Data Docs) and the
-champion's lineage. Plots are drawn with matplotlib and inlined as PNG: the page needs no
-network, no JavaScript and no other file (the validation pages it links to sit next to it).
+from predictions.csv), the training curves and the recipe's choices (model.json), the
+compression trade-off, the data validation result (with links to our validation summary and
+the Great Expectations Data Docs) and the champion's lineage. Plots are drawn with matplotlib
+and inlined as PNG: the page needs no network, no JavaScript and no other file (the validation
+pages it links to sit next to it).
 
 The page names the run that wrote it: the Prefect flow run (the flow passes its name and id to
 the stages in ``PIPELINE_FLOW_RUN_NAME`` and ``PIPELINE_FLOW_RUN_ID``, see
@@ -57,6 +58,9 @@ class ReportInputs:
     validation: dict | None = None
     train: dict | None = None
     history: list[dict] | None = None
+    # The recipe's "train.key value: why" lines from model.json (components/recipe.py); None:
+    # no model.json, or one written before the recipe
+    recipe: list[str] | None = None
     evaluate: dict | None = None
     evaluate_gates: dict | None = None  # evaluate's verdicts on the network
     baselines: dict | None = None  # the classical baselines beside the network (baselines.json)
@@ -196,6 +200,17 @@ def _predictions(path: Path) -> list[tuple[float, float]] | None:
     return [(a, p) for a, p in rows if math.isfinite(a) and math.isfinite(p)] or None
 
 
+def _recipe(path: Path) -> list[str] | None:
+    """model.json's recipe choices (read as plain JSON: the report does not load the network,
+    components/model.py ``ModelCard`` is the record's schema)."""
+    card = _json(path)
+    recipe = (card or {}).get("recipe")
+    choices = recipe.get("choices") if isinstance(recipe, dict) else None
+    if not isinstance(choices, list):
+        return None
+    return [str(line) for line in choices]
+
+
 def gather(
     params: Params,
     stopped_at: str | None = None,
@@ -220,6 +235,7 @@ def gather(
     if "train" in reached:
         inputs.train = _json(metrics / "train.json")
         inputs.history = _history(metrics / "train_history.csv")
+        inputs.recipe = _recipe(Path(paths.model_dir) / "model.json")
     if "evaluate" in reached:
         inputs.evaluate = _json(metrics / records.EVALUATE_FILE)
         inputs.evaluate_gates = _json(metrics / records.EVALUATE_GATES_FILE)
@@ -657,12 +673,40 @@ def section_metrics(inputs: ReportInputs) -> str:
     return "".join(parts)
 
 
+def section_recipe(choices: list[str] | None) -> str:
+    """The recipe's choices: one row per train param it chose, with the value and why."""
+    if choices is None:
+        return ""
+    if not choices:
+        return (
+            "<h3>Recipe</h3><p class=muted>The recipe chose nothing: every train param it "
+            "could choose was set (params.yaml, <code>--set</code> or a tuning trial).</p>"
+        )
+    rows = []
+    for line in choices:
+        setting, _, why = line.partition(": ")
+        key, _, value = setting.partition(" ")
+        rows.append(
+            f"<tr><td class=nowrap><code>{_e(key)}</code></td><td class=nowrap>{_e(value)}</td>"
+            f"<td>{_e(why)}</td></tr>"
+        )
+    return (
+        "<h3>Recipe</h3><p>What train chose for the values left <code>auto</code> / "
+        "<code>null</code> (components/recipe.py; a value that is set is used as it is):</p>"
+        "<table><tr><th>param</th><th>chosen</th><th>why</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
 def section_training(inputs: ReportInputs) -> str:
     if not inputs.history:
         return "<h2>Training</h2>" + _not_reached("train", inputs)
     t = inputs.train or {}
     facts = ", ".join(f"{_e(k.replace('_', ' '))} {_f(v)}" for k, v in t.items())
-    return f"<h2>Training</h2><p>{facts}</p>" + plot_history(inputs.history)
+    return (
+        f"<h2>Training</h2><p>{facts}</p>"
+        + plot_history(inputs.history)
+        + section_recipe(inputs.recipe)
+    )
 
 
 def section_compression(inputs: ReportInputs) -> str:
@@ -854,7 +898,7 @@ STOPPED_FILE = "stopped.html"
 # The report inputs each stage's files fill (see gather).
 STAGE_INPUTS = {
     "validate": ("validation",),
-    "train": ("train", "history"),
+    "train": ("train", "history", "recipe"),
     "evaluate": ("evaluate", "evaluate_gates", "confusion", "predictions"),
     "compress": ("compress",),
     "gate": ("gate",),

@@ -31,7 +31,13 @@ from components.lightning_module import (
     quiet_lightning,
     show_progress_bar,
 )
-from components.model import NetConfig, build_model, load_state_dict, save_model
+from components.model import (
+    NetConfig,
+    build_model,
+    change_forecast,
+    load_state_dict,
+    save_model,
+)
 from components.recipe import Recipe, require_resolved, resolve_for
 from components.records import TRAIN_FILE, TrainSummary, train_headline, write_headline
 from components.stage import StageError, main, replacing, write_json
@@ -69,16 +75,17 @@ class FitOutput:
     samples_per_second: float
 
 
-def net_config(meta: DatasetMeta, params: TrainParams, train_y=None) -> NetConfig:
+def net_config(meta: DatasetMeta, params: TrainParams, train_y=None, train_x=None) -> NetConfig:
     """The network for this data: its input shape and outputs come from the data, the rest
     from params (resolved: components/recipe.py). A regression net learns the training
-    targets' mean and spread (``train_y``)."""
+    targets' mean and spread (``train_y``; a change forecast: of their change from the last
+    value in ``train_x``'s windows)."""
     require_resolved(params, "the network's configuration")
     target_mean, target_std = 0.0, 1.0
     if meta.is_regression and train_y is not None and len(train_y):
         target_mean = float(train_y.astype("float64").mean())
         target_std = float(train_y.astype("float64").std()) or 1.0
-    return NetConfig(
+    config = NetConfig(
         family=params.model,
         input_shape=tuple(meta.input_shape),
         num_classes=meta.num_outputs,
@@ -94,6 +101,9 @@ def net_config(meta: DatasetMeta, params: TrainParams, train_y=None) -> NetConfi
         target_mean=target_mean,
         target_std=target_std,
     )
+    if params.forecast == "change":
+        return change_forecast(config, meta, train_x, train_y)
+    return config
 
 
 def check_model_fits_data(meta: DatasetMeta, params: TrainParams) -> None:
@@ -211,10 +221,10 @@ def fit(
     quiet_lightning()
     if params.model != "auto":
         check_model_fits_data(meta, params)  # an explicit family that cannot read the data
-    recipe = resolve_for(params, meta, len(train_set))
+    recipe = resolve_for(params, meta, len(train_set), train_set)
     params = recipe.params
     check_model_fits_data(meta, params)
-    config = net_config(meta, params, train_set.y)
+    config = net_config(meta, params, train_set.y, train_set)
     try:
         net = build_model(config)
     except ValueError as exc:

@@ -521,6 +521,125 @@ def test_a_model_for_another_task_is_refused(tmp_path):
         compress.compress(teacher, config, other, splits, params.compress, params.train, tmp_path)
 
 
+# ---------------------------------------------------------------- a change forecast
+#
+# A trending series whose test values lie above every training value: the network forecasts
+# the change from each window's last value and adds that value back in its forward pass
+# (train.forecast change, components/model.py). Every variant keeps doing so: the exports, the
+# int8 models (the addition stays float: a clipped last value would clip the forecast), the
+# pruned networks and the distilled students.
+
+
+def _trend_splits(n: int = 240, window: int = 8, seed: int = 0):
+    """Windows of a rising line with a wave; train, val and test in time order."""
+    from components.dataset import DatasetMeta
+    from components.kinds.sequence import windows
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    series = 10 + 0.1 * t + np.sin(0.5 * t) + rng.normal(0, 0.1, n)
+    cut = (0, n * 6 // 10, n * 8 // 10, n)
+    bounds = {s: (cut[i], cut[i + 1]) for i, s in enumerate(("train", "val", "test"))}
+    lo, hi = bounds["train"]
+    mean, std = float(series[lo:hi].mean()), float(series[lo:hi].std())
+    splits = {
+        s: windows(((series[a:b] - mean) / std)[:, None], series[a:b], window, 1)
+        for s, (a, b) in bounds.items()
+    }
+    spec = {"columns": [{"name": "level", "type": "numeric", "mean": mean, "std": std}],
+            "features": ["level"], "window": window, "horizon": 1, "target": "level"}  # fmt: skip
+    meta = DatasetMeta(
+        class_names=(), input_shape=(window, 1), source="trend.csv",
+        split_sizes={s: len(v) for s, v in splits.items()}, kind="sequence", task="regression",
+        target="level", feature_names=("level",), preprocess=spec,
+    )  # fmt: skip
+    return splits, meta
+
+
+@pytest.fixture(scope="module")
+def change_compressed(tmp_path_factory):
+    from components.finetune import fit_network
+    from components.metrics import regression_metrics
+    from components.model import change_forecast, last_target_input
+
+    tmp = tmp_path_factory.mktemp("change")
+    splits, meta = _trend_splits()
+    level = NetConfig("gru", meta.input_shape, 1, (), (16,), 0.0, False, "relu",
+                      task="regression", input_scale=1.0, rnn_hidden_size=12,
+                      target_mean=float(splits["train"].y.mean()),
+                      target_std=float(splits["train"].y.std()))  # fmt: skip
+    config = change_forecast(level, meta, splits["train"].x, splits["train"].y)
+    raw = _with(tiny_params_dict(tmp, "unused"), calibration_samples=len(splits["train"]))
+    raw["compress"]["variants"]["sparse"] = ["prune_unstructured"]
+    raw["compress"]["pruning"].update(finetune_epochs=2)
+    raw["compress"]["distillation"].update(max_epochs=4)
+    params = parse_params(raw)
+    torch.manual_seed(0)
+    teacher = build_model(config)
+    fit_network(teacher, splits["train"], splits["val"], params.train, 25, 0.01)
+    out = tmp / "onnx"
+    out.mkdir()
+    result = compress.compress(teacher, config, meta, splits, params.compress, params.train, out)
+    test = splits["test"]
+    persistence = regression_metrics(test.y, last_target_input(meta).decode(test.x))["r2"]
+    return teacher, config, splits, params, out, result, persistence
+
+
+def test_a_change_forecast_is_compressed_and_every_variant_still_extrapolates(change_compressed):
+    teacher, config, splits, params, out, result, persistence = change_compressed
+    train, test = splits["train"], splits["test"]
+    assert test.y.min() > train.y.max()  # every test value above every training value
+    assert config.last_value_feature == 0
+    assert config.target_std < 0.2 * float(train.y.std())  # standardised on the change
+    payload = compress.result_payload(result, params.compress)
+    variants = payload["variants"]
+    assert set(variants) == {"fp32", *params.compress.variants}
+    assert variants["fp32"]["r2"] > 0.8 and variants["fp32"]["r2"] > persistence - 0.05
+    for name, v in variants.items():  # none clips at the training range
+        assert v["r2"] > 0.8, (name, v["r2"])
+    assert abs(variants["int8"]["r2_drop"]) <= params.compress.max_accuracy_drop
+    assert _int8_weights(out / "int8.onnx")
+    assert result.variants["student"].params < result.variants["fp32"].params
+    assert result.variants["pruned"].params < result.variants["fp32"].params
+    # The fp32 export answers like PyTorch: the last value is added inside the graph.
+    expected = teacher(torch.from_numpy(test.x)).detach().numpy()
+    np.testing.assert_allclose(compress.run_onnx(out / "fp32.onnx", test.x), expected, rtol=1e-5)
+
+
+def test_a_level_forecast_of_the_same_series_stays_within_its_training_range(change_compressed):
+    """Why the change: the same network forecasting the level is held below the training
+    maximum, and misses the test values by far more than the change forecast does."""
+    from components.finetune import fit_network
+
+    teacher, config, splits, params, _, _, _ = change_compressed
+    level = dataclasses.replace(config, last_value_feature=None,
+                                target_mean=float(splits["train"].y.mean()),
+                                target_std=float(splits["train"].y.std()))  # fmt: skip
+    torch.manual_seed(0)
+    net = build_model(level)
+    fit_network(net, splits["train"], splits["val"], params.train, 25, 0.01)
+    test = splits["test"]
+    x = torch.from_numpy(test.x)
+    level_error = float(np.abs(net(x).detach().numpy()[:, 0] - test.y).mean())
+    change_error = float(np.abs(teacher(x).detach().numpy()[:, 0] - test.y).mean())
+    assert change_error < 0.25 * level_error, (change_error, level_error)
+
+
+def test_a_change_forecast_needs_the_target_among_the_windows_inputs():
+    from components.model import change_forecast
+
+    splits, meta = _trend_splits()
+    config = NetConfig("gru", meta.input_shape, 1, (), (8,), 0.0, False, "relu",
+                       task="regression", input_scale=1.0)  # fmt: skip
+    other = dataclasses.replace(meta, target="price")
+    with pytest.raises(ValueError, match="hold its target 'price' as an input"):
+        change_forecast(config, other, splits["train"].x, splits["train"].y)
+    classes = NetConfig("gru", meta.input_shape, 2, (), (8,), 0.0, False, "relu",
+                        input_scale=1.0, last_value_feature=0)  # fmt: skip
+    with pytest.raises(ValueError, match="only a regression network on windows"):
+        build_model(classes)
+
+
 # ---------------------------------------------------------------- regression checks, pieces
 
 

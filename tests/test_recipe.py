@@ -139,6 +139,38 @@ def test_unresolved_params_are_refused_where_a_network_is_built():
         net_config(meta, _default_train())
 
 
+def test_a_slowly_moving_series_forecasts_the_change_and_a_swinging_one_the_level():
+    """forecast auto: change when the window's last target value explains most of the training
+    targets' variance, level when it does not; every other data set forecasts the level
+    without a line about it. A value set is kept."""
+    seq = kinds.get("sequence")
+    slow = recipe.resolve(_default_train(), seq, 258, (16, 1), "close", 0.982)
+    assert slow.params.forecast == "change"
+    line = next(c for c in slow.choices if c.startswith("train.forecast change: "))
+    assert "'close' alone explains 0.982" in line and "leave the range" in line
+    swinging = recipe.resolve(_default_train(), seq, 544, (16, 4), "ch0", 0.789)
+    assert swinging.params.forecast == "level"
+    assert any(c.startswith("train.forecast level: the window's last 'ch0' explains only 0.789")
+               for c in swinging.choices)  # fmt: skip
+    for kind, shape in (("image", (1, 28, 28)), ("table", (4,))):
+        r = _resolve(kind, 500, shape)
+        assert r.params.forecast == "level" and "train.forecast" not in _chosen(r)
+    npz_sequences = recipe.resolve(_default_train(), seq, 500, (16, 2))  # no target column
+    assert npz_sequences.params.forecast == "level"
+    kept = recipe.resolve(_default_train(forecast="level"), seq, 258, (16, 1), "close", 0.982)
+    assert kept.params.forecast == "level" and "train.forecast" not in _chosen(kept)
+    with pytest.raises(ValueError, match="train.forecast change: the data is not a time series"):
+        _resolve("table", 500, (4,), forecast="change")
+    assert "forecast" in recipe.unresolved(_default_train())
+
+
+def test_persistence_r2_is_the_share_of_variance_the_last_value_explains():
+    y = np.array([1.0, 2.0, 3.0, 4.0])
+    assert recipe.persistence_r2(y, y) == 1.0
+    assert recipe.persistence_r2(np.full(4, y.mean()), y) == pytest.approx(0.0)
+    assert recipe.persistence_r2(y, np.full(4, 2.0)) is None  # a constant target
+
+
 def test_the_tuning_space_values_resolve():
     """Every choice and both ends of every range of params.yaml's tune.space, set as a trial
     sets it, still validates and resolves (an explicit train.max_epochs from the space wins)."""
@@ -221,6 +253,12 @@ def test_compress_fine_tunes_with_the_recorded_params(trained):
     # A model.json from before the recipe: the same params, resolved for the data again.
     old = card.model_copy(update={"recipe": None})
     assert recipe.recorded(old, params.train, meta) == fine_tune
+    # A recipe recorded before train.forecast: the network forecast the level.
+    train_before = {k: v for k, v in card.recipe.train.items() if k != "forecast"}
+    before = card.model_copy(
+        update={"recipe": card.recipe.model_copy(update={"train": train_before})}
+    )
+    assert recipe.recorded(before, params.train, meta).forecast == "level"
 
 
 def test_a_recorded_recipe_this_code_cannot_read_is_refused(trained, tmp_path):

@@ -12,6 +12,7 @@ skips only when no Chromium can be found, and says so. Screenshots go to
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import os
@@ -192,6 +193,64 @@ def test_a_regression_report_shows_r2_and_predicted_vs_actual(tmp_path, monkeypa
     for data in _images(page):
         with Image.open(io.BytesIO(data)) as image:
             assert image.format == "PNG" and image.width > 200 and image.height > 100
+
+
+def _write_model_json(params: Params, choices: list[str] | None) -> None:
+    """model.json as train writes it (components.model.save_model), with ``choices`` as its
+    recipe (None: a model.json from before the recipe)."""
+    from components.model import NetConfig, build_model, save_model
+
+    config = NetConfig("cnn", (1, 8, 8), 3, (4,), (8,), 0.0, False, "relu")
+    extra = {
+        "class_names": ["a", "b", "c"],
+        "trained_epochs": 3,
+        "kind": "image",
+        "task": "classification",
+        "target": "",
+        "feature_names": [],
+        "preprocess": None,
+    }
+    if choices is not None:
+        extra["recipe"] = {"choices": choices, "train": params.train.model_dump(mode="json")}
+    save_model(build_model(config), config, params.paths.model_dir, extra)
+
+
+def test_the_report_shows_the_recipes_choices_with_their_reasons(project):
+    from components import kinds, recipe
+
+    params = finished_run(project)
+    chosen = recipe.resolve(params.train, kinds.get("image"), 30, (1, 8, 8))
+    choices = list(chosen.choices)
+    assert {c.split(" ")[0] for c in choices} >= {"train.model", "train.early_stopping_patience"}
+    _write_model_json(params, choices)
+    page = write_report(params).read_text()
+    training = page[page.index("<h2>Training</h2>") : page.index("<h2>Compression</h2>")]
+    assert "<h3>Recipe</h3>" in training
+    assert training.count("<tr><td class=nowrap><code>train.") == len(choices)
+    for line in choices:  # "train.key value: why": the key, the value and the reason apart
+        setting, why = line.split(": ", 1)
+        key, value = setting.split(" ", 1)
+        assert (
+            f"<tr><td class=nowrap><code>{key}</code></td><td class=nowrap>{value}</td>"
+            f"<td>{html.escape(why)}</td></tr>"
+        ) in training, line
+
+    # Every value set: the recipe chose nothing, and the page says so.
+    _write_model_json(params, [])
+    page = write_report(params).read_text()
+    assert "The recipe chose nothing" in page and "<th>chosen</th>" not in page
+    # A model.json from before the recipe, or none: no recipe section, no crash.
+    _write_model_json(params, None)
+    assert "<h3>Recipe</h3>" not in write_report(params).read_text()
+    (Path(params.paths.model_dir) / "model.json").unlink()
+    assert "<h3>Recipe</h3>" not in write_report(params).read_text()
+
+
+def test_a_run_stopped_at_train_does_not_show_the_last_good_runs_recipe(project):
+    params = finished_run(project)
+    _write_model_json(params, ["train.model cnn: the family built for image data"])
+    page = report.write_stopped(params, "train", "train: val_loss is NaN").read_text()
+    assert "<h3>Recipe</h3>" not in page
 
 
 def test_history_with_missing_values_still_plots():

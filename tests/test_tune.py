@@ -154,6 +154,23 @@ def test_the_repository_space_is_cut_to_what_a_table_or_a_sequence_can_use(param
     )
 
 
+def test_the_step_budget_is_searched_only_while_train_max_epochs_is_left_to_it(params_copy):
+    """The repository's space searches train.min_steps, which the recipe turns into epochs for
+    the data's size; with train.max_epochs set it sizes nothing, and is left out, saying why."""
+    assert "train.min_steps" in read_params_file(params_copy)["tune"]["space"]
+    fitted, notes = _fitted(params_copy, {}, "val_accuracy")
+    assert "train.min_steps" in fitted.space and notes == []
+    raw = yaml.safe_load(params_copy.read_text())
+    raw["train"]["max_epochs"] = 8
+    params_copy.write_text(yaml.safe_dump(raw, sort_keys=False))
+    fitted, notes = _fitted(params_copy, {}, "val_accuracy")
+    assert "train.min_steps" not in fitted.space
+    assert notes == [
+        "tune.space.train.min_steps left out: train.max_epochs is set (8), so the step budget "
+        "sizes nothing (set it to null to search the budget)"
+    ]
+
+
 def test_a_choice_that_is_not_a_family_is_kept_and_stands_for_any_that_fits(params_copy):
     """``auto`` (the train stage picks the family) is never left out, and counts as every
     family that reads the data: only the keys of families that cannot are left out."""

@@ -4,7 +4,8 @@ Checked before any trial. A metric the task does not log, or a space none of who
 read the data, is refused with one line naming the key. A space that offers, beside models that
 fit, some that cannot read this kind (``cnn`` for a table, with the repository's space of every
 family) is searched without them, and without the keys only they read (``train.channels``) or
-only images use (``train.augment.*``); the flow says what it left out.
+only images use (``train.augment.*``); nor the step budget (``train.min_steps``) when
+``train.max_epochs`` is set, which it then sizes nothing. The flow says what it left out.
 """
 
 from __future__ import annotations
@@ -94,6 +95,13 @@ def fit_space(params: Params, root: Path) -> tuple[TuneParams, list[str]]:
             )
         families = {model} if model in MODELS else set(fits)
 
+    if "train.min_steps" in space and params.train.max_epochs is not None:
+        del space["train.min_steps"]
+        notes.append(
+            f"tune.space.train.min_steps left out: train.max_epochs is set "
+            f"({params.train.max_epochs}), so the step budget sizes nothing (set it to null to "
+            "search the budget)"
+        )
     searched = _models(sorted(families, key=MODELS.index))
     for key in list(space):
         section, _, name = key.partition(".")
