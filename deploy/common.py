@@ -39,7 +39,8 @@ DEFAULT_QUEUED_BATCHES = 8
 THREADS_ENV = "ORT_INTRA_OP_THREADS"
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model.json"
-INPUT_NAME = "images"  # the ONNX input of every model the pipeline exports, whatever its kind
+INPUT_NAME = "inputs"  # the ONNX input of every model the pipeline exports, whatever its kind
+OLD_INPUT_NAME = "images"  # its name in models exported before it was renamed
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_LATENCY_MS = 10_000
 BYTES_PER_NUMBER = 24  # the longest JSON float, e.g. "254.99999999999997, ", plus brackets
@@ -324,6 +325,15 @@ def open_session(model_file: Path):
 
 def check_session(session: Any, card: ModelCard) -> None:
     """Fail at start-up, not on the first request, when the model and its card disagree."""
+    names = [i.name for i in session.get_inputs()]
+    if names == [OLD_INPUT_NAME]:
+        raise ValueError(
+            f"{MODEL_FILE} names its input {OLD_INPUT_NAME!r}, as models exported before it was "
+            f"renamed {INPUT_NAME!r} do: package the model again with this version of the "
+            "pipeline (`make pipeline`), or serve the bento it was packaged in"
+        )
+    if names != [INPUT_NAME]:
+        raise ValueError(f"{MODEL_FILE} takes inputs {names}; the service feeds {INPUT_NAME!r}")
     probe = np.zeros((1, *card.input_shape), dtype=np.float32)
     logits = session.run(None, {INPUT_NAME: probe})[0]
     if logits.shape != (1, card.num_outputs):

@@ -228,9 +228,14 @@ def max_image_bytes(card: ModelCard) -> int:
 
 
 def _read_shape(card: dict, where: Path) -> tuple[int, ...]:
-    shape = card.get("image_shape")
+    shape = card.get("input_shape")
+    if shape is None and "image_shape" in card:
+        raise ValueError(
+            f"{where}: input_shape is missing (image_shape is its old name): package the model "
+            "again with this version of the pipeline"
+        )
     if not (isinstance(shape, list) and len(shape) == 3 and all(int(d) >= 1 for d in shape)):
-        raise ValueError(f"{where}: image_shape must be [C, H, W]")
+        raise ValueError(f"{where}: input_shape must be [C, H, W] for images")
     return tuple(int(d) for d in shape)
 
 

@@ -293,3 +293,44 @@ def test_each_worker_freezes_its_loaded_heap_once_started():
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+# -- names from before the renames (issue 13) ----------------------------------------------------
+
+
+def _model_dir(root, input_name: str = "inputs", **card_changes):
+    import onnx
+
+    from tests.tiny_models import CLASS_NAMES, IMAGE_SHAPE, make_tiny_onnx
+
+    model = onnx.load(str(make_tiny_onnx(root / "model.onnx")))
+    for node in model.graph.node:
+        node.input[:] = [input_name if name == "inputs" else name for name in node.input]
+    model.graph.input[0].name = input_name
+    onnx.save(model, str(root / "model.onnx"))
+    card = {
+        "kind": "image",
+        "class_names": list(CLASS_NAMES),
+        "input_shape": list(IMAGE_SHAPE),
+        "model_version": "rtest",
+        "model": "tiny:int8-0",
+        "max_batch_size": 4,
+    }
+    (root / "model.json").write_text(json.dumps({**card, **card_changes}))
+    return root
+
+
+def test_a_model_with_the_old_input_name_or_card_field_is_refused_at_start_up(
+    tmp_path, monkeypatch
+):
+    from deploy.service import ImageClassifier
+
+    monkeypatch.setenv("MODEL_DIR", str(_model_dir(tmp_path / "new")))
+    assert ImageClassifier.inner().card.input_shape == (1, 8, 8)
+    monkeypatch.setenv("MODEL_DIR", str(_model_dir(tmp_path / "old", input_name="images")))
+    with pytest.raises(ValueError, match="model.onnx names its input 'images', as models exported"):
+        ImageClassifier.inner()
+    old_card = _model_dir(tmp_path / "card", input_shape=None, image_shape=[1, 8, 8])
+    monkeypatch.setenv("MODEL_DIR", str(old_card))
+    with pytest.raises(ValueError, match=r"input_shape is missing \(image_shape is its old name\)"):
+        ImageClassifier.inner()
