@@ -28,13 +28,14 @@ class Image(BaseModel):
 def make_app(model_dir: Path) -> FastAPI:
     card = json.loads((model_dir / "model.json").read_text())
     names = [str(n) for n in card["class_names"]]
-    shape = tuple(card["image_shape"])
+    shape = tuple(card["input_shape"])
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(
         str(model_dir / "model.onnx"), sess_options=options, providers=["CPUExecutionProvider"]
     )
+    name = session.get_inputs()[0].name
     app = FastAPI()
 
     @app.post("/predict")
@@ -43,7 +44,7 @@ def make_app(model_dir: Path) -> FastAPI:
             x = np.asarray(body.image, dtype=np.float32).reshape(1, *shape)
         except (ValueError, TypeError) as exc:
             raise HTTPException(400, f"image: {exc}") from None
-        logits = session.run(None, {"images": x})[0][0].astype(np.float64)
+        logits = session.run(None, {name: x})[0][0].astype(np.float64)
         e = np.exp(logits - logits.max())
         p = e / e.sum()
         i = int(p.argmax())

@@ -64,8 +64,8 @@ SERVING_FILES = (
 )  # fmt: skip
 
 # uvicorn serves faster with uvloop and httptools when they are installed (~15 % less CPU);
-# the services read and write JSON with orjson (deploy/base.py).
-SERVER_EXTRAS = ("uvloop", "httptools", "orjson")
+# the services read and write JSON with orjson, and pixels with simdjson (deploy/base.py).
+SERVER_EXTRAS = ("uvloop", "httptools", "orjson", "pysimdjson")
 CLOUD = BentoKind(
     role="cloud",
     services={

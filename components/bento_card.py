@@ -13,7 +13,7 @@ import numpy as np
 
 from components import kinds, tasks
 from components.dataset import DatasetMeta
-from components.onnx_files import INPUT_NAME
+from components.onnx_files import INPUT_NAME, input_problem
 from components.stage import StageError, file_digest
 
 
@@ -58,9 +58,9 @@ def check_model(
         session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types
         raise StageError(f"{onnx_file} is not a loadable ONNX model: {exc}") from None
-    names = [i.name for i in session.get_inputs()]
-    if names != [INPUT_NAME]:
-        raise StageError(f"{onnx_file} takes inputs {names}; the service feeds {INPUT_NAME!r}")
+    problem = input_problem(onnx_file, [i.name for i in session.get_inputs()])
+    if problem:
+        raise StageError(problem)
     probe = np.zeros((2, *image_shape), dtype=np.float32)
     try:
         logits = session.run(None, {INPUT_NAME: probe})[0]

@@ -63,6 +63,9 @@ RUN_PATTERN = re.compile(r"r[0-9a-f]{12}")  # a bento version: "r" + 12 hex digi
 MD5_PATTERN = re.compile(r"[0-9a-f]{32}")
 # A promotion holds the lock for seconds (it may import a bento); a minute longer is a stuck one.
 LOCK_TIMEOUT_SECONDS = 120.0
+# Fields of a run renamed since records were first written: old name -> new. A record with an
+# old one is refused with a message that says how to rename it (the record is in git).
+RENAMED_RUN_FIELDS = {"image_shape": "input_shape"}
 
 
 class _Strict(BaseModel):
@@ -85,7 +88,7 @@ class RunRecord(_Strict):
     model_sha256: str
     served_variant: str
     class_names: list[str]  # empty for regression
-    image_shape: list[int]  # the input shape of one example: (C, H, W), (F,) or (T, F)
+    input_shape: list[int]  # of one example: (C, H, W), (F,) or (T, F); was image_shape
     test_split: SplitInfo
     metrics: dict[str, float]  # the served model's test metrics (+ "network_*" ones)
     packaged_at: str
@@ -98,6 +101,12 @@ class RunRecord(_Strict):
     preprocess_sha256: str | None = None  # see preprocess_fingerprint; None: raw pixels in
     # The columns a client sends (tables, series); None: images, or a record from before them
     input_columns: list[InputColumn] | None = None
+
+    @property
+    def image_shape(self) -> list[int]:
+        """The old name of :attr:`input_shape`, for code that still reads it (the gate's
+        message); records on disk hold ``input_shape`` only."""
+        return self.input_shape
 
 
 class Event(_Strict):
@@ -156,7 +165,7 @@ class InputSchema:
             run.kind,
             run.target,
             tuple(run.class_names),
-            tuple(run.image_shape),
+            tuple(run.input_shape),
             None if run.input_columns is None else tuple(run.input_columns),
         )
 
@@ -297,6 +306,15 @@ def _parse_record(path: Path, text: str) -> ChampionRecord:
             f"{path} is champion record format {found!r}; this code reads format "
             f"{RECORD_FORMAT}: it was written by another version of the pipeline"
         )
+    runs = raw.get("runs")
+    for version, run in (runs if isinstance(runs, dict) else {}).items():
+        for old, new in RENAMED_RUN_FIELDS.items():
+            if isinstance(run, dict) and old in run:
+                raise StageError(
+                    f"{path}: runs.{version}.{old} is now called {new!r} (an input is not "
+                    f"always an image): rename the key in every run of the record, e.g. "
+                    f'sed -i \'s/"{old}":/"{new}":/\' {path}'
+                )
     try:
         record = ChampionRecord.model_validate(raw)
     except ValidationError as exc:

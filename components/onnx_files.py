@@ -1,9 +1,9 @@
 """ONNX files of our networks: export with a check against PyTorch, run, time, size.
 
-Every ONNX file of the pipeline takes one input, ``images`` (raw pixels, encoded table rows or
-sequences: the name predates tables and stays, as the bentos and every exported file use it),
-and gives one output, ``logits`` (class scores, or the predicted value for regression). The
-compress stage, the gate stage and the tuning flow's ensembles share these functions.
+Every ONNX file of the pipeline takes one input, ``inputs`` (raw pixels, encoded table rows or
+sequences), and gives one output, ``logits`` (class scores, or the predicted value for
+regression). The compress stage, the gate stage and the tuning flow's ensembles share these
+functions.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ import numpy as np
 from components.model import predict_logits
 from components.stage import StageError
 
-INPUT_NAME, OUTPUT_NAME = "images", "logits"  # the names the bentos feed and read, any data
+INPUT_NAME, OUTPUT_NAME = "inputs", "logits"  # the names the bentos feed and read, any data
+# The input's name in files exported before it was renamed (it is a table row or a sequence
+# too): such a file is refused with a message saying so, not an ONNX Runtime error.
+OLD_INPUT_NAME = "images"
 LATENCY_BATCHES = (1, 64)
 LATENCY_ROUNDS = 30  # rounds over all variants, interleaved so load changes hit all alike
 CALLS_PER_ROUND = {1: 20, 64: 3}
@@ -211,14 +214,34 @@ def check_quantized(
     )
 
 
+def input_problem(path: Path, names: list[str]) -> str | None:
+    """Why a model whose inputs are named ``names`` is not one of the pipeline's (None when it
+    takes the one input :data:`INPUT_NAME`)."""
+    if names == [INPUT_NAME]:
+        return None
+    if names == [OLD_INPUT_NAME]:
+        return (
+            f"{path} names its input {OLD_INPUT_NAME!r}, as models exported before it was "
+            f"renamed {INPUT_NAME!r} do: export it again with this code (`make pipeline` "
+            "re-runs the stages that write it)"
+        )
+    return f"{path} takes inputs {names}; the pipeline's models take one, {INPUT_NAME!r}"
+
+
 def open_session(path: Path, threads: int = 1):
+    """An ONNX Runtime session of one of the pipeline's models (refused when its input is not
+    :data:`INPUT_NAME`)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads  # fixed threads: comparable latencies across variants
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    problem = input_problem(path, [i.name for i in session.get_inputs()])
+    if problem:
+        raise StageError(problem)
+    return session
 
 
 def run_onnx(path: Path, x: np.ndarray, batch_size: int = 512) -> np.ndarray:

@@ -30,7 +30,6 @@ import numpy as np
 
 from components.config import QuantizationParams
 
-INPUT_NAME = "images"
 CALIBRATION_BATCH = 32
 CALIBRATION_HEADROOM = 1.5  # float (standardised) inputs: calibrated ranges widened this much
 
@@ -62,6 +61,7 @@ def quantize_static(
     ``exclude_nodes`` (names in the pre-processed graph, see :func:`first_block_nodes`) stay
     fp32: the benchmark uses it to study where int8 pays.
     """
+    import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -72,9 +72,9 @@ def quantize_static(
     calibration = calibration_rows(calibration)
 
     class Reader(CalibrationDataReader):
-        def __init__(self):
+        def __init__(self, name: str):
             self._batches = iter(
-                {INPUT_NAME: calibration[i : i + CALIBRATION_BATCH].astype(np.float32)}
+                {name: calibration[i : i + CALIBRATION_BATCH].astype(np.float32)}
                 for i in range(0, len(calibration), CALIBRATION_BATCH)
             )
 
@@ -84,10 +84,14 @@ def quantize_static(
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         _pre_process(fp32_path, prepared)
+        # Calibrated through the model's one input, whatever its name (the pipeline's: inputs).
+        graph = onnx.load(str(prepared), load_external_data=False).graph
+        weights = {t.name for t in graph.initializer}
+        name = next(i.name for i in graph.input if i.name not in weights)
         ort_quantize_static(
             str(prepared),
             str(int8_path),
-            Reader(),
+            Reader(name),
             quant_format=QuantFormat.QDQ if params.format == "qdq" else QuantFormat.QOperator,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,

@@ -39,7 +39,8 @@ DEFAULT_QUEUED_BATCHES = 8
 THREADS_ENV = "ORT_INTRA_OP_THREADS"
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model.json"
-INPUT_NAME = "images"  # the ONNX input of every model the pipeline exports, whatever its kind
+INPUT_NAME = "inputs"  # the ONNX input of every model the pipeline exports, whatever its kind
+OLD_INPUT_NAME = "images"  # its name in models exported before it was renamed
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_LATENCY_MS = 10_000
 BYTES_PER_NUMBER = 24  # the longest JSON float, e.g. "254.99999999999997, ", plus brackets
@@ -100,6 +101,36 @@ class Predictions(BaseModel):
     )
 
 
+def constructor(model: type[BaseModel]) -> Callable[..., BaseModel]:
+    """``model.model_construct`` for calls that name every field of ``model``, ~3x cheaper (64
+    answers: ~0.1 ms of CPU instead of ~0.3): what ``model_construct`` leaves in the instance,
+    without its per-field search for aliases and defaults. For a model that has aliases, a root,
+    extra fields or a post-init, ``model_construct`` itself."""
+    fields = model.model_fields
+    if (
+        model.__pydantic_root_model__
+        or model.__pydantic_post_init__
+        or model.model_config.get("extra") == "allow"
+        or any(f.alias or f.validation_alias for f in fields.values())
+    ):
+        return model.model_construct
+    names, new, set_attribute = frozenset(fields), object.__new__, object.__setattr__
+
+    def construct(**values: Any) -> BaseModel:
+        instance = new(model)
+        set_attribute(instance, "__dict__", values)
+        set_attribute(instance, "__pydantic_fields_set__", set(names))
+        set_attribute(instance, "__pydantic_extra__", None)
+        set_attribute(instance, "__pydantic_private__", None)
+        return instance
+
+    return construct
+
+
+_construct_prediction = constructor(Prediction)
+_construct_value_prediction = constructor(ValuePrediction)
+
+
 # -- tasks -----------------------------------------------------------------------------------
 
 
@@ -130,8 +161,8 @@ class Classification:
 
     def answers(self, outputs: np.ndarray, card: ModelCard) -> list[Prediction]:
         """One answer per row of probabilities (the rows read out of numpy at once)."""
-        names, construct = card.class_names, Prediction.model_construct
-        # Built from our own checked values: construct, don't validate (~5x cheaper).
+        names, construct = card.class_names, _construct_prediction
+        # Built from our own checked values: construct, don't validate.
         return [
             construct(
                 label=names[idx],
@@ -176,7 +207,7 @@ class Regression:
 
     def answers(self, outputs: np.ndarray, card: ModelCard) -> list[ValuePrediction]:
         """One answer per predicted value."""
-        construct = ValuePrediction.model_construct
+        construct = _construct_value_prediction
         return [
             construct(
                 value=value, target=card.target, model_version=card.model_version, model=card.model
@@ -294,20 +325,44 @@ def open_session(model_file: Path):
 
 def check_session(session: Any, card: ModelCard) -> None:
     """Fail at start-up, not on the first request, when the model and its card disagree."""
+    names = [i.name for i in session.get_inputs()]
+    if names == [OLD_INPUT_NAME]:
+        raise ValueError(
+            f"{MODEL_FILE} names its input {OLD_INPUT_NAME!r}, as models exported before it was "
+            f"renamed {INPUT_NAME!r} do: package the model again with this version of the "
+            "pipeline (`make pipeline`), or serve the bento it was packaged in"
+        )
+    if names != [INPUT_NAME]:
+        raise ValueError(f"{MODEL_FILE} takes inputs {names}; the service feeds {INPUT_NAME!r}")
     probe = np.zeros((1, *card.input_shape), dtype=np.float32)
     logits = session.run(None, {INPUT_NAME: probe})[0]
     if logits.shape != (1, card.num_outputs):
         raise ValueError(card.task.wrong_outputs(logits.shape, card))
 
 
-# -- JSON arrays of whole numbers --------------------------------------------------------------
+# -- JSON arrays of pixels ---------------------------------------------------------------------
 
 
-class JSONIntegers(list):
-    """A JSON array read from a request whose body holds nothing but its one key, brackets,
-    commas and digits: every number in it is a whole number >= 0 (a Python int), none of them
-    true or false. Made by the services' JSON reading (``base.py``); an adapter may then read
-    it with a typed conversion instead of asking numpy what it holds (``image.py``)."""
+class JSONByteArray:
+    """A request field's value that the services' JSON reading (``base.py``) found to be a
+    rectangular nested JSON array of whole numbers 0-255, read straight into ``array`` (uint8,
+    the shape of the nested lists) without building Python lists. Made only for the routes
+    that ask for it (``Route.byte_arrays``); their decode reads ``array``. ``tolist()`` and
+    indexing give the value as the client sent it (for the edge's call to the cloud)."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.array[index].tolist()
+
+    def tolist(self) -> list:
+        return self.array.tolist()
 
 
 # -- what a data kind's adapter declares ------------------------------------------------------
@@ -334,6 +389,9 @@ class Route:
     doc: str
     upload_limit: Callable[[ModelCard, int], int] | None = None
     example: Callable[[ModelCard], Any] | None = None
+    # The field is usually nested lists of whole numbers 0-255 (pixels): the JSON reading may
+    # hand ``decode`` a :class:`JSONByteArray` instead of the lists.
+    byte_arrays: bool = False
 
     @property
     def path(self) -> str:

@@ -43,7 +43,7 @@ from deploy.base import (
     service_class,
     with_guard,
 )
-from deploy.common import Answer, DataKind, Prediction, Route, ValuePrediction
+from deploy.common import Answer, DataKind, JSONByteArray, Prediction, Route, ValuePrediction
 
 CLOUD_URL_ENV = "CLOUD_URL"
 CLOUD_TOKEN_ENV = "CLOUD_TOKEN"  # sent as "Authorization: Bearer <token>" to the cloud
@@ -193,7 +193,7 @@ class EdgeService(ModelService):
         if len(unsure) == 0:
             return mine
         try:
-            theirs = await self._ask_cloud([items[i] for i in unsure])
+            theirs = await self._ask_cloud([_as_sent(items[i]) for i in unsure])
         except CloudUnavailable as exc:
             for i in unsure:
                 mine[i].cloud_error = f"{exc}; answered by the edge"
@@ -258,6 +258,11 @@ class EdgeService(ModelService):
         except (ValueError, KeyError, TypeError):  # ValidationError is a ValueError
             log.warning("cloud at %s sent a malformed answer: %.500s", self.cloud_url, reply.text)
             raise CloudUnavailable(f"cloud at {self.cloud_url} sent a malformed answer") from None
+
+
+def _as_sent(item: Any) -> Any:
+    """An example as the client sent it (nested lists), also when it was read as pixels."""
+    return item.tolist() if type(item) is JSONByteArray else item
 
 
 def _setting(section: dict, key: str, default: float) -> float:

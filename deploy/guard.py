@@ -9,6 +9,7 @@ before any check of ours runs. Every refusal is ``{"error": "<field>: <rule>"}``
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,6 +144,56 @@ class RequestGuard:
             return {"type": "http.request", "body": bytes(body), "more_body": False}
 
         return await self.app(scope, replay, send)
+
+
+class RequestTimeout:
+    """What BentoML's ``TimeoutMiddleware`` does for ``traffic.timeout``, without its leak: a
+    request whose answer has not started after ``timeout`` seconds is cancelled and answered
+    ``504 {"error": "Not able to process the request in <timeout> seconds"}``.
+
+    BentoML 1.4.39's starts a timer per request and never cancels it: under uvloop 6 objects
+    the garbage collector tracks (the timer, its handle and context, a future, a bound method,
+    a tuple) outlive each request by the whole ``timeout`` (30 s); at 2,000 requests/s that
+    is 360,000 more for every full collection to walk, which stalled requests by ~80 ms. Here
+    the timer is cancelled as soon as the answer starts (or the request ends): none is left,
+    and the app runs in the request's own task rather than a second one.
+    """
+
+    def __init__(self, app: Any, timeout: float) -> None:
+        self.app = app
+        self.timeout = timeout
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        task = asyncio.current_task()
+        timed_out = started = False
+
+        def time_out() -> None:
+            nonlocal timed_out
+            timed_out = True
+            task.cancel()
+
+        timer = asyncio.get_running_loop().call_later(self.timeout, time_out)
+
+        async def answer_started(message: dict) -> None:
+            nonlocal started
+            started = True
+            timer.cancel()  # from the first message on, the answer is on its way
+            await send(message)
+
+        try:
+            await self.app(scope, receive, answer_started)
+        except asyncio.CancelledError:
+            if not timed_out or started:
+                raise  # cancelled by someone else (shutdown, client gone), or too late for a 504
+            task.uncancel()
+            await JSONResponse(
+                {"error": f"Not able to process the request in {self.timeout} seconds"},
+                status_code=504,
+            )(scope, receive, send)
+        finally:
+            timer.cancel()
 
 
 def framing_problem(raw_headers: list[tuple[bytes, bytes]]) -> str | None:

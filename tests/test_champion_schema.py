@@ -131,6 +131,24 @@ def test_a_record_from_before_input_columns_compares_what_it_has():
     assert champ.schema_changes(old, _table(*NUMBERS[:2])) == ["input shape 3 -> 2"]
 
 
+def test_a_record_with_the_old_name_image_shape_is_refused_saying_how_to_rename_it(tmp_path):
+    from components.stage import StageError
+    from tests.conftest import REPO_ROOT
+
+    committed = champ.load_record(REPO_ROOT / "deploy" / "champion.json")  # renamed: it reads
+    assert committed.current().input_shape == [1, 28, 28]
+    raw = json.loads((REPO_ROOT / "deploy" / "champion.json").read_text())
+    run = next(iter(raw["runs"]))
+    raw["runs"][run]["image_shape"] = raw["runs"][run].pop("input_shape")
+    old = tmp_path / "champion.json"
+    old.write_text(json.dumps(raw))
+    with pytest.raises(StageError) as refused:
+        champ.load_record(old)
+    message = str(refused.value)
+    assert f"runs.{run}.image_shape is now called 'input_shape'" in message
+    assert f"""sed -i 's/"image_shape":/"input_shape":/' {old}""" in message
+
+
 # -- a table with a column fewer: gated, recorded, not promoted -------------------------------
 
 

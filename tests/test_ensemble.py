@@ -61,7 +61,7 @@ def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {"images": x.astype(np.float32)})[0]
+    return session.run(None, {"inputs": x.astype(np.float32)})[0]
 
 
 @pytest.mark.parametrize("weights", [[1.0, 1.0], [0.8, 0.2]])

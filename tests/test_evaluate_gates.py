@@ -55,7 +55,7 @@ def champion_record(params: Params, metrics: dict, **changes) -> champ.ChampionR
         "model_sha256": "0" * 64,
         "served_variant": "int8",
         "class_names": list(CLASS_NAMES),
-        "image_shape": list(IMAGE_SHAPE),
+        "input_shape": list(IMAGE_SHAPE),
         "test_split": champ.SplitInfo(
             sha256=champ.split_fingerprint(test, CLASS_NAMES), examples=len(test)
         ),
@@ -309,7 +309,7 @@ def regression_champion(params: Params, metrics: dict, **changes) -> champ.Champ
     test = load_arrays(Path(params.paths.prepared_dir) / "test.npz")
     fields = {
         "class_names": [],
-        "image_shape": [len(FEATURES)],
+        "input_shape": [len(FEATURES)],
         "test_split": champ.SplitInfo(sha256=champ.split_fingerprint(test, ()), examples=len(test)),
         "task": "regression",
         "kind": "table",
@@ -454,13 +454,13 @@ def test_a_better_regression_champion_on_the_same_split_refuses_the_challenger(r
 @pytest.mark.parametrize(
     "changes, note",
     [
-        ({"task": "classification", "kind": "image", "target": "", "image_shape": [1, 8, 8],
+        ({"task": "classification", "kind": "image", "target": "", "input_shape": [1, 8, 8],
           "class_names": ["a", "b", "c"], "preprocess_sha256": None},
          "is an image classification of ['a', 'b', 'c'], inputs 1x8x8, this run a table "
          "regression of 'price', inputs 3"),
         ({"target": "rent"}, "is a table regression of 'rent', inputs 3, this run a table"),
         ({"kind": "sequence"}, "is a sequence regression of 'price'"),
-        ({"image_shape": [4]}, "is a table regression of 'price', inputs 4, this run a table"),
+        ({"input_shape": [4]}, "is a table regression of 'price', inputs 4, this run a table"),
         ({"task": "classification", "class_names": ["cheap", "dear"]},
          "is a table classification 'price' of ['cheap', 'dear'], inputs 3, this run a table "
          "regression of 'price'"),

@@ -259,15 +259,15 @@ def test_model_that_does_not_fit_the_classes_is_refused(tmp_path):
 
 
 def make_table_onnx(path: Path, n_features: int, n_outputs: int = 1) -> Path:
-    """A linear model on encoded table rows ("images" (batch, F) -> (batch, n_outputs))."""
+    """A linear model on encoded table rows ("inputs" (batch, F) -> (batch, n_outputs))."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     weight = np.linspace(-1, 1, n_features * n_outputs, dtype=np.float32)
     graph = helper.make_graph(
-        [helper.make_node("Gemm", ["images", "weight", "bias"], ["logits"])],
+        [helper.make_node("Gemm", ["inputs", "weight", "bias"], ["logits"])],
         "tiny_table",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", n_features])],
+        [helper.make_tensor_value_info("inputs", TensorProto.FLOAT, ["batch", n_features])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_outputs])],
         initializer=[
             numpy_helper.from_array(weight.reshape(n_features, n_outputs), "weight"),

@@ -450,7 +450,7 @@ def test_a_regression_run_is_recorded_with_its_task_and_the_next_is_gated_on_r2(
     }
     candidate = promote.run_record(gate_json, bento, tmp_path)
     assert (candidate.task, candidate.kind, candidate.target) == ("regression", "table", TARGET)
-    assert candidate.class_names == [] and candidate.image_shape == [3]
+    assert candidate.class_names == [] and candidate.input_shape == [3]
     assert candidate.preprocess_sha256 == gate_json["preprocess_sha256"] is not None
     assert set(candidate.metrics) == {"r2", "rmse", "mae", "network_r2", "network_rmse",
                                       "network_mae"}  # fmt: skip

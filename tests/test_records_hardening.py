@@ -48,7 +48,7 @@ def run_entry(version: str, **changes) -> champ.RunRecord:
         "model_sha256": "0" * 64,
         "served_variant": "int8",
         "class_names": ["a", "b"],
-        "image_shape": [1, 2, 2],
+        "input_shape": [1, 2, 2],
         "test_split": champ.SplitInfo(sha256="0" * 64, examples=2),
         "metrics": {"accuracy": 0.5},
         "packaged_at": "2026-01-01T00:00:00Z",

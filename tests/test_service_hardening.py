@@ -70,14 +70,14 @@ def linear_onnx(path: Path, input_shape: tuple[int, ...], outputs: int, pool: bo
 
     rng = np.random.default_rng(0)
     width = input_shape[0] if pool else int(np.prod(input_shape))
-    nodes = [helper.make_node("Flatten", ["pooled" if pool else "images"], ["flat"], axis=1)]
+    nodes = [helper.make_node("Flatten", ["pooled" if pool else "inputs"], ["flat"], axis=1)]
     if pool:
-        nodes.insert(0, helper.make_node("GlobalAveragePool", ["images"], ["pooled"]))
+        nodes.insert(0, helper.make_node("GlobalAveragePool", ["inputs"], ["pooled"]))
     nodes.append(helper.make_node("Gemm", ["flat", "weight", "bias"], ["logits"]))
     graph = helper.make_graph(
         nodes,
         "linear",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", *input_shape])],
+        [helper.make_tensor_value_info("inputs", TensorProto.FLOAT, ["batch", *input_shape])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", outputs])],
         initializer=[
             numpy_helper.from_array(
@@ -353,7 +353,7 @@ def test_the_default_json_limit_does_not_grow_with_the_image(tmp_path, monkeypat
     from deploy.image import request_limit
     from deploy.service import ImageClassifier
 
-    card = {"kind": "image", "class_names": list(CLASS_NAMES), "image_shape": [3, 224, 224],
+    card = {"kind": "image", "class_names": list(CLASS_NAMES), "input_shape": [3, 224, 224],
             "max_batch_size": 64}  # fmt: skip
     directory = model_dir(tmp_path / "big", card, len(CLASS_NAMES), pool=True)
     assert request_limit((3, 224, 224), 64) > 200e6

@@ -66,7 +66,7 @@ def run_onnx(onnx_file: Path, x: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-    return session.run(None, {"images": x.astype(np.float32)})[0]
+    return session.run(None, {"inputs": x.astype(np.float32)})[0]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

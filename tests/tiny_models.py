@@ -20,7 +20,7 @@ MAX_IMAGE_BYTES = 4096  # likewise
 
 
 def make_tiny_onnx(path: Path, seed: int = 0, n_classes: int = len(CLASS_NAMES)) -> Path:
-    """A classifier shaped like the pipeline's: raw pixels in ("images", any batch), logits."""
+    """A classifier shaped like the pipeline's: raw pixels in ("inputs", any batch), logits."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -30,12 +30,12 @@ def make_tiny_onnx(path: Path, seed: int = 0, n_classes: int = len(CLASS_NAMES))
     bias = rng.normal(0, 0.1, n_classes).astype(np.float32)
     graph = helper.make_graph(
         [
-            helper.make_node("Mul", ["images", "scale"], ["scaled"]),
+            helper.make_node("Mul", ["inputs", "scale"], ["scaled"]),
             helper.make_node("Flatten", ["scaled"], ["flat"], axis=1),
             helper.make_node("Gemm", ["flat", "weight", "bias"], ["logits"]),
         ],
         "tiny",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", *IMAGE_SHAPE])],
+        [helper.make_tensor_value_info("inputs", TensorProto.FLOAT, ["batch", *IMAGE_SHAPE])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_classes])],
         initializer=[
             numpy_helper.from_array(np.array(1 / 255, dtype=np.float32), "scale"),
@@ -115,6 +115,6 @@ def reference_probabilities(onnx_file: Path, images: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-    logits = session.run(None, {"images": images.astype(np.float32)})[0].astype(np.float64)
+    logits = session.run(None, {"inputs": images.astype(np.float32)})[0].astype(np.float64)
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
