@@ -47,10 +47,10 @@ def check_meta(meta: DatasetMeta, meta_file: Path) -> None:
 
 
 def check_model(
-    onnx_file: Path, image_shape: tuple[int, ...], n_classes: int, task: str = "classification"
+    onnx_file: Path, input_shape: tuple[int, ...], n_classes: int, task: str = "classification"
 ) -> None:
     """Fail before building when the model cannot serve inputs of the data set's shape: a
-    float32 batch of zeros shaped ``(2, *image_shape)`` (an image, a row of encoded features
+    float32 batch of zeros shaped ``(2, *input_shape)`` (an image, a row of encoded features
     or a sequence) must give ``(2, n_classes)`` logits, or ``(2, 1)`` values for regression."""
     import onnxruntime as ort
 
@@ -61,12 +61,12 @@ def check_model(
     problem = input_problem(onnx_file, [i.name for i in session.get_inputs()])
     if problem:
         raise StageError(problem)
-    probe = np.zeros((2, *image_shape), dtype=np.float32)
+    probe = np.zeros((2, *input_shape), dtype=np.float32)
     try:
         logits = session.run(None, {INPUT_NAME: probe})[0]
     except Exception as exc:
         raise StageError(
-            f"{onnx_file} cannot run a batch of 2 inputs shaped {tuple(image_shape)}: {exc}"
+            f"{onnx_file} cannot run a batch of 2 inputs shaped {tuple(input_shape)}: {exc}"
         ) from None
     if not tasks.get(task).has_classes:
         if logits.shape != (2, 1):

@@ -102,12 +102,6 @@ class RunRecord(_Strict):
     # The columns a client sends (tables, series); None: images, or a record from before them
     input_columns: list[InputColumn] | None = None
 
-    @property
-    def image_shape(self) -> list[int]:
-        """The old name of :attr:`input_shape`, for code that still reads it (the gate's
-        message); records on disk hold ``input_shape`` only."""
-        return self.input_shape
-
 
 class Event(_Strict):
     at: str

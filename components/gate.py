@@ -181,7 +181,7 @@ def _not_comparable(current: champ.RunRecord, ours: Described) -> tuple[str, str
     if all(d.schema.task == "classification" and d.schema.kind == "image" for d in (theirs, ours)):
         why = (
             f"champion {current.run} classifies other data (classes {current.class_names}, "
-            f"images {current.image_shape}): {consequence}"
+            f"images {current.input_shape}): {consequence}"
         )
     elif theirs.words() == ours.words():  # the same shape, task and target: other columns
         why = f"champion {current.run} reads other input columns than this run: {consequence}"
@@ -194,7 +194,7 @@ def champion_baseline(
     record: champ.ChampionRecord,
     fingerprint: str,
     class_names,
-    image_shape,
+    input_shape,
     test: Split,
     root: Path = Path("."),
     described: Described | None = None,
@@ -203,12 +203,12 @@ def champion_baseline(
     """The champion's metrics on this test split, measured again when the split changed.
 
     ``described`` is what this run predicts (default: an image classifier of ``class_names``
-    and ``image_shape``, the only kind there was before tables and sequences). ``raw_test``
+    and ``input_shape``, the only kind there was before tables and sequences). ``raw_test``
     is a table's or time series' test split as read (``prepared/test.parquet``): a champion
     whose preprocessing was fitted on other training data is measured on it, encoded its way.
     """
     ours = described or Described(
-        champ.InputSchema.of("classification", "image", "", class_names, image_shape), None
+        champ.InputSchema.of("classification", "image", "", class_names, input_shape), None
     )
     current = record.current()
     if current is None:
@@ -354,7 +354,7 @@ def result_payload(result: GateResult, meta: DatasetMeta, evaluated: dict) -> di
         "kind": meta.kind,
         "target": meta.target,
         "class_names": list(meta.class_names),
-        "image_shape": list(meta.input_shape),
+        "input_shape": list(meta.input_shape),
         "preprocess_sha256": champ.preprocess_fingerprint(meta.preprocess, meta.feature_names),
         "input_columns": kinds.get(meta.kind).input_columns(meta),
         "test_split": {"sha256": result.fingerprint, "examples": result.examples},

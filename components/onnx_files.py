@@ -93,7 +93,7 @@ def _quiet_export() -> None:
     )
 
 
-def export_graph(model, image_shape: tuple[int, ...], path: Path, samples=None) -> None:
+def export_graph(model, input_shape: tuple[int, ...], path: Path, samples=None) -> None:
     """Write ``model`` as one self-contained ONNX file with a dynamic batch dimension (no check:
     :func:`export_onnx` checks against PyTorch). ``samples`` are real inputs to trace with;
     without them random pixels, which suit images only."""
@@ -101,7 +101,7 @@ def export_graph(model, image_shape: tuple[int, ...], path: Path, samples=None) 
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if samples is None:  # random pixels: only right for images (the benchmark's use)
-        example = torch.randint(0, 256, (4, *image_shape)).float()
+        example = torch.randint(0, 256, (4, *input_shape)).float()
     else:
         example = torch.from_numpy(rows(samples, 4).astype(np.float32))
     _quiet_export()
@@ -134,7 +134,7 @@ def drop_source_paths(model) -> None:
 
 def export_onnx(
     model,
-    image_shape: tuple[int, ...],
+    input_shape: tuple[int, ...],
     path: Path,
     tolerance: float,
     samples: np.ndarray | None = None,
@@ -149,9 +149,9 @@ def export_onnx(
     """
     import torch
 
-    export_graph(model, image_shape, path, samples)
+    export_graph(model, input_shape, path, samples)
     if samples is None:
-        probe = torch.randint(0, 256, (PROBE_SAMPLES, *image_shape)).float().numpy()
+        probe = torch.randint(0, 256, (PROBE_SAMPLES, *input_shape)).float().numpy()
     else:  # another batch size than exported, and other rows
         probe = rows(samples, PROBE_SAMPLES, start=4).astype(np.float32)
     expected = predict_logits(model, probe).numpy()

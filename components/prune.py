@@ -54,7 +54,7 @@ def _depgraph_prune(net, example, amount: float) -> None:
     pruner.step()
 
 
-def prune_structured(net, image_shape: tuple[int, ...], amount: float):
+def prune_structured(net, input_shape: tuple[int, ...], amount: float):
     """A copy of ``net`` with ``amount`` of the channels / hidden units of every layer removed.
 
     Importance is the L2 norm of each channel's weights (grouped over every layer the
@@ -66,7 +66,7 @@ def prune_structured(net, image_shape: tuple[int, ...], amount: float):
     net = copy.deepcopy(net).cpu().eval()
     rnn = _rnn(net)
     if rnn is None:
-        _depgraph_prune(net, torch.zeros(1, *image_shape), amount)
+        _depgraph_prune(net, torch.zeros(1, *input_shape), amount)
         return net
     head = net.classifier
     prune_recurrent(rnn, _first_linear(head), amount)
@@ -187,7 +187,7 @@ def count_nonzero(net) -> int:
 def prune_and_finetune(
     net,
     method: str,
-    image_shape: tuple[int, ...],
+    input_shape: tuple[int, ...],
     train_set: ArraySet,
     val_set: ArraySet,
     train: TrainParams,
@@ -195,7 +195,7 @@ def prune_and_finetune(
 ) -> tuple[object, FitReport | None]:
     """``method`` is ``prune_structured`` or ``prune_unstructured``; returns a new network."""
     if method == "prune_structured":
-        pruned = prune_structured(net, image_shape, params.structured_amount)
+        pruned = prune_structured(net, input_shape, params.structured_amount)
     elif method == "prune_unstructured":
         pruned = prune_unstructured(net, params.unstructured_amount)
     else:

@@ -281,7 +281,7 @@ class GateReport(Record):
     kind: str
     target: str
     class_names: list[str]
-    image_shape: list[int]
+    input_shape: list[int]  # of one example (was image_shape)
     preprocess_sha256: str | None = None
     # The columns a client sends (tables, series; None for images): the champion record keeps
     # them to tell a later run whose inputs differ (components/champion.py InputSchema).

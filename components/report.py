@@ -513,7 +513,7 @@ def data_facts(meta: dict | None) -> str:
     if not meta:
         return ""
     kind, task = meta.get("kind", "image"), meta.get("task", "classification")
-    shape = [int(d) for d in meta.get("input_shape") or meta.get("image_shape") or []]
+    shape = [int(d) for d in meta.get("input_shape") or []]
     classes = meta.get("class_names") or []
     facts = []
     if kind == "image" and len(shape) == 3:

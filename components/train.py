@@ -274,8 +274,8 @@ def fit(
         return data_loader(data, per_process, shuffle=shuffle, seed=params.seed,
                            regression=meta.is_regression, batch_norm=params.batch_norm)  # fmt: skip
 
-    resume_from, resumed_epoch = latest_checkpoint(Path(checkpoint_dir)) if params.resume else (
-        None, 0
+    resume_from, resumed_epoch = (
+        latest_checkpoint(Path(checkpoint_dir)) if params.resume else (None, 0)
     )
     if resume_from is not None and trainer.is_global_zero:
         where = ("mid-epoch, " if resume_from.name == STEP_CHECKPOINT else "") + (
