@@ -15,6 +15,13 @@ params.yaml's tune section and a stated budget:
    ONNX Runtime latency at batch 1 (as the flow builds it).
 
 Prints a table and writes bench/results/tune.json. Figures move with the machine's load.
+
+``--data NAME --budget 10m`` instead spends that budget (``make tune BUDGET=10m``, the real flow
+with its final run through every gate, one worker, no ensemble) on one data set of
+bench/defaults.py, in a scratch repository whose params.yaml points at it (the repository's own
+space, cut by the flow to what the data's kind can use), and reports on its test split the
+defaults trial, the tuned network and served model, and the classical baselines, with the time
+of the trials and of the final run: bench/results/tune-NAME.json.
 ``--smoke`` (tests/test_bench.py) runs the same steps on 60 tiny images in 3 classes (8x8, made
 here) with a space of 3 keys, but only the 2-worker study, of 2 trials (the defaults and one
 drawn, at once: an ensemble of 2), and writes build/bench-smoke/tune.json under the current
@@ -32,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from components.config import read_params_file  # noqa: E402
@@ -91,7 +99,10 @@ def smoke_images(per_class: int = 20, size: int = 8):
     return np.clip(x, 0, 255).astype(np.uint8), y
 
 
-def scratch_repo(budget_epochs: int | None, smoke: bool = False) -> Path:
+def scratch_repo(
+    budget_epochs: int | None, smoke: bool = False, data: Callable[[Path], None] | None = None
+) -> Path:
+    """A scratch copy of the project, committed; ``data(root)`` adds a data set first."""
     if smoke:  # inside the current folder's build/, so a test's temporary folder holds it
         root = Path("build") / "bench-smoke" / "tune-repo"
         shutil.rmtree(root, ignore_errors=True)
@@ -130,6 +141,8 @@ def scratch_repo(budget_epochs: int | None, smoke: bool = False) -> Path:
         raw = yaml.safe_load((root / "params.yaml").read_text())
         raw["tune"]["space"] = SMOKE_SPACE  # a mapping: no --set override replaces it
         (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    if data is not None:
+        data(root)
     _run([*git, "add", "-A"], root)
     _run([*git, "commit", "-qm", "bench"], root)
     return root
@@ -199,6 +212,108 @@ def study(root: Path, name: str, trials: int, workers: int, train_seed: int) -> 
     }
 
 
+def data_study(name: str, budget: str) -> dict:
+    """``budget`` of tuning on the data set ``name`` of bench/defaults.py, the final run
+    included: its test figures beside the defaults trial's and the baselines'."""
+    from bench.defaults import CASES
+    from components import kinds
+    from components.config import parse_params
+    from components.overrides import apply_overrides
+
+    cases = {c.name: c for c in CASES if c.counted}
+    if name not in cases:
+        raise SystemExit(f"--data {name!r}: expected one of {sorted(cases)}")
+    case = cases[name]
+    task = []
+
+    def add_data(root: Path) -> None:
+        external = root / "data" / "external"
+        source = case.write(external).relative_to(root).as_posix() if case.write else case.source
+        sets = [f"ingest.source={source}", *(f"ingest.{k}={v}" for k, v in case.ingest.items())]
+        apply_overrides([*sets, f"tune.study_name={name}"], root / "params.yaml")
+        # The final run pushes its data and models, as `make pipeline` does: to a local remote.
+        _run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local",
+              str(root.parent / f"{root.name}-remote")], root)  # fmt: skip
+        params = parse_params(read_params_file(root / "params.yaml"))
+        cwd = os.getcwd()
+        os.chdir(root)  # the source is relative to the repository
+        try:
+            kind = kinds.get(kinds.detect(params.ingest))
+            task.append(kind.prepare(params.ingest, external).meta.task)
+        finally:
+            os.chdir(cwd)
+
+    root = scratch_repo(None, data=add_data)
+    print(f"scratch repository: {root}", flush=True)
+    metric = "val_accuracy" if task[0] == "classification" else "val_rmse"
+    cmd = [sys.executable, "-m", "flows.tune", "--budget", budget, "--workers", "1",
+           "--no-ensemble", "--set", f"tune.metric={metric}"]  # fmt: skip
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    started = time.monotonic()
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=7200)
+    seconds = time.monotonic() - started
+    summary_file = root / "reports" / "tuning" / "summary.json"
+    if not summary_file.is_file():
+        raise SystemExit(f"{' '.join(cmd)} wrote no summary:\n{done.stdout[-3000:]}"
+                         f"{done.stderr[-3000:]}")  # fmt: skip
+    summary = json.loads(summary_file.read_text())
+    comparison = summary.get("comparison") or {}
+    key = "accuracy" if task[0] == "classification" else "r2"
+    test = {row["label"]: row["metrics"].get(key) for row in comparison.get("test", ())}
+    baselines = {k: v for k, v in test.items() if k.startswith("baseline ")}
+    best_baseline = max(baselines.items(), key=lambda kv: kv[1], default=(None, None))
+    network = next((v for k, v in test.items() if k.startswith("final run: network")), None)
+    served = next((v for k, v in test.items() if k.startswith("final run: served")), None)
+    defaults = next((v for k, v in test.items() if k.startswith("defaults")), None)
+    result = {
+        "data": name,
+        "about": case.about,
+        "budget": budget,
+        "flow_exit_code": done.returncode,
+        "metric": key,
+        "objective": metric,
+        "seconds_whole_flow": round(seconds, 1),
+        "seconds_trials": summary.get("seconds_trials"),
+        "seconds_final_run": summary.get("seconds_final_run"),
+        "trials": {k: summary.get(k) for k in ("trials_this_run", "complete", "pruned", "failed")},
+        "stopped": summary.get("stopped"),
+        "best_trial": summary.get("best_trial"),
+        "best_params": summary.get("best_params"),
+        "validation": comparison.get("validation"),
+        "test": test,
+        "defaults": defaults,
+        "tuned_network": network,
+        "tuned_served": served,
+        "best_baseline": best_baseline[0],
+        "best_baseline_value": best_baseline[1],
+        "tuned_beats_best_baseline": None
+        if network is None or best_baseline[1] is None
+        else network > best_baseline[1],
+        "trial_rows": json.loads((root / "reports" / "tuning" / "trials.json").read_text())
+        if (root / "reports" / "tuning" / "trials.json").is_file()
+        else None,
+        "notes": comparison.get("notes"),
+        "final_run": summary.get("final_run"),
+        "log_tail": (done.stdout + done.stderr)[-2500:],
+        "load_after": os.getloadavg(),
+    }
+    print(
+        f"{name}: {budget} of trials ({result['trials']}, {result['seconds_trials']} s), final "
+        f"run {result['seconds_final_run']} s; test {key}: defaults {defaults}, tuned network "
+        f"{network}, served {served}, best baseline {best_baseline[0]} {best_baseline[1]}"
+    )
+    out = REPO / "bench" / "results" / f"tune-{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"wrote {out}")
+    if done.returncode == 0:
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(root.parent / f"{root.name}-remote", ignore_errors=True)
+    else:
+        print(f"the flow failed (exit {done.returncode}): {root} is kept")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=4, help="trials per study (2 studies)")
@@ -209,7 +324,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--smoke", action="store_true", help="tiny data, 2 trials at once, results in build/"
     )
+    parser.add_argument(
+        "--data", help="a data set of bench/defaults.py: a --budget study on it instead"
+    )
+    parser.add_argument("--budget", default="10m", help="with --data: the trials' wall time")
     args = parser.parse_args(argv)
+    if args.data:
+        data_study(args.data, args.budget)
+        return 0
     root = scratch_repo(args.epochs, smoke=args.smoke)
     print(f"scratch repository: {root}")
 
