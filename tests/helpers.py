@@ -276,3 +276,27 @@ def try_every_openapi_example(client: httpx.Client, folder: Path) -> list[str]:
             reply = client.post(path, json=example)
         assert reply.status_code == 200, (path, reply.status_code, reply.text[:500])
     return list(routes)
+
+
+def stage_workspace(root: Path, source: Path, ingest_updates: dict | None = None,
+                    **train_updates) -> Path:  # fmt: skip
+    """A folder with params.yaml (the tiny params, paths relative) and ingested data, where
+    ``python -m components.<stage>`` runs as DVC would run it."""
+    from components import ingest
+    from components.config import parse_params
+    from tests.conftest import tiny_params_dict
+
+    raw = tiny_params_dict(root, str(source))
+    raw["paths"] = {k: v.removeprefix(str(root) + "/") for k, v in raw["paths"].items()}
+    raw["paths"]["external_dir"] = str(source.parent)
+    raw["ingest"].update(ingest_updates or {})
+    raw["train"].update(train_updates)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    cwd = Path.cwd()
+    try:
+        os.chdir(root)
+        ingest.run(parse_params(raw))
+    finally:
+        os.chdir(cwd)
+    return root

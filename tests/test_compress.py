@@ -77,6 +77,15 @@ def _with(raw: dict, **compress_updates) -> dict:
     return raw
 
 
+def _quick_compress_params(tmp: Path, **compress_updates):
+    """Tiny params with a sparse variant, 2 pruning fine-tune epochs and 4 of distillation."""
+    raw = _with(tiny_params_dict(tmp, "unused"), **compress_updates)
+    raw["compress"]["variants"]["sparse"] = ["prune_unstructured"]
+    raw["compress"]["pruning"].update(finetune_epochs=2)
+    raw["compress"]["distillation"].update(max_epochs=4)
+    return parse_params(raw)
+
+
 def _int8_weights(path: Path) -> list[str]:
     import onnx
 
@@ -409,12 +418,7 @@ def _tiny_setup(tmp: Path, name: str, **compress_updates):
         target_std=float(splits["train"].y.std()) if regression else 1.0,
     )  # fmt: skip
     # Calibrate on every training row: tiny standardised data has few rows near its extremes.
-    raw = _with(tiny_params_dict(tmp, "unused"), **{"calibration_samples": n_train,
-                                                    **compress_updates})  # fmt: skip
-    raw["compress"]["variants"]["sparse"] = ["prune_unstructured"]
-    raw["compress"]["pruning"].update(finetune_epochs=2)
-    raw["compress"]["distillation"].update(max_epochs=4)
-    params = parse_params(raw)
+    params = _quick_compress_params(tmp, calibration_samples=n_train, **compress_updates)
     torch.manual_seed(0)
     teacher = build_model(config)
     fit_network(teacher, splits["train"], splits["val"], params.train, epochs, 0.01)
@@ -569,11 +573,7 @@ def change_compressed(tmp_path_factory):
                       target_mean=float(splits["train"].y.mean()),
                       target_std=float(splits["train"].y.std()))  # fmt: skip
     config = change_forecast(level, meta, splits["train"].x, splits["train"].y)
-    raw = _with(tiny_params_dict(tmp, "unused"), calibration_samples=len(splits["train"]))
-    raw["compress"]["variants"]["sparse"] = ["prune_unstructured"]
-    raw["compress"]["pruning"].update(finetune_epochs=2)
-    raw["compress"]["distillation"].update(max_epochs=4)
-    params = parse_params(raw)
+    params = _quick_compress_params(tmp, calibration_samples=len(splits["train"]))
     torch.manual_seed(0)
     teacher = build_model(config)
     fit_network(teacher, splits["train"], splits["val"], params.train, 25, 0.01)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from components import evaluate, gate, ingest, train, validate
 from components.config import parse_params
@@ -22,6 +21,7 @@ from components.dataset import ArraySet, DatasetError, ShardedSet, load_split, s
 from components.shards import write_shards
 from components.stage import StageError
 from tests.conftest import REPO_ROOT, TINY_CLASSES, make_images, tiny_params_dict
+from tests.helpers import stage_workspace
 
 
 def _params(root: Path, source: Path, storage: str, **sections):
@@ -238,20 +238,8 @@ def test_two_ddp_ranks_read_disjoint_halves_of_every_epoch(tmp_path):
 @pytest.mark.slow
 def test_ddp_train_stage_on_shards(tmp_path, npz_source):
     """`python -m components.train` with two gloo processes on sharded splits."""
-    root = tmp_path / "ddp"
-    raw = tiny_params_dict(root, str(npz_source))
-    raw["paths"] = {k: v.removeprefix(str(root) + "/") for k, v in raw["paths"].items()}
-    raw["paths"]["external_dir"] = str(npz_source.parent)
-    raw["ingest"]["storage"] = "shards"
-    raw["train"].update(max_epochs=2, devices=2, strategy="ddp", accelerator="cpu")
-    root.mkdir(parents=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    cwd = Path.cwd()
-    try:
-        os.chdir(root)
-        ingest.run(parse_params(raw))
-    finally:
-        os.chdir(cwd)
+    root = stage_workspace(tmp_path / "ddp", npz_source, {"storage": "shards"}, max_epochs=2,
+                           devices=2, strategy="ddp", accelerator="cpu")  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "WORLD_", "RANK"))}
     env["PYTHONPATH"] = str(REPO_ROOT)
     out = subprocess.run([sys.executable, "-m", "components.train"], cwd=root, env=env,
@@ -356,21 +344,9 @@ def test_a_killed_sharded_run_resumes_mid_epoch(tmp_path):
     source.parent.mkdir(parents=True)
     x, y = make_images(per_class=200, size=12)
     np.savez(source, x=x, y=y, class_names=np.array(TINY_CLASSES))
-    root = tmp_path / "ws"
-    raw = tiny_params_dict(root, str(source))
-    raw["paths"] = {k: v.removeprefix(str(root) + "/") for k, v in raw["paths"].items()}
-    raw["paths"]["external_dir"] = str(source.parent)
-    raw["ingest"]["storage"] = "shards"
-    raw["train"].update(max_epochs=2, batch_size=4, early_stopping_patience=10,
-                        checkpoint_every_n_steps=5)  # fmt: skip
-    root.mkdir()
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    cwd = Path.cwd()
-    try:
-        os.chdir(root)
-        ingest.run(parse_params(raw))
-    finally:
-        os.chdir(cwd)
+    root = stage_workspace(tmp_path / "ws", source, {"storage": "shards"}, max_epochs=2,
+                           batch_size=4, early_stopping_patience=10,
+                           checkpoint_every_n_steps=5)  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     env.pop("PIPELINE_DEBUG", None)
 

@@ -15,14 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from components import ingest, train
 from components.config import parse_params
 from components.lightning_module import augment_batch
 from components.stage import StageError
 from tests.conftest import REPO_ROOT, TINY_CLASSES, make_images, tiny_params_dict
-from tests.helpers import free_port
+from tests.helpers import free_port, stage_workspace
 
 
 def _params(root: Path, npz: Path, **train_updates):
@@ -156,19 +155,7 @@ def test_bad_model_and_optimizer_names_fail_in_params(tmp_path, source):
 
 def _workspace(root: Path, source: Path, **train_updates) -> Path:
     """A folder with params.yaml and prepared data, where `python -m components.train` runs."""
-    raw = tiny_params_dict(root, str(source))
-    raw["paths"] = {k: v.removeprefix(str(root) + "/") for k, v in raw["paths"].items()}
-    raw["paths"]["external_dir"] = str(source.parent)
-    raw["train"].update(train_updates)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    cwd = Path.cwd()
-    try:
-        os.chdir(root)
-        ingest.run(parse_params(raw))
-    finally:
-        os.chdir(cwd)
-    return root
+    return stage_workspace(root, source, **train_updates)
 
 
 def _stage_env(**extra) -> dict:

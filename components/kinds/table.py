@@ -279,27 +279,39 @@ def stream_table(path: Path, cfg, kind: str) -> Streamed:
                 x = features.encode_frame(part, spec)
                 yield from zip(x, y[at : at + len(frame)][mine], strict=True)
 
-        meta = DatasetMeta(
-            class_names=class_names,
-            input_shape=(len(spec["features"]),),
-            source=cfg.source,
-            split_sizes={s: len(i) for s, i in idx.items()},
-            kind=kind,
-            task=task,
-            target=target_name,
-            feature_names=tuple(spec["features"]),
-            preprocess=spec,
-        )
-        classes = f", {len(class_names)} classes" if class_names else ""
-        summary = (
-            f"table of {n} rows, {len(inputs)} input columns {inputs} -> "
-            f"{len(spec['features'])} features, target {target_name!r} ({task}{classes}), "
-            f"splits {meta.split_sizes} (read in batches of {BATCH_ROWS})"
-        )
+        sizes_ = {s: len(i) for s, i in idx.items()}
+        meta = table_meta(cfg, kind, spec, class_names, task, target_name, sizes_)
+        summary = table_summary(meta, n, inputs) + f" (read in batches of {BATCH_ROWS})"
         manifest = {"source": cfg.source, "rows": n, "columns": columns}
         return StreamedSplits(meta, examples, manifest, summary, keeps_rows=True)
 
     return Streamed(n, 4 * width, open_splits)
+
+
+def table_meta(cfg, kind: str, spec: dict, class_names, task: str, target: str,
+               split_sizes: dict[str, int]) -> DatasetMeta:  # fmt: skip
+    """meta.json of a table: its encoded features come from the fitted ``spec``."""
+    return DatasetMeta(
+        class_names=class_names,
+        input_shape=(len(spec["features"]),),
+        source=cfg.source,
+        split_sizes=split_sizes,
+        kind=kind,
+        task=task,
+        target=target,
+        feature_names=tuple(spec["features"]),
+        preprocess=spec,
+    )
+
+
+def table_summary(meta: DatasetMeta, n_rows: int, inputs: list[str]) -> str:
+    """Ingest's log line for a table."""
+    classes = f", {len(meta.class_names)} classes" if meta.class_names else ""
+    return (
+        f"table of {n_rows} rows, {len(inputs)} input columns {inputs} -> "
+        f"{len(meta.feature_names)} features, target {meta.target!r} ({meta.task}{classes}), "
+        f"splits {meta.split_sizes}"
+    )
 
 
 def fit_spec(train_frame, columns: list[str]) -> dict:
@@ -421,23 +433,8 @@ class TableKind(DataKind):
         frames = {s: frame.iloc[i].reset_index(drop=True) for s, i in idx.items()}
         spec = fit_spec(frames["train"][inputs], inputs)
         splits = {s: ArraySet(features.encode_frame(frames[s], spec), y[i]) for s, i in idx.items()}
-        meta = DatasetMeta(
-            class_names=class_names,
-            input_shape=(len(spec["features"]),),
-            source=cfg.source,
-            split_sizes=sizes(splits),
-            kind=self.name,
-            task=task,
-            target=target_name,
-            feature_names=tuple(spec["features"]),
-            preprocess=spec,
-        )
-        classes = f", {len(class_names)} classes" if class_names else ""
-        summary = (
-            f"table of {len(frame)} rows, {len(inputs)} input columns {inputs} -> "
-            f"{len(spec['features'])} features, target {target_name!r} ({task}{classes}), "
-            f"splits {meta.split_sizes}"
-        )
+        meta = table_meta(cfg, self.name, spec, class_names, task, target_name, sizes(splits))
+        summary = table_summary(meta, len(frame), inputs)
         return Prepared(meta, splits, frame, frames, len(frame), summary)
 
     def stream(self, cfg, external_dir: Path) -> Streamed | None:
