@@ -190,7 +190,7 @@ class TrainParams(_Section):
     model: Literal[("auto", *MODELS)]
     # Time series: forecast the target's level, or its change from the window's last value
     # (added back inside the network); auto: the recipe measures the series and chooses.
-    forecast: Literal["auto", "level", "change"]
+    forecast: Literal["auto", "level", "change"] = "auto"
     seed: int
     max_epochs: int | None = Field(ge=1)  # None: from min_steps and the training rows
     min_steps: int = Field(ge=1)  # the step budget when max_epochs is None

@@ -111,7 +111,7 @@ def test_a_run_pushed_to_s3_is_pulled_into_a_fresh_clone(tmp_path, s3_endpoint):
 
     assert check_dvc_remote(work, "") == f"store (s3://{BUCKET}/dvc)"
     sent = push_data(work, "")
-    assert sent == 9 + 2  # the shards, the index and the folder's own listing (.dir)
+    assert sent == 9 + 3  # the shards, the index, targets.npy and the folder's listing (.dir)
 
     clone = tmp_path / "clone"
     _run(tmp_path, "git", "clone", "-q", str(work), str(clone))
