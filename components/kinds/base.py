@@ -8,7 +8,7 @@ read it. Stages only ask; the on-disk format stays components/dataset.py's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -43,6 +43,17 @@ class Prepared:
 
 
 @dataclass(frozen=True)
+class ManifestItems:
+    """A list in a streamed source's manifest too long to hold (an image folder's files): its
+    items, made again by each call of ``items``, written to the manifest one at a time."""
+
+    items: Callable[[], Iterable[Any]]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.items())
+
+
+@dataclass(frozen=True)
 class StreamedSplits:
     """A source being read incrementally: the data set's metadata, and each split's examples
     one at a time (``examples(split, rows)``; ``rows``, when given, gets each batch of that
@@ -51,7 +62,7 @@ class StreamedSplits:
 
     meta: DatasetMeta
     examples: Callable[..., Iterator[tuple[np.ndarray, Any]]]
-    manifest: dict
+    manifest: dict  # JSON values, or ManifestItems for a long list
     summary: str
     keeps_rows: bool = False  # tables: ``rows`` batches go to prepared/<split>.parquet
 
@@ -189,7 +200,9 @@ class DataKind:
         return {"input_shape": "x".join(str(d) for d in card["input_shape"])}
 
 
-__all__ = ["Check", "DataKind", "Expectation", "Prepared", "Streamed", "StreamedSplits"]
+__all__ = [
+    "Check", "DataKind", "Expectation", "ManifestItems", "Prepared", "Streamed", "StreamedSplits",
+]  # fmt: skip
 
 
 # ---------------------------------------------------------------- shared by several kinds

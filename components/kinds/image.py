@@ -10,8 +10,9 @@ row (shape, pixel min/max/mean, NaN) rather than a slow 785-column pixel table.
 
 from __future__ import annotations
 
+import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from components.dataset import ArraySet, DatasetMeta
 from components.kinds.base import (
     BUILTIN_SOURCES,
     DataKind,
+    ManifestItems,
     Prepared,
     Streamed,
     StreamedSplits,
@@ -92,22 +94,95 @@ def load_npz(path: Path) -> ImageSource:
     return ImageSource(ArraySet(to_uint8_images(x, str(path)), y), class_names)
 
 
-def folder_files(root: Path) -> tuple[list[tuple[str, int]], tuple[str, ...]]:
-    """An image folder's files (as strings: a million Paths would take 300 MB) with their
-    class indices, class folder by class folder in sorted order, and the class names."""
+class FolderFiles:
+    """An image folder's files, class folder by class folder, each class's in sorted order,
+    held compactly: per class one numpy bytes array of the names under its folder (UTF-8, a
+    sub-folder's ``/`` kept as ``\\0`` so that numpy's byte order is pathlib's order of path
+    parts), about 1 + the longest name's bytes a file. A million files take ~20 MB where a
+    list of (str, int) pairs took ~200 MB and Path objects ~300 MB."""
+
+    def __init__(self, root: Path, class_names: tuple[str, ...], names: list[np.ndarray]):
+        self.root = str(Path(root))
+        self.class_names = class_names
+        self._names = names
+        self._ends = np.cumsum([len(n) for n in names])  # file i is in the first class past i
+        self.labels = np.repeat(np.arange(len(names), dtype=np.int64), [len(n) for n in names])
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def relative(self, i: int) -> str:
+        """File ``i``'s path under the root: ``<class>/<name>``."""
+        label = int(np.searchsorted(self._ends, i, side="right"))
+        within = i - (int(self._ends[label - 1]) if label else 0)
+        name = self._names[label][within].replace(b"\0", b"/")
+        return f"{self.class_names[label]}/{name.decode('utf-8', 'surrogatepass')}"
+
+    def path(self, i: int) -> str:
+        return f"{self.root}/{self.relative(i)}"
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        """(path, class index) of every file, in order."""
+        for label, names in enumerate(self._names):
+            prefix = f"{self.root}/{self.class_names[label]}/"
+            for name in names:
+                yield prefix + name.replace(b"\0", b"/").decode("utf-8", "surrogatepass"), label
+
+
+def _image_names(class_dir: Path) -> np.ndarray:
+    """The images under ``class_dir`` (any depth), as sorted bytes (see :class:`FolderFiles`):
+    the entries ``rglob("*")`` yields whose suffix is an image's (it descends into folders but
+    not symbolic links to them), without a Path object each."""
+    blocks, block = [], []
+
+    def walk(folder: str, prefix: bytes) -> None:
+        try:
+            with os.scandir(folder) as entries:
+                found_entries = list(entries)
+        except PermissionError:  # as rglob: an unreadable folder is skipped
+            return
+        for entry in found_entries:
+            name = entry.name
+            dot = name.rfind(".")  # Path.suffix: "x.png" has one, ".png" and "x." do not
+            key = prefix + name.encode("utf-8", "surrogatepass")
+            if 0 < dot < len(name) - 1 and name[dot:].lower() in IMAGE_SUFFIXES:
+                block.append(key)
+                if len(block) == 65_536:
+                    blocks.append(np.array(block, dtype=bytes))
+                    block.clear()
+            try:
+                is_dir = entry.is_dir() and not entry.is_symlink()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                walk(entry.path, key + b"\0")
+
+    walk(str(class_dir), b"")
+    if block:
+        blocks.append(np.array(block, dtype=bytes))
+    if not blocks:
+        return np.array([], dtype="S1")
+    names = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+    names.sort()
+    return names
+
+
+def folder_files(root: Path) -> FolderFiles:
+    """An image folder's files with their class indices, class folder by class folder in
+    sorted order, each class's files in sorted order (of their path parts, as pathlib sorts)."""
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(class_dirs) < 2:
         raise StageError(
             f"{root}: an image folder needs one sub-folder per class and at least 2 classes, "
             f"found {len(class_dirs)}"
         )
-    files: list[tuple[str, int]] = []
-    for label, class_dir in enumerate(class_dirs):
-        found_files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not found_files:
+    names = []
+    for class_dir in class_dirs:
+        found_names = _image_names(class_dir)
+        if not len(found_names):
             raise StageError(f"{class_dir}: class folder holds no images")
-        files += [(str(p), label) for p in found_files]
-    return files, tuple(d.name for d in class_dirs)
+        names.append(found_names)
+    return FolderFiles(root, tuple(d.name for d in class_dirs), names)
 
 
 def _open_image(path: str, header_only: bool = False):
@@ -134,7 +209,7 @@ def _check_size(path: str, size: tuple[int, int], first: tuple[int, int]) -> Non
 
 
 def load_image_folder(root: Path) -> ImageSource:
-    files, class_names = folder_files(root)
+    files = folder_files(root)
     pictures = [_open_image(path) for path, _ in files]
     # Grayscale only when every image is; otherwise everything becomes RGB.
     mode = "L" if all(p.mode == "L" for p in pictures) else "RGB"
@@ -144,17 +219,18 @@ def load_image_folder(root: Path) -> ImageSource:
         _check_size(path, pic.size, size)
         arrays.append(np.asarray(pic.convert(mode), dtype=np.uint8))
     x = np.stack(arrays)
-    y = np.array([label for _, label in files], dtype=np.int64)
-    return ImageSource(ArraySet(to_uint8_images(x, str(root)), y), class_names)
+    return ImageSource(ArraySet(to_uint8_images(x, str(root)), files.labels), files.class_names)
 
 
 def stream_image_folder(root: Path, cfg, kind: str) -> Streamed:
     """An image folder read file by file. Its size comes from the listing and the first file's
     header; opening it makes one pass over the headers (mode, size), splits the labels alone
     (the same stratified split as :func:`load_image_folder`'s), and then each split's images
-    are decoded one at a time as its shards are written."""
-    files, class_names = folder_files(root)
-    first_mode, first = _open_image(files[0][0], header_only=True)
+    are decoded one at a time as its shards are written. What it holds grows by ~40 bytes a
+    file (the compact listing, the labels, the split's indices), not by the images."""
+    files = folder_files(root)
+    class_names = files.class_names
+    first_mode, first = _open_image(files.path(0), header_only=True)
     channels = 1 if first_mode == "L" else 3
 
     def open_splits() -> StreamedSplits:
@@ -164,13 +240,13 @@ def stream_image_folder(root: Path, cfg, kind: str) -> Streamed:
             _check_size(path, size, first)
             modes.add(mode)
         mode = "L" if modes == {"L"} else "RGB"
-        y = np.fromiter((label for _, label in files), np.int64, len(files))
+        y = files.labels
         idx = stratified_split(y, cfg.test_fraction, cfg.val_fraction, cfg.seed, class_names)
         width, height = first
 
         def examples(split: str, rows=None):
             for i in idx[split]:
-                path, label = files[i]
+                path = files.path(int(i))
                 pixels = np.asarray(_open_image(path).convert(mode), dtype=np.uint8)
                 _check_size(path, (pixels.shape[1], pixels.shape[0]), first)  # changed since?
                 chw = pixels[None] if mode == "L" else pixels.transpose(2, 0, 1)
@@ -183,11 +259,12 @@ def stream_image_folder(root: Path, cfg, kind: str) -> Streamed:
             split_sizes={s: len(i) for s, i in idx.items()},
             kind=kind,
         )
-        cut = len(str(root)) + 1  # the files are root's, found by rglob: "<root>/<class>/..."
+        cut = len(files.root) + 1  # "<root>/<class>/<name>" -> "<class>/<name>"
         manifest = {
             "source": cfg.source,
             "classes": list(class_names),
-            "files": [[path[cut:], label] for path, label in files],
+            # written a file at a time (components/ingest.py), never held as one list
+            "files": ManifestItems(lambda: ([path[cut:], label] for path, label in files)),
         }
         summary = (
             f"{len(files)} images, {len(class_names)} classes, splits {meta.split_sizes} (read "
