@@ -65,6 +65,27 @@ def test_a_large_train_split_is_sampled_and_an_rbf_svc_left_out_when_too_big():
     assert whole == []  # 5,500 rows: over RBF_SVC_MAX_ROWS, left out rather than minutes spent
 
 
+def test_a_large_test_split_is_scored_a_slice_at_a_time_with_the_same_scores(monkeypatch):
+    """Scoring SCORE_ROWS at a time bounds the float64 copy (a whole shard took 160 MB) and
+    changes no score."""
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (700, 1, 4, 4)).astype(np.uint8)
+    y = (x[:, 0, 0, 0] > 127).astype(np.int64)
+    meta = _meta(x, "image", "classification", ("dark", "light"))
+    task = tasks.get("classification")
+    train_set, test_set = ArraySet(x[:500], y[:500]), ArraySet(x[500:], y[500:])
+    names = ("linear", "boosted_trees")
+    whole = baselines.fit_baselines(names, train_set, test_set, meta, task, 1 / 255, 10_000)
+    sliced_calls = []
+    outputs = baselines._outputs
+    monkeypatch.setattr(baselines, "SCORE_ROWS", 64)
+    monkeypatch.setattr(baselines, "_outputs", lambda m, x, *a: sliced_calls.append(len(x))
+                        or outputs(m, x, *a))  # fmt: skip
+    sliced = baselines.fit_baselines(names, train_set, test_set, meta, task, 1 / 255, 10_000)
+    assert [s.metrics for s in sliced] == [s.metrics for s in whole]
+    assert max(sliced_calls) == 64 and sum(sliced_calls) == 2 * 200
+
+
 def test_persistence_carries_the_last_observed_target_forward_in_target_units():
     # One input, the target itself, standardised with mean 20 and std 5 as ingest would.
     values = np.array([10.0, 20.0, 30.0, 25.0, 15.0, 20.0])
