@@ -113,7 +113,8 @@ def test_the_fast_reader_agrees_with_tarfile_and_other_layouts_fall_back(split, 
 
 
 def test_the_scale_bench_smoke_runs(tmp_path):
-    """bench/scale.py --smoke: every step on 1k and 3k images; shares disjoint and equal."""
+    """bench/scale.py --smoke: every step on 1k and 3k images, the stages on a 1k-image folder
+    and a 1k-row table, the interleaved throughput pairs; shares disjoint and equal."""
     import subprocess
     import sys
 
@@ -129,6 +130,18 @@ def test_the_scale_bench_smoke_runs(tmp_path):
     for row in result["rows"].values():
         assert row["ranks_disjoint_equal"] is True
         assert row["epoch_streamed"]["samples"] == row["epoch_in_memory"]["samples"] // 64 * 64
+    first = result["rows"]["1000"]
+    for stage in ("ingest", "train", "evaluate"):
+        for mode in ("streamed", "in_memory"):
+            for prefix in ("", "table_"):
+                assert first[f"{prefix}{stage}_{mode}"]["peak_rss_mb"] > 0, (prefix, stage, mode)
+    for mode in ("streamed", "in_memory"):  # one epoch of 11 steps: measured, not learnt
+        assert 0 <= first[f"table_evaluate_{mode}"]["accuracy"] <= 1
+    pairs = result["throughput_paired"]
+    assert set(pairs) == {"epoch, plain loop", "train stage, images", "train stage, table"}
+    assert all(p["median"] > 0 and len(p["ratios"]) == 1 for p in pairs.values())
+    assert result["summary"]["peak_rss_mb"]["table_ingest_streamed"]["1000"] > 0
+    assert "k = " in done.stdout and "interleaved pairs" in done.stdout  # the summary printed
 
 
 def test_shuffled_writing_mixes_a_source_read_class_by_class(split):
