@@ -42,6 +42,28 @@ def _meta(params) -> DatasetMeta:
 # ---------------------------------------------------------------- tables
 
 
+@pytest.mark.parametrize(
+    ("values", "dtype", "names", "codes"),
+    [
+        (["b", "a", "b", "c"], None, ("a", "b", "c"), [1, 0, 1, 2]),
+        (["b", "a", "b"], "string", ("a", "b"), [1, 0, 1]),
+        ([10, 2, 10], None, ("10", "2"), [0, 1, 0]),  # names sort as text, as they always did
+        ([True, False, True], None, ("False", "True"), [1, 0, 1]),
+        (["y", "x", "y"], pd.CategoricalDtype(["y", "x"]), ("x", "y"), [1, 0, 1]),
+        ([0.0, -0.0, 1.5], None, ("-0.0", "0.0", "1.5"), [1, 0, 2]),  # floats: per row
+        (["1", 1, 1.0], object, ("1", "1.0"), [0, 0, 1]),  # mixed objects: per row
+    ],
+)
+def test_class_targets_are_named_by_their_text_whatever_the_column_type(values, dtype, names,
+                                                                         codes):  # fmt: skip
+    """A typed column's classes are named once per distinct value (a million rows: their codes,
+    not a million strings), with the same names and indices as str of every row gives."""
+    from components.kinds.table import encode_target
+
+    y, class_names = encode_target(pd.Series(values, dtype=dtype, name="t"), "classification")
+    assert class_names == names and y.tolist() == codes and y.dtype == np.int64
+
+
 def test_table_classification_encodes_with_a_transform_fitted_on_train_only(tmp_path):
     params = _table_params(tmp_path, "kind", features=["x1", "x2", "color"])
     ingest.run(params)
