@@ -566,10 +566,14 @@ def main(argv: list[str] | None = None) -> dict:
             "load_after": _load(),
         },  # fmt: skip
     }
+    if args.smoke:
+        result["note"] = "smoke: every step in one process, so each peak is the run's so far"
     out = SMOKE_RESULTS if args.smoke else RESULTS
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(_report(result))
+    if args.smoke:
+        print(result["note"])
     print(f"written to {out}")
     return result
 
