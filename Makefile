@@ -106,7 +106,7 @@ tune: setup repo-init ## run (or resume) the tuning study in params.yaml's tune 
 bench-tune: setup ## tuned vs default params, 1 vs 2 workers, ensemble vs best single model (~10 min)
 	$(PY) -m bench.tune
 
-bench-scale: setup ## sharded vs in-memory splits at 10k, 100k, 1M images: memory, time, throughput (~10 min)
+bench-scale: setup ## sharded vs in-memory splits at 10k, 100k, 1M images and table rows: memory, time, throughput (~15 min)
 	$(PY) -m bench.scale
 
 bench-defaults: setup ## default params vs classical baselines on 10 data sets that packages ship (~4 min)
