@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from components.model import predict_logits
 from components.stage import StageError
 
 INPUT_NAME, OUTPUT_NAME = "inputs", "logits"  # the names the bentos feed and read, any data
@@ -154,6 +153,8 @@ def export_onnx(
         probe = torch.randint(0, 256, (PROBE_SAMPLES, *input_shape)).float().numpy()
     else:  # another batch size than exported, and other rows
         probe = rows(samples, PROBE_SAMPLES, start=4).astype(np.float32)
+    from components.model import predict_logits  # torch: the package stage reads only names here
+
     expected = predict_logits(model, probe).numpy()
     worst = float(np.abs(expected - run_onnx(path, probe)).max())
     if target_std is None:
@@ -187,6 +188,8 @@ def check_quantized(
     (``target_std`` given) when its prediction is within ``REGRESSION_AGREEMENT_STD`` target
     standard deviations of its source's.
     """
+    from components.model import predict_logits
+
     expected = predict_logits(source, samples).numpy()
     got = run_onnx(path, samples)
     difference = np.abs(expected - got)
