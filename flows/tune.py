@@ -77,7 +77,7 @@ from components.tuning.study import (  # noqa: E402
     storage_url,
 )
 from components.tuning.top_k import ensemble_of_top_trials  # noqa: E402
-from components.tuning.trials import check_trial_overrides  # noqa: E402
+from components.tuning.trials import check_trial_overrides, prepare_data  # noqa: E402
 from components.tuning.trials import run_trial as run_one_trial  # noqa: E402
 from flows.experiments import BUSY, NOT_STARTED, PreflightError, exit_code, has_commit  # noqa: E402
 from flows.workspace_lock import WorkspaceBusy, workspace_lock  # noqa: E402
@@ -210,6 +210,13 @@ def tune(
         )
     try:
         with workspace_lock(root_path, run=f"tune {cfg.study_name}"):
+            try:
+                account = prepare_data(
+                    root_path, params.paths.metrics_dir, cfg.trial_timeout_seconds
+                )
+            except TuneError as exc:
+                return Failed(name=NOT_STARTED, message=str(exc))
+            logger.info("%s", account)
             raw = read_params_file(root_path / "params.yaml")
             fingerprint, _ = enqueue_defaults(study, cfg, raw)
             known = measured_defaults(study, fingerprint)

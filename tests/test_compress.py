@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from components import compress, distill, ingest, onnx_files, prune, train
+from components import compress, distill, ingest, prune, train
+from components import model as model_module
 from components.config import ParamsError, parse_params
 from components.dataset import load_arrays, split_path
 from components.finetune import distillation_loss
@@ -176,8 +177,8 @@ def test_fp32_onnx_answers_like_pytorch(compressed):
 
 def test_an_export_that_differs_from_pytorch_is_refused(trained, tmp_path, monkeypatch):
     model, _ = load_model(trained.paths.model_dir)
-    real = onnx_files.predict_logits
-    monkeypatch.setattr(onnx_files, "predict_logits", lambda m, x: real(m, x) + 0.01)
+    real = model_module.predict_logits  # onnx_files imports it when it checks
+    monkeypatch.setattr(model_module, "predict_logits", lambda m, x: real(m, x) + 0.01)
     with pytest.raises(StageError, match=r"differs from PyTorch by 1\.00e-02"):
         compress.export_onnx(model, (1, 8, 8), tmp_path / "m.onnx", 1e-4)
 
@@ -681,8 +682,8 @@ def test_regression_exports_are_checked_in_target_standard_deviations(tmp_path, 
     samples = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)
     check = compress.export_onnx(net, (4,), tmp_path / "m.onnx", 1e-4, samples, 1000.0)
     assert check.kind == "max_abs_diff_in_target_std" and check.value <= 1e-4
-    real = onnx_files.predict_logits
-    monkeypatch.setattr(onnx_files, "predict_logits", lambda m, x: real(m, x) + 1.0)  # 1e-3 std
+    real = model_module.predict_logits  # onnx_files imports it when it checks
+    monkeypatch.setattr(model_module, "predict_logits", lambda m, x: real(m, x) + 1.0)  # 1e-3 std
     with pytest.raises(StageError, match=r"by 1\.00e-03 target standard deviations"):
         compress.export_onnx(net, (4,), tmp_path / "m.onnx", 1e-4, samples, 1000.0)
 

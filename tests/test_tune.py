@@ -536,6 +536,39 @@ def _tune(root: Path, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_api")
+def test_data_that_fails_validation_stops_the_study_before_any_trial(tmp_path):
+    """Ingest and validate run once before the trials: data the gate refuses ends the study
+    there, with the stage's reason, and no trial spends the budget on it."""
+
+    def write_data(external: Path) -> None:
+        x, y = make_images(per_class=20)
+        np.savez(external / "tiny.npz", x=x, y=y, class_names=np.array(TINY_CLASSES))
+
+    def strict(params_file: Path) -> None:
+        _write_tune(params_file, TINY_SPACE, n_trials=2, seed=1)
+
+    root = project_repo(
+        tmp_path / "repo",
+        tmp_path / "remote",
+        write_data,
+        [*flatten(TINY_OVERRIDES), "ingest.source=data/external/tiny.npz",
+         "validate.min_rows_per_class=1000"],
+        strict,
+    )  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.tune", "--no-final-run"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out[-3000:]
+    assert "the data is not ready for trials, no trial started: validate:" in out, out[-3000:]
+    assert "min_rows_per_class" in out
+    assert len(_study(root).trials) == 0
+    assert not _experiments(root)
+
+
 def _study(root: Path):
     import optuna
 
@@ -564,6 +597,12 @@ def test_a_study_of_three_trials_leaves_three_experiments_and_a_best_trial(works
     assert {f"digits-t{i}" for i in range(3)} <= _experiments(workspace)
     assert "best trial:" in out and "dvc exp apply digits-t" in out
     assert "a trial's task failed" not in out  # each finished task's own state was read
+    # ingest and validate ran once, in the workspace, not in every trial's copy
+    assert "data: ingest, validate ran once here; every trial reuses them" in out
+    staged = subprocess.run(
+        ["git", "diff", "--cached", "--name-only"], cwd=workspace, capture_output=True, text=True
+    ).stdout.split()
+    assert "metrics/validation.json" in staged  # what a trial's copy needs to skip validate
     # the first trial measured the defaults: the workspace's params.yaml, no value drawn
     defaults = study.trials[0]
     assert "defaults" in defaults.user_attrs and "the first trial measures the defaults" in out
@@ -631,6 +670,7 @@ def test_reopened_by_two_workers_the_study_resumes_and_its_best_params_are_relea
     out = result.stdout + result.stderr
     assert "Unable to acquire lock" not in out and "is busy" not in out
     assert "a trial's task failed" not in out
+    assert "data: ingest and validate up to date; every trial reuses them" in out
     # BUDGET=10m with a count given too: both limits; the final run is said to come after
     assert "budget: 10m of trials (BUDGET=10m), at most 2 trials; then the final run" in out
     assert "trials stopped after" in out and "2 trial(s) started, the limit" in out

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from components.config import ParamsError, TuneParams, read_params_file
 from components.overrides import check_overrides
-from components.records import TRAIN_FILE, TrainSummary, parse_train
+from components.records import TRAIN_FILE, VALIDATION_FILE, TrainSummary, parse_train
 from components.stage import FAILURE_PREFIX, StageError
 from components.trial import (
     ENV_METRIC,
@@ -121,6 +121,55 @@ def _command(name: str, sets: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
+def venv_env() -> dict:
+    """This process's environment, with dvc.yaml's `python` resolving to this interpreter (the
+    project's venv)."""
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+# The stages every trial shares: params the study does not search (tune.space is train.*).
+SHARED_STAGES = "validate"  # with ingest before it
+
+
+def prepare_data(root: Path, metrics_dir: str, timeout: float) -> str:
+    """Bring ingest and validate up to date in the workspace once, before any trial: a trial is
+    a copy of the workspace, so each then finds them unchanged instead of re-running validate
+    (its outputs are not in DVC's run-cache), and data that fails validation stops the study
+    before it spends its budget. Returns what DVC did, in a line; raises :class:`TuneError`
+    with the stage's own reason when a stage fails."""
+    command = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", SHARED_STAGES]
+    code, output = run_bounded(command, root, venv_env(), timeout)
+    if code is None:
+        raise TuneError(
+            f"ingest and validate ran past {timeout:.0f} s (tune.trial_timeout_seconds)"
+        )
+    if code != 0:
+        why = stage_reason(output)
+        raise TuneError(f"the data is not ready for trials, no trial started: {why}")
+    # A trial's temporary copy holds what git tracks or has staged (dvc.lock: DVC's autostage),
+    # not untracked files. The verdict is a `cache: false` output, kept in git like every
+    # metrics file: staged, so that each trial finds validate unchanged instead of re-running it.
+    verdict = Path(metrics_dir) / VALIDATION_FILE
+    if (root / verdict).is_file():
+        _git(root, "add", "--", str(verdict))
+    ran = [ln.split("'")[1] for ln in output.splitlines() if ln.startswith("Running stage '")]
+    done = f"{', '.join(ran)} ran once here" if ran else "ingest and validate up to date"
+    return f"data: {done}; every trial reuses them"
+
+
+def stage_reason(output: str) -> str:
+    """The last stage's own failure line in a DVC command's output, else its last line."""
+    reasons = [
+        line.split(FAILURE_PREFIX, 1)[1].strip()
+        for line in output.splitlines()
+        if FAILURE_PREFIX in line
+    ]
+    return reasons[-1] if reasons else (output.strip().splitlines() or ["?"])[-1]
+
+
 def run_bounded(command: list[str], cwd: Path, env: dict, timeout: float) -> tuple[int | None, str]:
     """Run ``command`` as its own process group; return its exit code (None when it ran past
     ``timeout`` seconds and was killed, with every process it started) and its output."""
@@ -163,9 +212,7 @@ def _env(url: str, tune: TuneParams, trial) -> dict:
     if DEFAULTS_ATTR in trial.user_attrs:
         pruning["enabled"] = False
     env = {
-        **os.environ,
-        # dvc.yaml's commands say `python`: this interpreter (the project's venv).
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        **venv_env(),
         ENV_STORAGE: url,
         ENV_STUDY: tune.study_name,
         ENV_TRIAL_ID: str(trial._trial_id),  # Optuna has no public id of a live trial
@@ -252,12 +299,7 @@ def run_trial(
         _tell(study, trial, value)
         logger.info("trial %d: %s %.4f in %.0f s", trial.number, tune.metric, value, seconds)
         return {**row, "state": "COMPLETE", "value": value}
-    reasons = [
-        line.split(FAILURE_PREFIX, 1)[1].strip()
-        for line in output.splitlines()
-        if FAILURE_PREFIX in line
-    ]
-    reason = reasons[-1] if reasons else (output.strip().splitlines() or ["?"])[-1]
+    reason = stage_reason(output)
     trial.set_user_attr("reason", reason[:300])  # before tell: a finished trial is read-only
     if PRUNED_MARK in output:
         _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
