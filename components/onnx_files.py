@@ -92,6 +92,10 @@ def _quiet_export() -> None:
     )
 
 
+# The registries built so far, by from_torchlib's arguments (one, in practice).
+_BUILT_REGISTRIES: dict = {}
+
+
 def _registry_built_once() -> None:
     """Build torch's ONNX function registry once per process, not once per export.
 
@@ -108,13 +112,12 @@ def _registry_built_once() -> None:
     build = ONNXRegistry.__dict__.get("from_torchlib")
     if not isinstance(build, classmethod) or getattr(build.__func__, "_built_once", False):
         return
-    built: dict = {}
 
     def from_torchlib(cls, *args, **kwargs):
         key = (cls, args, tuple(sorted(kwargs.items())))
-        if key not in built:
-            built[key] = build.__func__(cls, *args, **kwargs)
-        return built[key]
+        if key not in _BUILT_REGISTRIES:
+            _BUILT_REGISTRIES[key] = build.__func__(cls, *args, **kwargs)
+        return _BUILT_REGISTRIES[key]
 
     from_torchlib._built_once = True
     ONNXRegistry.from_torchlib = classmethod(from_torchlib)
