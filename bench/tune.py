@@ -43,6 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from components.config import read_params_file  # noqa: E402
+from components.stage import venv_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = (
@@ -57,7 +58,7 @@ PROJECT_FILES = (
 
 
 def _run(cmd: list[str], cwd: Path, timeout: float = 3600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = venv_env()
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
@@ -248,7 +249,7 @@ def data_study(name: str, budget: str) -> dict:
     metric = "val_accuracy" if task[0] == "classification" else "val_rmse"
     cmd = [sys.executable, "-m", "flows.tune", "--budget", budget, "--workers", "1",
            "--no-ensemble", "--set", f"tune.metric={metric}"]  # fmt: skip
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = venv_env()
     started = time.monotonic()
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=7200)
     seconds = time.monotonic() - started

@@ -51,6 +51,15 @@ def set_quiet_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
+def venv_env() -> dict:
+    """This process's environment, with dvc.yaml's `python` resolving to this interpreter (the
+    project's venv): for the DVC commands a flow, a trial or a benchmark starts."""
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
     """Hex digest of a file, read in 1 MiB chunks (model files and archives can be large)."""
     digest = hashlib.new(algorithm)

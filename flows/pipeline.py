@@ -35,7 +35,7 @@ import sys
 import threading
 from pathlib import Path
 
-from components.stage import FAILURE_PREFIX, redact, set_quiet_env, write_text
+from components.stage import FAILURE_PREFIX, redact, set_quiet_env, venv_env, write_text
 
 set_quiet_env()  # before Prefect is imported: it reads PREFECT_HOME at import
 
@@ -152,8 +152,7 @@ def run_stage(stage: str, root: str, skip_reason: str = ""):
         return Completed(name="Skipped", message=f"{stage} unchanged", data="skipped")
 
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
-    # dvc.yaml's commands say `python`: make that this interpreter (the project's venv).
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = venv_env()  # dvc.yaml's commands say `python`: this interpreter (the project's venv)
     process = subprocess.Popen(
         command,
         cwd=root_path,

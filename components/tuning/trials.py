@@ -26,7 +26,7 @@ from pathlib import Path
 from components.config import ParamsError, TuneParams, read_params_file
 from components.overrides import check_overrides
 from components.records import TRAIN_FILE, VALIDATION_FILE, TrainSummary, parse_train
-from components.stage import FAILURE_PREFIX, StageError
+from components.stage import FAILURE_PREFIX, StageError, venv_env
 from components.trial import (
     ENV_METRIC,
     ENV_PRUNER,
@@ -119,15 +119,6 @@ def _command(name: str, sets: list[str]) -> list[str]:
         sys.executable, "-m", "dvc", "--wait-for-lock",
         "exp", "run", "--temp", "-n", name, *sets_args, "evaluate",
     ]  # fmt: skip
-
-
-def venv_env() -> dict:
-    """This process's environment, with dvc.yaml's `python` resolving to this interpreter (the
-    project's venv)."""
-    return {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
 
 
 # The stages every trial shares: params the study does not search (tune.space is train.*).
