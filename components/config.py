@@ -555,13 +555,23 @@ def parse_params(raw: dict) -> Params:
         raise ParamsError("invalid params: " + "; ".join(problems)) from None
 
 
+# libyaml's loader when PyYAML was built with it (its wheels are): the same documents, ~8x faster.
+# Every stage reads params.yaml and dvc.lock (1,300 lines) at start, ~60 ms each in pure Python.
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def load_yaml(text: str | bytes):
+    """``yaml.safe_load``, through libyaml where PyYAML has it."""
+    return yaml.load(text, Loader=_SAFE_LOADER)  # a safe loader, C or Python
+
+
 def read_params_file(path: Path = PARAMS_FILE) -> dict:
     """Read params.yaml as a plain mapping (no validation)."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found: run from the repository root")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

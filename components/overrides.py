@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from components.config import PARAMS_FILE, ParamsError, parse_params, read_params_file
+from components.config import PARAMS_FILE, ParamsError, load_yaml, parse_params, read_params_file
 from components.families import FAMILIES, readers_of
 from components.stage import write_text
 
@@ -148,7 +148,7 @@ def _render(overrides: list[str], path: Path) -> tuple[dict[str, object], str | 
     yaml_rt.dump(doc, out)
     text = out.getvalue()
     # Never write a file that does not read back as the values just applied.
-    written = yaml.safe_load(text)
+    written = load_yaml(text)
     for key, value in applied.items():
         node = written
         for part in key.split("."):

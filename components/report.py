@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from components import records, tasks
-from components.config import PARAMS_FILE, Params, ParamsError, read_params_file
+from components.config import PARAMS_FILE, Params, ParamsError, load_yaml, read_params_file
 from components.stage import StageError, main, write_text
 
 log = logging.getLogger("pipeline.report")
@@ -127,7 +127,7 @@ def params_changed(root: Path, params_file: Path = PARAMS_FILE):
     if committed is None:
         return None
     try:
-        before = _flatten(yaml.safe_load(committed) or {})
+        before = _flatten(load_yaml(committed) or {})
         now = _flatten(read_params_file(Path(root) / params_file))
     except (yaml.YAMLError, ParamsError, AttributeError) as exc:
         log.warning("params not compared with git: %s", exc)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from components.config import load_yaml
+
 log = logging.getLogger("pipeline")
 
 LOCK_FILE = "dvc.lock"
@@ -44,7 +46,7 @@ def locked_outputs(root: Path, stage: str) -> list[LockedOutput]:
     if not lock.is_file():
         return []
     try:
-        data = yaml.safe_load(lock.read_text()) or {}
+        data = load_yaml(lock.read_text()) or {}
     except yaml.YAMLError:
         return []
     entry = (data.get("stages") or {}).get(stage) or {}
@@ -77,7 +79,7 @@ def not_in_cache(root: Path, lock_text: bytes | str) -> list[str]:
     """The outputs a ``dvc.lock`` records whose contents the DVC cache lacks (a fresh clone
     that pulled nothing has none): ``dvc checkout`` of that lock would delete them."""
     try:
-        data = yaml.safe_load(lock_text) or {}
+        data = load_yaml(lock_text) or {}
     except yaml.YAMLError:
         return ["dvc.lock is not valid YAML"]
     missing = []
