@@ -169,6 +169,63 @@ def test_a_trial_whose_dvc_exp_run_hangs_is_killed_and_failed(tmp_path):
     assert trial.state.name == "FAIL" and "timed out" in trial.user_attrs["reason"]
 
 
+# ingest -> validate (a `cache: false` verdict, like ours) -> train; validate counts its runs.
+DATA_THEN_TRIAL = """stages:
+  ingest:
+    cmd: python write.py data/x.txt
+    deps: [write.py]
+    outs: [data/x.txt]
+  validate:
+    cmd: python write.py metrics/validation.json {runs}
+    deps: [data/x.txt]
+    outs:
+      - metrics/validation.json:
+          cache: false
+  train:
+    cmd: python write.py models/m.txt
+    deps: [metrics/validation.json]
+    outs: [models/m.txt]
+"""
+WRITE = """import pathlib, sys
+out = pathlib.Path(sys.argv[1])
+out.parent.mkdir(parents=True, exist_ok=True)
+out.write_text("{}")
+for counter in sys.argv[2:]:
+    with open(counter, "a") as runs:
+        runs.write("run\\n")
+"""
+
+
+def test_data_prepared_once_is_what_every_trial_copy_finds_without_autostage(tmp_path):
+    """prepare_data stages dvc.lock and the verdict itself: in a repository without DVC's
+    core.autostage, a trial's `dvc exp run --temp` copy still finds validate done."""
+    from components.stage import venv_env
+    from components.tuning.trials import prepare_data
+
+    root, runs = tmp_path / "repo", tmp_path / "validate-runs.txt"
+    root.mkdir()
+    _git(root, "init", "-q")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    (root / "dvc.yaml").write_text(DATA_THEN_TRIAL.format(runs=runs))
+    (root / "write.py").write_text(WRITE)
+    _git(root, "add", "-A")
+    _git(root, "commit", "-qm", "init")
+
+    said = prepare_data(root, "metrics", timeout=120)
+    assert said == "data: ingest, validate ran once here; every trial reuses them"
+    staged = subprocess.run(
+        ["git", "diff", "--cached", "--name-only"], cwd=root, capture_output=True, text=True
+    ).stdout.split()
+    assert {"dvc.lock", "metrics/validation.json"} <= set(staged)
+    trial = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", "t0"],
+        cwd=root, env=venv_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert trial.returncode == 0, trial.stdout + trial.stderr
+    assert "Running stage 'train'" in trial.stdout
+    assert runs.read_text().splitlines() == ["run"], trial.stdout  # not again in the trial
+
+
 def test_the_trial_timeout_is_a_checked_param():
     raw = read_params_file(REPO_ROOT / "params.yaml")
     assert raw["tune"]["trial_timeout_seconds"] > 0

@@ -26,6 +26,7 @@ from pathlib import Path
 from components.config import ParamsError, TuneParams, read_params_file
 from components.overrides import check_overrides
 from components.records import TRAIN_FILE, VALIDATION_FILE, TrainSummary, parse_train
+from components.restore import LOCK_FILE
 from components.stage import FAILURE_PREFIX, StageError, venv_env
 from components.trial import (
     ENV_METRIC,
@@ -140,12 +141,14 @@ def prepare_data(root: Path, metrics_dir: str, timeout: float) -> str:
     if code != 0:
         why = stage_reason(output)
         raise TuneError(f"the data is not ready for trials, no trial started: {why}")
-    # A trial's temporary copy holds what git tracks or has staged (dvc.lock: DVC's autostage),
-    # not untracked files. The verdict is a `cache: false` output, kept in git like every
-    # metrics file: staged, so that each trial finds validate unchanged instead of re-running it.
+    # A trial's temporary copy holds what git tracks or has staged, not untracked files. So
+    # dvc.lock is staged (DVC's core.autostage does it only where a repository turns it on),
+    # and the verdict, a `cache: false` output kept in git like every metrics file: each trial
+    # then finds ingest and validate unchanged instead of running them again.
     verdict = Path(metrics_dir) / VALIDATION_FILE
-    if (root / verdict).is_file():
-        _git(root, "add", "--", str(verdict))
+    staged = [name for name in (LOCK_FILE, str(verdict)) if (root / name).is_file()]
+    if staged:
+        _git(root, "add", "--", *staged)
     ran = [ln.split("'")[1] for ln in output.splitlines() if ln.startswith("Running stage '")]
     done = f"{', '.join(ran)} ran once here" if ran else "ingest and validate up to date"
     return f"data: {done}; every trial reuses them"
