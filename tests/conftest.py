@@ -239,11 +239,26 @@ def cloud() -> Served:
 
 
 @pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory) -> str:
-    """One Prefect server per test process (loopback, its own SQLite); its API URL."""
-    from tests.helpers import serving_prefect
+def prefect_database(tmp_path_factory) -> Path:
+    """A migrated, empty Prefect database, made once per `make test` and copied by every
+    server the tests start (the test processes share the session's base folder)."""
+    from tests.helpers import migrated_prefect_database
 
-    with serving_prefect(tmp_path_factory.mktemp("prefect-server"), dict(os.environ)) as url:
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return migrated_prefect_database(shared / "prefect-database")
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory, prefect_database) -> str:
+    """One Prefect server per test process (loopback, its own SQLite); its API URL. It records
+    flow and task runs; the services for schedules, workers and automations are off (the
+    orchestration tests start a server with every service)."""
+    from tests.helpers import RECORDING_ONLY, serving_prefect
+
+    root = tmp_path_factory.mktemp("prefect-server")
+    with serving_prefect(root, dict(os.environ), database=prefect_database,
+                         services=RECORDING_ONLY) as url:  # fmt: skip
         yield url
 
 

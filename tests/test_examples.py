@@ -7,6 +7,7 @@ import runpy
 import numpy as np
 
 from tests.conftest import REPO_ROOT, TINY_CLASSES, make_images
+from tests.helpers import drain_prefect_logs
 
 
 def test_two_families_example_trains_both_and_keeps_the_better(tmp_path, prefect_server):
@@ -20,6 +21,7 @@ def test_two_families_example_trains_both_and_keeps_the_better(tmp_path, prefect
     # timeout is read when prefect is first imported, so an env var set here would come too late.
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
         result = example["two_families"](str(tmp_path / "digits.npz"), str(tmp_path), max_epochs=3)
+        drain_prefect_logs()
     assert set(result["val_accuracy"]) == {"cnn", "mlp"}
     assert result["best"] == max(result["val_accuracy"], key=result["val_accuracy"].get)
     assert 0.5 <= result["test_accuracy"] <= 1.0 and result["passed"]

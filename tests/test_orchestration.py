@@ -106,9 +106,10 @@ def env(base: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def api(base: Path, env: dict):
-    """A real Prefect server on a free loopback port with its own SQLite database."""
-    with serving_prefect(base, env) as url:
+def api(base: Path, env: dict, prefect_database: Path):
+    """A real Prefect server on a free loopback port with its own SQLite database, every
+    background service on (schedules, workers), as `make prefect-server` starts it."""
+    with serving_prefect(base, env, database=prefect_database) as url:
         env["PREFECT_API_URL"] = url  # every later command talks to this server
         yield url
 

@@ -18,8 +18,8 @@ import yaml
 from components import report
 from components.config import Params
 from components.report import write_report
-from tests.helpers import GIT
-from tests.test_report import finished_run
+from tests.gate_project import finished_run
+from tests.helpers import GIT, drain_prefect_logs
 
 IDENTITY_ENV = (
     report.FLOW_RUN_NAME_ENV,
@@ -105,6 +105,7 @@ def test_a_flow_run_leaves_its_summary_and_the_report_link_as_an_artifact(projec
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
         said, run_id = closing()
+        drain_prefect_logs()
     # Read back through the API itself: Prefect 3.8's client sends null for every filter left
     # out (answered 422), and with every filter given, empty ones too, it found none here.
     response = httpx.post(
