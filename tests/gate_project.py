@@ -256,3 +256,51 @@ def write_regression_challenger(params: Params, int8_weight=WEIGHT) -> dict:
         )
     )
     return measured["int8"]
+
+
+def finished_run(params: Params) -> Params:
+    """Every file the report reads, as a passing, promoted run leaves them."""
+    write_challenger(params, GOOD_SEED)
+    gate.run(params)
+    metrics = Path(params.paths.metrics_dir)
+    (metrics / "train.json").write_text(
+        json.dumps({"best_epoch": 3, "best_val_accuracy": 0.9, "epochs_run": 3})
+    )
+    (metrics / "train_history.csv").write_text(
+        "epoch,train_loss,val_loss,val_accuracy\n1,null,0.9,0.6\n2,0.8,0.5,0.8\n3,0.4,0.3,0.9\n"
+    )
+    (metrics / "confusion.csv").write_text("actual,predicted\na,a\nb,b\nc,a\nc,c\n")
+    return other_stage_files(params)
+
+
+def other_stage_files(params: Params) -> Params:
+    """validation.json, promote.json, bento.json and the validation pages of a promoted run."""
+    metrics = Path(params.paths.metrics_dir)
+    (metrics / "validation.json").write_text(
+        json.dumps({"success": True, "evaluated_expectations": 33, "failed": []})
+    )
+    (metrics / "promote.json").write_text(
+        json.dumps(
+            {
+                "format": 1,
+                "run": "r0123456789ab",
+                "bento_tag": "tiny:r0123456789ab",
+                "promoted": True,
+                "outcome": "promoted",
+                "reason": "passed every gate; no champion yet",
+                "champion_before": None,
+                "champion_after": "r0123456789ab",
+                "lineage": ["r0123456789ab"],
+            }
+        )
+    )
+    artefacts = Path(params.paths.artefacts_dir)
+    artefacts.mkdir(parents=True, exist_ok=True)
+    (artefacts / "bento.json").write_text(
+        json.dumps({"tag": "tiny:r0123456789ab", "model_version": "r0123456789ab"})
+    )
+    docs = Path(params.paths.reports_dir) / "validation"
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "summary.html").write_text("<html><body>33 checks passed</body></html>")
+    (docs / "index.html").write_text("<html><body>Data Docs</body></html>")
+    return params

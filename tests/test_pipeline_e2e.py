@@ -22,7 +22,7 @@ from components.config import read_params_file
 from components.overrides import apply_overrides
 from tests.conftest import REPO_ROOT, TINY_CLASSES, TINY_OVERRIDES, make_images
 from tests.helpers import flatten, free_port, only_variants, project_repo, run_flow, wait_ready
-from tests.test_progress_log import EPOCH_LINE, warning_lines
+from tests.log_lines import EPOCH_LINE, warning_lines
 
 # Flow runs talk to one Prefect server per test process instead of each starting its own
 # temporary one (tests/test_examples.py runs a flow that does).

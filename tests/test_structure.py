@@ -35,3 +35,21 @@ def test_the_check_sees_a_missing_dep(tmp_path):
     )
     assert differences(tmp_path) == {"a": (["components/b.py"], [])}
     assert import_graph(tmp_path).private == ["components.c imports components.b._hidden"]
+
+
+def test_test_modules_share_helpers_not_each_other():
+    """What several test files need lives in tests/conftest.py or a helper module (helpers,
+    gate_project, tiny_models, log_lines, ...), never in another test_*.py file."""
+    import ast
+    from pathlib import Path
+
+    found = []
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [node.module or ""] if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names] if isinstance(node, ast.Import)
+                else []
+            )  # fmt: skip
+            found += [f"{path.name} imports {n}" for n in names if n.startswith("tests.test_")]
+    assert found == []
