@@ -26,9 +26,9 @@ os.environ.update(
     PREFECT_SERVER_ANALYTICS_ENABLED="false",
     GX_ANALYTICS_ENABLED="False",
 )
-# `make test` runs 2 test processes on 2 cores: torch (OpenMP) would give each of them, and every
+# `make test` runs 3 test processes on 2 cores: torch (OpenMP) would give each of them, and every
 # stage process they start, a thread per core, and two such processes side by side ran ~5x
-# slower each than alone. A thread count set by the caller is kept.
+# slower each than alone. One thread each (at least); a thread count set by the caller is kept.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
 # Always a fresh store: tests must not build bentos into the project's own .bentoml.
@@ -41,7 +41,7 @@ from components.dataset import ArraySet  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # The files that take a minute or more, longest first (measured on the 2-core machine, alone).
-# `make test` hands whole files to 2 processes (--dist loadfile) in collection order, and the
+# `make test` hands whole files to its processes (--dist loadfile) in collection order, and the
 # run ends when the last file does: a long file that starts late decides it. So these are
 # collected first; every other file, and the tests inside each file, keep their order.
 SLOWEST_FIRST = (
