@@ -213,9 +213,11 @@ def study(root: Path, name: str, trials: int, workers: int, train_seed: int) -> 
     }
 
 
-def data_study(name: str, budget: str) -> dict:
+def data_study(name: str, budget: str, sets: tuple[str, ...] = ()) -> dict:
     """``budget`` of tuning on the data set ``name`` of bench/defaults.py, the final run
-    included: its test figures beside the defaults trial's and the baselines'."""
+    included: its test figures beside the defaults trial's and the baselines'. ``sets`` are
+    params.yaml overrides (``validate.min_rows_per_class=3`` for a set whose splits hold fewer
+    than 10 examples of a class), recorded with the result."""
     from bench.defaults import CASES
     from components import kinds
     from components.config import parse_params
@@ -230,8 +232,9 @@ def data_study(name: str, budget: str) -> dict:
     def add_data(root: Path) -> None:
         external = root / "data" / "external"
         source = case.write(external).relative_to(root).as_posix() if case.write else case.source
-        sets = [f"ingest.source={source}", *(f"ingest.{k}={v}" for k, v in case.ingest.items())]
-        apply_overrides([*sets, f"tune.study_name={name}"], root / "params.yaml")
+        ingest_sets = [f"ingest.source={source}",
+                       *(f"ingest.{k}={v}" for k, v in case.ingest.items())]  # fmt: skip
+        apply_overrides([*ingest_sets, *sets, f"tune.study_name={name}"], root / "params.yaml")
         # The final run pushes its data and models, as `make pipeline` does: to a local remote.
         _run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local",
               str(root.parent / f"{root.name}-remote")], root)  # fmt: skip
@@ -270,6 +273,7 @@ def data_study(name: str, budget: str) -> dict:
         "data": name,
         "about": case.about,
         "budget": budget,
+        "params_set": list(sets),
         "flow_exit_code": done.returncode,
         "metric": key,
         "objective": metric,
@@ -329,9 +333,13 @@ def main(argv: list[str] | None = None) -> int:
         "--data", help="a data set of bench/defaults.py: a --budget study on it instead"
     )
     parser.add_argument("--budget", default="10m", help="with --data: the trials' wall time")
+    parser.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+        help="with --data: a params.yaml override for the study (repeatable)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.data:
-        data_study(args.data, args.budget)
+        data_study(args.data, args.budget, tuple(args.sets))
         return 0
     root = scratch_repo(args.epochs, smoke=args.smoke)
     print(f"scratch repository: {root}")
