@@ -379,6 +379,53 @@ def _hand_study(tmp_path: Path, space: dict, name: str):
     return tune, url, study, shared_sampler(url, tune, offset=0)
 
 
+def test_equal_values_go_to_the_defaults_then_the_lower_validation_loss():
+    """A small validation split saturates (several trials at val_accuracy 1.000): among equal
+    values the defaults trial ranks first, then the lower val_loss, for the best params and the
+    ensemble alike; the value itself still decides first, and without a loss the earlier trial
+    wins."""
+    import optuna
+
+    from components.config import TuneParams, load_params
+    from components.tuning.study import DEFAULTS_ATTR, best_of, best_overrides, ranked
+
+    raw = load_params(REPO_ROOT / "params.yaml").tune.model_dump(mode="json")
+    space = {"train.learning_rate": {"low": 0.001, "high": 0.1, "log": True}}
+    tune = TuneParams.model_validate({**raw, "space": space, "metric": "val_accuracy"})
+    dist = {"train.learning_rate": optuna.distributions.FloatDistribution(0.001, 0.1, log=True)}
+    study = optuna.create_study(direction="maximize")
+    for value, loss, lr in [(1.0, 0.30, 0.01), (0.9, 0.01, 0.02), (1.0, 0.05, 0.03),
+                            (1.0, None, 0.04)]:  # fmt: skip
+        attrs = {} if loss is None else {"val_loss": loss}
+        study.add_trial(optuna.trial.create_trial(
+            value=value, params={"train.learning_rate": lr}, distributions=dist, user_attrs=attrs
+        ))  # fmt: skip
+    assert study.best_trial.number == 0  # Optuna: the first of the equal values
+    assert [t.number for t in ranked(study, tune)] == [2, 0, 3, 1]
+    assert best_of(study, tune).number == 2
+    assert best_overrides(study, tune) == ["train.learning_rate=0.03"]
+
+    rmse = TuneParams.model_validate({**raw, "space": space, "metric": "val_rmse"})
+    study = optuna.create_study(direction="minimize")
+    for value, loss in [(2.0, 0.5), (1.0, 0.9), (1.0, 0.4)]:
+        study.add_trial(optuna.trial.create_trial(
+            value=value, params={"train.learning_rate": 0.01}, distributions=dist,
+            user_attrs={"val_loss": loss},
+        ))  # fmt: skip
+    assert [t.number for t in ranked(study, rmse)] == [2, 1, 0]
+
+    # the defaults trial keeps its place among equals: nothing on validation says to leave it
+    study = optuna.create_study(direction="maximize")
+    for value, loss, defaults in [(0.9, 0.1, False), (1.0, 0.2, True), (1.0, 0.1, False)]:
+        study.add_trial(optuna.trial.create_trial(
+            value=value, params={"train.learning_rate": 0.01}, distributions=dist,
+            user_attrs={"val_loss": loss, **({DEFAULTS_ATTR: {}} if defaults else {})},
+        ))  # fmt: skip
+    assert [t.number for t in ranked(study, tune)] == [1, 2, 0]
+    with pytest.raises(ValueError, match="no trial of the study has finished"):
+        best_of(optuna.create_study(), tune)
+
+
 def test_the_defaults_are_the_first_trial_once_and_keep_what_lies_outside_the_space(tmp_path):
     """params.yaml as it is becomes the study's next trial (never twice for the same params);
     a value outside the space is not set by the trial, and not written back as a best param."""
@@ -575,6 +622,13 @@ def _study(root: Path):
     return optuna.load_study(study_name="digits", storage=f"sqlite:///{root}/build/tune/optuna.db")
 
 
+def _best(root: Path, study):
+    from components.config import load_params
+    from components.tuning.study import best_of
+
+    return best_of(study, load_params(root / "params.yaml").tune)
+
+
 def _experiments(root: Path) -> set[str]:
     refs = subprocess.run(
         ["git", "for-each-ref", "--format=%(refname)", "refs/exps"],
@@ -614,14 +668,14 @@ def test_a_study_of_three_trials_leaves_three_experiments_and_a_best_trial(works
     assert "Compared with the defaults and the baselines" in out
     assert re.search(r"defaults \(params.yaml\), trial 0 +\d\.\d{4}", out)
     assert re.search(r"defaults, trial 0 +\d\.\d{4} +\d\.\d{4}", out)
-    assert re.search(rf"best trial {study.best_trial.number} +\d\.\d{{4}}", out)
+    best = _best(workspace, study)  # the flow's ranking: ties go to the lower val_loss
+    assert re.search(rf"best trial {best.number} +\d\.\d{{4}}", out)
     assert "note: no classical baselines to compare with" in out
     assert "budget: 30m of trials (tune.timeout_seconds, tune.n_trials), at most 3 trials" in out
     # every trial ran through the train stage's pruning callback (env reached `--temp`), unless
     # DVC's run-cache restored an identical trial
     assert any(t.intermediate_values for t in study.trials)
     # the objective is the validation metric the experiment recorded
-    best = study.best_trial
     shown = subprocess.run(
         [sys.executable, "-m", "dvc", "exp", "show", "--json"],
         cwd=workspace,
@@ -649,6 +703,7 @@ def test_a_study_of_three_trials_leaves_three_experiments_and_a_best_trial(works
         ).stdout
     )
     assert best.value == pytest.approx(train["best_val_accuracy"])
+    assert best.user_attrs["val_loss"] == pytest.approx(train["best_val_loss"])  # the tie-break
     page = (workspace / "reports" / "tuning.html").read_text()
     assert "data:image/png;base64," in page and "digits-t2" in page
     assert len(json.loads((workspace / "reports" / "tuning" / "trials.json").read_text())) == 3
@@ -690,7 +745,8 @@ def test_reopened_by_two_workers_the_study_resumes_and_its_best_params_are_relea
 
     assert "Pipeline summary" in out and "gate before packaging: PASS" in out
     params = read_params_file(workspace / "params.yaml")
-    for key, value in study.best_trial.params.items():
+    best = _best(workspace, study)
+    for key, value in best.params.items():
         section, name = key.split(".")
         expected = json.loads(value) if isinstance(value, str) and value[:1] == "[" else value
         assert params[section][name] == expected  # written back to params.yaml
@@ -701,7 +757,7 @@ def test_reopened_by_two_workers_the_study_resumes_and_its_best_params_are_relea
     # the comparison: validation chose, the final run's test metrics beside the defaults
     # trial's and the baselines the final run's evaluate fitted
     assert re.search(r"defaults \(params.yaml\), trial 0 +\d\.\d{4}", out)
-    assert re.search(rf"best, trial {study.best_trial.number} +\d\.\d{{4}}", out)
+    assert re.search(rf"best, trial {best.number} +\d\.\d{{4}}", out)
     assert re.search(r"final run: network \(best params\) +\d\.\d{4} +\d\.\d{4}", out)
     served = json.loads((workspace / "metrics" / "gate.json").read_text())["served_variant"]
     assert re.search(rf"final run: served {served} \(gated\) +\d\.\d{{4}} +\d\.\d{{4}}", out)

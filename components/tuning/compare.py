@@ -27,7 +27,7 @@ from components.records import (
     read_gate,
 )
 from components.stage import StageError
-from components.tuning.study import direction
+from components.tuning.study import best_of, direction
 from components.tuning.trials import experiment_ref
 
 
@@ -65,7 +65,7 @@ def compare(
     no final run, else whether it passed (its test metrics are reported only then: a run that
     stopped early may have left an older evaluate.json). Missing figures become notes."""
     maximise = direction(tune) == "maximize"
-    best = study.best_trial
+    best = best_of(study, tune)
     out: dict = {
         "metric": tune.metric,
         "better": "higher" if maximise else "lower",

@@ -16,7 +16,14 @@ from components.config import TuneParams
 from components.stage import replacing, write_text
 from components.tuning.budget import format_duration
 from components.tuning.compare import format_comparison
-from components.tuning.study import DEFAULTS_ATTR, best_overrides, direction, finished, shown
+from components.tuning.study import (
+    DEFAULTS_ATTR,
+    best_of,
+    best_overrides,
+    direction,
+    finished,
+    shown,
+)
 
 
 def trials_table(study) -> list[dict]:
@@ -64,7 +71,7 @@ def summarise(
         "failed": sum(r["state"] == "FAIL" for r in rows),
     }
     if complete:
-        best = study.best_trial
+        best = best_of(study, tune)
         summary.update(
             best_trial=best.number,
             best_value=best.value,

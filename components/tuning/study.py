@@ -378,9 +378,38 @@ def finished(study) -> list:
     return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
 
+# The trial attribute that breaks ties on tune.metric: a small validation split saturates
+# (every good trial at val_accuracy 1.000), and Optuna's best_trial is then simply the first.
+TIE_BREAK = "val_loss"
+
+
+def ranked(study, tune: TuneParams) -> list:
+    """The finished trials, best first: by tune.metric; among equals the defaults trial (a
+    split that cannot tell them apart is no reason to leave the defaults), then the lower
+    validation loss, then the earlier trial."""
+    sign = -1.0 if direction(tune) == "maximize" else 1.0
+    return sorted(
+        finished(study),
+        key=lambda t: (
+            sign * t.value,
+            DEFAULTS_ATTR not in t.user_attrs,
+            t.user_attrs.get(TIE_BREAK, float("inf")),
+            t.number,
+        ),
+    )
+
+
+def best_of(study, tune: TuneParams):
+    """The best finished trial (:func:`ranked`); a ValueError when none finished."""
+    trials = ranked(study, tune)
+    if not trials:
+        raise ValueError("no trial of the study has finished")
+    return trials[0]
+
+
 def best_overrides(study, tune: TuneParams) -> list[str]:
     """The best trial's params as ``key=value`` overrides of params.yaml."""
-    best = study.best_trial
+    best = best_of(study, tune)
     out = []
     for key, dim in tune.space.items():
         if key not in best.params:  # the defaults trial kept params.yaml's value

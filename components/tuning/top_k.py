@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from components.config import Params
-from components.tuning.study import direction, finished
+from components.tuning.study import ranked
 from components.tuning.trials import experiment_ref, experiment_rev
 
 
@@ -16,8 +16,7 @@ def ensemble_of_top_trials(root: Path, params: Params, study, out_dir: Path, pac
     from components import ensemble as ens
 
     cfg = params.tune
-    ranked = sorted(finished(study), key=lambda t: t.value, reverse=direction(cfg) == "maximize")
-    top = ranked[: cfg.ensemble.top_k]
+    top = ranked(study, cfg)[: cfg.ensemble.top_k]
     if len(top) < 2:
         return {"note": f"ensemble skipped: {len(top)} finished trial(s), it needs 2"}
     work = Path(root) / "build" / "tune" / cfg.study_name

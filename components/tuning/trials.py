@@ -39,6 +39,7 @@ from components.trial import (
 from components.tuning.study import (
     DEFAULTS_ATTR,
     OUTSIDE_ATTR,
+    TIE_BREAK,
     TuneError,
     ask,
     encode,
@@ -290,6 +291,7 @@ def run_trial(
             _tell(study, trial, state=optuna.trial.TrialState.FAIL)
             return {**row, "state": "FAIL", "reason": reason}
         trial.set_user_attr("epochs_run", metrics.epochs_run)
+        trial.set_user_attr(TIE_BREAK, metrics.best_val_loss)  # between equal values
         _tell(study, trial, value)
         logger.info("trial %d: %s %.4f in %.0f s", trial.number, tune.metric, value, seconds)
         return {**row, "state": "COMPLETE", "value": value}
