@@ -15,7 +15,8 @@ Running it again
 resumes the study (Optuna storage, components/tuning/study.py), first marking FAIL the trials a
 killed run left RUNNING; ``dvc exp apply <study>-t3 && dvc repro`` reproduces a trial. At the
 end the best trial's params go through the whole pipeline (``flows.pipeline``, kept in
-params.yaml after it), the top-k
+params.yaml after it), starting from that trial's trained model (components/tuning/reuse.py),
+the top-k
 trials make an ensemble (components/tuning/top_k.py), the outcome is compared with the defaults
 and the classical baselines (components/tuning/compare.py) and reports/tuning.html shows it all
 (components/tuning/page.py). The storage URL is shown without its credentials.
@@ -65,6 +66,7 @@ from components.tuning.page import (  # noqa: E402
 )
 from components.tuning.study import (  # noqa: E402
     TuneError,
+    best_of,
     best_overrides,
     check_space,
     enqueue_defaults,
@@ -289,18 +291,24 @@ def tune(
 
 
 def _final_run(root: Path, study, cfg: TuneParams, summary: dict, logger):
-    """The best params through the whole pipeline (kept in params.yaml); its state. How long it
-    took goes into the summary and the study, for the next run's forecast."""
+    """The best params through the whole pipeline (kept in params.yaml); its state. The best
+    trial's train stage is taken as it is (components/tuning/reuse.py): DVC trains again only
+    if the params, data or code differ from that trial's. How long it took goes into the
+    summary and the study, for the next run's forecast."""
     from components.overrides import ignored_by_the_model
+    from components.tuning.reuse import STAGE, take_trained_stage
     from flows.pipeline import pipeline
 
     best = best_overrides(study, cfg)
     # The space draws every key for every model: the ones the best model ignores would be
-    # refused by the run (train.channels for an MLP), and change nothing.
+    # refused by the run (train.channels for an MLP), and change nothing. Trials leave them out
+    # too (components/tuning/trials.py), so the best trial's train params are the final run's.
     ignored = ignored_by_the_model(best, root / "params.yaml")
     if ignored:
         logger.info("left out of the final run, the best model ignores: %s", list(ignored))
     started = time.monotonic()
+    taken = take_trained_stage(root, best_of(study, cfg).user_attrs["experiment"])
+    logger.info("final run, %s: %s", STAGE, taken.note)
     # keep_params: the best params stay in params.yaml, this flow's explicit keep step.
     state = pipeline(
         overrides=[o for o in best if o.partition("=")[0] not in ignored],
@@ -310,10 +318,26 @@ def _final_run(root: Path, study, cfg: TuneParams, summary: dict, logger):
     )
     seconds = time.monotonic() - started
     os.chdir(root)
+    summary["final_run_model"] = _final_model(root, taken)
+    logger.info("final run's model: %s", summary["final_run_model"])
     summary["final_run"] = state.message or state.name
     summary["seconds_final_run"] = round(seconds, 1)
     study.set_user_attr(FINAL_RUN_SECONDS, round(seconds, 1))
     return state
+
+
+def _final_model(root: Path, taken) -> str:
+    """Whether the final run released the best trial's own model or trained another."""
+    from components.restore import locked_outputs
+    from components.tuning.reuse import STAGE
+
+    if taken.entry is None:
+        return f"trained again ({taken.note.split(': the final run')[0]})"
+    recorded = {str(o.path): o.md5 for o in locked_outputs(root, STAGE)}
+    trial = {o["path"]: o.get("md5") for o in taken.entry.get("outs") or []}
+    if recorded == trial:
+        return f"the best trial's, not trained again (experiment {taken.experiment})"
+    return "trained again: the params, data or code differ from the best trial's"
 
 
 def _run_trials(

@@ -426,6 +426,34 @@ def test_equal_values_go_to_the_defaults_then_the_lower_validation_loss():
         best_of(optuna.create_study(), tune)
 
 
+def test_the_best_params_leave_out_the_keys_the_best_model_ignores():
+    """A trial records the drawn keys its model does not read (and leaves them out of its
+    experiment): they are not best params, printed or written back."""
+    import optuna
+
+    from components.config import TuneParams, load_params
+    from components.tuning.study import IGNORED_ATTR, best_overrides
+
+    raw = load_params(REPO_ROOT / "params.yaml").tune.model_dump(mode="json")
+    space = {"train.model": {"choices": ["mlp", "cnn"]},
+             "train.channels": {"choices": [[8, 16], [16, 32]]}}  # fmt: skip
+    tune = TuneParams.model_validate({**raw, "space": space, "metric": "val_accuracy"})
+    dist = {
+        "train.model": optuna.distributions.CategoricalDistribution(["mlp", "cnn"]),
+        "train.channels": optuna.distributions.CategoricalDistribution(["[8, 16]", "[16, 32]"]),
+    }
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(
+        value=0.9, params={"train.model": "mlp", "train.channels": "[16, 32]"},
+        distributions=dist, user_attrs={IGNORED_ATTR: ["train.channels"]},
+    ))  # fmt: skip
+    assert best_overrides(study, tune) == ['train.model="mlp"']
+    study.add_trial(optuna.trial.create_trial(
+        value=0.95, params={"train.model": "cnn", "train.channels": "[8, 16]"}, distributions=dist
+    ))  # fmt: skip
+    assert best_overrides(study, tune) == ['train.model="cnn"', "train.channels=[8,16]"]
+
+
 def test_the_defaults_are_the_first_trial_once_and_keep_what_lies_outside_the_space(tmp_path):
     """params.yaml as it is becomes the study's next trial (never twice for the same params);
     a value outside the space is not set by the trial, and not written back as a best param."""
@@ -629,7 +657,7 @@ def _best(root: Path, study):
     return best_of(study, load_params(root / "params.yaml").tune)
 
 
-def _experiments(root: Path) -> set[str]:
+def _experiment_refs(root: Path) -> list[str]:
     refs = subprocess.run(
         ["git", "for-each-ref", "--format=%(refname)", "refs/exps"],
         cwd=root,
@@ -637,7 +665,17 @@ def _experiments(root: Path) -> set[str]:
         text=True,
         check=True,
     ).stdout.split()
-    return {r.rsplit("/", 1)[1] for r in refs if r.count("/") == 4}
+    return [r for r in refs if r.count("/") == 4]
+
+
+def _experiments(root: Path) -> set[str]:
+    return {r.rsplit("/", 1)[1] for r in _experiment_refs(root)}
+
+
+def _git_show(root: Path, what: str) -> str:
+    return subprocess.run(
+        ["git", "show", what], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
 
 
 @pytest.mark.slow
@@ -753,6 +791,15 @@ def test_reopened_by_two_workers_the_study_resumes_and_its_best_params_are_relea
     assert params["evaluate"]["min_accuracy"] == TINY_OVERRIDES["evaluate"]["min_accuracy"]
     assert (workspace / "artefacts" / "bento.json").is_file()
     assert not any("defaults" in t.user_attrs for t in new)
+    # the final run released the best trial's own model: DVC found train up to date with it
+    assert "final run's model: the best trial's, not trained again" in out, out[-3000:]
+    ref = next(
+        r for r in _experiment_refs(workspace) if r.endswith("/" + best.user_attrs["experiment"])
+    )
+    trial_lock = yaml.safe_load(_git_show(workspace, f"{ref}:dvc.lock"))
+    final_lock = yaml.safe_load((workspace / "dvc.lock").read_text())
+    assert final_lock["stages"]["train"] == trial_lock["stages"]["train"]
+    assert "train skipped" in out and "evaluate ran" in out
 
     # the comparison: validation chose, the final run's test metrics beside the defaults
     # trial's and the baselines the final run's evaluate fitted

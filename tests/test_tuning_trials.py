@@ -8,6 +8,7 @@ each: nothing is trained.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from components.config import ParamsError, load_params, parse_params, read_params_file
 from components.trial import open_storage
@@ -140,6 +142,17 @@ def _git(root: Path, *args: str) -> None:
     )
 
 
+def _dvc_repo(root: Path, files: dict[str, str]) -> None:
+    """A git + DVC repository at ``root`` holding ``files``, committed."""
+    root.mkdir()
+    _git(root, "init", "-q")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    for name, text in files.items():
+        (root / name).write_text(text)
+    _git(root, "add", "-A")
+    _git(root, "commit", "-qm", "init")
+
+
 def test_a_trial_whose_dvc_exp_run_hangs_is_killed_and_failed(tmp_path):
     root = tmp_path / "repo"
     root.mkdir()
@@ -203,13 +216,7 @@ def test_data_prepared_once_is_what_every_trial_copy_finds_without_autostage(tmp
     from components.tuning.trials import prepare_data
 
     root, runs = tmp_path / "repo", tmp_path / "validate-runs.txt"
-    root.mkdir()
-    _git(root, "init", "-q")
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
-    (root / "dvc.yaml").write_text(DATA_THEN_TRIAL.format(runs=runs))
-    (root / "write.py").write_text(WRITE)
-    _git(root, "add", "-A")
-    _git(root, "commit", "-qm", "init")
+    _dvc_repo(root, {"dvc.yaml": DATA_THEN_TRIAL.format(runs=runs), "write.py": WRITE})
 
     said = prepare_data(root, "metrics", timeout=120)
     assert said == "data: ingest, validate ran once here; every trial reuses them"
@@ -264,3 +271,82 @@ def test_the_summary_and_report_show_the_storage_without_its_password(tmp_path):
     for path in (written, tmp_path / "summary.json"):
         assert "s3cret" not in path.read_text() and "tuner" not in path.read_text()
     assert "s3cret" not in page.format_summary(summary, written)
+
+
+# A train stage with a cached model and a `cache: false` metric, like ours; fit.py counts runs.
+TRAIN_STAGE = """stages:
+  train:
+    cmd: python fit.py {runs}
+    deps: [fit.py]
+    params: [train]
+    outs:
+      - models/m.txt
+      - metrics/train.json:
+          cache: false
+"""
+FIT = """import json, pathlib, sys, yaml
+width = yaml.safe_load(open("params.yaml"))["train"]["width"]
+pathlib.Path("models").mkdir(exist_ok=True)
+pathlib.Path("metrics").mkdir(exist_ok=True)
+pathlib.Path("models/m.txt").write_text(f"width {width}\\n")
+pathlib.Path("metrics/train.json").write_text(json.dumps({"width": width}))
+with open(sys.argv[1], "a") as runs:
+    runs.write("run\\n")
+"""
+
+
+def test_the_final_run_takes_the_best_trials_train_stage_or_leaves_the_workspace_alone(tmp_path):
+    """take_trained_stage puts an experiment's train stage (its lock entry, its cached model, its
+    git-kept metrics) into the workspace, so `dvc repro` with the trial's params trains nothing;
+    an experiment that is gone, or whose model the cache lacks, changes nothing."""
+    from components.restore import cached_object
+    from components.stage import venv_env
+    from components.tuning.reuse import take_trained_stage
+
+    root, runs = tmp_path / "repo", tmp_path / "runs.txt"
+    _dvc_repo(root, {"dvc.yaml": TRAIN_STAGE.format(runs=runs), "fit.py": FIT,
+                     "params.yaml": "train:\n  width: 1\n"})  # fmt: skip
+
+    def dvc(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=venv_env(),
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    dvc("repro")
+    for name, width in (("t0", 2), ("t1", 3)):
+        dvc("exp", "run", "--temp", "-n", name, "-S", f"train.width={width}")
+    assert len(runs.read_text().splitlines()) == 3
+    workspace = {p: (root / p).read_bytes() for p in ("dvc.lock", "models/m.txt")}
+
+    gone = take_trained_stage(root, "t9")
+    assert gone.entry is None and "experiment t9 is not in this repository" in gone.note
+    assert "trains the best params again" in gone.note
+    # t1's model is no longer in the cache (a `dvc gc`, another clone): nothing is touched
+    t1_lock = yaml.safe_load(_show(root, "t1", "dvc.lock"))
+    model = next(o for o in t1_lock["stages"]["train"]["outs"] if o["path"] == "models/m.txt")
+    cached_object(root, model["md5"]).unlink()
+    lacking = take_trained_stage(root, "t1")
+    assert lacking.entry is None and "models/m.txt: not in the DVC cache" in lacking.note
+    assert {p: (root / p).read_bytes() for p in workspace} == workspace
+
+    taken = take_trained_stage(root, "t0")
+    t0_lock = yaml.safe_load(_show(root, "t0", "dvc.lock"))
+    assert taken.entry == t0_lock["stages"]["train"]
+    assert yaml.safe_load((root / "dvc.lock").read_text())["stages"]["train"] == taken.entry
+    assert (root / "models" / "m.txt").read_text() == "width 2\n"
+    assert json.loads((root / "metrics" / "train.json").read_text()) == {"width": 2}
+    (root / "params.yaml").write_text("train:\n  width: 2\n")  # the final run's params
+    assert "didn't change" in dvc("repro")
+    assert len(runs.read_text().splitlines()) == 3  # trained nothing
+    (root / "params.yaml").write_text("train:\n  width: 4\n")  # other params: it trains
+    dvc("repro")
+    assert len(runs.read_text().splitlines()) == 4
+
+
+def _show(root: Path, experiment: str, path: str) -> str:
+    from components.tuning.trials import experiment_ref
+
+    shown = subprocess.run(["git", "show", f"{experiment_ref(root, experiment)}:{path}"],
+                           cwd=root, capture_output=True, text=True, check=True)  # fmt: skip
+    return shown.stdout

@@ -45,6 +45,9 @@ GRACE_SECONDS = 120
 # keeps them as they are: Optuna records no value outside a dimension).
 DEFAULTS_ATTR = "defaults"
 OUTSIDE_ATTR = "defaults_outside_space"
+# A trial's drawn keys that its model does not read (train.channels for an MLP): left out of its
+# experiment (components/tuning/trials.py), and so out of the best params.
+IGNORED_ATTR = "ignored_by_the_model"
 # What a trial's validation metric depends on; the other sections only act after evaluate.
 MEASURED_SECTIONS = ("ingest", "validate", "train")
 
@@ -408,11 +411,13 @@ def best_of(study, tune: TuneParams):
 
 
 def best_overrides(study, tune: TuneParams) -> list[str]:
-    """The best trial's params as ``key=value`` overrides of params.yaml."""
+    """The best trial's params as ``key=value`` overrides of params.yaml, without the ones its
+    model ignores (they were not set in its experiment either)."""
     best = best_of(study, tune)
+    ignored = set(best.user_attrs.get(IGNORED_ATTR) or ())
     out = []
     for key, dim in tune.space.items():
-        if key not in best.params:  # the defaults trial kept params.yaml's value
+        if key not in best.params or key in ignored:  # the defaults trial kept params.yaml's
             continue
         value = best.params[key]
         if dim.choices is not None and not all(map(_is_plain, dim.choices)):

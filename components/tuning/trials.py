@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from components.config import ParamsError, TuneParams, read_params_file
-from components.overrides import check_overrides
+from components.overrides import check_overrides, ignored_by_the_model
 from components.records import TRAIN_FILE, VALIDATION_FILE, TrainSummary, parse_train
 from components.restore import LOCK_FILE
 from components.stage import FAILURE_PREFIX, StageError, venv_env
@@ -38,6 +38,7 @@ from components.trial import (
 )
 from components.tuning.study import (
     DEFAULTS_ATTR,
+    IGNORED_ATTR,
     OUTSIDE_ATTR,
     TIE_BREAK,
     TuneError,
@@ -242,7 +243,12 @@ def run_trial(
     name = experiment_of(tune.study_name, trial.number)
     trial.set_user_attr("experiment", name)
     defaults = DEFAULTS_ATTR in trial.user_attrs
-    sets = [*tune.trial_overrides, *(f"{key}={encode(v)}" for key, v in values.items())]
+    drawn = [f"{key}={encode(v)}" for key, v in values.items()]
+    # The keys the drawn model does not read (train.channels for an MLP) change nothing but the
+    # experiment's params: left out, the trial's train params are the ones the final run, which
+    # refuses such keys, would set, so it can take this trial's model as it is (reuse.py).
+    ignored = ignored_by_the_model(drawn, root / "params.yaml")
+    sets = [*tune.trial_overrides, *(s for s in drawn if s.partition("=")[0] not in ignored)]
     if defaults:
         kept = trial.user_attrs.get(OUTSIDE_ATTR) or []
         logger.info(
@@ -252,6 +258,10 @@ def run_trial(
             f" (outside the space, kept as they are: {', '.join(kept)})" if kept else "",
         )
     logger.info("trial %d (%s): %s", trial.number, name, " ".join(sets))
+    if ignored:
+        trial.set_user_attr(IGNORED_ATTR, sorted(ignored))
+        logger.info("trial %d: left out, the model ignores them: %s", trial.number,
+                    ", ".join(ignored))  # fmt: skip
     started = time.monotonic()
     with heartbeat(study, trial):
         returncode, output = run_bounded(
