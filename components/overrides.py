@@ -25,9 +25,10 @@ from components.stage import write_text
 
 
 def parse_value(text: str):
-    """Parse an override's value the way YAML would (``2`` -> int, ``[8, 16]`` -> list)."""
+    """Parse an override's value the way YAML would (``2`` -> int, ``[8, 16]`` -> list,
+    ``1e-4`` -> float, as DVC's ``-S`` reads it)."""
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -115,6 +116,23 @@ def apply_overrides(overrides: list[str], path: Path = PARAMS_FILE) -> dict[str,
     return applied
 
 
+def params_as_written(overrides: list[str], path: Path = PARAMS_FILE) -> dict:
+    """params.yaml as :func:`apply_overrides` would write it, read back; nothing is written. A
+    value the file would not keep is refused (:class:`ParamsError`), as the run would refuse it."""
+    _, text = _render(overrides, Path(path))
+    return read_params_file(path) if text is None else load_yaml(text)
+
+
+def _float(representer, value: float):
+    """A float as YAML 1.1 and 1.2 both read it: ``1.0e-07``, not ruamel's (and Python's)
+    ``1e-07``, which PyYAML and other YAML 1.1 readers take for a string."""
+    text = repr(value)
+    if "e" in text and "." not in text:
+        mantissa, exponent = text.split("e")
+        return representer.represent_scalar("tag:yaml.org,2002:float", f"{mantissa}.0e{exponent}")
+    return representer.represent_float(value)
+
+
 def _render(overrides: list[str], path: Path) -> tuple[dict[str, object], str | None]:
     """The checked values, and params.yaml's text with them applied (None: no override)."""
     from ruamel.yaml import YAML
@@ -129,6 +147,7 @@ def _render(overrides: list[str], path: Path) -> tuple[dict[str, object], str | 
     yaml_rt.representer.add_representer(
         type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
     )
+    yaml_rt.representer.add_representer(float, _float)
     doc = yaml_rt.load(path.read_text())
     for key, value in applied.items():
         *parents, leaf = key.split(".")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import logging
 import os
 import queue
@@ -57,11 +56,10 @@ from components.config import (  # noqa: E402
     check_repository_paths,
     load_params,
     parse_params,
-    read_params_file,
 )
 from components.overrides import (  # noqa: E402
-    check_overrides,
     overrides_for_one_run,
+    params_as_written,
     put_back_after_a_killed_run,
     refuse_ignored,
 )
@@ -369,17 +367,9 @@ def write_stopped_report(root: Path, stage: str, reason: str, logger) -> Path | 
 
 
 def params_with_overrides(root: Path, overrides: list[str]) -> Params:
-    """params.yaml as it will be once the overrides are applied; nothing is written."""
-    path = root / "params.yaml"
-    resolved = check_overrides(overrides, path)
-    raw = copy.deepcopy(read_params_file(path))
-    for key, value in resolved.items():
-        *parents, leaf = key.split(".")
-        node = raw
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return parse_params(raw)
+    """params.yaml as it will be once the overrides are applied, checked as the run will write
+    it (a value the file would not keep is refused here, before the run); nothing is written."""
+    return parse_params(params_as_written(overrides, root / "params.yaml"))
 
 
 def preflight(root: Path, overrides: list[str]) -> Params:

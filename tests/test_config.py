@@ -104,6 +104,27 @@ def test_override_is_applied_and_comments_kept(params_copy: Path):
     assert "# Every tunable of the pipeline" in params_copy.read_text()
 
 
+@pytest.mark.parametrize("text", ["1e-7", "0.0000001", "1.0e-07", "1E-7"])
+def test_a_small_float_is_written_as_yaml_1_1_and_1_2_both_read_it(params_copy: Path, text):
+    """Python and ruamel write 1e-07, a string to PyYAML (YAML 1.1) and a float to DVC (YAML
+    1.2): written as 1.0e-07, and read as a float wherever it was written by hand."""
+    import yaml
+    from ruamel.yaml import YAML
+
+    from components.config import load_yaml
+
+    assert apply_overrides([f"train.learning_rate={text}"], params_copy) == {
+        "train.learning_rate": 1e-07
+    }
+    written = params_copy.read_text()
+    assert "learning_rate: 1.0e-07" in written
+    assert yaml.safe_load(written)["train"]["learning_rate"] == 1e-07  # any YAML 1.1 reader
+    assert YAML(typ="safe").load(written)["train"]["learning_rate"] == 1e-07  # DVC's
+    assert load_params(params_copy).train.learning_rate == 1e-07
+    by_hand = written.replace("learning_rate: 1.0e-07", "learning_rate: 3e-4")
+    assert load_yaml(by_hand)["train"]["learning_rate"] == 3e-4
+
+
 @pytest.mark.parametrize(
     ("override", "fragment"),
     [
