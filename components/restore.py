@@ -9,6 +9,10 @@ for it. ``dvc status`` then tells what is stale.
 
 Only files are read (``dvc.lock`` and the cache folder): the stage runs inside ``dvc repro``,
 which holds the repository's lock, so no DVC command may run here.
+
+:func:`run_start` serves the flow's roll-back of a whole failed run (flows/pipeline.py): the
+``dvc.lock`` the run started from, and copies of the ``cache: false`` outputs git keeps, which
+``dvc checkout`` of that lock does not put back.
 """
 
 from __future__ import annotations
@@ -203,3 +207,78 @@ def _scratch(root: Path) -> Path:
     where = Path(root) / ".dvc" / "tmp"
     where.mkdir(parents=True, exist_ok=True)
     return where
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """What a pipeline run found before its first stage, for a roll-back after a failed one:
+    ``dvc.lock`` (None before any good run), and a copy of each output it records that no
+    ``dvc checkout`` puts back (the ``cache: false`` outputs git keeps: the metrics, the
+    headline, the gate verdicts), taken only where the file is what the lock recorded."""
+
+    lock: bytes | None
+    kept: dict[str, Path] = field(default_factory=dict)  # the output's path -> its copy
+
+    def put_back_kept(self, root: Path) -> None:
+        for path, copy in self.kept.items():
+            _remove(Path(root) / path)
+            _copy(copy, Path(root) / path)
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def run_start(root: Path) -> Iterator[RunStart]:
+    """:class:`RunStart` for the run inside the block; its copies are removed after it."""
+    lock = Path(root) / LOCK_FILE
+    text = lock.read_bytes() if lock.is_file() else None
+    if text is None:
+        yield RunStart(None)
+        return
+    try:
+        data = load_yaml(text) or {}
+    except yaml.YAMLError:
+        data = {}
+    files = {
+        out["path"]: out["md5"]
+        for entry in (data.get("stages") or {}).values()
+        for out in (entry or {}).get("outs") or []
+        # a folder's files are DVC's to put back (dvc checkout)
+        if out.get("path") and out.get("md5") and not out["md5"].endswith(".dir")
+    }
+    cached = _git_ignored(root, list(files))
+    with tempfile.TemporaryDirectory(prefix="run-start-", dir=_scratch(root)) as tmp:
+        kept: dict[str, Path] = {}
+        for path, md5 in files.items():
+            here = Path(root) / path
+            if path in cached or not here.is_file() or _md5(here) != md5:
+                continue
+            kept[path] = Path(tmp) / str(len(kept))
+            _copy(here, kept[path])
+        yield RunStart(text, kept)
+
+
+def _git_ignored(root: Path, paths: list[str]) -> set[str]:
+    """The outputs DVC caches: it lists each in a .gitignore, while git keeps the ``cache:
+    false`` ones (whose contents may sit in the cache too: ``dvc checkout`` never restores
+    them). Without git: none, and every file still as recorded is copied."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            ["git", "check-ignore", "--stdin", "-z"],
+            cwd=root, input="\0".join(paths), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        done = None
+    if done is None or done.returncode not in (0, 1):  # 1: none is ignored
+        return set()
+    return {p for p in done.stdout.split("\0") if p}

@@ -64,7 +64,7 @@ from components.overrides import (  # noqa: E402
     refuse_ignored,
 )
 from components.report import run_environment  # noqa: E402
-from components.restore import not_in_cache  # noqa: E402
+from components.restore import RunStart, not_in_cache, run_start  # noqa: E402
 from flows.experiments import (  # noqa: E402
     BUSY,
     FALLBACK_IDENTITY,
@@ -306,25 +306,23 @@ def push_run(root: str, remote: str, git_remote: str, experiment: str | None) ->
     return said
 
 
-def _read_lock(root: Path) -> bytes | None:
-    lock = root / "dvc.lock"
-    return lock.read_bytes() if lock.is_file() else None
-
-
-def roll_back(root: Path, last_good_lock: bytes | None, logger) -> str:
+def roll_back(root: Path, start: RunStart, logger) -> str:
     """After a failed stage: dvc.lock and every output back as the last good run left them.
 
     The failed stage put its own outputs back (components/restore.py); the stages of this run
     that finished before it changed dvc.lock and their outputs: both go back too, so a run
-    that fails changes nothing a later run or `make serve` relies on. ``dvc status`` then lists
-    what is stale. Returns one line for the failure message.
+    that fails changes nothing a later run or `make serve` relies on. The cached outputs come
+    back by ``dvc checkout``, the ``cache: false`` ones (metrics git keeps, which no checkout
+    restores) from the copies taken when the run started. ``dvc status`` then lists what is
+    stale. Returns one line for the failure message.
     """
     lock = root / "dvc.lock"
+    last_good_lock = start.lock
     if last_good_lock is None:
         return "no earlier good run to go back to"
     if lock.is_file() and lock.read_bytes() == last_good_lock:
         return "outputs as the last good run left them (dvc status lists what is stale)"
-    missing = not_in_cache(root, last_good_lock)
+    missing = [path for path in not_in_cache(root, last_good_lock) if path not in start.kept]
     if missing:  # a checkout would delete these outputs, and put nothing in their place
         shown = ", ".join(missing[:4]) + (
             f" and {len(missing) - 4} more" if len(missing) > 4 else ""
@@ -346,6 +344,7 @@ def roll_back(root: Path, last_good_lock: bytes | None, logger) -> str:
         problem = " ".join((done.stderr or done.stdout).split())[:300]
         logger.warning("dvc checkout after the failure: %s", problem)
         return f"dvc.lock put back, but dvc checkout failed ({problem}): run `dvc checkout`"
+    start.put_back_kept(root)
     logger.info("dvc.lock and the outputs of this run's earlier stages put back (dvc checkout)")
     return (
         "dvc.lock and every output back as the last good run left them (dvc status lists what "
@@ -530,21 +529,21 @@ def _run_stages(
     retry = {"retries": orc.retries, "retry_delay_seconds": orc.retry_delay_seconds}
 
     outcomes: dict[str, str] = {}
-    last_good_lock = _read_lock(root)
-    for stage in order:
-        state = run_stage.with_options(name=stage, task_run_name=stage, **retry)(
-            stage, str(root), return_state=True
-        )
-        if not state.is_completed():
-            logger.info("not saved as an experiment: %s failed", stage)
-            reason = state.message or f"{stage} did not complete"
-            # The page first: it shows what this run's earlier stages wrote, before they go back.
-            page = write_stopped_report(root, stage, reason, logger)
-            said = roll_back(root, last_good_lock, logger)
-            if overrides:
-                said += "; params.yaml back as it was before this run"
-            return Failed(message=f"{reason}; {said}" + (f"; report: {page}" if page else ""))
-        outcomes[stage] = "skipped" if state.name == "Skipped" else "ran"
+    with run_start(root) as start:
+        for stage in order:
+            state = run_stage.with_options(name=stage, task_run_name=stage, **retry)(
+                stage, str(root), return_state=True
+            )
+            if not state.is_completed():
+                logger.info("not saved as an experiment: %s failed", stage)
+                reason = state.message or f"{stage} did not complete"
+                # The page first: it shows what this run's earlier stages wrote, before they go.
+                page = write_stopped_report(root, stage, reason, logger)
+                said = roll_back(root, start, logger)
+                if overrides:
+                    said += "; params.yaml back as it was before this run"
+                return Failed(message=f"{reason}; {said}" + (f"; report: {page}" if page else ""))
+            outcomes[stage] = "skipped" if state.name == "Skipped" else "ran"
 
     notes: list[str] = []
     experiment = matched = None

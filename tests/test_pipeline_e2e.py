@@ -400,6 +400,30 @@ def test_failed_validation_stops_the_flow_and_keeps_earlier_artefacts(workspace,
     assert "Refused at validate" in stopped and "1000" in stopped
 
 
+def test_a_run_that_fails_after_it_trained_puts_every_output_back(workspace, first_run):
+    """train runs (a learning rate of 1e-7, written by the flow as YAML 1.1 and 1.2 both read
+    it), then evaluate's gate refuses its model: dvc.lock, the model (from DVC's cache) and
+    the metrics git keeps (`cache: false`, which no checkout restores) are the last good run's
+    again, and DVC finds nothing more stale than before."""
+
+    def dvc_status() -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "dvc", "status"], cwd=workspace, capture_output=True, text=True
+        ).stdout
+
+    before, stale_before = _outputs(workspace), dvc_status()
+    result = run_flow(workspace, "train.learning_rate=0.0000001", "evaluate.min_accuracy=0.99")
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out[-3000:]
+    assert "Pipeline failed: evaluate:" in result.stderr
+    assert "dvc.lock and every output back as the last good run left them" in result.stderr, out[
+        -3000:
+    ]
+    after = _outputs(workspace)
+    assert sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k)) == []
+    assert dvc_status() == stale_before  # nothing this run did is left for DVC to see
+
+
 OUTPUT_FOLDERS = ("data/raw", "data/prepared", "models", "artefacts", "metrics", "reports")
 
 

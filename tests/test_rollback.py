@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from components.restore import cached_object, not_in_cache
+from components.restore import RunStart, cached_object, not_in_cache
 from flows.pipeline import roll_back
 
 
@@ -57,7 +57,7 @@ def test_a_roll_back_the_cache_cannot_serve_keeps_this_runs_outputs(tmp_path, ca
     last_good = _lock({"models/model.pt": "f" * 32})  # committed, never pulled here
 
     with caplog.at_level(logging.WARNING):
-        line = roll_back(tmp_path, last_good, logging.getLogger("test"))
+        line = roll_back(tmp_path, RunStart(last_good), logging.getLogger("test"))
 
     assert line.startswith("this run's outputs and dvc.lock are kept: the last good run's "
                            "models/model.pt are not in this clone's DVC cache")  # fmt: skip
@@ -65,3 +65,38 @@ def test_a_roll_back_the_cache_cannot_serve_keeps_this_runs_outputs(tmp_path, ca
     assert (tmp_path / "dvc.lock").read_bytes() == this_run
     assert model.read_bytes() == b"this run's model"
     assert "not rolled back" in caplog.text
+
+
+def test_a_run_keeps_a_copy_of_the_outputs_no_checkout_can_put_back(tmp_path):
+    """run_start copies the outputs dvc.lock records that git keeps (the `cache: false`
+    metrics, even where the cache holds their contents too), where the file is what the lock
+    says; the cached ones, which DVC lists in a .gitignore, are dvc checkout's."""
+    import hashlib
+
+    from components.restore import run_start
+
+    import subprocess
+
+    (tmp_path / ".dvc").mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / ".gitignore").write_text("/model.pt\n")  # as DVC lists a cached output
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    (metrics / "gate.json").write_bytes(b'{"passed": true}')
+    (metrics / "stale.json").write_bytes(b"changed since")
+    (tmp_path / "model.pt").write_bytes(b"model")
+    md5 = {name: hashlib.md5(data).hexdigest()
+           for name, data in (("gate", b'{"passed": true}'), ("model", b"model"))}  # fmt: skip
+    _cache(tmp_path, md5["model"], b"model")
+    _cache(tmp_path, md5["gate"], b'{"passed": true}')  # in the cache too: still git's to keep
+    lock = _lock({"metrics/gate.json": md5["gate"], "metrics/stale.json": "0" * 32,
+                  "model.pt": md5["model"], "metrics/gone.json": "1" * 32})  # fmt: skip
+    (tmp_path / "dvc.lock").write_bytes(lock)
+
+    with run_start(tmp_path) as start:
+        assert start.lock == lock and set(start.kept) == {"metrics/gate.json"}
+        (metrics / "gate.json").write_bytes(b'{"passed": false}')  # a later stage of the run
+        start.put_back_kept(tmp_path)
+        assert (metrics / "gate.json").read_bytes() == b'{"passed": true}'
+        copies = list(start.kept.values())
+    assert not any(c.exists() for c in copies)  # removed with the run
