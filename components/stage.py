@@ -37,6 +37,13 @@ EXPECTED_ERRORS = (StageError, ParamsError, ValueError, FileNotFoundError)
 FAILURE_PREFIX = "STAGE FAILED"
 
 
+def failure_reason(line: str) -> str | None:
+    """The reason a stage's failure line gives (``STAGE FAILED train: ...`` -> ``train: ...``),
+    or None for any other line of its output."""
+    line = line.strip()
+    return line.removeprefix(FAILURE_PREFIX).strip() if line.startswith(FAILURE_PREFIX) else None
+
+
 def set_quiet_env() -> None:
     """Switch off telemetry and keep tool state in the project (call before the imports)."""
     os.environ.setdefault("DO_NOT_TRACK", "1")

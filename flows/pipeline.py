@@ -34,7 +34,7 @@ import sys
 import threading
 from pathlib import Path
 
-from components.stage import FAILURE_PREFIX, redact, set_quiet_env, venv_env, write_text
+from components.stage import failure_reason, redact, set_quiet_env, venv_env, write_text
 
 set_quiet_env()  # before Prefect is imported: it reads PREFECT_HOME at import
 
@@ -169,8 +169,8 @@ def run_stage(stage: str, root: str, skip_reason: str = ""):
             # included, and its failure line: they show as warnings in the flow's log.
             logger.log(logging.WARNING if from_stderr else logging.INFO, line)
             last = line
-            if line.startswith(FAILURE_PREFIX):
-                reason = line.removeprefix(FAILURE_PREFIX).strip()
+            if (said := failure_reason(line)) is not None:
+                reason = said
             elif "Unable to acquire lock" in line:
                 busy = (
                     f"{stage}: another DVC command is running in {root_path} (DVC's lock is "

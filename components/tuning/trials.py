@@ -27,7 +27,7 @@ from components.config import ParamsError, TuneParams, read_params_file
 from components.overrides import check_overrides, ignored_by_the_model
 from components.records import TRAIN_FILE, VALIDATION_FILE, TrainSummary, parse_train
 from components.restore import LOCK_FILE
-from components.stage import FAILURE_PREFIX, StageError, venv_env
+from components.stage import StageError, failure_reason, venv_env
 from components.trial import (
     ENV_METRIC,
     ENV_PRUNER,
@@ -158,11 +158,7 @@ def prepare_data(root: Path, metrics_dir: str, timeout: float) -> str:
 
 def stage_reason(output: str) -> str:
     """The last stage's own failure line in a DVC command's output, else its last line."""
-    reasons = [
-        line.split(FAILURE_PREFIX, 1)[1].strip()
-        for line in output.splitlines()
-        if FAILURE_PREFIX in line
-    ]
+    reasons = [r for r in map(failure_reason, output.splitlines()) if r is not None]
     return reasons[-1] if reasons else (output.strip().splitlines() or ["?"])[-1]
 
 
