@@ -299,6 +299,7 @@ def data_study(name: str, budget: str, sets: tuple[str, ...] = ()) -> dict:
         else None,
         "notes": comparison.get("notes"),
         "final_run": summary.get("final_run"),
+        "final_run_model": summary.get("final_run_model"),
         "log_tail": (done.stdout + done.stderr)[-2500:],
         "load_after": os.getloadavg(),
     }

@@ -793,6 +793,7 @@ def test_reopened_by_two_workers_the_study_resumes_and_its_best_params_are_relea
     assert not any("defaults" in t.user_attrs for t in new)
     # the final run released the best trial's own model: DVC found train up to date with it
     assert "final run's model: the best trial's, not trained again" in out, out[-3000:]
+    assert "final run model: the best trial's, not trained again" in out  # in the summary too
     ref = next(
         r for r in _experiment_refs(workspace) if r.endswith("/" + best.user_attrs["experiment"])
     )

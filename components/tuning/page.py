@@ -293,6 +293,7 @@ def format_summary(summary: dict, page: Path) -> str:
         "best_experiment",
         "best_params",
         "final_run",
+        "final_run_model",
         "budget",
         "stopped",
     ):
