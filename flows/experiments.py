@@ -74,6 +74,24 @@ def has_commit(root: Path) -> bool:
 OBJECT_STORES = ("s3", "gs", "gcs", "azure", "abfs", "oss")  # paths that start with a bucket
 
 
+def check_dvc_lock_file(root: Path) -> None:
+    """DVC's own lock file (``.dvc/tmp/rwlock``) must be readable: a DVC command killed while it
+    wrote the file leaves it empty, and DVC then refuses every command until it is removed."""
+    import json
+
+    rwlock = root / ".dvc" / "tmp" / "rwlock"
+    try:
+        json.loads(rwlock.read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        raise PreflightError(
+            f"{rwlock.relative_to(root)} is empty or not JSON (a DVC command was stopped while "
+            "it wrote it), and DVC refuses to run until it is gone: if no DVC command is "
+            f"running in {root}, delete it (rm {rwlock.relative_to(root)}) and run again"
+        ) from None
+
+
 def check_dvc_remote(root: Path, name: str) -> str:
     """Make sure the DVC remote is configured and answers; return ``"name (url)"``.
 

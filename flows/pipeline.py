@@ -29,6 +29,7 @@ import contextlib
 import logging
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -70,6 +71,7 @@ from flows.experiments import (  # noqa: E402
     FALLBACK_IDENTITY,
     NOT_STARTED,
     PreflightError,
+    check_dvc_lock_file,
     check_dvc_remote,
     check_git_remote,
     existing_experiment_names,
@@ -259,7 +261,9 @@ def _untracked_files_counted(logger):
 def _stop(process: subprocess.Popen, seconds: float = 60) -> None:
     """Stop a stage the flow no longer waits for, before the flow puts params.yaml back: its
     command first (SIGTERM: the stage puts its outputs back), then ``dvc repro`` itself, so no
-    dvc.lock is written after this run has ended."""
+    dvc.lock is written after this run has ended. ``dvc repro`` is given time to end on its
+    own once its command has: stopped while it releases its lock, it left ``.dvc/tmp/rwlock``
+    empty, and DVC then refuses every command."""
     import psutil  # DVC's own dependency
 
     try:
@@ -270,13 +274,14 @@ def _stop(process: subprocess.Popen, seconds: float = 60) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.terminate()
     psutil.wait_procs(children, timeout=seconds)
-    if process.poll() is None:
-        process.terminate()
-    try:
-        process.wait(seconds)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    for stop in (None, process.terminate, process.kill):
+        if stop is not None:
+            stop()
+        try:
+            process.wait(seconds if stop is not process.kill else None)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 @task(retries=0)
@@ -304,6 +309,31 @@ def push_run(root: str, remote: str, git_remote: str, experiment: str | None) ->
         logger.info("dvc exp push: experiment %r sent to git remote %r", experiment, git_remote)
         said += f", experiment ref pushed to {git_remote}"
     return said
+
+
+@contextlib.contextmanager
+def signals_deferred(logger):
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them: a roll-back stopped
+    halfway (dvc checkout killed while it writes DVC's lock file) leaves a workspace no run can
+    use. Only the main thread can set handlers; elsewhere the block runs unshielded."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def hold(signum, _frame) -> None:
+        received.append(signum)
+        logger.warning("%s received: stopping once the roll-back is done",
+                       signal.Signals(signum).name)  # fmt: skip
+
+    before = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        if received:
+            signal.raise_signal(received[0])
 
 
 def roll_back(root: Path, start: RunStart, logger) -> str:
@@ -374,13 +404,14 @@ def params_with_overrides(root: Path, overrides: list[str]) -> Params:
 def preflight(root: Path, overrides: list[str]) -> Params:
     """Everything that can be checked before a run touches the workspace.
 
-    Bad overrides (unknown key, wrong type, a key the chosen model ignores), ``paths.*`` that
-    DVC would delete files git keeps with, a missing or unreachable DVC remote, a missing or
-    unreachable git remote: each raises with a message that says what to fix (a remote's
-    credentials shown as ``***``).
+    DVC's lock file left unreadable by a killed DVC command, bad overrides (unknown key, wrong
+    type, a key the chosen model ignores), ``paths.*`` that DVC would delete files git keeps
+    with, a missing or unreachable DVC remote, a missing or unreachable git remote: each raises
+    with a message that says what to fix (a remote's credentials shown as ``***``).
     """
     if not (root / "dvc.yaml").is_file():
         raise PreflightError(f"{root} has no dvc.yaml: run from the repository root")
+    check_dvc_lock_file(root)
     params = params_with_overrides(root, overrides)
     refuse_ignored(overrides, root / "params.yaml")  # e.g. train.channels for an MLP
     check_repository_paths(params.paths, root)  # before DVC deletes a folder someone named
@@ -530,20 +561,29 @@ def _run_stages(
 
     outcomes: dict[str, str] = {}
     with run_start(root) as start:
-        for stage in order:
-            state = run_stage.with_options(name=stage, task_run_name=stage, **retry)(
-                stage, str(root), return_state=True
-            )
-            if not state.is_completed():
-                logger.info("not saved as an experiment: %s failed", stage)
-                reason = state.message or f"{stage} did not complete"
-                # The page first: it shows what this run's earlier stages wrote, before they go.
-                page = write_stopped_report(root, stage, reason, logger)
+        try:
+            for stage in order:
+                state = run_stage.with_options(name=stage, task_run_name=stage, **retry)(
+                    stage, str(root), return_state=True
+                )
+                if not state.is_completed():
+                    with signals_deferred(logger):  # a Ctrl-C now would leave half a roll-back
+                        logger.info("not saved as an experiment: %s failed", stage)
+                        reason = state.message or f"{stage} did not complete"
+                        # The page first: it shows what this run's earlier stages wrote.
+                        page = write_stopped_report(root, stage, reason, logger)
+                        said = roll_back(root, start, logger)
+                    if overrides:
+                        said += "; params.yaml back as it was before this run"
+                    return Failed(
+                        message=f"{reason}; {said}" + (f"; report: {page}" if page else "")
+                    )
+                outcomes[stage] = "skipped" if state.name == "Skipped" else "ran"
+        except BaseException as exc:  # Ctrl-C, SIGTERM (Prefect raises it here), a bug
+            with signals_deferred(logger):
                 said = roll_back(root, start, logger)
-                if overrides:
-                    said += "; params.yaml back as it was before this run"
-                return Failed(message=f"{reason}; {said}" + (f"; report: {page}" if page else ""))
-            outcomes[stage] = "skipped" if state.name == "Skipped" else "ran"
+            logger.warning("stopped (%s): %s", type(exc).__name__, said)
+            raise
 
     notes: list[str] = []
     experiment = matched = None
@@ -631,6 +671,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=".", help="repository root (default: current folder)")
     args = parser.parse_args(argv)
     root = Path(args.root).resolve()
+    # SIGTERM (`kill`, `timeout`) unwinds like Ctrl-C: the flow puts the workspace back and the
+    # temporary Prefect server is stopped. By default it would end the process where it stands.
+    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
     try:
         # Bad overrides or remotes fail here, in a second or two, before Prefect starts and
         # before anything in the workspace changes. The flow checks again (deployment runs).

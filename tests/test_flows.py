@@ -174,6 +174,26 @@ def test_missing_git_remote_is_named(dvc_repo: Path):
         check_git_remote(dvc_repo, "upstream")
 
 
+def test_a_dvc_lock_file_a_killed_command_left_empty_is_named_with_the_fix(tmp_path: Path):
+    """DVC itself only says the JSON is corrupted, on every command; the run is not started."""
+    from flows.experiments import check_dvc_lock_file
+    from flows.pipeline import preflight
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    rwlock = root / ".dvc" / "tmp" / "rwlock"
+    check_dvc_lock_file(root)  # none yet: fine
+    rwlock.parent.mkdir(parents=True)
+    rwlock.write_text('{"read": {}, "write": {}}')
+    check_dvc_lock_file(root)
+    rwlock.write_text("")
+    with pytest.raises(PreflightError, match=r"\.dvc/tmp/rwlock is empty or not JSON .*rm "):
+        check_dvc_lock_file(root)
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    with pytest.raises(PreflightError, match="rwlock is empty"):
+        preflight(root, [])
+
+
 # ---------------------------------------------------------------------------------------------
 # Overrides: refused when the chosen model ignores them; applied for one run only
 

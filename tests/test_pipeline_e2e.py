@@ -406,12 +406,7 @@ def test_a_run_that_fails_after_it_trained_puts_every_output_back(workspace, fir
     the metrics git keeps (`cache: false`, which no checkout restores) are the last good run's
     again, and DVC finds nothing more stale than before."""
 
-    def dvc_status() -> str:
-        return subprocess.run(
-            [sys.executable, "-m", "dvc", "status"], cwd=workspace, capture_output=True, text=True
-        ).stdout
-
-    before, stale_before = _outputs(workspace), dvc_status()
+    before, stale_before = _outputs(workspace), _dvc_status(workspace)
     result = run_flow(workspace, "train.learning_rate=0.0000001", "evaluate.min_accuracy=0.99")
     out = result.stdout + result.stderr
     assert result.returncode == 1, out[-3000:]
@@ -421,7 +416,42 @@ def test_a_run_that_fails_after_it_trained_puts_every_output_back(workspace, fir
     ]
     after = _outputs(workspace)
     assert sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k)) == []
-    assert dvc_status() == stale_before  # nothing this run did is left for DVC to see
+    assert _dvc_status(workspace) == stale_before  # nothing this run did is left for DVC to see
+
+
+def test_a_run_stopped_with_sigterm_after_it_trained_puts_every_output_back(workspace, first_run):
+    """`kill` (or `timeout`) while evaluate runs, after train replaced the model: the flow
+    stops the stage, puts dvc.lock and every output back, says so, and exits; DVC finds
+    nothing more stale than before and can still run (its lock file intact)."""
+    before, params_before = _outputs(workspace), (workspace / "params.yaml").read_bytes()
+    stale_before = _dvc_status(workspace)
+    flow = subprocess.Popen(
+        [sys.executable, "-m", "flows.pipeline", "--set", "train.learning_rate=0.0123"],
+        cwd=workspace, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    seen = []
+    for line in flow.stdout:
+        seen.append(line)
+        if "Running stage 'evaluate'" in line:
+            flow.send_signal(signal.SIGTERM)
+            break
+    seen += flow.stdout.readlines()
+    out = "".join(seen)
+    assert flow.wait(60) != 0, out[-3000:]
+    assert "Running stage 'train'" in out, out[-3000:]  # it replaced the model first
+    assert "stopped (" in out and "dvc.lock and every output back" in out, out[-3000:]
+    after = _outputs(workspace)
+    assert sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k)) == []
+    assert (workspace / "params.yaml").read_bytes() == params_before
+    assert _dvc_status(workspace) == stale_before
+
+
+def _dvc_status(root: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "status"], cwd=root, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr  # e.g. a lock file left unreadable
+    return done.stdout
 
 
 OUTPUT_FOLDERS = ("data/raw", "data/prepared", "models", "artefacts", "metrics", "reports")
