@@ -226,6 +226,7 @@ class RunStart:
 
 
 def _md5(path: Path) -> str:
+    """DVC's hash of a file (components.stage.file_digest imports this module: not reused)."""
     import hashlib
 
     digest = hashlib.md5(usedforsecurity=False)

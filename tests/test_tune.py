@@ -358,6 +358,10 @@ def test_a_study_resumes_draws_list_choices_and_reports_its_best_trial(tmp_path)
     page = write_report(tmp_path / "tuning.html", tmp_path / "tuning", summary, rows, study, tune)
     assert "data:image/png;base64," in page.read_text() and "by-hand-t3" in page.read_text()
     assert json.loads((tmp_path / "tuning" / "summary.json").read_text())["importance"]
+    from components.tuning.page import format_summary
+
+    # 4 trials rank noise as much as the params: the summary says so beside the figures
+    assert "importance (4 finished trials: too few to rely on): " in format_summary(summary, page)
     assert json.loads((tmp_path / "tuning" / "trials.json").read_text())[1]["value"] == 0.9
 
     from matplotlib import pyplot as plt

@@ -96,6 +96,10 @@ def write_table(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
     return csv_path, json_path
 
 
+# Below this many finished trials the importances rank noise: the summary says so beside them.
+FEW_FOR_IMPORTANCE = 10
+
+
 def importances(study) -> dict[str, float]:
     """Optuna's parameter importance (PED-ANOVA); {} with too few finished trials."""
     import optuna
@@ -270,6 +274,7 @@ def write_report(
     write_table(rows, out_dir)
     ranked = importances(study)
     summary["importance"] = {k: round(v, 4) for k, v in ranked.items()}
+    summary["importance_trials"] = len(finished(study))
     write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     images = plots(rows, ranked, tune.metric, direction(tune) == "maximize")
     return write_page(page, summary, rows, images)
@@ -311,8 +316,11 @@ def format_summary(summary: dict, page: Path) -> str:
     if spent:
         lines.append(f"  time: {', '.join(spent)}")
     if summary.get("importance"):
+        n = summary.get("importance_trials")
+        few = n is not None and n < FEW_FOR_IMPORTANCE
         lines.append(
-            "  importance: " + ", ".join(f"{k} {v:.2f}" for k, v in summary["importance"].items())
+            f"  importance{f' ({n} finished trials: too few to rely on)' if few else ''}: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in summary["importance"].items())
         )
     ens = summary.get("ensemble") or {}
     for label in ("best_single", "ensemble"):
