@@ -682,13 +682,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, PreflightError, OSError) as exc:
         print(f"Pipeline not started: {exc}", file=sys.stderr)
         return 2
-    state = pipeline(
-        overrides=args.overrides,
-        only_if_data_changed=args.only_if_data_changed,
-        root=str(root),
-        keep_params=args.keep_params,
-        return_state=True,
-    )
+    try:
+        state = pipeline(
+            overrides=args.overrides,
+            only_if_data_changed=args.only_if_data_changed,
+            root=str(root),
+            keep_params=args.keep_params,
+            return_state=True,
+        )
+    except KeyboardInterrupt:  # one line, not a traceback: the flow has put the workspace back
+        print("Pipeline stopped (Ctrl-C); the lines above say what was put back", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except SystemExit as exc:
+        if exc.code == 128 + signal.SIGTERM:
+            print("Pipeline stopped (SIGTERM); the lines above say what was put back",
+                  file=sys.stderr)  # fmt: skip
+        raise
     return exit_code(state, "Pipeline")
 
 

@@ -440,6 +440,8 @@ def test_a_run_stopped_with_sigterm_after_it_trained_puts_every_output_back(work
     assert flow.wait(60) != 0, out[-3000:]
     assert "Running stage 'train'" in out, out[-3000:]  # it replaced the model first
     assert "stopped (" in out and "dvc.lock and every output back" in out, out[-3000:]
+    assert "Pipeline stopped (SIGTERM); the lines above say what was put back" in out
+    assert "Traceback" not in out, out[-3000:]
     after = _outputs(workspace)
     assert sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k)) == []
     assert (workspace / "params.yaml").read_bytes() == params_before
