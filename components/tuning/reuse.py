@@ -75,21 +75,17 @@ def take_trained_stage(root: Path, experiment: str) -> Taken:
     before = lock_file.read_bytes()
     lock = load_yaml(before) or {}
     lock.setdefault("stages", {})[STAGE] = entry
+
+    def checkout() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dvc", "checkout", "--force", STAGE],
+                              cwd=root, env=venv_env(), capture_output=True, text=True)  # fmt: skip
+
     write_text(lock_file, yaml.safe_dump(lock, sort_keys=False))
-    checkout = subprocess.run(
-        [sys.executable, "-m", "dvc", "checkout", "--force", STAGE],
-        cwd=root,
-        env=venv_env(),
-        capture_output=True,
-        text=True,
-    )
-    if checkout.returncode != 0:
+    done = checkout()
+    if done.returncode != 0:
         write_text(lock_file, before)  # the workspace's own stage, as it was
-        subprocess.run(
-            [sys.executable, "-m", "dvc", "checkout", "--force", STAGE],
-            cwd=root, env=venv_env(), capture_output=True,
-        )  # fmt: skip
-        why = (checkout.stderr.strip().splitlines() or ["?"])[-1]
+        checkout()
+        why = (done.stderr.strip().splitlines() or ["?"])[-1]
         return left_alone(f"dvc checkout {STAGE} of experiment {experiment} failed ({why})")
     for path, content in kept.items():
         write_text(root / path, content)
