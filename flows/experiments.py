@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -337,6 +338,25 @@ def push_experiment_ref(root: Path, git_remote: str, name: str) -> None:
 # another run holds the workspace. The command lines turn them into exit codes 2 and 3.
 NOT_STARTED = "NotStarted"
 BUSY = "WorkspaceBusy"
+
+
+def start_temporary_server() -> None:
+    """Start Prefect's temporary server now (when no ``PREFECT_API_URL`` names a server), with
+    SIGINT blocked while it starts: the server inherits the block, so Ctrl-C in a terminal,
+    which signals every process of the foreground group, reaches the flow and not the server.
+    Stopped by it, the server left the flow's roll-back to report to nothing: minutes of
+    retries and tracebacks before the process ended. Prefect stops it at exit (SIGTERM), as
+    before; a flow run later finds it started."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        SubprocessASGIServer().start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)  # a Ctrl-C held meanwhile arrives now
 
 
 def exit_code(state, what: str) -> int:

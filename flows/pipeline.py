@@ -33,6 +33,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+import uuid
 from pathlib import Path
 
 from components.stage import failure_reason, redact, set_quiet_env, venv_env, write_text
@@ -83,6 +85,7 @@ from flows.experiments import (  # noqa: E402
     push_experiment_ref,
     save_experiment,
     stages_in_order,
+    start_temporary_server,
 )
 from flows.noop import FLOW_NAME  # noqa: E402
 from flows.summary import (  # noqa: E402
@@ -153,10 +156,11 @@ def run_stage(stage: str, root: str, skip_reason: str = ""):
 
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     env = venv_env()  # dvc.yaml's commands say `python`: this interpreter (the project's venv)
+    mark = uuid.uuid4().hex  # every process this starts inherits it: how _stop finds them all
     process = subprocess.Popen(
         command,
         cwd=root_path,
-        env=env,
+        env={**env, STAGE_MARK: mark},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -181,7 +185,7 @@ def run_stage(stage: str, root: str, skip_reason: str = ""):
             elif "is cached - skipping run" in line:
                 restored = True
     except BaseException:  # Ctrl-C, or SIGTERM (a cancelled flow run: Prefect raises it here)
-        _stop(process)
+        _stop(process, mark)
         raise
     if process.wait() != 0:
         # A failed state with the stage's own reason, not a traceback: the reason is the story.
@@ -258,30 +262,67 @@ def _untracked_files_counted(logger):
         )  # fmt: skip
 
 
-def _stop(process: subprocess.Popen, seconds: float = 60) -> None:
+# In the environment of a stage's ``dvc repro`` and so of every process it starts.
+STAGE_MARK = "PIPELINE_STAGE_MARK"
+
+
+def _stop(process: subprocess.Popen, mark: str, seconds: float = 60) -> None:
     """Stop a stage the flow no longer waits for, before the flow puts params.yaml back: its
     command first (SIGTERM: the stage puts its outputs back), then ``dvc repro`` itself, so no
     dvc.lock is written after this run has ended. ``dvc repro`` is given time to end on its
     own once its command has: stopped while it releases its lock, it left ``.dvc/tmp/rwlock``
-    empty, and DVC then refuses every command."""
-    import psutil  # DVC's own dependency
-
-    try:
-        children = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        children = []
-    for child in children:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.terminate()
-    psutil.wait_procs(children, timeout=seconds)
+    empty, and DVC then refuses every command. Last, any process left with the run's ``mark``:
+    the stage's python, when the ``sh -c`` DVC starts it with was stopped just after it forked
+    (orphaned, no longer below ``dvc repro``, it ran to its end and wrote its outputs after the
+    flow had put them back)."""
+    _terminate(_marked(mark, but=process.pid), seconds)
     for stop in (None, process.terminate, process.kill):
         if stop is not None:
             stop()
         try:
             process.wait(seconds if stop is not process.kill else None)
-            return
+            break
         except subprocess.TimeoutExpired:
             continue
+    _terminate(_marked(mark), seconds)
+
+
+def _marked(mark: str, but: int | None = None) -> list:
+    """The live processes (a zombie is not) whose environment has ``STAGE_MARK=mark``."""
+    import psutil  # DVC's own dependency
+
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):  # gone, a zombie, or another user's
+            if proc.pid != but and proc.environ().get(STAGE_MARK) == mark and _live(proc):
+                found.append(proc)
+    return found
+
+
+def _live(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _terminate(procs: list, seconds: float) -> None:
+    """SIGTERM to each of ``procs``; SIGKILL to any still live after ``seconds``. Polls rather
+    than waits: an orphan is not this process's child, and a container's init may never reap
+    it (a zombie for good)."""
+    import psutil
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(sig)
+        deadline = time.monotonic() + (seconds if sig == signal.SIGTERM else 5)
+        while (procs := [p for p in procs if _live(p)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not procs:
+            return
 
 
 @task(retries=0)
@@ -683,6 +724,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Pipeline not started: {exc}", file=sys.stderr)
         return 2
     try:
+        start_temporary_server()
         state = pipeline(
             overrides=args.overrides,
             only_if_data_changed=args.only_if_data_changed,

@@ -81,7 +81,14 @@ from components.tuning.study import (  # noqa: E402
 from components.tuning.top_k import ensemble_of_top_trials  # noqa: E402
 from components.tuning.trials import check_trial_overrides, prepare_data  # noqa: E402
 from components.tuning.trials import run_trial as run_one_trial  # noqa: E402
-from flows.experiments import BUSY, NOT_STARTED, PreflightError, exit_code, has_commit  # noqa: E402
+from flows.experiments import (  # noqa: E402
+    BUSY,
+    NOT_STARTED,
+    PreflightError,
+    exit_code,
+    has_commit,
+    start_temporary_server,
+)
 from flows.workspace_lock import WorkspaceBusy, workspace_lock  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
@@ -435,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, PreflightError, TuneError, BudgetError, OSError) as exc:
         print(f"Tuning not started: {exc}", file=sys.stderr)
         return 2
+    start_temporary_server()
     state = tune(
         overrides=overrides,
         root=str(root),

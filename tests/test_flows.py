@@ -4,6 +4,7 @@ test_orchestration.py."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -446,3 +447,84 @@ def test_prefect_settings_it_does_not_read_leave_the_run_to_the_flow(tmp_path, f
         (tmp_path / name).write_text(text)
     with pytest.raises(_CannotTell):
         prefect_api_url({"PREFECT_HOME": str(tmp_path), **env}, folders=(tmp_path,))
+
+
+# The `sh -c` DVC runs a stage with, stood in for by a process that forks the stage (here: a
+# process that writes a file a second later) as it is stopped and then ends: the stage is
+# orphaned, no longer a child of `dvc repro`, and was seen to write its outputs after the
+# flow had put them back.
+_SHELL = """
+import pathlib, signal, subprocess, sys, os, time
+late = sys.argv[1]
+def forked_as_stopped(*_):
+    subprocess.Popen([sys.executable, "-c",
+                      f"import time; time.sleep(1); open({late!r}, 'w').write('late')"])
+    os._exit(143)
+signal.signal(signal.SIGTERM, forked_as_stopped)
+pathlib.Path(late + ".ready").touch()
+time.sleep(60)
+"""
+_DVC = "import subprocess, sys; sys.exit(subprocess.call([sys.executable, '-c', *sys.argv[1:]]))"
+
+
+def test_a_stopped_stage_leaves_no_process_behind_even_one_started_as_it_stopped(tmp_path):
+    from flows.pipeline import STAGE_MARK, _marked, _stop
+
+    late, mark = tmp_path / "late.txt", "a-stage-run"
+    process = subprocess.Popen(  # as run_stage starts `dvc repro`
+        [sys.executable, "-c", _DVC, _SHELL, str(late)],
+        env={**os.environ, STAGE_MARK: mark},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 30
+    while not Path(f"{late}.ready").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    _stop(process, mark, seconds=10)
+    assert process.returncode is not None
+    assert _marked(mark) == []  # nothing the stage's run started still runs
+    time.sleep(1.5)
+    assert not late.exists(), "a process the stage started wrote after the flow stopped it"
+
+
+_TEMPORARY_SERVER = """
+import signal, time
+import httpx
+from flows.experiments import start_temporary_server
+from prefect.server.api.server import SubprocessASGIServer
+start_temporary_server()
+print("started", flush=True)
+try:
+    time.sleep(60)
+except KeyboardInterrupt:
+    time.sleep(1)  # as long as the server would take to shut down
+    try:
+        print(httpx.get(SubprocessASGIServer().api_url + "/health").status_code, flush=True)
+    except httpx.ConnectError as exc:
+        print(f"server gone: {exc}", flush=True)
+"""
+
+
+def test_ctrl_c_in_a_terminal_leaves_the_temporary_prefect_server_to_the_flow(tmp_path):
+    """A terminal's Ctrl-C signals its whole foreground group. The temporary server did stop
+    with the flow, and the flow's roll-back then retried for minutes to report to nothing."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", _TEMPORARY_SERVER],
+        cwd=REPO_ROOT,
+        env={**env, "PREFECT_HOME": str(tmp_path / "prefect")},
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a group of its own, as a terminal's foreground job
+        # A process started from a background job inherits SIGINT ignored: Ctrl-C's default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert process.stdout.readline().strip() == "started"
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.stdout.readline().strip() == "200"  # the flow can still report its end
+        assert process.wait(30) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
