@@ -111,6 +111,9 @@ bench-tune: setup ## tuned vs default params, 1 vs 2 workers, ensemble vs best s
 bench-scale: setup ## sharded vs in-memory splits at 10k, 100k, 1M images and table rows: memory, time, throughput (~15 min)
 	$(PY) -m bench.scale
 
+bench-series: setup ## a time series' splits stored as rows (windows as views) vs windows copied, 100k to 3M steps: file size, memory, throughput (~3 min)
+	$(PY) -m bench.series
+
 bench-defaults: setup ## default params vs classical baselines on 10 data sets that packages ship (~4 min)
 	$(PY) -m bench.defaults
 
@@ -141,4 +144,4 @@ schedule: setup repo-init ## serve the nightly + by-hand deployments (make prefe
 clean: ## remove tool state and build scratch (keeps data, models and the DVC cache)
 	rm -rf build .pytest_cache .ruff_cache
 
-.PHONY: help setup repo-init pipeline repro history test soak browser deps lint serve champion promote rollback bench bench-serve serve-edge clean tune bench-tune bench-scale bench-defaults
+.PHONY: help setup repo-init pipeline repro history test soak browser deps lint serve champion promote rollback bench bench-serve serve-edge clean tune bench-tune bench-scale bench-series bench-defaults

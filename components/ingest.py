@@ -138,7 +138,7 @@ def run(params: Params) -> IngestResult:
         meta, n, summary, storage = opened.meta, streamed.n_examples, opened.summary, "shards"
     else:
         prepared = kind.prepare(cfg, external)
-        nbytes = sum(d.x.nbytes + d.y.nbytes for d in prepared.splits.values())
+        nbytes = sum(d.nbytes for d in prepared.splits.values())
         storage = storage_for(cfg, nbytes)
         save(prepared, raw_dir, prepared_dir, storage, cfg.seed)
         meta, n, summary = prepared.meta, prepared.n_examples, prepared.summary

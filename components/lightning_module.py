@@ -175,7 +175,7 @@ def data_loader(data, batch_size: int, *, shuffle: bool, seed: int, regression: 
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from components.dataset import ShardedSet
+    from components.dataset import SeriesWindows, ShardedSet
     from components.shards import ShardLoader
 
     # A last batch of one example breaks batch norm's statistics: drop it.
@@ -185,11 +185,28 @@ def data_loader(data, batch_size: int, *, shuffle: bool, seed: int, regression: 
                            drop_last=shuffle and batch_norm,
                            y_dtype="float32" if regression else None)  # fmt: skip
     y = data.y.astype("float32") if regression else data.y
-    tensors = TensorDataset(torch.from_numpy(data.x), torch.from_numpy(y))
+    if isinstance(data, SeriesWindows):  # each window cut from the rows as it is drawn
+        tensors = _Windows(torch.from_numpy(data.rows), torch.from_numpy(y), data.window)
+    else:
+        tensors = TensorDataset(torch.from_numpy(data.x), torch.from_numpy(y))
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         tensors, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last
     )
+
+
+class _Windows:
+    """A series' windows as a map-style dataset: item ``i`` is rows ``i .. i + window - 1``
+    (a view: the rows are held once) and its target, as TensorDataset would give them."""
+
+    def __init__(self, rows, targets, window: int) -> None:
+        self.rows, self.targets, self.window = rows, targets, window
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        return self.rows[i : i + self.window], self.targets[i]
 
 
 def show_progress_bar() -> bool:

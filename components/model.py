@@ -361,6 +361,13 @@ def load_model(model_dir: Path) -> tuple[nn.Module, ModelCard]:
 def predict_logits(model: nn.Module, x, batch_size: int = 512) -> torch.Tensor:
     """Outputs (logits, or values for regression) for a batch of inputs, in batches, on CPU."""
     model.eval()
-    x = torch.as_tensor(x)
-    out = [model(x[i : i + batch_size].float()) for i in range(0, len(x), batch_size)]
+    out = [model(_tensor(x[i : i + batch_size]).float()) for i in range(0, len(x), batch_size)]
     return torch.cat(out) if out else torch.empty(0)
+
+
+def _tensor(batch) -> torch.Tensor:
+    """A batch as a tensor, sharing an array's memory unless the array is read-only (a series'
+    windows, views of rows they share): that batch is copied."""
+    if isinstance(batch, np.ndarray) and not batch.flags.writeable:
+        return torch.tensor(batch)
+    return torch.as_tensor(batch)

@@ -145,3 +145,10 @@ def test_defaults_smoke(tmp_path):
     for row in rows.values():
         assert row["baselines"] and row["epochs_run"] == 2 and row["train_seconds"] > 0
         assert any(c.startswith("train.model ") for c in row["choices"])
+
+
+def test_series_smoke(tmp_path):
+    smoke("series", tmp_path)
+    report = _results(tmp_path, "series")
+    assert report["summary"]["2000"]["file_copied_over_rows"] > 10  # 32 copies against one
+    assert {row["epoch"]["batches"] for row in report["rows"].values()} == {8}

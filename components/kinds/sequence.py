@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from components import features
-from components.dataset import ArraySet, DatasetMeta
+from components.dataset import ArraySet, DatasetMeta, SeriesWindows
 from components.kinds.base import (
     DataKind,
     Prepared,
@@ -50,11 +50,9 @@ SEQUENCES_SUITE = "sequences"
 
 
 def windows(encoded: np.ndarray, target: np.ndarray, window: int, horizon: int) -> ArraySet:
-    """Every run of ``window`` consecutive rows, labelled with the target ``horizon`` later."""
-    n = len(encoded) - window - horizon + 1
-    view = np.lib.stride_tricks.sliding_window_view(encoded, window, axis=0)[:n]
-    x = np.ascontiguousarray(np.transpose(view, (0, 2, 1)), dtype=np.float32)  # (n, T, F)
-    return ArraySet(x, target[window + horizon - 1 : window + horizon - 1 + n].astype(np.float32))
+    """Every run of ``window`` consecutive rows, labelled with the target ``horizon`` later:
+    views of the rows, not copies (components/dataset.py SeriesWindows)."""
+    return SeriesWindows(encoded, target, window, horizon)
 
 
 def chronological_bounds(n: int, cfg) -> dict[str, tuple[int, int]]:
