@@ -72,10 +72,9 @@ def test_a_run_keeps_a_copy_of_the_outputs_no_checkout_can_put_back(tmp_path):
     metrics, even where the cache holds their contents too), where the file is what the lock
     says; the cached ones, which DVC lists in a .gitignore, are dvc checkout's."""
     import hashlib
+    import subprocess
 
     from components.restore import run_start
-
-    import subprocess
 
     (tmp_path / ".dvc").mkdir()
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
