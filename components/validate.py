@@ -5,7 +5,8 @@ split. What those tables and suites are is the data kind's (components/kinds/): 
 per image, the rows of a table or time series as read, a summary row per sequence. One suite is
 the same for every kind: ``class_counts`` (one row per known class, zero-count rows included,
 so an absent class fails too) needs ``validate.min_rows_per_class`` examples of every class in
-every split of a classification. Plain numpy checks (also the kind's) cover what a summary
+the training split of a classification, and its share of them in a smaller split
+(:func:`class_minimums`). Plain numpy checks (also the kind's) cover what a summary
 table cannot see, such as the arrays' dtypes.
 
 A sharded split (components/dataset.py) is summarised in one pass, a shard at a time; above
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import html
 import logging
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -98,12 +100,32 @@ def _counts_detail(result: dict, ctx: dict) -> str:
     return f"{text}; and {more} more classes" if more > 0 else text
 
 
-def counts_expectations(params: ValidateParams) -> list[Expectation]:
+def counts_expectations(minimum: int, why: str = "") -> list[Expectation]:
     return [
         Expectation("ExpectColumnValuesToBeBetween", "count",
-                    f"label counts per class >= {params.min_rows_per_class}", _counts_detail,
-                    {"min_value": params.min_rows_per_class}, param=MIN_ROWS_PARAM),
+                    f"label counts per class >= {minimum}{why}", _counts_detail,
+                    {"min_value": minimum}, param=MIN_ROWS_PARAM),
     ]  # fmt: skip
+
+
+def class_minimums(sizes: Mapping[str, int], min_rows: int) -> dict[str, tuple[int, str]]:
+    """The rows every class needs in each split, and why when it is not ``min_rows``.
+
+    ``min_rows`` in the training split; in a smaller split, its share: ``min_rows`` times the
+    split's size over train's, rounded up, at least 1. A stratified split gives each class
+    rows in proportion to the split's size, so ``min_rows`` in every split would ask for
+    ``min_rows`` over the validation fraction in every class: 100 rows at the defaults, which
+    refused iris (50 a class, 5 in its validation split). An absent class fails in every split.
+    """
+    train = sizes.get("train", 0)
+    out = {}
+    for split, n in sizes.items():
+        if split == "train" or n >= train:
+            out[split] = (min_rows, "")
+            continue
+        share = max(1, min(min_rows, math.ceil(min_rows * n / train)))
+        out[split] = (share, f" ({min_rows} in train, scaled to this split's {n} rows of {train})")
+    return out
 
 
 # ---------------------------------------------------------------- expectation suites
@@ -123,7 +145,7 @@ def suites_for(meta: DatasetMeta, params: ValidateParams) -> dict[str, list[Expe
     """The kind's suites, then the class counts of a classification."""
     named = dict(kinds.get(meta.kind).expectations(meta, params))
     if not meta.is_regression:
-        named[COUNTS_SUITE] = counts_expectations(params)
+        named[COUNTS_SUITE] = counts_expectations(params.min_rows_per_class)
     return named
 
 
@@ -216,15 +238,20 @@ def check_splits(
     kind = kinds.get(meta.kind)
     context = _context(docs_dir)
     source = context.data_sources.add_pandas("prepared")
-    suites: dict[str, tuple[object, dict[str, Expectation]]] = {}
-    for name, expectations in suites_for(meta, params).items():
+
+    def added(name: str, expectations: list[Expectation]) -> tuple[object, dict]:
         configured = [
             getattr(gx.expectations, e.type)(column=e.column, description=e.description,
                                              **e.options)
             for e in expectations
         ]  # fmt: skip
         suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=configured))
-        suites[name] = (suite, {e.description: e for e in expectations})
+        return suite, {e.description: e for e in expectations}
+
+    suites = {name: added(name, e) for name, e in suites_for(meta, params).items()}
+    # Each split's size as ingest planned it: one that lost a class does not lower its own bar.
+    planned = {s: int(meta.split_sizes.get(s, len(d))) for s, d in splits.items()}
+    minimums = class_minimums(planned, params.min_rows_per_class)
     run_id = RunIdentifier(run_name="validate")
     ctx = {"class_names": meta.class_names}
 
@@ -246,7 +273,12 @@ def check_splits(
         counts = class_count_table(data.y, len(meta.class_names))
         tables[COUNTS_SUITE] = suite_tables[COUNTS_SUITE] = counts
         checks += split_checks
-        for name, (suite, expected) in suites.items():
+        split_suites = dict(suites)
+        minimum, why = minimums[split]
+        if COUNTS_SUITE in suites and why:
+            split_suites[COUNTS_SUITE] = added(f"{COUNTS_SUITE}_{split}",
+                                               counts_expectations(minimum, why))  # fmt: skip
+        for name, (suite, expected) in split_suites.items():
             # One asset per split and table, so each Data Docs page names its split.
             batch = source.add_dataframe_asset(
                 f"{split}_{name}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -15,7 +16,7 @@ from components.config import ValidateParams, parse_params, read_params_file
 from components.dataset import SPLITS, ArraySet, DatasetMeta, meta_path, save_arrays, split_path
 from components.kinds.image import image_table
 from components.stage import StageError
-from components.validate import check_splits, class_count_table, run
+from components.validate import check_splits, class_count_table, class_minimums, run
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("zero", "one", "two")
@@ -114,6 +115,32 @@ def test_min_rows_per_class_comes_from_params(clean):
     failed = failures(clean, ValidateParams(min_rows_per_class=16, max_missing_fraction=0.0))
     assert len(failed) == 3
     assert all("label counts per class >= 16" in f for f in failed)
+
+
+def test_a_smaller_split_needs_its_share_of_the_training_minimum():
+    """Stratified splits give a class rows in proportion: 10 in every split asked for 100 a
+    class at the default fractions, and refused iris (5 a class in its validation split)."""
+    assert class_minimums({"train": 105, "val": 15, "test": 30}, 10) == {
+        "train": (10, ""),
+        "val": (2, " (10 in train, scaled to this split's 15 rows of 105)"),
+        "test": (3, " (10 in train, scaled to this split's 30 rows of 105)"),
+    }
+    assert class_minimums({"train": 45, "val": 45, "test": 60}, 10)["test"] == (10, "")
+    assert class_minimums({"train": 1000, "val": 3}, 10)["val"][0] == 1  # never 0
+
+
+def test_an_iris_sized_split_passes_and_a_class_short_of_its_share_fails():
+    sizes = {"train": 35, "val": 5, "test": 10}  # iris, 50 a class, at the default fractions
+    splits = {s: make_split(seed, per_class=n) for seed, (s, n) in enumerate(sizes.items())}
+    meta = dataclasses.replace(META, split_sizes={s: len(d) for s, d in splits.items()})
+    assert check_splits(splits, meta, PARAMS).success
+    val = splits["val"]
+    keep = np.r_[0:10, 10:11]  # class 'two': 1 left of 5
+    broken = {**splits, "val": ArraySet(x=val.x[keep], y=val.y[keep])}
+    assert list(check_splits(broken, meta, PARAMS).failed) == [
+        "val: label counts per class >= 2 (10 in train, scaled to this split's 15 rows of 105) "
+        "(class 'two' has 1; the limit is validate.min_rows_per_class in params.yaml)"
+    ]
 
 
 def test_pixels_out_of_range_fail_and_the_dtype_too(clean):
