@@ -16,6 +16,9 @@ resident memory (``VmHWM``) is its own:
    as the train stage builds it: samples/s over the first ``BATCHES`` (400) batches, and the
    peak memory. The batches are the same in both layouts (tests/test_series_windows.py).
 
+3. **encode** (in this process): ingest's encoding of the N rows (numeric columns in one
+   pass) against the per-value path the service takes for JSON rows: seconds, and equality.
+
 Results go to ``bench/results/series.json`` (``--smoke``: ``build/bench-smoke/series.json``,
 where the peaks are one process's, cumulative), with the machine's load average.
 """
@@ -97,6 +100,27 @@ def step_epoch(work: Path, n: int, layout: str) -> dict:
             "peak_rss_mb": _peak_mb()}  # fmt: skip
 
 
+def encode_seconds(n: int) -> dict:
+    """Ingest's encoding of the series' rows (components/features.py ``encode_frame``: numeric
+    columns in one pass) against the per-value path the service takes for JSON rows, on the
+    same frame: seconds of each, and that they agree."""
+    import pandas as pd
+
+    from components import features
+
+    rows, _ = _series(n)
+    frame = pd.DataFrame(rows, columns=[f"f{j}" for j in range(FEATURES)])
+    spec = features.fit(frame, list(frame.columns))
+    started = time.perf_counter()
+    whole = features.encode_frame(frame, spec)
+    one_pass = time.perf_counter() - started
+    started = time.perf_counter()
+    per_value = features.encode({c: frame[c].tolist() for c in frame.columns}, spec)
+    loop = time.perf_counter() - started
+    return {"one_pass_s": round(one_pass, 3), "per_value_s": round(loop, 3),
+            "same": bool(np.array_equal(whole, per_value))}  # fmt: skip
+
+
 STEPS = {"store": step_store, "epoch": step_epoch}
 
 
@@ -138,6 +162,10 @@ def summarise(rows: dict, sizes) -> dict:
 def _report(result: dict) -> str:
     lines = [f"series of N steps x {FEATURES} features, windows of {WINDOW}: rows vs copied"]
     for key, row in result["rows"].items():
+        if key.startswith("encode-"):
+            lines.append(f"  {key:>16}: rows encoded in one pass {row['one_pass_s']} s, value by "
+                         f"value {row['per_value_s']} s (same: {row['same']})")  # fmt: skip
+            continue
         s, e = row["store"], row["epoch"]
         lines.append(
             f"  {key:>16}: file {s['file_mb']:>8} MB, store {s['seconds']:>6} s "
@@ -177,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
             }
             for f in work.glob(f"{layout}-{n}.npz"):
                 f.unlink()  # up to 1.6 GB each: not kept
+        rows[f"encode-{n}"] = encode_seconds(n)
     result = {
         "what": "a series' split stored as its rows (windows are views) vs its windows copied",
         "features": FEATURES, "window": WINDOW, "batch": BATCH, "batches_timed": BATCHES,

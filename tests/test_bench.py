@@ -151,4 +151,7 @@ def test_series_smoke(tmp_path):
     smoke("series", tmp_path)
     report = _results(tmp_path, "series")
     assert report["summary"]["2000"]["file_copied_over_rows"] > 10  # 32 copies against one
-    assert {row["epoch"]["batches"] for row in report["rows"].values()} == {8}
+    assert {
+        report["rows"][f"{layout}-2000"]["epoch"]["batches"] for layout in ("rows", "copied")
+    } == {8}
+    assert report["rows"]["encode-2000"]["same"]  # one pass encodes as value by value does

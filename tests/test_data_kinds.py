@@ -286,3 +286,24 @@ def test_served_rows_with_bad_fields_name_the_row_and_column():
         features.encode_records([{"x1": "1.5", "color": "red"}], spec)
     with pytest.raises(features.FeatureError, match=r"unknown column\(s\) \['x9'\]"):
         features.encode_records([{"x1": 1, "color": "red", "x9": 0}], spec)
+
+
+def test_a_frame_encodes_in_one_pass_as_its_rows_would_one_value_at_a_time():
+    """Training encodes a frame's numeric columns as arrays; serving encodes JSON rows value by
+    value: the same numbers, missing values and errors either way."""
+    frame = make_table(n=500)
+    frame.loc[[3, 77], "x1"] = np.nan
+    spec = features.fit(frame, ["x1", "x2", "color"])
+    rows = [
+        {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
+        for r in frame[["x1", "x2", "color"]].to_dict("records")
+    ]
+    whole = features.encode_frame(frame, spec)
+    assert np.array_equal(whole, features.encode_records(rows, spec))
+    assert whole[3, 0] == 0.0  # missing: the mean, standardised
+    frame.loc[41, "x2"] = np.inf
+    rows[41]["x2"] = float("inf")
+    infinite = r"^row 41, column 'x2': inf is not finite$"
+    for encode, data in ((features.encode_frame, frame), (features.encode_records, rows)):
+        with pytest.raises(features.FeatureError, match=infinite):
+            encode(data, spec)
