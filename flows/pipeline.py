@@ -275,7 +275,7 @@ def _stop(process: subprocess.Popen, mark: str, seconds: float = 60) -> None:
     the stage's python, when the ``sh -c`` DVC starts it with was stopped just after it forked
     (orphaned, no longer below ``dvc repro``, it ran to its end and wrote its outputs after the
     flow had put them back)."""
-    _terminate(_marked(mark, but=process.pid), seconds)
+    _terminate(_descendants(process.pid) | _marked(mark, but=process.pid), seconds)
     for stop in (None, process.terminate, process.kill):
         if stop is not None:
             stop()
@@ -287,15 +287,25 @@ def _stop(process: subprocess.Popen, mark: str, seconds: float = 60) -> None:
     _terminate(_marked(mark), seconds)
 
 
-def _marked(mark: str, but: int | None = None) -> list:
-    """The live processes (a zombie is not) whose environment has ``STAGE_MARK=mark``."""
+def _descendants(pid: int) -> set:
+    """The processes below ``pid`` now (where a process's environment cannot be read)."""
     import psutil  # DVC's own dependency
 
-    found = []
+    try:
+        return set(psutil.Process(pid).children(recursive=True))
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def _marked(mark: str, but: int | None = None) -> set:
+    """The live processes (a zombie is not) whose environment has ``STAGE_MARK=mark``."""
+    import psutil
+
+    found = set()
     for proc in psutil.process_iter():
         with contextlib.suppress(psutil.Error):  # gone, a zombie, or another user's
             if proc.pid != but and proc.environ().get(STAGE_MARK) == mark and _live(proc):
-                found.append(proc)
+                found.add(proc)
     return found
 
 
@@ -308,7 +318,7 @@ def _live(proc) -> bool:
         return False
 
 
-def _terminate(procs: list, seconds: float) -> None:
+def _terminate(procs: set, seconds: float) -> None:
     """SIGTERM to each of ``procs``; SIGKILL to any still live after ``seconds``. Polls rather
     than waits: an orphan is not this process's child, and a container's init may never reap
     it (a zombie for good)."""
@@ -319,7 +329,7 @@ def _terminate(procs: list, seconds: float) -> None:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.send_signal(sig)
         deadline = time.monotonic() + (seconds if sig == signal.SIGTERM else 5)
-        while (procs := [p for p in procs if _live(p)]) and time.monotonic() < deadline:
+        while (procs := {p for p in procs if _live(p)}) and time.monotonic() < deadline:
             time.sleep(0.05)
         if not procs:
             return
