@@ -126,8 +126,7 @@ class SeriesWindows(ArraySet):
             yield np.ascontiguousarray(self.x[part]), self.y[part]
 
     def map_x(self, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-        outputs = [np.asarray(fn(x)) for x, _ in self.chunks()]
-        return np.concatenate(outputs) if outputs else np.asarray(fn(np.ascontiguousarray(self.x)))
+        return np.concatenate([np.asarray(fn(x)) for x, _ in self.chunks()])  # never empty
 
     def head(self, n: int) -> ArraySet:
         return ArraySet(np.ascontiguousarray(self.x[:n]), self.y[:n].copy())
