@@ -124,7 +124,8 @@ def class_minimums(sizes: Mapping[str, int], min_rows: int) -> dict[str, tuple[i
             out[split] = (min_rows, "")
             continue
         share = max(1, min(min_rows, math.ceil(min_rows * n / train)))
-        out[split] = (share, f" ({min_rows} in train, scaled to this split's {n} rows of {train})")
+        why = f" ({min_rows} in train, scaled to this split's {n} rows of {train})"
+        out[split] = (share, why if share < min_rows else "")
     return out
 
 

@@ -127,6 +127,7 @@ def test_a_smaller_split_needs_its_share_of_the_training_minimum():
     }
     assert class_minimums({"train": 45, "val": 45, "test": 60}, 10)["test"] == (10, "")
     assert class_minimums({"train": 1000, "val": 3}, 10)["val"][0] == 1  # never 0
+    assert class_minimums({"train": 100, "val": 3}, 1)["val"] == (1, "")  # nothing to scale
 
 
 def test_an_iris_sized_split_passes_and_a_class_short_of_its_share_fails():
