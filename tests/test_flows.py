@@ -491,6 +491,8 @@ def test_a_stopped_stage_leaves_no_process_behind_even_one_started_as_it_stopped
 _TEMPORARY_SERVER = """
 import signal, time
 import httpx
+from components.stage import set_quiet_env
+set_quiet_env()  # as the entry points: a start time a loaded machine needs (not Prefect's 20 s)
 from flows.experiments import start_temporary_server
 from prefect.server.api.server import SubprocessASGIServer
 start_temporary_server()
