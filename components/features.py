@@ -200,9 +200,8 @@ def encode(columns: Mapping[str, Sequence], spec: Mapping) -> np.ndarray:
 def _numbers(values: np.ndarray, col: Mapping) -> np.ndarray:
     """A float64 column as the per-value loop of :func:`encode` reads one, in one pass: NaN
     is missing (the column's mean), an infinity fails naming its first row."""
-    out = np.array(values, dtype=np.float64)  # a copy: the caller's array is left alone
-    missing = np.isnan(out)
-    out[missing] = col["mean"]
+    values = np.asarray(values, dtype=np.float64)
+    out = np.where(np.isnan(values), col["mean"], values)  # the one new array; values untouched
     bad = ~np.isfinite(out)
     if bad.any():
         i = int(np.argmax(bad))
