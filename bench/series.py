@@ -16,8 +16,9 @@ resident memory (``VmHWM``) is its own:
    as the train stage builds it: samples/s over the first ``BATCHES`` (400) batches, and the
    peak memory. The batches are the same in both layouts (tests/test_series_windows.py).
 
-3. **encode** (in this process): ingest's encoding of the N rows (numeric columns in one
-   pass) against the per-value path the service takes for JSON rows: seconds, and equality.
+3. **encode** (in this process): ingest's encoding of the N rows, plus a categorical column of
+   8 labels (each column in one pass), against the per-value path the service takes for JSON
+   rows: seconds, and equality.
 
 Results go to ``bench/results/series.json`` (``--smoke``: ``build/bench-smoke/series.json``,
 where the peaks are one process's, cumulative), with the machine's load average.
@@ -101,15 +102,17 @@ def step_epoch(work: Path, n: int, layout: str) -> dict:
 
 
 def encode_seconds(n: int) -> dict:
-    """Ingest's encoding of the series' rows (components/features.py ``encode_frame``: numeric
-    columns in one pass) against the per-value path the service takes for JSON rows, on the
-    same frame: seconds of each, and that they agree."""
+    """Ingest's encoding of the series' rows and a categorical column (components/features.py
+    ``encode_frame``: each column in one pass) against the per-value path the service takes for
+    JSON rows, on the same frame: seconds of each, and that they agree."""
     import pandas as pd
 
     from components import features
 
     rows, _ = _series(n)
     frame = pd.DataFrame(rows, columns=[f"f{j}" for j in range(FEATURES)])
+    labels = np.array(list("abcdefgh"), dtype=object)
+    frame["regime"] = labels[np.random.default_rng(1).integers(0, len(labels), n)]
     spec = features.fit(frame, list(frame.columns))
     started = time.perf_counter()
     whole = features.encode_frame(frame, spec)
@@ -163,7 +166,8 @@ def _report(result: dict) -> str:
     lines = [f"series of N steps x {FEATURES} features, windows of {WINDOW}: rows vs copied"]
     for key, row in result["rows"].items():
         if key.startswith("encode-"):
-            lines.append(f"  {key:>16}: rows encoded in one pass {row['one_pass_s']} s, value by "
+            lines.append(f"  {key:>16}: rows (and a category) encoded in one pass "
+                         f"{row['one_pass_s']} s, value by "
                          f"value {row['per_value_s']} s (same: {row['same']})")  # fmt: skip
             continue
         s, e = row["store"], row["epoch"]

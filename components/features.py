@@ -163,38 +163,40 @@ def encode(columns: Mapping[str, Sequence], spec: Mapping) -> np.ndarray:
     if len(lengths) > 1:
         raise FeatureError("columns have different numbers of rows")
     n = lengths.pop() if lengths else 0
-    blocks = []
-    for col in specs:
-        values = columns[col["name"]]
-        if col["type"] == "numeric" and isinstance(values, np.ndarray):
-            blocks.append(((_numbers(values, col) - col["mean"]) / col["std"])[:, None])
-        elif col["type"] == "numeric":
-            out = np.empty(n, dtype=np.float64)
-            for i, v in enumerate(values):
-                if _is_missing(v):
-                    out[i] = col["mean"]
-                    continue
-                if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-                    raise FeatureError(
-                        f"row {i}, column {col['name']!r}: expected a number, got {v!r}"
-                    )
-                if not math.isfinite(float(v)):
-                    raise FeatureError(f"row {i}, column {col['name']!r}: {v!r} is not finite")
-                out[i] = float(v)
-            blocks.append(((out - col["mean"]) / col["std"])[:, None])
-        else:
-            index = {c: j for j, c in enumerate(col["categories"])}
-            onehot = np.zeros((n, len(index)), dtype=np.float64)
-            for i, v in enumerate(values):
-                if _is_missing(v):
-                    continue
-                j = index.get(str(v))
-                if j is not None:
-                    onehot[i, j] = 1.0
-            blocks.append(onehot)
+    return _stack([_block(col, columns[col["name"]], n) for col in specs], n)
+
+
+def _stack(blocks: list[np.ndarray], n: int) -> np.ndarray:
     if not blocks:
         return np.zeros((n, 0), dtype=np.float32)
     return np.concatenate(blocks, axis=1).astype(np.float32)
+
+
+def _block(col: Mapping, values: Sequence, n: int) -> np.ndarray:
+    """One column's features, ``(n, 1)`` standardised or ``(n, k)`` one-hot, as float64."""
+    if col["type"] == "numeric" and isinstance(values, np.ndarray):
+        return ((_numbers(values, col) - col["mean"]) / col["std"])[:, None]
+    if col["type"] == "numeric":
+        out = np.empty(n, dtype=np.float64)
+        for i, v in enumerate(values):
+            if _is_missing(v):
+                out[i] = col["mean"]
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise FeatureError(f"row {i}, column {col['name']!r}: expected a number, got {v!r}")
+            if not math.isfinite(float(v)):
+                raise FeatureError(f"row {i}, column {col['name']!r}: {v!r} is not finite")
+            out[i] = float(v)
+        return ((out - col["mean"]) / col["std"])[:, None]
+    index = {c: j for j, c in enumerate(col["categories"])}
+    onehot = np.zeros((n, len(index)), dtype=np.float64)
+    for i, v in enumerate(values):
+        if _is_missing(v):
+            continue
+        j = index.get(str(v))
+        if j is not None:
+            onehot[i, j] = 1.0
+    return onehot
 
 
 def _numbers(values: np.ndarray, col: Mapping) -> np.ndarray:
@@ -210,17 +212,33 @@ def _numbers(values: np.ndarray, col: Mapping) -> np.ndarray:
 
 
 def encode_frame(frame, spec: Mapping) -> np.ndarray:
-    """Encode a pandas frame (training side)."""
-    columns = {}
+    """Encode a pandas frame (training side), each column in one pass: not a Python object per
+    value, as JSON rows are (:func:`encode_records`)."""
+    blocks = []
     for col in spec["columns"]:
         if col["name"] not in frame.columns:
             raise FeatureError(f"missing column {col['name']!r}")
         series = frame[col["name"]]
-        if col["type"] == "numeric":  # encoded in one pass (not a Python float per value)
-            columns[col["name"]] = series.astype("float64").to_numpy()
+        if col["type"] == "numeric":
+            blocks.append(_block(col, series.astype("float64").to_numpy(), len(frame)))
         else:
-            columns[col["name"]] = [None if _is_missing(v) else v for v in series.tolist()]
-    return encode(columns, spec)
+            blocks.append(_one_hot(series, col))
+    return _stack(blocks, len(frame))
+
+
+def _one_hot(series, col: Mapping) -> np.ndarray:
+    """A categorical column of a frame one-hot, as :func:`_block` encodes its values: a missing
+    value (what :func:`fit` drops) and an unseen one are all zeros; the others are matched as
+    ``str(value)``, through a pandas hash index instead of a dict lookup per value."""
+    import pandas as pd
+
+    onehot = np.zeros((len(series), len(col["categories"])), dtype=np.float64)
+    present = series.notna().to_numpy()
+    strings = [str(v) for v in series[present].tolist()]  # tolist: the values _block sees
+    codes = pd.Index(col["categories"], dtype=object).get_indexer(strings)
+    found = codes >= 0
+    onehot[np.flatnonzero(present)[found], codes[found]] = 1.0
+    return onehot
 
 
 def encode_records(records: Sequence[Mapping], spec: Mapping) -> np.ndarray:

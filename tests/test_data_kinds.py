@@ -307,3 +307,34 @@ def test_a_frame_encodes_in_one_pass_as_its_rows_would_one_value_at_a_time():
     for encode, data in ((features.encode_frame, frame), (features.encode_records, rows)):
         with pytest.raises(features.FeatureError, match=infinite):
             encode(data, spec)
+
+
+def test_a_frames_categorical_columns_encode_in_one_pass_as_value_by_value():
+    """The one-pass one-hot of a frame's categories (a pandas index lookup) equals the per-value
+    encoding JSON rows get, for every kind of column fit takes as categorical: strings with
+    missing and unseen values, mixed objects (numbers, booleans, NaN), pandas categories,
+    booleans, pandas strings with NA, and dates (``str`` of a Timestamp, not pandas' format)."""
+    rng = np.random.default_rng(0)
+    n = 400
+    frame = pd.DataFrame({
+        "s": rng.choice(["a", "b", "c", None], n),
+        "mixed": pd.Series(rng.choice([1, 2.5, "x", True, None, np.nan], n), dtype=object),
+        "cat": pd.Series(rng.choice(["u", "v", "w"], n)).astype("category"),
+        "b": rng.choice([True, False], n),
+        "sd": pd.Series(rng.choice(["p", "q", None], n), dtype="string"),
+        "dt": pd.to_datetime(pd.Series(rng.choice(["2020-01-01", "2021-06-01", None], n))),
+        "num": rng.normal(size=n),
+    })  # fmt: skip
+    spec = features.fit(frame.iloc[: n // 2], list(frame.columns))
+    assert [c["type"] for c in spec["columns"]] == ["categorical"] * 6 + ["numeric"]
+    frame.loc[frame.index[-20:], "s"] = "never seen in training"
+    value_by_value = features.encode(
+        {c: [None if pd.isna(v) else v for v in frame[c].tolist()] for c in frame.columns}, spec
+    )
+    whole = features.encode_frame(frame, spec)
+    assert np.array_equal(whole, value_by_value)
+    names = spec["features"]
+    assert whole[-20:, [i for i, f in enumerate(names) if f.startswith("s=")]].sum() == 0
+    dates = [i for i, f in enumerate(names) if f.startswith("dt=")]
+    assert [names[i] for i in dates] == ["dt=2020-01-01 00:00:00", "dt=2021-06-01 00:00:00"]
+    assert whole[:, dates].sum() == frame["dt"].notna().sum()  # every date found its category
