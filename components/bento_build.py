@@ -261,11 +261,11 @@ def export_archive(tag: str, artefacts_dir: Path) -> Path:
     artefacts_dir = Path(artefacts_dir).resolve()
     artefacts_dir.mkdir(parents=True, exist_ok=True)
     archive = artefacts_dir / f"{name}-{version}.bento"
-    # Export next to the target, then rename: a crash never leaves a half-written archive.
+    # Written next to the target, then renamed: a crash never leaves a half-written archive.
     scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=artefacts_dir))
     try:
-        written = Path(bentoml.bentos.export_bento(tag, str(scratch / archive.name)))
-        os.replace(written, archive)
+        write_archive(Path(bentoml.bentos.get(tag).path), scratch / archive.name)
+        os.replace(scratch / archive.name, archive)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     # Exactly <name>-r<hash>.bento: "digits-classifier-*" would also match the edge bento's.
@@ -274,3 +274,44 @@ def export_archive(tag: str, artefacts_dir: Path) -> Path:
         if old != archive and own.fullmatch(old.name):
             old.unlink()
     return archive
+
+
+# What makes two exports of one bento differ: every file's time, the owner, the order a folder
+# lists, and the build's `creation_time` in bento.yaml. The archive fixes them (the time as the
+# reproducible-builds convention does, 1980-01-01) and leaves the build time out: `bentoml
+# import` then records the import's time, as it does for any field a bento.yaml omits.
+ARCHIVE_MTIME = 315532800
+_CREATION_TIME = re.compile(rb"^creation_time: .*\n", re.MULTILINE)
+
+
+def write_archive(bento_dir: Path, target: Path) -> None:
+    """The bento folder as ``bentoml export`` writes it (an xz tar of ``./...``), but the same
+    bytes for the same bento, whenever and wherever it was built."""
+    import io
+    import tarfile
+
+    def normalised(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.mtime = ARCHIVE_MTIME
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        executable = info.isdir() or info.mode & 0o100
+        info.mode = 0o755 if executable else 0o644
+        return info
+
+    paths = sorted(bento_dir.rglob("*"), key=lambda p: p.relative_to(bento_dir).parts)
+    with tarfile.open(target, "w:xz", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(normalised(tar.gettarinfo(str(bento_dir), arcname=".")))
+        for path in paths:
+            arcname = "./" + path.relative_to(bento_dir).as_posix()
+            info = normalised(tar.gettarinfo(str(path), arcname=arcname))
+            if info.isdir():
+                tar.addfile(info)
+            elif arcname == "./bento.yaml":
+                data = _CREATION_TIME.sub(b"", path.read_bytes(), count=1)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            elif info.isfile():
+                with path.open("rb") as fh:
+                    tar.addfile(info, fh)
+            else:
+                raise StageError(f"bento {bento_dir.name}: {arcname} is not a file or a folder")

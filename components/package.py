@@ -154,10 +154,19 @@ def _check_onnx_exists(onnx_file: Path, variant: str) -> None:
         )
 
 
+def _portable(path: Path) -> str:
+    """``path`` relative to the current folder (the repository root, where the stage runs)
+    when it lies inside it: bento.json then reads the same in every clone, wherever it is."""
+    try:
+        return Path(path).relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def _bento_summary(result: BentoResult, card: dict, metrics: dict) -> dict:
     return {
         "tag": result.tag,
-        "archive": str(result.archive),
+        "archive": _portable(result.archive),
         "archive_bytes": result.archive_bytes,
         "served_variant": result.served_variant,
         "model_version": result.model_version,

@@ -83,7 +83,7 @@ def run_record(gate: dict, bento: dict, root: Path = Path(".")) -> champ.RunReco
             f"the bento's model {bento['model']} is not the {served} model the gates judged "
             f"(sha256 {verdict['model_sha256'][:12]}): stale files; re-run the pipeline"
         )
-    archive = Path(bento["archive"])
+    archive = Path(root) / bento["archive"]  # relative to the root (an absolute one stays)
     task = tasks.get(gate["task"])
     missing = [k for k in task.record_keys if not isinstance(verdict.get(k), int | float)]
     if missing:

@@ -207,6 +207,34 @@ def test_the_archive_imports_back(tmp_path):
     assert str(bentoml.bentos.get(result.tag).tag) == result.tag
 
 
+def test_a_rebuilt_bento_exports_the_same_archive_bytes(tmp_path):
+    """Built again from nothing (a fresh build: a new creation time, new file times), the same
+    bento exports the same archive bytes; imported, it takes the import's time."""
+    import datetime
+
+    import bentoml
+
+    first = package_tiny(tmp_path, seed=3, name="tiny-repro")
+    before = first.archive.read_bytes()
+    bentoml.bentos.delete(first.tag)
+    again = package_tiny(tmp_path, seed=3, name="tiny-repro")
+    assert again.tag == first.tag and not again.reused  # built again, not found in the store
+    assert again.archive.read_bytes() == before
+    with tarfile.open(again.archive) as tar:
+        members = tar.getmembers()
+        assert b"creation_time" not in tar.extractfile("./bento.yaml").read()
+    assert {(m.mtime, m.uid, m.gid) for m in members} == {(315532800, 0, 0)}
+    assert [m.name for m in members] == sorted(
+        (m.name for m in members), key=lambda n: n.split("/")
+    )
+    bentoml.bentos.delete(first.tag)
+    started = datetime.datetime.now(datetime.UTC)
+    bentoml.bentos.import_bento(str(again.archive))
+    assert bentoml.bentos.get(first.tag).info.creation_time >= started - datetime.timedelta(
+        seconds=1
+    )
+
+
 def test_version_is_a_content_hash(tmp_path):
     (tmp_path / "a.txt").write_text("x")
     v1 = content_version(tmp_path, {"k": 1})

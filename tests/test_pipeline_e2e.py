@@ -103,7 +103,8 @@ def test_flow_runs_every_stage_and_prints_a_summary(workspace, first_run):
     bento = json.loads((workspace / "artefacts" / "bento.json").read_text())
     assert f"bentoml serve {bento['tag']}" in out
     assert ":latest" not in bento["tag"]
-    assert Path(bento["archive"]).is_file()
+    assert (workspace / bento["archive"]).is_file()
+    assert not Path(bento["archive"]).is_absolute()  # the same in every clone
     lock = (workspace / "dvc.lock").read_text()
     for stage in STAGES:
         assert f"  {stage}:" in lock
