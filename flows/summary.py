@@ -52,6 +52,9 @@ def read_summary(root: Path) -> dict:
         "gate": read(records.read_gate, metrics_dir, records.GATE_FILE),
         "bento": read(records.read_bento, artefacts_dir, records.BENTO_FILE),
         "promote": read_json(metrics_dir / "promote.json"),
+        # The champion as the record has it now: `make promote` or `make rollback` since the
+        # promote stage ran change it, not promote.json.
+        "champion_now": read_json(root / params.paths.champion_file).get("champion"),
         "report": root / params.paths.reports_dir / "report.html",
         # Where the package stage built the bentos (its BENTOML_HOME, as this process has it).
         "bento_store": os.environ.get("BENTOML_HOME") or str(root / ".bentoml"),
@@ -169,8 +172,11 @@ def format_summary(summary: dict, outcomes: dict[str, str], notes: list[str] = (
             lines.append(f"  edge bento: {edge['tag']} (int8, ONNX Runtime + numpy only)")
     promote = summary.get("promote") or {}
     if promote:
-        lines.append(f"  champion: {promote.get('champion_after')} ({promote.get('outcome')}: "
-                     f"{promote.get('reason')})")  # fmt: skip
+        said = f"{promote.get('outcome')}: {promote.get('reason')}"
+        now = summary.get("champion_now")
+        if now and now != promote.get("champion_after"):
+            said = f"the champion record's since this run's promote stage, which said: {said}"
+        lines.append(f"  champion: {now or promote.get('champion_after')} ({said})")
     report = summary.get("report")
     if report and Path(report).is_file():
         lines.append(f"  report: {report}")

@@ -52,6 +52,29 @@ def test_the_summary_leads_with_the_served_models_metrics(tmp_path):
     assert f"{served}:" in "\n".join(lines) and "(served)" in "\n".join(lines)
 
 
+def test_the_champion_line_names_the_champion_the_record_has_now(tmp_path):
+    """`make promote` after a run changes the champion record, not the promote stage's
+    promote.json: the summary names the record's champion and says what the stage said."""
+    root = _project(tmp_path)
+    said = {"champion_after": "r000000000001", "outcome": "recorded", "reason": "not promoted"}
+    (root / "metrics" / "promote.json").write_text(json.dumps(said))
+    (root / "deploy").mkdir()
+    record = root / "deploy" / "champion.json"
+
+    def champion_line() -> str:
+        out = format_summary(read_summary(root), {"promote": "ran"})
+        return next(line for line in out.splitlines() if line.startswith("  champion: "))
+
+    assert champion_line() == "  champion: r000000000001 (recorded: not promoted)"  # no record
+    record.write_text(json.dumps({"format": 1, "champion": "r000000000001"}))
+    assert champion_line() == "  champion: r000000000001 (recorded: not promoted)"
+    record.write_text(json.dumps({"format": 1, "champion": "r000000000002"}))
+    assert champion_line() == (
+        "  champion: r000000000002 (the champion record's since this run's promote stage, "
+        "which said: recorded: not promoted)"
+    )
+
+
 def test_the_printed_serve_command_works_from_the_repo_root(tmp_path, monkeypatch):
     """One bento server: the tiny bento imported into the project's ./.bentoml store, as the
     package stage of a run from the repository root leaves it; the command run in bash from the
