@@ -140,7 +140,7 @@ def decide(
             name, False, "already champion", f"{name} is the champion already", before, before
         )
     compared = gate["champion"]["run"]
-    if compared != before:
+    if compared != before and not same_measured_model(record, compared, before):
         reason = (
             f"the champion changed to {before} after the gate compared {name} with "
             f"{compared or 'no champion'}: recorded, not promoted (make promote RUN={name})"
@@ -172,8 +172,22 @@ def decide(
     gates = gate["variants"][gate["served_variant"]]["gates"]
     reason = "; ".join(g["reason"] for k, g in gates.items() if k.startswith("vs_champion"))
     reason = f"passed every gate; {reason}" if reason else "passed every gate"
+    if compared != before:
+        reason += f" ({before}, the champion since, serves that same model, measured the same)"
     _promote(record, name, "pipeline", reason)
     return PromoteResult(name, True, "promoted", reason, before, name)
+
+
+def same_measured_model(record: champ.ChampionRecord, a: str | None, b: str | None) -> bool:
+    """Runs ``a`` and ``b`` serve one model, measured alike on one test split: the same model
+    packaged again (a change to the service code gives a new bento around it). A gate's
+    comparison with ``a`` then holds for ``b``."""
+    first, second = record.runs.get(a or ""), record.runs.get(b or "")
+    if first is None or second is None:
+        return False
+    return (first.model_sha256, first.test_split, first.metrics) == (
+        second.model_sha256, second.test_split, second.metrics,
+    )  # fmt: skip
 
 
 def inputs_differ(champion: champ.RunRecord | None, run: champ.RunRecord) -> str | None:

@@ -252,6 +252,51 @@ def test_a_champion_with_the_same_columns_still_promotes(tmp_path, monkeypatch):
     assert promote.decide(record, better, again, auto=True).promoted
 
 
+def test_a_champion_changed_since_the_gate_is_compared_again_only_for_the_same_model(
+    tmp_path, monkeypatch
+):
+    """The gate compared a run with champion A; A's model packaged again (new service code: a
+    new bento, the same model and measurements) became the champion since. The comparison
+    holds for it: the run is promoted. A champion that serves another model refuses it."""
+    monkeypatch.chdir(tmp_path)
+    params = project_params(tmp_path, **{**REGRESSION_PARAMS, "compress.max_accuracy_drop": 0.5})
+    write_regression_split(params, regression_split())
+    write_regression_challenger(params, int8_weight=np.array([2.0, -1.0, 0.5]) * 0.9)
+    gate.run(params)
+    first = gate.read_gate_json(Path(params.paths.metrics_dir) / "gate.json")
+    record = champ.ChampionRecord()
+    promote.decide(record, promote.run_record(first, _bento(first, "r00000000000a")), first, True)
+    champ.save_record(params.paths.champion_file, record)
+    write_regression_challenger(params)  # exact: better than A
+    gate.run(params)
+    compared = gate.read_gate_json(Path(params.paths.metrics_dir) / "gate.json")
+    assert compared["champion"]["run"] == "r00000000000a"
+    champion_a = record.runs["r00000000000a"]
+
+    def with_champion(run: champ.RunRecord) -> champ.ChampionRecord:
+        changed = record.model_copy(deep=True)
+        changed.runs[run.run] = run
+        changed.champion = run.run
+        return changed
+
+    repackaged = champion_a.model_copy(
+        update={"run": "r00000000000c", "bento_tag": "tiny-regressor:r00000000000c"}
+    )
+    candidate = promote.run_record(compared, _bento(compared, "r00000000000b"))
+    outcome = promote.decide(with_champion(repackaged), candidate, compared, auto=True)
+    assert outcome.promoted and outcome.champion_before == "r00000000000c"
+    assert outcome.reason.endswith(
+        "(r00000000000c, the champion since, serves that same model, measured the same)"
+    )
+    other = repackaged.model_copy(update={"model_sha256": "0" * 64})
+    refused = promote.decide(with_champion(other), candidate, compared, auto=True)
+    assert not refused.promoted and refused.outcome == "recorded"
+    assert refused.reason == (
+        "the champion changed to r00000000000c after the gate compared r00000000000b with "
+        "r00000000000a: recorded, not promoted (make promote RUN=r00000000000b)"
+    )
+
+
 # -- images with other classes: real bentos, promote.json, the report, make promote ----------
 
 
