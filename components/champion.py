@@ -321,21 +321,45 @@ def _parse_record(path: Path, text: str) -> ChampionRecord:
     return record
 
 
-def _newer_record(path: Path, record: ChampionRecord | None) -> ChampionRecord | None:
-    """The last record written here, when ``record`` (the file's) is an older state of it: its
-    events a strict beginning of the last one's, as ``dvc exp apply`` of an earlier run (every
-    experiment holds the record as it was then) or an older checkout leave it."""
-    last = last_written_file(path)
-    if not last.is_file():
-        return None
-    try:
-        newer = _parse_record(last, last.read_text())
-    except StageError:
-        return None  # a damaged copy: the file in git is the truth
+def _newer_record(path: Path, record: ChampionRecord | None) -> tuple[ChampionRecord, str] | None:
+    """A newer state of the record than ``record`` (the file's), and where it was found, when
+    the file was put back to an older one: its events a strict beginning of the newer one's,
+    as ``dvc exp apply`` of an earlier run (every experiment holds the record as it was then)
+    or an older checkout leave it. Looked for in the last record written here and in the
+    record git's HEAD holds (a fresh clone has no copy of its own); the one with more events
+    wins."""
     events = [] if record is None else record.events
-    if len(events) < len(newer.events) and newer.events[: len(events)] == events:
-        return newer
-    return None
+    found = None
+    for source, text in ((str(last_written_file(path)), _last_written_text(path)),
+                         (f"git HEAD's {Path(path).name}", _committed_text(path))):  # fmt: skip
+        if text is None:
+            continue
+        try:
+            newer = _parse_record(path, text)
+        except StageError:
+            continue  # a damaged copy: the file in the workspace is the truth
+        longer = found is None or len(newer.events) > len(found[0].events)
+        if len(events) < len(newer.events) and newer.events[: len(events)] == events and longer:
+            found = (newer, source)
+    return found
+
+
+def _last_written_text(path: Path) -> str | None:
+    last = last_written_file(path)
+    return last.read_text() if last.is_file() else None
+
+
+def _committed_text(path: Path) -> str | None:
+    """The record as git's HEAD commit holds it; None outside git or when HEAD has none."""
+    path = Path(path).resolve()
+    try:
+        done = subprocess.run(
+            ["git", "show", f"HEAD:./{path.name}"], cwd=path.parent,
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
 
 
 def load_record(path: Path) -> ChampionRecord:
@@ -346,22 +370,22 @@ def load_record(path: Path) -> ChampionRecord:
     """
     path = Path(path)
     record = _parse_record(path, path.read_text()) if path.is_file() else None
-    newer = _newer_record(path, record)
-    if newer is None:
+    if _newer_record(path, record) is None:
         return record or ChampionRecord()
     with record_lock(path):
         record = _parse_record(path, path.read_text()) if path.is_file() else None
-        newer = _newer_record(path, record)
-        if newer is None:  # another process wrote it back meanwhile
+        found = _newer_record(path, record)
+        if found is None:  # another process wrote it back meanwhile
             return record or ChampionRecord()
+        newer, source = found
         log.warning(
             "%s was put back to an older state (champion %s; `dvc exp apply` or a checkout of "
-            "an older commit?): the champion stays %s, as last recorded here (%s); the record "
-            "is written back (commit it)",
+            "an older commit?): the champion stays %s, as recorded in %s; the record is written "
+            "back (commit it)",
             path,
             record.champion if record else "none",
             newer.champion,
-            last_written_file(path),
+            source,
         )
         _write_record(path, newer)
     return newer

@@ -186,6 +186,40 @@ def test_a_record_put_back_to_an_older_state_does_not_change_the_champion(tmp_pa
     assert champ.load_record(path).champion == VERSIONS[2]
 
 
+def test_dvc_exp_apply_in_a_fresh_clone_does_not_change_the_champion(tmp_path, caplog):
+    """A clone has no copy of the last record written (it is git-ignored): after a real `dvc
+    exp apply` of an experiment saved before a promotion, the record git's HEAD commits is the
+    newer state, and the champion stays its champion."""
+    from tests.helpers import GIT
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}  # fmt: skip
+
+    def run(*command: str) -> None:
+        subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True)
+
+    path = tmp_path / "deploy" / "champion.json"
+    run(*GIT, "init", "-q")
+    run(sys.executable, "-m", "dvc", "init", "-q")
+    (tmp_path / ".gitignore").write_text("deploy/.champion.json.*\n")
+    record = three_runs(path)  # champion VERSIONS[0]
+    run(*GIT, "add", "-A")
+    run(*GIT, "commit", "-qm", "first champion")
+    run(sys.executable, "-m", "dvc", "exp", "save", "-n", "before-promotion")
+    promote._promote(record, VERSIONS[1], "hand", "promoted by hand")
+    champ.save_record(path, record)
+    run(*GIT, "commit", "-qam", "promoted")
+    champ.last_written_file(path).unlink()  # as a fresh clone has it
+    run(sys.executable, "-m", "dvc", "exp", "apply", "before-promotion")
+    assert json.loads(path.read_text())["champion"] == VERSIONS[0]  # the experiment's record
+
+    assert champ.load_record(path).champion == VERSIONS[1]
+    assert "put back to an older state" in caplog.text
+    assert "as recorded in git HEAD's champion.json" in caplog.text
+    assert json.loads(path.read_text())["champion"] == VERSIONS[1]  # written back
+
+
 def test_the_record_copy_and_lock_are_ignored_by_git(tmp_path):
     for name in (".champion.json.last", ".champion.json.lock"):
         ignored = subprocess.run(
