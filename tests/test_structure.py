@@ -53,3 +53,25 @@ def test_test_modules_share_helpers_not_each_other():
             )  # fmt: skip
             found += [f"{path.name} imports {n}" for n in names if n.startswith("tests.test_")]
     assert found == []
+
+
+def test_every_server_command_we_print_or_document_binds_loopback():
+    """A `bentoml serve <target>` or `prefect server start ...` line in the README, the docs,
+    the Makefile, or the code's messages and docstrings names `--host 127.0.0.1`: the bare
+    commands bind every interface. (A mention such as "a bare `bentoml serve` binds 0.0.0.0"
+    is prose, not a command, and is not matched.)"""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "README.md", root / "Makefile", *sorted((root / "docs").glob("*.md"))]
+    for folder in ("flows", "deploy", "components", "bench", "tools"):
+        files += sorted((root / folder).rglob("*.py"))
+    command = re.compile(r"(bentoml serve|prefect server start)(?= [^`\s])")
+    unbound = [
+        f"{path.relative_to(root)}:{number}: {line.strip()}"
+        for path in files
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if command.search(line) and "127.0.0.1" not in line
+    ]
+    assert len(files) > 40 and unbound == []
