@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -530,3 +531,61 @@ def test_ctrl_c_in_a_terminal_leaves_the_temporary_prefect_server_to_the_flow(tm
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_make_prefect_server_on_another_port_serves_a_ui_that_calls_that_port(
+    tmp_path, prefect_database
+):
+    """`make prefect-server PREFECT_PORT=N`, as the docs say: the API answers on N, on
+    loopback, and the UI's settings send its browser to N's API, not to 4200."""
+    import httpx
+
+    from tests.helpers import RECORDING_ONLY, free_port
+
+    shutil.copy(prefect_database, tmp_path / "prefect.db")
+    port = free_port()
+    env = {
+        **os.environ, **RECORDING_ONLY,
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
+    }  # fmt: skip
+    env.pop("PREFECT_API_URL", None)
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        ["make", "-s", "--no-print-directory", "prefect-server", f"PREFECT_PORT={port}",
+         f"PREFECT_HOME={tmp_path / 'home'}"],
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).is_success:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "make prefect-server did not answer in 120 s"
+            time.sleep(0.5)
+        settings = httpx.get(f"http://127.0.0.1:{port}/ui-settings", timeout=10).json()
+        assert settings["api_url"] == f"http://127.0.0.1:{port}/api"
+        assert _listening_addresses(port) == {"127.0.0.1"}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+        log.close()
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """The local addresses of the sockets listening on ``port`` (from /proc/net/tcp{,6})."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hexport = local.split(":")
+            if state != "0A" or int(hexport, 16) != port:  # 0A: LISTEN
+                continue
+            if len(address) == 8:  # IPv4, little-endian bytes
+                found.add(".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0)))
+            else:
+                found.add("IPv6 " + address)
+    return found
