@@ -77,3 +77,24 @@ def test_the_table_bento_applies_the_fitted_transform_to_json_rows(table_repo, t
 
         bad = httpx.post(f"{server.url}/predict_rows", json={"rows": [{"x1": 1.0}]}, timeout=10)
         assert 400 <= bad.status_code < 500 and "x2" in bad.text
+
+
+def test_a_run_with_another_input_column_is_packaged_but_not_promoted(table_repo, table_run):
+    """Through the real flow: a second run that reads one column more passes its gates (the
+    champion is not comparable), is packaged and recorded, and is not promoted: the champion's
+    clients send the old columns. The summary says why; the record keeps its champion."""
+    record_file = table_repo / "deploy" / "champion.json"
+    before = json.loads(record_file.read_text())
+    result = run_flow(table_repo, "ingest.features=[x1, x2, color, kind]")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "package ran, promote ran" in out
+    challenger = json.loads((table_repo / "artefacts" / "bento.json").read_text())["model_version"]
+    assert challenger != before["champion"]
+    assert (
+        f"its inputs differ from champion {before['champion']}'s (columns kind added; input "
+        "shape 5 -> 8; target 'price' unchanged): packaged and recorded, not promoted "
+        f"automatically; `make promote RUN={challenger}` takes it on purpose" in out
+    ), out[-3000:]
+    after = json.loads(record_file.read_text())
+    assert after["champion"] == before["champion"] and challenger in after["runs"]
