@@ -350,7 +350,7 @@ def start_temporary_server() -> None:
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
-        return  # before the server's import: ~1.5 s of CPU that a run against a server saves
+        return  # before the server's import: ~2 s of CPU that a run against a server saves
     from prefect.server.api.server import SubprocessASGIServer
 
     before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})

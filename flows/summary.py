@@ -54,13 +54,23 @@ def read_summary(root: Path) -> dict:
         "promote": read_json(metrics_dir / "promote.json"),
         # The champion as the record has it now: `make promote` or `make rollback` since the
         # promote stage ran change it, not promote.json.
-        "champion_now": read_json(root / params.paths.champion_file).get("champion"),
+        "champion_now": _champion_now(root / params.paths.champion_file),
         "report": root / params.paths.reports_dir / "report.html",
         # Where the package stage built the bentos (its BENTOML_HOME, as this process has it).
         "bento_store": os.environ.get("BENTOML_HOME") or str(root / ".bentoml"),
         "root": root,
         "problems": problems,
     }
+
+
+def _champion_now(path: Path) -> str | None:
+    """The champion the record names (None without a readable one: the summary then keeps to
+    promote.json; the stages that need the record say what is wrong with it)."""
+    try:
+        champion = json.loads(path.read_text()).get("champion")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return champion if isinstance(champion, str) else None
 
 
 def serve_command(tag: str, store: str, root: Path, port: int = 3000) -> str:

@@ -66,6 +66,8 @@ def test_the_champion_line_names_the_champion_the_record_has_now(tmp_path):
         return next(line for line in out.splitlines() if line.startswith("  champion: "))
 
     assert champion_line() == "  champion: r000000000001 (recorded: not promoted)"  # no record
+    record.write_text("{not json")  # the stages that read it say what is wrong; not this line
+    assert champion_line() == "  champion: r000000000001 (recorded: not promoted)"
     record.write_text(json.dumps({"format": 1, "champion": "r000000000001"}))
     assert champion_line() == "  champion: r000000000001 (recorded: not promoted)"
     record.write_text(json.dumps({"format": 1, "champion": "r000000000002"}))
