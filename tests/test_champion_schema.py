@@ -233,9 +233,9 @@ def test_a_table_with_a_column_fewer_is_recorded_but_not_promoted(tmp_path, monk
     assert record.events[-1].action == "record" and record.events[-1].reason == outcome.reason
 
 
-def test_a_champion_with_the_same_columns_still_promotes(tmp_path, monkeypatch):
-    """The rule refuses only what clients would notice: a better run on the same table wins."""
-    monkeypatch.chdir(tmp_path)
+def _champion_then_a_better_run(tmp_path: Path):
+    """Champion r00000000000a promoted on a table regression, then a better run gated against
+    it: the record, the second gate's result and its gate.json."""
     params = project_params(tmp_path, **{**REGRESSION_PARAMS, "compress.max_accuracy_drop": 0.5})
     write_regression_split(params, regression_split())
     write_regression_challenger(params, int8_weight=np.array([2.0, -1.0, 0.5]) * 0.9)
@@ -246,8 +246,14 @@ def test_a_champion_with_the_same_columns_still_promotes(tmp_path, monkeypatch):
     champ.save_record(params.paths.champion_file, record)
     write_regression_challenger(params)  # exact: better
     result = gate.run(params)
+    return record, result, gate.read_gate_json(Path(params.paths.metrics_dir) / "gate.json")
+
+
+def test_a_champion_with_the_same_columns_still_promotes(tmp_path, monkeypatch):
+    """The rule refuses only what clients would notice: a better run on the same table wins."""
+    monkeypatch.chdir(tmp_path)
+    record, result, again = _champion_then_a_better_run(tmp_path)
     assert result.baseline.source == "recorded" and result.baseline.inputs_differ is None
-    again = gate.read_gate_json(Path(params.paths.metrics_dir) / "gate.json")
     better = promote.run_record(again, _bento(again, "r00000000000b"))
     assert promote.decide(record, better, again, auto=True).promoted
 
@@ -259,17 +265,7 @@ def test_a_champion_changed_since_the_gate_is_compared_again_only_for_the_same_m
     new bento, the same model and measurements) became the champion since. The comparison
     holds for it: the run is promoted. A champion that serves another model refuses it."""
     monkeypatch.chdir(tmp_path)
-    params = project_params(tmp_path, **{**REGRESSION_PARAMS, "compress.max_accuracy_drop": 0.5})
-    write_regression_split(params, regression_split())
-    write_regression_challenger(params, int8_weight=np.array([2.0, -1.0, 0.5]) * 0.9)
-    gate.run(params)
-    first = gate.read_gate_json(Path(params.paths.metrics_dir) / "gate.json")
-    record = champ.ChampionRecord()
-    promote.decide(record, promote.run_record(first, _bento(first, "r00000000000a")), first, True)
-    champ.save_record(params.paths.champion_file, record)
-    write_regression_challenger(params)  # exact: better than A
-    gate.run(params)
-    compared = gate.read_gate_json(Path(params.paths.metrics_dir) / "gate.json")
+    record, _, compared = _champion_then_a_better_run(tmp_path)
     assert compared["champion"]["run"] == "r00000000000a"
     champion_a = record.runs["r00000000000a"]
 
