@@ -138,16 +138,22 @@ def run_key(params: TrainParams, prepared_dir: Path) -> str:
 # ---------------------------------------------------------------- transfer learning
 
 
+def init_source(source: str) -> Path:
+    """``train.init_from``'s file, or a stage error naming it: checked before any training
+    library is imported (seconds), so the run fails at once."""
+    path = Path(source)
+    if not path.is_file():
+        raise StageError(f"train.init_from: {source} not found")
+    return path
+
+
 def initialise_from(net, source: str, freeze: tuple[str, ...]) -> list[str]:
     """Copy every weight of ``source`` whose name and shape match; freeze named prefixes.
 
     Returns the names that were copied. Layers that do not match (e.g. a classifier head
     for another number of classes) keep their fresh initialisation.
     """
-    try:
-        state = load_state_dict(Path(source))
-    except FileNotFoundError:
-        raise StageError(f"train.init_from: {source} not found") from None
+    state = load_state_dict(init_source(source))
     own = net.state_dict()
     copied = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not copied:
@@ -337,6 +343,8 @@ def write_history_csv(path: Path, history: list[dict]) -> None:
 
 def run(params: Params) -> TrainResult | None:
     paths, cfg = params.paths, params.train
+    if cfg.init_from:
+        init_source(cfg.init_from)
     meta = DatasetMeta.load(meta_path(paths.prepared_dir))
     train_set, val_set = (load_split(paths.prepared_dir, s) for s in ("train", "val"))
 
