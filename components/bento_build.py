@@ -128,13 +128,15 @@ def pinned_requirements(names: tuple[str, ...]) -> list[str]:
 
 
 def installed_bytes(names: tuple[str, ...]) -> int:
-    """Disk space the installed packages ``names`` and their dependencies take here."""
+    """The size of the packages ``names`` and their dependencies, as their wheels record their
+    files: the same wherever the same wheels are installed. Left out: what each environment
+    makes of them, the compiled bytecode (its size depends on what has been imported; RECORD
+    gives it no size) and the console scripts (each names its own interpreter's path)."""
     total = 0
     for dist in dependency_closure(names).values():
         for file in dist.files or []:
-            path = Path(dist.locate_file(file))
-            if path.is_file():
-                total += path.stat().st_size
+            if file.size is not None and not str(file).startswith(".."):
+                total += file.size
     return total
 
 

@@ -74,7 +74,7 @@ class BentoResult:
     model_version: str  # what the service answers with: the bento's version
     model_bytes: int
     archive_bytes: int
-    packages_bytes: int  # installed size of the pinned Python packages (measured here)
+    packages_bytes: int  # size of the pinned Python packages, as their wheels record it
     reused: bool  # the store already held this exact bento
 
 

@@ -161,6 +161,32 @@ def test_every_requirement_is_pinned_and_ready_to_containerize(built):
         assert "requirements.txt" in dockerfile
 
 
+def test_the_packages_size_is_what_their_wheels_record(tmp_path, monkeypatch):
+    """bento.json's packages_bytes is the same wherever the same wheels are installed: the
+    files' recorded sizes, without the bytecode (no size in RECORD, and its size depends on
+    what was imported) or the console scripts (each names its own interpreter)."""
+    import sys
+
+    from components.bento_build import installed_bytes
+
+    info = tmp_path / "tiny_pkg-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tiny-pkg\nVersion: 1.0\n")
+    (tmp_path / "tiny_pkg").mkdir()
+    (tmp_path / "tiny_pkg" / "__init__.py").write_text("x = 1\n" * 10)  # 60 bytes
+    (tmp_path / "tiny_pkg" / "__pycache__").mkdir()
+    (tmp_path / "tiny_pkg" / "__pycache__" / "__init__.cpython-311.pyc").write_bytes(b"0" * 999)
+    (info / "RECORD").write_text(
+        "tiny_pkg/__init__.py,sha256=x,60\n"
+        "tiny_pkg/__pycache__/__init__.cpython-311.pyc,,\n"
+        "../../../bin/tiny,sha256=y,217\n"
+        "tiny_pkg-1.0.dist-info/METADATA,sha256=z,55\n"
+        "tiny_pkg-1.0.dist-info/RECORD,,\n"
+    )
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    assert installed_bytes(("tiny-pkg",)) == 60 + 55
+
+
 def test_dependency_closure_follows_requirements_and_skips_extras():
     closure = dependency_closure(("httpx",))
     assert {"httpx", "httpcore", "anyio", "idna", "certifi"} <= set(closure)
