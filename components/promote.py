@@ -129,11 +129,15 @@ def decide(
         )
     before = record.champion
     known = record.runs.get(name)
-    # The same model packaged again is the same run: keep when it was first packaged.
+    # The same model packaged again is the same run: keep when, from which commit and by which
+    # flow run it was first packaged (else each re-run rewrote the record in git).
+    first = ("packaged_at", "git_commit", "prefect_flow_run")
     record.runs[name] = (
         candidate
         if known is None
-        else candidate.model_copy(update={"packaged_at": known.packaged_at})
+        else candidate.model_copy(
+            update={k: getattr(known, k) for k in first if getattr(known, k) is not None}
+        )
     )
     if before == name:
         return PromoteResult(

@@ -258,6 +258,25 @@ def test_a_champion_with_the_same_columns_still_promotes(tmp_path, monkeypatch):
     assert promote.decide(record, better, again, auto=True).promoted
 
 
+def test_a_run_packaged_again_keeps_when_and_from_which_commit_it_was_first(tmp_path, monkeypatch):
+    """The same bento packaged again (a re-run after a code change elsewhere) is the same run:
+    the record keeps its first packaging time, commit and flow run, so a re-run that changes
+    nothing else leaves the record in git as it was."""
+    monkeypatch.chdir(tmp_path)
+    record, _, _ = _champion_then_a_better_run(tmp_path)
+    first = record.runs["r00000000000a"].model_copy(
+        update={"git_commit": "1" * 40, "prefect_flow_run": "first-run"}
+    )
+    record.runs["r00000000000a"] = first
+    later = {"packaged_at": "2099-01-01T00:00:00Z", "git_commit": "2" * 40,
+             "prefect_flow_run": "later"}  # fmt: skip
+    again = first.model_copy(update=later)
+    gate_json = {"passed": True, "champion": {"run": "r00000000000a"}}
+    outcome = promote.decide(record, again, gate_json, auto=True)
+    assert outcome.outcome == "already champion"
+    assert record.runs["r00000000000a"] == first
+
+
 def test_a_champion_changed_since_the_gate_is_compared_again_only_for_the_same_model(
     tmp_path, monkeypatch
 ):
