@@ -53,7 +53,7 @@ from components.bento_card import (
 )
 from components.config import EDGE_INT8_VARIANT, PackageParams, Params
 from components.dataset import DatasetError, DatasetMeta, meta_path
-from components.stage import StageError, main, write_json
+from components.stage import StageError, main, repo_relative, write_json
 
 log = logging.getLogger("pipeline.package")
 
@@ -154,19 +154,10 @@ def _check_onnx_exists(onnx_file: Path, variant: str) -> None:
         )
 
 
-def _portable(path: Path) -> str:
-    """``path`` relative to the current folder (the repository root, where the stage runs)
-    when it lies inside it: bento.json then reads the same in every clone, wherever it is."""
-    try:
-        return Path(path).relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return str(path)
-
-
 def _bento_summary(result: BentoResult, card: dict, metrics: dict) -> dict:
     return {
         "tag": result.tag,
-        "archive": _portable(result.archive),
+        "archive": repo_relative(result.archive),  # the same in every clone
         "archive_bytes": result.archive_bytes,
         "served_variant": result.served_variant,
         "model_version": result.model_version,

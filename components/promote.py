@@ -42,7 +42,7 @@ from components import records, tasks
 from components.config import Params, ParamsError, load_params
 from components.gates import LABELS
 from components.records import write_json
-from components.stage import StageError, main, set_quiet_env
+from components.stage import StageError, main, repo_relative, set_quiet_env
 
 log = logging.getLogger("pipeline.promote")
 
@@ -59,14 +59,6 @@ class PromoteResult:
     champion_after: str | None
     # What the champion's clients would find changed in this run's inputs (None: nothing)
     inputs_differ: str | None = None
-
-
-def _relative(path: Path, root: Path) -> str:
-    path = Path(path)
-    try:
-        return path.resolve().relative_to(Path(root).resolve()).as_posix()
-    except ValueError:
-        return str(path)
 
 
 def run_record(gate: dict, bento: dict, root: Path = Path(".")) -> champ.RunRecord:
@@ -96,7 +88,7 @@ def run_record(gate: dict, bento: dict, root: Path = Path(".")) -> champ.RunReco
     return champ.RunRecord(
         run=bento["model_version"],
         bento_tag=bento["tag"],
-        archive=_relative(archive, root),
+        archive=repo_relative(archive, root),
         archive_md5=champ.md5_file(archive) if archive.is_file() else None,
         model=bento["model"],
         model_sha256=verdict["model_sha256"],

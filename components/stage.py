@@ -67,6 +67,16 @@ def venv_env() -> dict:
     }
 
 
+def repo_relative(path: Path, root: Path = Path(".")) -> str:
+    """``path`` relative to ``root`` (the repository, where stages run) when it lies inside
+    it, as a POSIX string: what records keep, so they read the same in every clone; an
+    outside path stays as given."""
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
     """Hex digest of a file, read in 1 MiB chunks (model files and archives can be large)."""
     digest = hashlib.new(algorithm)
