@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -179,10 +180,35 @@ def stages_in_order(repo, root: Path) -> tuple[list[str], list[str]]:
     return order, [s for s in order if s in sources]
 
 
-def matching_experiment(root: Path, newest: int = 10) -> str | None:
-    """The newest of the last ``newest`` experiments on this commit that holds the workspace
-    as it is: every file git tracks here or the experiment holds (code, params.yaml, dvc.lock,
-    metrics), byte for byte. None when no experiment matches.
+@dataclass(frozen=True)
+class Match:
+    """What a run with nothing to do matched: one of the last experiments on this commit, or
+    the commit itself when it holds the run (its results were committed)."""
+
+    kind: str  # "experiment" or "commit"
+    name: str  # the experiment's name, or the commit's short hash
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name}"
+
+    @property
+    def experiment(self) -> str | None:
+        return self.name if self.kind == "experiment" else None
+
+    @property
+    def reproduce(self) -> str:
+        """The command that brings this run back in a clone."""
+        if self.kind == "experiment":
+            return f"dvc exp apply {self.name}"
+        return f"git checkout {self.name} && dvc pull"
+
+
+def matching_run(root: Path, newest: int = 10) -> Match | None:
+    """What the workspace is as it is, byte for byte: the newest of the last ``newest``
+    experiments on this commit that holds it (every file git tracks here or the experiment
+    holds: code, params.yaml, dvc.lock, metrics), else the commit itself when git finds nothing
+    changed and nothing untracked (a run whose results were committed: ``dvc exp save`` would
+    record the same tree again). None when neither matches.
 
     A few git commands and one read of each tracked file (DVC's data is not in git): well
     under a second. Contents only: a changed file mode alone does not count.
@@ -200,8 +226,11 @@ def matching_experiment(root: Path, newest: int = 10) -> str | None:
         "for-each-ref", f"--count={newest}", "--sort=-committerdate", "--format=%(refname)",
         f"refs/exps/{head[:2]}/{head[2:]}/",
     ).split()  # fmt: skip
-    if not refs:
-        return None
+    # The commit last: an experiment on it names the run better (its Prefect run, its message).
+    # An untracked file (dvc.lock or a metric before their first commit) would go into the
+    # experiment, so the commit alone does not hold the run.
+    if not git("-C", str(top), "ls-files", "--others", "--exclude-standard", "-z"):
+        refs.append(head)
     tracked = {p for p in git("-C", str(top), "ls-files", "-z").split("\0") if p}
     blobs: dict[str, str | None] = {}
 
@@ -229,7 +258,9 @@ def matching_experiment(root: Path, newest: int = 10) -> str | None:
                 if kind == "blob":
                     held[path] = sha
         if held and all(blob(path) == held.get(path) for path in tracked | held.keys()):
-            return ref.rsplit("/", 1)[-1]
+            if ref == head:
+                return Match("commit", git("rev-parse", "--short", head).strip() or head[:12])
+            return Match("experiment", ref.rsplit("/", 1)[-1])
     return None
 
 

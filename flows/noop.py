@@ -8,17 +8,18 @@ import, a temporary server) and one DVC status per stage. So ``python -m flows.p
 - DVC: ``dvc status`` of the whole graph is empty: every stage's code, data, params and outputs
   are as dvc.lock records them (DVC's own hashes, the same check the flow makes per stage);
 - git: the workspace is byte for byte one of the last experiments on this commit (params.yaml,
-  dvc.lock, metrics, the champion record, code): the experiment the flow would name.
+  dvc.lock, metrics, the champion record, code), the experiment the flow would name; or the
+  commit itself, when the run's results were committed and nothing is changed or untracked.
 
 When both hold, it does what the flow does in that case: ``dvc push`` (and ``dvc exp push``
-when a git remote is set), then prints the closing summary, which names the matched experiment
-and the champion, and exits 0. With a Prefect server configured (``PREFECT_API_URL``, or the
-active Prefect profile) the run is recorded there as a completed run of the ``pipeline`` flow,
-tagged ``no-op``, with the summary as its log and artifact, through four calls to the server's
-REST API (a tenth of a second; Prefect's own client costs seconds to import). Anything else,
-or anything this check cannot settle cheaply (overrides, a killed run's params to put back, a
-busy workspace, a Prefect configuration it does not read), is left to the flow, which decides
-as before.
+when a git remote is set, for an experiment), then prints the closing summary, which names the
+matched experiment or commit and the champion, and exits 0. With a Prefect server configured
+(``PREFECT_API_URL``, or the active Prefect profile) the run is recorded there as a completed
+run of the ``pipeline`` flow, tagged ``no-op``, with the summary as its log and artifact,
+through four calls to the server's REST API (a tenth of a second; Prefect's own client costs
+seconds to import). Anything else, or anything this check cannot settle cheaply (overrides, a
+killed run's params to put back, a busy workspace, a Prefect configuration it does not read),
+is left to the flow, which decides as before.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from components.stage import redact, set_quiet_env
+from flows.experiments import Match
 from flows.summary import SUMMARY_ARTIFACT
 
 # The flow's name in Prefect (flows/pipeline.py) and the tag of the runs answered here.
@@ -41,12 +43,16 @@ NO_OP_TAG = "no-op"
 
 @dataclass(frozen=True)
 class NothingToDo:
-    """What the check found: the experiment the workspace matches, the stages (as dvc.yaml lists
-    them), and what the push said (None when ``orchestrate.push`` is off)."""
+    """What the check found: the experiment or commit the workspace matches, the stages (as
+    dvc.yaml lists them), and what the push said (None when ``orchestrate.push`` is off)."""
 
-    experiment: str
+    matched: Match
     stages: list[str]
     pushed: str | None
+
+    @property
+    def experiment(self) -> str | None:
+        return self.matched.experiment
 
 
 class _CannotTell(Exception):
@@ -72,9 +78,10 @@ def plain_run_root(argv: list[str]) -> Path | None:
 
 
 def check(root: Path) -> NothingToDo | None:
-    """Holding the workspace: the matched experiment when DVC finds every stage up to date and
-    the workspace is one of the last experiments on this commit (after the push the flow would
-    make); None when there is something to do or the flow must decide.
+    """Holding the workspace: the matched experiment (or commit) when DVC finds every stage up
+    to date and the workspace is one of the last experiments on this commit, or the commit
+    itself (after the push the flow would make); None when there is something to do or the
+    flow must decide.
 
     Raises what DVC, git or the params raise: the flow reports those in its own words.
     """
@@ -93,7 +100,7 @@ def _check_holding_the_workspace(root: Path) -> NothingToDo | None:
     from dvc.repo import Repo, lock_repo
 
     from components.config import load_params
-    from flows.experiments import has_commit, matching_experiment, stage_address
+    from flows.experiments import has_commit, matching_run, stage_address
     from flows.workspace_lock import params_backup
 
     if params_backup(root).exists():
@@ -101,8 +108,8 @@ def _check_holding_the_workspace(root: Path) -> NothingToDo | None:
     orc = load_params(root / "params.yaml").orchestrate
     if not (orc.save_experiment and has_commit(root)):
         return None  # the flow says why nothing is saved
-    experiment = matching_experiment(root)  # git alone: the cheap half first
-    if experiment is None:
+    matched = matching_run(root)  # git alone: the cheap half first
+    if matched is None:
         return None
     # One DVC lock around status and push: DVC reads dvc.yaml and dvc.lock once (each
     # locked call on its own would read them again), and no other DVC command runs between.
@@ -116,10 +123,10 @@ def _check_holding_the_workspace(root: Path) -> NothingToDo | None:
         if orc.push:
             sent = repo.push(remote=orc.remote or None)  # as flows.experiments.push_data
             pushed = f"{sent} file(s) pushed to {orc.remote or 'the default DVC remote'}"
-            if orc.git_remote:  # as flows.experiments.push_experiment_ref
-                repo.experiments.push(orc.git_remote, [experiment], push_cache=False)
+            if orc.git_remote and matched.experiment:  # as flows.experiments.push_experiment_ref
+                repo.experiments.push(orc.git_remote, [matched.experiment], push_cache=False)
                 pushed += f", experiment ref pushed to {orc.git_remote}"
-    return NothingToDo(experiment, order, pushed)
+    return NothingToDo(matched, order, pushed)
 
 
 def prefect_api_url(env: dict | None = None, folders: tuple[Path, ...] = ()) -> str | None:
@@ -249,12 +256,12 @@ def answered(argv: list[str]) -> bool:
 
     from flows.summary import format_summary, read_summary, summary_markdown
 
-    message = f"nothing changed: matched experiment {found.experiment}"
+    message = f"nothing changed: matched {found.matched}"
     notes = [
         f"dvc status: every stage up to date; answered in {_seconds_since_start():.1f} s, "
         "before Prefect started",
-        f"nothing changed: this run matched experiment {found.experiment}   "
-        f"(reproduce: dvc exp apply {found.experiment})",
+        f"nothing changed: this run matched {found.matched}   "
+        f"(reproduce: {found.matched.reproduce})",
     ]
     if found.pushed:
         notes.append(f"remote: {found.pushed}")

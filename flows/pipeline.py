@@ -14,9 +14,10 @@ a time), applies the overrides, runs the stages, and ends by saving itself as a 
 experiment named after the flow run and pushing data and models to the DVC remote, so any run
 reproduces elsewhere with ``dvc exp apply <run>`` and ``dvc repro --pull``. Overrides belong
 to that run: its experiment records them and params.yaml goes back as it was. A run that
-changes nothing saves no new experiment: it names the one it matched; when DVC finds every
-stage up to date and the workspace is that experiment, ``python -m flows.pipeline`` says so
-before Prefect starts (flows/noop.py). The ``orchestrate`` section of params.yaml holds the
+changes nothing saves no new experiment: it names the one it matched (or the commit, when the
+run's results were committed); when DVC finds every stage up to date and the workspace is
+that experiment or commit, ``python -m flows.pipeline`` says so before Prefect starts
+(flows/noop.py). The ``orchestrate`` section of params.yaml holds the
 knobs (retries, lock wait, remotes, schedule).
 
 No ML logic lives here: each stage is ``python -m components.<stage>``, run by ``dvc repro``.
@@ -80,7 +81,7 @@ from flows.experiments import (  # noqa: E402
     exit_code,
     experiment_name,
     has_commit,
-    matching_experiment,
+    matching_run,
     push_data,
     push_experiment_ref,
     save_experiment,
@@ -505,8 +506,8 @@ def pipeline(
 
     The overrides belong to this run: its experiment records them, and params.yaml goes back
     byte for byte as it was (also when the run fails or is stopped), unless ``keep_params``
-    and the run completes. A run that ran no stage and matches the last experiments saves
-    none: it names the one it matched.
+    and the run completes. A run that ran no stage and matches one of the last experiments,
+    or the commit itself, saves none: it names what it matched.
     ``only_if_data_changed`` (the nightly schedule): when DVC finds the source stages (ingest)
     unchanged, every stage is skipped, no override is applied and nothing is saved.
     A failing stage fails the flow with that stage's reason; later stages do not run.
@@ -640,14 +641,13 @@ def _run_stages(
     experiment = matched = None
     recorded = orc.save_experiment and has_commit(root)
     if recorded and set(outcomes.values()) == {"skipped"}:
-        matched = matching_experiment(root)
+        matched = matching_run(root)
     if matched:
-        logger.info("nothing changed: this run matched experiment %r (not saved again)", matched)
+        logger.info("nothing changed: this run matched %s (not saved again)", matched)
         notes.append(
-            f"nothing changed: this run matched experiment {matched}   "
-            f"(reproduce: dvc exp apply {matched})"
+            f"nothing changed: this run matched {matched}   (reproduce: {matched.reproduce})"
         )
-        experiment = matched
+        experiment = matched.experiment
     elif recorded:
         experiment = experiment_name(run_name, run_id, existing_experiment_names(root))
         message = f"Prefect flow run {run_name} ({run_id})"
@@ -674,7 +674,7 @@ def _run_stages(
         notes.append(f"remote: {state.result()}")
     print(leave_artifact(root, format_summary(read_summary(root), outcomes, notes)))
     if matched:
-        said = f"nothing changed: matched experiment {matched}"
+        said = f"nothing changed: matched {matched}"
     else:
         said = f"saved as experiment {experiment}" if experiment else "not saved as an experiment"
     return Completed(message=said, data=outcomes)
