@@ -34,10 +34,14 @@ import subprocess
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from components import records, tasks
 from components.config import PARAMS_FILE, Params, ParamsError, load_yaml, read_params_file
 from components.stage import StageError, main, write_text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger("pipeline.report")
 
@@ -276,10 +280,23 @@ def _figure(*args, **kwargs):
     return plt.subplots(*args, **kwargs)
 
 
+def _labels_clash(fig, ax) -> bool:
+    """Would the x tick labels of ``ax``, drawn level, run into each other or past the axes'
+    right edge (into a colour bar's labels)? Measured on the figure as it is drawn."""
+    renderer = fig.canvas.get_renderer()
+    fig.canvas.draw()
+    boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
+    gap = 2  # pixels between two labels
+    right = ax.get_window_extent(renderer).x1
+    return any(a.x1 + gap > b.x0 for a, b in zip(boxes, boxes[1:], strict=False)) or bool(
+        boxes and boxes[-1].x1 > right + gap
+    )
+
+
 HISTORY_METRICS = {"acc": "Accuracy", "rmse": "RMSE", "mae": "MAE", "r2": "R^2"}
 
 
-def plot_history(history: list[dict]) -> str:
+def figure_history(history: list[dict]) -> tuple[Figure, str]:
     """Loss per epoch, and the validation metric: accuracy (classification) or RMSE
     (regression: train logs val_rmse in the target's units)."""
     fig, (loss_ax, acc_ax) = _figure(1, 2, figsize=(9, 3.2))
@@ -301,10 +318,15 @@ def plot_history(history: list[dict]) -> str:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    return _png(fig, f"training and validation loss and {what.lower()} per epoch")
+    return fig, f"training and validation loss and {what.lower()} per epoch"
 
 
-def plot_predictions(pairs: list[tuple[float, float]]) -> str:
+def plot_history(history: list[dict]) -> str:
+    """:func:`figure_history` as an inline PNG."""
+    return _png(*figure_history(history))
+
+
+def figure_predictions(pairs: list[tuple[float, float]]) -> tuple[Figure, str]:
     """Regression: predicted against actual values (the diagonal is a perfect model), and
     the residuals' histogram."""
     import numpy as np
@@ -323,10 +345,17 @@ def plot_predictions(pairs: list[tuple[float, float]]) -> str:
     hist_ax.axvline(0, color="black", linewidth=1)
     hist_ax.set(title="Residuals (predicted - actual)", xlabel="residual", ylabel="examples")
     hist_ax.grid(alpha=0.3)
-    return _png(fig, "predicted vs actual values of the test split, and the residuals")
+    for axes in (ax, hist_ax):  # at most 5 ticks: a target in millions or in 1e-4 reads wide
+        axes.locator_params(axis="x", nbins=5)
+    return fig, "predicted vs actual values of the test split, and the residuals"
 
 
-def plot_confusion(pairs: list[tuple[str, str]], class_names: list[str]) -> str:
+def plot_predictions(pairs: list[tuple[float, float]]) -> str:
+    """:func:`figure_predictions` as an inline PNG."""
+    return _png(*figure_predictions(pairs))
+
+
+def figure_confusion(pairs: list[tuple[str, str]], class_names: list[str]) -> tuple[Figure, str]:
     import numpy as np
 
     index = {name: i for i, name in enumerate(class_names)}
@@ -342,8 +371,10 @@ def plot_confusion(pairs: list[tuple[str, str]], class_names: list[str]) -> str:
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, label="share of the actual class")
     ticks = range(k)
-    ax.set_xticks(ticks, class_names, rotation=90 if k > 12 else 0)
+    ax.set_xticks(ticks, class_names)
     ax.set_yticks(ticks, class_names)
+    if _labels_clash(fig, ax):  # names wider than their cells: one under each column, upright
+        ax.tick_params(axis="x", labelrotation=90)
     ax.set(xlabel="predicted", ylabel="actual", title="Confusion matrix (test split)")
     if k <= 20:
         for i in range(k):
@@ -351,10 +382,15 @@ def plot_confusion(pairs: list[tuple[str, str]], class_names: list[str]) -> str:
                 if counts[i, j]:
                     color = "white" if share[i, j] > 0.5 else "black"
                     ax.text(j, i, counts[i, j], ha="center", va="center", color=color, fontsize=8)
-    return _png(fig, "confusion matrix of the test split")
+    return fig, "confusion matrix of the test split"
 
 
-def plot_per_class(per_class: dict, min_recall: float | None) -> str:
+def plot_confusion(pairs: list[tuple[str, str]], class_names: list[str]) -> str:
+    """:func:`figure_confusion` as an inline PNG."""
+    return _png(*figure_confusion(pairs, class_names))
+
+
+def figure_per_class(per_class: dict, min_recall: float | None) -> tuple[Figure, str]:
     import numpy as np
 
     names = list(per_class)
@@ -370,10 +406,17 @@ def plot_per_class(per_class: dict, min_recall: float | None) -> str:
     ax.set(xlim=(0, 1.05), title="Per-class figures (test split)", xlabel="score")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     ax.grid(axis="x", alpha=0.3)
-    return _png(fig, "per-class precision, recall and F1")
+    return fig, "per-class precision, recall and F1"
 
 
-def plot_compression(variants: dict, metric: str = "accuracy", served: str | None = None) -> str:
+def plot_per_class(per_class: dict, min_recall: float | None) -> str:
+    """:func:`figure_per_class` as an inline PNG."""
+    return _png(*figure_per_class(per_class, min_recall))
+
+
+def figure_compression(
+    variants: dict, metric: str = "accuracy", served: str | None = None
+) -> tuple[Figure, str]:
     """Size against the test metric (``accuracy``, or ``r2`` for regression), and latency.
 
     Variants often lie close together (same accuracy, similar size), so the points are told
@@ -413,7 +456,12 @@ def plot_compression(variants: dict, metric: str = "accuracy", served: str | Non
     lat_ax.set(title="Latency at batch 1 (ms, 1 thread)", xlabel="ms")
     lat_ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    return _png(fig, f"compression trade-off: size, {label} and latency")
+    return fig, f"compression trade-off: size, {label} and latency"
+
+
+def plot_compression(variants: dict, metric: str = "accuracy", served: str | None = None) -> str:
+    """:func:`figure_compression` as an inline PNG."""
+    return _png(*figure_compression(variants, metric, served))
 
 
 # -- HTML ------------------------------------------------------------------------------------

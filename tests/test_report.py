@@ -210,6 +210,80 @@ def test_history_with_missing_values_still_plots():
     assert report.plot_history(rows).startswith('<img class="plot"')
 
 
+def _clashing_texts(fig) -> list[tuple[str, str]]:
+    """Pairs of drawn texts of ``fig`` (titles, labels, tick labels, legends, annotations)
+    whose boxes overlap by more than a pixel each way: what a reader cannot read. Tick labels
+    outside their axis' view are not drawn, so not counted."""
+    import itertools
+
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    undrawn = set()
+    for ax in fig.axes:
+        for axis, (lo, hi) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+            lo, hi = sorted((lo, hi))
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                if not lo - 1e-9 <= tick.get_loc() <= hi + 1e-9:
+                    undrawn.update({id(tick.label1), id(tick.label2)})
+    boxes = [
+        (t.get_text(), t.get_window_extent(renderer))
+        for t in fig.findobj(Text)
+        if t.get_visible() and t.get_text().strip() and id(t) not in undrawn
+    ]
+    return [
+        (a, b)
+        for (a, box_a), (b, box_b) in itertools.combinations(boxes, 2)
+        if min(box_a.x1, box_b.x1) - max(box_a.x0, box_b.x0) > 1
+        and min(box_a.y1, box_b.y1) - max(box_a.y0, box_b.y0) > 1
+    ]
+
+
+def _legibility_cases():
+    """Each plot of the report, on data of many shapes: few and many classes, short and long
+    names, every compression variant, long runs, targets in large and small units."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for k, width in ((3, 25), (5, 14), (10, 7), (10, 1), (13, 30), (26, 6), (40, 3)):
+        names = [f"{i}_{'x' * width}"[: max(width, 1)] if width > 1 else str(i) for i in range(k)]
+        pairs = [(names[i % k], names[(i * 3) % k]) for i in range(k * 120)]
+        yield f"confusion {k}x{width}", report.figure_confusion(pairs, names)
+        scores = {n: {"precision": 0.9, "recall": 0.8, "f1": 0.85} for n in names}
+        yield f"per-class {k}x{width}", report.figure_per_class(scores, 0.8)
+    variants = ("fp32", "int8", "int8_dynamic", "pruned", "pruned_int8", "pruned_distilled",
+                "pruned_distilled_int8", "student", "student_alone", "student_pruned_int8",
+                "sparse")  # fmt: skip
+    measured = {
+        n: {"size_bytes": int(rng.integers(20_000, 500_000)), "r2": 0.9,
+            "accuracy": 0.95 + 0.04 * rng.random(), "latency_ms_batch1": float(rng.random())}
+        for n in variants
+    }  # fmt: skip
+    yield "compression", report.figure_compression(measured, "accuracy", "pruned_distilled_int8")
+    yield "compression r2", report.figure_compression(measured, "r2", None)
+    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e, "val_acc": 1 - 1 / (e + 1),
+                "val_rmse": float("nan")} for e in range(1, 61)]  # fmt: skip
+    yield "history", report.figure_history(history)
+    for centre, spread in ((1000, 300), (2e6, 5e5), (0.001, 0.0002)):
+        actual = rng.normal(centre, spread, 300)
+        pairs = [(float(a), float(a + rng.normal(0, spread / 5))) for a in actual]
+        yield f"predictions around {centre}", report.figure_predictions(pairs)
+
+
+def test_every_plot_is_legible_whatever_the_data():
+    """No two texts of a plot overlap (#17: the compression plots' labels did), for class names
+    long or short, few or many classes, and targets in any units."""
+    import matplotlib.pyplot as plt
+
+    clashes = {}
+    for case, (fig, _alt) in _legibility_cases():
+        if found := _clashing_texts(fig):
+            clashes[case] = found[:3]
+        plt.close(fig)
+    assert clashes == {}
+
+
 # -- in a real browser -----------------------------------------------------------------------
 
 
