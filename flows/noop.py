@@ -50,10 +50,6 @@ class NothingToDo:
     stages: list[str]
     pushed: str | None
 
-    @property
-    def experiment(self) -> str | None:
-        return self.matched.experiment
-
 
 class _CannotTell(Exception):
     """This check cannot settle the question cheaply: the flow decides."""

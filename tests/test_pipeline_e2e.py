@@ -249,12 +249,13 @@ def test_a_change_dvc_or_git_sees_is_not_taken_for_a_no_op(workspace, first_run,
     """The no-op's verdict, in-process: data (tracked by git, or a new file only DVC sees), an
     output, a param or code each make it a run with something to do; put back, nothing is. A
     busy workspace or a killed run's params leave the run to the flow."""
+    from flows.experiments import Match
     from flows.noop import check
     from flows.workspace_lock import params_backup, workspace_lock
 
     monkeypatch.chdir(workspace)  # DVC's Python API runs from inside the repository
     first = _saved_as(first_run.stdout + first_run.stderr)
-    assert check(workspace).experiment == first
+    assert check(workspace).matched == Match("experiment", first)
 
     def changed(path: Path, data: bytes | None) -> bool:
         """Is the run not a no-op while ``path`` holds ``data`` (None: no file)?"""
@@ -283,7 +284,7 @@ def test_a_change_dvc_or_git_sees_is_not_taken_for_a_no_op(workspace, first_run,
     code = workspace / "components" / "report.py"
     assert changed(code, code.read_bytes() + b"\n# a comment\n")
     os.utime(data)  # a touch alone, and each file put back: DVC hashes contents, nothing to do
-    assert check(workspace).experiment == first
+    assert check(workspace).matched == Match("experiment", first)
     # What the flow decides in its own words: a workspace another run holds (it waits or names
     # the holder), a killed run's params to put back.
     with workspace_lock(workspace, run="another run"):
