@@ -185,20 +185,20 @@ class Match:
     """What a run with nothing to do matched: one of the last experiments on this commit, or
     the commit itself when it holds the run (its results were committed)."""
 
-    kind: str  # "experiment" or "commit"
+    what: str  # "experiment" or "commit"
     name: str  # the experiment's name, or the commit's short hash
 
     def __str__(self) -> str:
-        return f"{self.kind} {self.name}"
+        return f"{self.what} {self.name}"
 
     @property
     def experiment(self) -> str | None:
-        return self.name if self.kind == "experiment" else None
+        return self.name if self.what == "experiment" else None
 
     @property
     def reproduce(self) -> str:
         """The command that brings this run back in a clone."""
-        if self.kind == "experiment":
+        if self.what == "experiment":
             return f"dvc exp apply {self.name}"
         return f"git checkout {self.name} && dvc pull"
 
