@@ -14,6 +14,9 @@ A split is stored one of two ways (``ingest.storage``; docs/training.md says wha
 - **in memory**: ``prepared/<split>.npz``, loaded whole as an :class:`ArraySet`;
 - **sharded**: ``prepared/<split>/``, WebDataset tar shards (components/shards.py) opened as a
   :class:`ShardedSet`, whose targets are in memory and whose inputs are read a shard at a time.
+  A time series' split is the exception: ``prepared/<split>/`` holds its rows, targets and
+  window as ``.npy`` files, read back memory-mapped as :class:`SeriesWindows` (its windows as
+  shards would store every row once per window it falls in).
 
 Stages read either through the same few calls: ``len``, ``y``, ``x.dtype`` and ``x.shape``,
 :meth:`~ArraySet.map_x` (a function of a batch of inputs, over every example in order),
@@ -315,20 +318,83 @@ def load_arrays(path: Path) -> ArraySet:
         return ArraySet(x=npz["x"], y=npz["y"])
 
 
+# A series split stored out of memory (``storage: shards``): its rows and targets as .npy files
+# beside this description, read back memory-mapped.
+SERIES_FILE = "series.json"
+SERIES_FORMAT = "series-rows-npy/1"
+SERIES_ARRAYS = ("rows.npy", "targets.npy")
+
+
+def save_series_rows(data: SeriesWindows, directory: Path) -> None:
+    """A series split as its rows, one target per row and its window (``storage: shards``),
+    written beside ``directory`` and moved in place when complete. A stage that reads it back
+    (:func:`load_series_rows`) holds only the pages of rows it touches."""
+    import shutil
+
+    directory = Path(directory)
+    scratch = directory.with_name(f".{directory.name}.writing")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        for name, array in zip(SERIES_ARRAYS, (data.rows, data.targets), strict=True):
+            np.save(scratch / name, array, allow_pickle=False)
+        described = {"format": SERIES_FORMAT, "window": data.window, "horizon": data.horizon,
+                     "rows": len(data.rows), "features": int(data.rows.shape[1])}  # fmt: skip
+        (scratch / SERIES_FILE).write_text(json.dumps(described, indent=2) + "\n")
+        shutil.rmtree(directory, ignore_errors=True)
+        scratch.rename(directory)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def load_series_rows(directory: Path) -> SeriesWindows:
+    """What :func:`save_series_rows` wrote, its rows and targets memory-mapped copy-on-write:
+    pages are read from the file as they are touched, and the arrays are writable as torch
+    wants them to be (``torch.from_numpy`` warns on a read-only array), while nothing is ever
+    written back to the file."""
+    directory = Path(directory)
+    try:
+        described = json.loads((directory / SERIES_FILE).read_text())
+        if described.get("format") != SERIES_FORMAT:
+            raise ValueError(f"format {described.get('format')!r}, this code reads {SERIES_FORMAT}")
+        rows, targets = (
+            np.load(directory / name, mmap_mode="c", allow_pickle=False) for name in SERIES_ARRAYS
+        )
+        window, horizon = int(described["window"]), int(described["horizon"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DatasetError(
+            f"{directory}: not a stored series split ({exc}): re-run ingest"
+        ) from None
+    if rows.dtype != np.float32 or rows.ndim != 2 or rows.shape[0] != described.get("rows"):
+        raise DatasetError(
+            f"{directory / SERIES_ARRAYS[0]}: {rows.dtype} rows {rows.shape}, where "
+            f"{SERIES_FILE} says {described.get('rows')} float32 rows: re-run ingest"
+        )
+    return SeriesWindows(rows, targets, window, horizon)
+
+
 def load_split(prepared_dir: Path, split: str) -> Split:
-    """A prepared split as ingest stored it: ``<split>.npz`` in memory, ``<split>/`` sharded."""
+    """A prepared split as ingest stored it: ``<split>.npz`` in memory, ``<split>/`` sharded
+    (a series: its rows, memory-mapped)."""
     path = split_path(prepared_dir, split)
     sharded = sharded_path(prepared_dir, split)
     if (sharded / shards.INDEX_FILE).is_file():
         return ShardedSet.open(sharded)
+    if (sharded / SERIES_FILE).is_file():
+        return load_series_rows(sharded)
     return load_arrays(path)
 
 
 def save_split(data: ArraySet, prepared_dir: Path, split: str, storage: str, seed: int) -> None:
-    """Store a split in memory (``.npz``) or as shards, removing the other form's leftover."""
+    """Store a split in memory (``.npz``) or as shards, removing the other form's leftover.
+    A series' split "as shards" is its rows, read back memory-mapped: the same windows, each row
+    stored once (as windows, every row would be stored ``window`` times)."""
     if storage not in STORAGES:
         raise DatasetError(f"unknown storage {storage!r}; expected one of {STORAGES}")
-    if storage == "shards":
+    if storage == "shards" and isinstance(data, SeriesWindows):
+        save_series_rows(data, sharded_path(prepared_dir, split))
+        clear_other_storage(prepared_dir, split, "shards")
+    elif storage == "shards":
         examples = zip(data.x, data.y, strict=True)
         write_sharded(examples, len(data), prepared_dir, split, seed)
     else:
@@ -361,6 +427,12 @@ def split_digest(prepared_dir: Path, split: str) -> bytes:
     sharded = sharded_path(prepared_dir, split)
     if (sharded / shards.INDEX_FILE).is_file():
         return hashlib.sha256((sharded / shards.INDEX_FILE).read_bytes()).digest()
+    if (sharded / SERIES_FILE).is_file():
+        digest = hashlib.sha256()
+        for name in (SERIES_FILE, *SERIES_ARRAYS):
+            with (sharded / name).open("rb") as fh:
+                digest.update(hashlib.file_digest(fh, "sha256").digest())
+        return digest.digest()
     return hashlib.sha256(split_path(prepared_dir, split).read_bytes()).digest()
 
 

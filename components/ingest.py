@@ -7,8 +7,9 @@ or per-sample sequences). This stage only asks the kind and writes what it retur
 snapshot to ``paths.raw_dir``, the splits and ``meta.json`` to ``paths.prepared_dir``.
 
 ``ingest.storage`` says how the splits are stored (components/dataset.py): ``memory`` (.npz,
-loaded whole), ``shards`` (read a shard at a time by every later stage), or ``auto``: shards
-when the encoded examples exceed ``ingest.shard_above_mb``. A kind that can read its source
+loaded whole), ``shards`` (read a shard at a time by every later stage; a time series' split is
+its rows, memory-mapped), or ``auto``: shards when the encoded examples exceed
+``ingest.shard_above_mb``. A kind that can read its source
 incrementally (an image folder, file by file) then never holds the data set in memory; its raw
 snapshot is a manifest of the files read, not a copy.
 

@@ -20,7 +20,15 @@ from components.config import parse_params
 from components.dataset import ArraySet, DatasetError, ShardedSet, load_split, sharded_path
 from components.shards import write_shards
 from components.stage import StageError
-from tests.conftest import REPO_ROOT, TINY_CLASSES, make_images, tiny_params_dict
+from tests.conftest import (
+    REPO_ROOT,
+    SERIES_OVERRIDES,
+    TINY_CLASSES,
+    make_images,
+    make_series,
+    params_with,
+    tiny_params_dict,
+)
 from tests.helpers import stage_workspace
 
 
@@ -384,3 +392,53 @@ def test_a_sample_of_a_class_by_class_split_holds_every_class(tmp_path):
     assert len(split.index.shards) == 1  # the case where a prefix would be one class
     sample = split.sample(90, seed=0)
     assert len(sample) == 90 and min(np.bincount(sample.y, minlength=3)) >= 15
+
+
+def test_a_series_stored_as_shards_is_its_rows_memory_mapped_and_trains_the_same(tmp_path):
+    """`storage: shards` for a time series: each split is its rows, once (not every window's
+    copy of them), read back memory-mapped and never written; validate, train and evaluate
+    give what the same series gives in memory, down to the trained model's bytes."""
+    from components.dataset import SERIES_FILE, SeriesWindows
+
+    source = tmp_path / "data" / "external" / "series.csv"
+    source.parent.mkdir(parents=True)
+    make_series(n=400).to_csv(source, index=False)
+    runs = {}
+    for storage in ("memory", "shards"):
+        raw = params_with(tmp_path / storage, str(source), SERIES_OVERRIDES)
+        raw["paths"]["external_dir"] = str(source.parent)
+        raw["ingest"]["storage"] = storage
+        runs[storage] = parse_params(raw)
+    results = {s: ingest.run(p) for s, p in runs.items()}
+    assert results["shards"].storage == "shards"
+    prepared = Path(runs["shards"].paths.prepared_dir)
+    for split in ("train", "val", "test"):
+        stored = sharded_path(prepared, split)
+        assert (stored / SERIES_FILE).is_file() and not (prepared / f"{split}.npz").exists()
+        data = load_split(prepared, split)
+        in_memory = load_split(runs["memory"].paths.prepared_dir, split)
+        assert isinstance(data, SeriesWindows) and isinstance(data.rows.base, np.memmap)
+        assert np.array_equal(data.x, in_memory.x) and np.array_equal(data.y, in_memory.y)
+        on_disk = sum(f.stat().st_size for f in stored.iterdir())
+        assert on_disk < data.rows.nbytes + data.targets.nbytes + 1024  # windows: 8 times it
+    sharded_digests = _digests(prepared)
+    checks = [validate.run(p) for p in runs.values()]
+    assert [c.passed for c in checks[0].checks] == [c.passed for c in checks[1].checks]
+    assert checks[0].stats == checks[1].stats
+    for params in runs.values():
+        train.run(params)
+    models = [(Path(p.paths.model_dir) / "model.pt").read_bytes() for p in runs.values()]
+    assert models[0] == models[1]
+    a, b = (evaluate.run(p) for p in runs.values())
+    assert a.metrics == b.metrics
+    assert sharded_digests == _digests(prepared)  # copy-on-write: the files as ingest wrote them
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {
+        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(folder.rglob("*"))
+        if f.is_file()
+    }
