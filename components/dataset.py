@@ -14,9 +14,10 @@ A split is stored one of two ways (``ingest.storage``; docs/training.md says wha
 - **in memory**: ``prepared/<split>.npz``, loaded whole as an :class:`ArraySet`;
 - **sharded**: ``prepared/<split>/``, WebDataset tar shards (components/shards.py) opened as a
   :class:`ShardedSet`, whose targets are in memory and whose inputs are read a shard at a time.
-  A time series' split is the exception: ``prepared/<split>/`` holds its rows, targets and
-  window as ``.npy`` files, read back memory-mapped as :class:`SeriesWindows` (its windows as
-  shards would store every row once per window it falls in).
+  A time series' split is the exception: ``prepared/<split>/`` holds its rows and targets as
+  ``.npy`` files and its window in ``series.json``, read back memory-mapped as
+  :class:`SeriesWindows` (its windows as shards would store every row once per window it
+  falls in).
 
 Stages read either through the same few calls: ``len``, ``y``, ``x.dtype`` and ``x.shape``,
 :meth:`~ArraySet.map_x` (a function of a batch of inputs, over every example in order),
@@ -355,8 +356,9 @@ def load_series_rows(directory: Path) -> SeriesWindows:
     directory = Path(directory)
     try:
         described = json.loads((directory / SERIES_FILE).read_text())
-        if described.get("format") != SERIES_FORMAT:
-            raise ValueError(f"format {described.get('format')!r}, this code reads {SERIES_FORMAT}")
+        if not isinstance(described, dict) or described.get("format") != SERIES_FORMAT:
+            found = described.get("format") if isinstance(described, dict) else described
+            raise ValueError(f"format {found!r}, this code reads {SERIES_FORMAT}")
         rows, targets = (
             np.load(directory / name, mmap_mode="c", allow_pickle=False) for name in SERIES_ARRAYS
         )
@@ -365,10 +367,11 @@ def load_series_rows(directory: Path) -> SeriesWindows:
         raise DatasetError(
             f"{directory}: not a stored series split ({exc}): re-run ingest"
         ) from None
-    if rows.dtype != np.float32 or rows.ndim != 2 or rows.shape[0] != described.get("rows"):
+    shape = (described.get("rows"), described.get("features"))
+    if rows.dtype != np.float32 or rows.shape != shape or targets.shape != shape[:1]:
         raise DatasetError(
-            f"{directory / SERIES_ARRAYS[0]}: {rows.dtype} rows {rows.shape}, where "
-            f"{SERIES_FILE} says {described.get('rows')} float32 rows: re-run ingest"
+            f"{directory}: {rows.dtype} rows {rows.shape} and targets {targets.shape}, where "
+            f"{SERIES_FILE} says {shape[0]} float32 rows of {shape[1]} features: re-run ingest"
         )
     return SeriesWindows(rows, targets, window, horizon)
 
@@ -400,6 +403,16 @@ def save_split(data: ArraySet, prepared_dir: Path, split: str, storage: str, see
     else:
         save_arrays(data, split_path(prepared_dir, split))
         clear_other_storage(prepared_dir, split, "memory")
+
+
+def stored_as(data: ArraySet | None, storage: str) -> str:
+    """How :func:`save_split` stored a split (``data``: one of them, None for a streamed
+    source), in the words ingest logs."""
+    if storage != "shards":
+        return "in memory (.npz)"
+    if isinstance(data, SeriesWindows):
+        return "as each split's rows, memory-mapped by the stages that read them (.npy)"
+    return "as shards"
 
 
 def write_sharded(examples, n: int, prepared_dir: Path, split: str, seed: int) -> None:

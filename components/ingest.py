@@ -34,6 +34,7 @@ from components.dataset import (
     save_arrays,
     save_frame,
     save_split,
+    stored_as,
     table_path,
     write_sharded,
 )
@@ -137,13 +138,15 @@ def run(params: Params) -> IngestResult:
         opened = streamed.open()
         save_streamed(opened, raw_dir, prepared_dir, cfg.seed)
         meta, n, summary, storage = opened.meta, streamed.n_examples, opened.summary, "shards"
+        stored = stored_as(None, storage)
     else:
         prepared = kind.prepare(cfg, external)
         nbytes = sum(d.nbytes for d in prepared.splits.values())
         storage = storage_for(cfg, nbytes)
         save(prepared, raw_dir, prepared_dir, storage, cfg.seed)
         meta, n, summary = prepared.meta, prepared.n_examples, prepared.summary
-    log.info("%s; stored %s", summary, "as shards" if storage == "shards" else "in memory (.npz)")
+        stored = stored_as(prepared.splits["train"], storage)
+    log.info("%s; stored %s", summary, stored)
     return IngestResult(cfg.source, n, meta.class_names, dict(meta.split_sizes), storage)
 
 

@@ -227,9 +227,11 @@ def matching_run(root: Path, newest: int = 10) -> Match | None:
         f"refs/exps/{head[:2]}/{head[2:]}/",
     ).split()  # fmt: skip
     # The commit last: an experiment on it names the run better (its Prefect run, its message).
-    # An untracked file (dvc.lock or a metric before their first commit) would go into the
-    # experiment, so the commit alone does not hold the run.
-    if not git("-C", str(top), "ls-files", "--others", "--exclude-standard", "-z"):
+    # Only a workspace with no untracked file is the commit: such a file may be the run's
+    # (dvc.lock or a metric before their first commit, a new stage's output), which an
+    # experiment would hold and the commit does not. A stray file leaves it to the flow.
+    others = _git(top, "ls-files", "--others", "--exclude-standard", "-z")
+    if others.returncode == 0 and not others.stdout:
         refs.append(head)
     tracked = {p for p in git("-C", str(top), "ls-files", "-z").split("\0") if p}
     blobs: dict[str, str | None] = {}
@@ -262,6 +264,21 @@ def matching_run(root: Path, newest: int = 10) -> Match | None:
                 return Match("commit", git("rev-parse", "--short", head).strip() or head[:12])
             return Match("experiment", ref.rsplit("/", 1)[-1])
     return None
+
+
+def commit_not_on_remote(root: Path, matched: Match, git_remote: str) -> str | None:
+    """For a run matched as a commit, with ``orchestrate.git_remote`` set: a note when no branch
+    of that remote holds the commit (as this clone last fetched it), so that another clone
+    could not check it out. None otherwise: an experiment's ref is pushed with the run."""
+    if matched.what != "commit" or not git_remote:
+        return None
+    held = _git(root, "branch", "-r", "--contains", matched.name, "--list", f"{git_remote}/*")
+    if held.returncode == 0 and held.stdout.strip():
+        return None
+    return (
+        f"git: commit {matched.name} is on no branch of {git_remote} yet: `git push` it, so "
+        "that other clones can reproduce this run"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ class NothingToDo:
     matched: Match
     stages: list[str]
     pushed: str | None
+    unpushed: str | None = None  # a matched commit that the git remote does not hold yet
 
 
 class _CannotTell(Exception):
@@ -96,7 +97,7 @@ def _check_holding_the_workspace(root: Path) -> NothingToDo | None:
     from dvc.repo import Repo, lock_repo
 
     from components.config import load_params
-    from flows.experiments import has_commit, matching_run, stage_address
+    from flows.experiments import commit_not_on_remote, has_commit, matching_run, stage_address
     from flows.workspace_lock import params_backup
 
     if params_backup(root).exists():
@@ -122,7 +123,7 @@ def _check_holding_the_workspace(root: Path) -> NothingToDo | None:
             if orc.git_remote and matched.experiment:  # as flows.experiments.push_experiment_ref
                 repo.experiments.push(orc.git_remote, [matched.experiment], push_cache=False)
                 pushed += f", experiment ref pushed to {orc.git_remote}"
-    return NothingToDo(matched, order, pushed)
+    return NothingToDo(matched, order, pushed, commit_not_on_remote(root, matched, orc.git_remote))
 
 
 def prefect_api_url(env: dict | None = None, folders: tuple[Path, ...] = ()) -> str | None:
@@ -261,6 +262,8 @@ def answered(argv: list[str]) -> bool:
     ]
     if found.pushed:
         notes.append(f"remote: {found.pushed}")
+    if found.unpushed:
+        notes.append(found.unpushed)
     outcomes = {stage: "skipped" for stage in found.stages}
     summary = format_summary(read_summary(root), outcomes, notes)
     if not api:

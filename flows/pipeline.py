@@ -77,6 +77,7 @@ from flows.experiments import (  # noqa: E402
     check_dvc_lock_file,
     check_dvc_remote,
     check_git_remote,
+    commit_not_on_remote,
     existing_experiment_names,
     exit_code,
     experiment_name,
@@ -648,6 +649,8 @@ def _run_stages(
             f"nothing changed: this run matched {matched}   (reproduce: {matched.reproduce})"
         )
         experiment = matched.experiment
+        if unpushed := commit_not_on_remote(root, matched, orc.git_remote):
+            notes.append(unpushed)
     elif recorded:
         experiment = experiment_name(run_name, run_id, existing_experiment_names(root))
         message = f"Prefect flow run {run_name} ({run_id})"

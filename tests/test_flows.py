@@ -19,14 +19,17 @@ from prefect.states import Completed, Failed
 
 from components.config import ParamsError, parse_params, read_params_file
 from flows.experiments import (
+    Match,
     PreflightError,
     check_dvc_remote,
     check_git_remote,
+    commit_not_on_remote,
     experiment_name,
 )
 from flows.pipeline import STAGE_FAILED, _retry_unless_the_stage_said_why
 from flows.workspace_lock import WorkspaceBusy, lock_path, workspace_lock
 from tests.conftest import REPO_ROOT
+from tests.helpers import GIT
 
 
 def _is_valid_exp_ref(name: str) -> bool:
@@ -589,3 +592,27 @@ def _listening_addresses(port: int) -> set[str]:
             else:
                 found.add("IPv6 " + address)
     return found
+
+
+def test_a_matched_commit_the_git_remote_lacks_is_named_with_the_push_to_make(tmp_path):
+    """A run matched as a commit reproduces elsewhere only once the commit is on the git remote:
+    until it is, the summary says so; an experiment's ref is pushed with the run."""
+    remote, clone = tmp_path / "remote.git", tmp_path / "clone"
+    subprocess.run(["git", "init", "-q", "--bare", str(remote)], check=True)
+    subprocess.run(["git", "clone", "-q", str(remote), str(clone)], check=True)
+    (clone / "params.yaml").write_text("a: 1\n")
+    subprocess.run([*GIT, "add", "-A"], cwd=clone, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "run"], cwd=clone, check=True)
+    short = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True
+    ).stdout.strip()
+    matched = Match("commit", short)
+    said = commit_not_on_remote(clone, matched, "origin")
+    assert said == (
+        f"git: commit {short} is on no branch of origin yet: `git push` it, so that other "
+        "clones can reproduce this run"
+    )
+    assert commit_not_on_remote(clone, matched, "") is None  # no git remote configured
+    assert commit_not_on_remote(clone, Match("experiment", "lean-hog"), "origin") is None
+    subprocess.run(["git", "push", "-q", "origin", "HEAD:main"], cwd=clone, check=True)
+    assert commit_not_on_remote(clone, matched, "origin") is None

@@ -294,8 +294,9 @@ def test_a_change_dvc_or_git_sees_is_not_taken_for_a_no_op(workspace, first_run,
 
 def test_a_run_whose_results_were_committed_matches_the_commit(workspace, first_run, tmp_path):
     """`git commit` of a run's results (dvc.lock, metrics, the champion record): the next plain
-    run matches that commit, saves no experiment and is answered before Prefect starts. A file
-    git does not know (an experiment would hold it, the commit does not) leaves it to the flow."""
+    run matches that commit, saves no experiment and is answered before Prefect starts. A
+    tracked file changed since, or one git does not know (it may be the run's: an experiment
+    would hold it, the commit does not), leaves it to the flow."""
     from flows.experiments import Match, matching_run
 
     copy = tmp_path / "repo"  # the module's workspace keeps its results uncommitted
@@ -318,6 +319,12 @@ def test_a_run_whose_results_were_committed_matches_the_commit(workspace, first_
     assert "Starting temporary server" not in out and "Beginning flow run" not in out
     assert seconds < NO_OP_SECONDS, f"the no-op took {seconds:.1f} s\n{out}"
     assert _experiments(copy) == saved
+    params = copy / "params.yaml"
+    text = params.read_text()
+    params.write_text(text + "# a comment\n")
+    assert matching_run(copy) is None  # a file git tracks, changed since the commit
+    params.write_text(text)
+    assert matching_run(copy) == Match("commit", short)
     (copy / "notes.txt").write_text("a file git does not know yet")
     assert matching_run(copy) is None
 

@@ -394,7 +394,7 @@ def test_a_sample_of_a_class_by_class_split_holds_every_class(tmp_path):
     assert len(sample) == 90 and min(np.bincount(sample.y, minlength=3)) >= 15
 
 
-def test_a_series_stored_as_shards_is_its_rows_memory_mapped_and_trains_the_same(tmp_path):
+def test_a_series_stored_as_shards_is_its_rows_memory_mapped_and_trains_the_same(tmp_path, caplog):
     """`storage: shards` for a time series: each split is its rows, once (not every window's
     copy of them), read back memory-mapped and never written; validate, train and evaluate
     give what the same series gives in memory, down to the trained model's bytes."""
@@ -409,8 +409,12 @@ def test_a_series_stored_as_shards_is_its_rows_memory_mapped_and_trains_the_same
         raw["paths"]["external_dir"] = str(source.parent)
         raw["ingest"]["storage"] = storage
         runs[storage] = parse_params(raw)
-    results = {s: ingest.run(p) for s, p in runs.items()}
+    before = runs["shards"].ingest.model_copy(update={"storage": "memory"})
+    ingest.run(runs["shards"].model_copy(update={"ingest": before}))  # the other form first
+    with caplog.at_level("INFO"):
+        results = {s: ingest.run(p) for s, p in runs.items()}
     assert results["shards"].storage == "shards"
+    assert "stored as each split's rows, memory-mapped by the stages that read them" in caplog.text
     prepared = Path(runs["shards"].paths.prepared_dir)
     for split in ("train", "val", "test"):
         stored = sharded_path(prepared, split)
@@ -442,3 +446,23 @@ def _digests(folder: Path) -> dict[str, str]:
         for f in sorted(folder.rglob("*"))
         if f.is_file()
     }
+
+
+def test_a_stored_series_split_that_is_not_whole_is_refused_by_name(tmp_path):
+    from components.dataset import SERIES_FILE, SeriesWindows, save_split
+
+    rows = np.arange(60, dtype=np.float32).reshape(30, 2)
+    save_split(SeriesWindows(rows, rows[:, 0].copy(), 4, 1), tmp_path, "val", "shards", 0)
+    stored = sharded_path(tmp_path, "val")
+    assert np.array_equal(load_split(tmp_path, "val").rows, rows)
+    described = (stored / SERIES_FILE).read_text()
+    (stored / SERIES_FILE).write_text("[1, 2]")
+    with pytest.raises(DatasetError, match=r"val: not a stored series split .* re-run ingest"):
+        load_split(tmp_path, "val")
+    (stored / SERIES_FILE).write_text(described.replace('"rows": 30', '"rows": 31'))
+    with pytest.raises(DatasetError, match=r"says 31 float32 rows of 2 features: re-run ingest"):
+        load_split(tmp_path, "val")
+    (stored / SERIES_FILE).write_text(described)
+    (stored / "targets.npy").unlink()
+    with pytest.raises(DatasetError, match=r"targets.npy.*re-run ingest"):
+        load_split(tmp_path, "val")
