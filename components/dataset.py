@@ -332,6 +332,8 @@ def save_series_rows(data: SeriesWindows, directory: Path) -> None:
     (:func:`load_series_rows`) holds only the pages of rows it touches."""
     import shutil
 
+    from components.stage import write_text
+
     directory = Path(directory)
     scratch = directory.with_name(f".{directory.name}.writing")
     shutil.rmtree(scratch, ignore_errors=True)
@@ -341,7 +343,7 @@ def save_series_rows(data: SeriesWindows, directory: Path) -> None:
             np.save(scratch / name, array, allow_pickle=False)
         described = {"format": SERIES_FORMAT, "window": data.window, "horizon": data.horizon,
                      "rows": len(data.rows), "features": int(data.rows.shape[1])}  # fmt: skip
-        (scratch / SERIES_FILE).write_text(json.dumps(described, indent=2) + "\n")
+        write_text(scratch / SERIES_FILE, json.dumps(described, indent=2) + "\n")
         shutil.rmtree(directory, ignore_errors=True)
         scratch.rename(directory)
     finally:
