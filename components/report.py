@@ -283,8 +283,8 @@ def _figure(*args, **kwargs):
 def _labels_clash(fig, ax) -> bool:
     """Would the x tick labels of ``ax``, drawn level, run into each other or past the axes'
     right edge (into a colour bar's labels)? Measured on the figure as it is drawn."""
+    fig.draw_without_rendering()  # places the labels; only the save draws the pixels
     renderer = fig.canvas.get_renderer()
-    fig.canvas.draw()
     boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
     gap = 2  # pixels between two labels
     right = ax.get_window_extent(renderer).x1

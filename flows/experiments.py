@@ -215,7 +215,8 @@ def matching_run(root: Path, newest: int = 10) -> Match | None:
     """
 
     def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        """Its output, or "" when git fails."""
+        done = _git(root, *args)
         return done.stdout if done.returncode == 0 else ""
 
     top = Path(git("rev-parse", "--show-toplevel").strip() or root)

@@ -5,6 +5,7 @@ done with it."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -360,3 +361,14 @@ def stage_workspace(root: Path, source: Path, ingest_updates: dict | None = None
     finally:
         os.chdir(cwd)
     return root
+
+
+def file_hashes(root: Path, folders: tuple[str, ...] = (".",), skip: tuple[str, ...] = ()):
+    """SHA-256 of every file under ``folders`` of ``root`` (file names in ``skip`` left out),
+    by path relative to ``root``: equal before and after when nothing was written."""
+    return {
+        str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for folder in folders
+        for f in sorted((root / folder).rglob("*"))
+        if f.is_file() and f.name not in skip
+    }

@@ -3,7 +3,6 @@ ending with a real bento served by `bentoml serve` and answering over HTTP."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from components.overrides import apply_overrides
 from tests.conftest import REPO_ROOT, TINY_CLASSES, TINY_OVERRIDES, make_images
 from tests.helpers import (
     GIT,
+    file_hashes,
     flatten,
     free_port,
     only_variants,
@@ -523,12 +523,7 @@ OUTPUT_FOLDERS = ("data/raw", "data/prepared", "models", "artefacts", "metrics",
 
 def _outputs(root: Path) -> dict[str, str]:
     """The hash of every file the stages write."""
-    return {
-        str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
-        for folder in OUTPUT_FOLDERS
-        for f in sorted((root / folder).rglob("*"))
-        if f.is_file() and f.name != "stopped.html"
-    }
+    return file_hashes(root, OUTPUT_FOLDERS, skip=("stopped.html",))
 
 
 def _break_params(root: Path, override: str):

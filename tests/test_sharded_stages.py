@@ -29,7 +29,7 @@ from tests.conftest import (
     params_with,
     tiny_params_dict,
 )
-from tests.helpers import stage_workspace
+from tests.helpers import file_hashes, stage_workspace
 
 
 def _params(root: Path, source: Path, storage: str, **sections):
@@ -425,7 +425,7 @@ def test_a_series_stored_as_shards_is_its_rows_memory_mapped_and_trains_the_same
         assert np.array_equal(data.x, in_memory.x) and np.array_equal(data.y, in_memory.y)
         on_disk = sum(f.stat().st_size for f in stored.iterdir())
         assert on_disk < data.rows.nbytes + data.targets.nbytes + 1024  # windows: 8 times it
-    sharded_digests = _digests(prepared)
+    sharded_digests = file_hashes(prepared)
     checks = [validate.run(p) for p in runs.values()]
     assert [c.passed for c in checks[0].checks] == [c.passed for c in checks[1].checks]
     assert checks[0].stats == checks[1].stats
@@ -435,17 +435,7 @@ def test_a_series_stored_as_shards_is_its_rows_memory_mapped_and_trains_the_same
     assert models[0] == models[1]
     a, b = (evaluate.run(p) for p in runs.values())
     assert a.metrics == b.metrics
-    assert sharded_digests == _digests(prepared)  # copy-on-write: the files as ingest wrote them
-
-
-def _digests(folder: Path) -> dict[str, str]:
-    import hashlib
-
-    return {
-        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
-        for f in sorted(folder.rglob("*"))
-        if f.is_file()
-    }
+    assert sharded_digests == file_hashes(prepared)  # copy-on-write: the files as ingest wrote them
 
 
 def test_a_stored_series_split_that_is_not_whole_is_refused_by_name(tmp_path):
