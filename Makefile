@@ -111,7 +111,7 @@ bench-tune: setup ## tuned vs default params, 1 vs 2 workers, ensemble vs best s
 bench-scale: setup ## sharded vs in-memory splits at 10k, 100k, 1M images and table rows: memory, time, throughput (~15 min)
 	$(PY) -m bench.scale
 
-bench-series: setup ## a time series' splits stored as rows (windows as views) vs windows copied, 100k to 3M steps: file size, memory, throughput (~3 min)
+bench-series: setup ## a time series' splits stored as rows (windows as views) vs windows copied, 100k to 3M steps: file size, memory, throughput; its ingest in batches vs whole, to 10M (~5 min)
 	$(PY) -m bench.series
 
 bench-defaults: setup ## default params vs classical baselines on 10 data sets that packages ship (~4 min)

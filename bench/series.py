@@ -2,7 +2,7 @@
 draws them: components/dataset.py ``SeriesWindows``) against the same windows stored copied,
 one array of (N, T, F), as the pipeline stored them before.
 
-    make bench-series                 (100k, 1M and 3M steps; about 3 minutes)
+    make bench-series                 (100k, 1M and 3M steps, ingest 10M too; about 5 minutes)
     python -m bench.series --smoke    (2k steps, every step in this process: does it run?)
 
 For a synthetic series of N steps and 4 features (a seeded random walk, float32), windows of
@@ -16,7 +16,13 @@ resident memory (``VmHWM``) is its own:
    as the train stage builds it: samples/s over the first ``BATCHES`` (400) batches, and the
    peak memory. The batches are the same in both layouts (tests/test_series_windows.py).
 
-3. **encode** (in this process): ingest's encoding of the N rows, plus a categorical column of
+3. **ingest**: the whole ingest stage (``components.ingest.run``, as DVC runs it) on the series
+   written as a CSV of N rows (a ``step`` column, the time index, and the 4 features; target
+   ``f0``), read whole by pandas (``ingest.storage: memory``) against read in pyarrow batches
+   into each split's rows (``shards``): seconds and peak memory. The CSV is written once, a
+   100,000 rows at a time, to ``build/bench-series/cache`` (``--smoke``: the smoke folder).
+
+4. **encode** (in this process): ingest's encoding of the N rows, plus a categorical column of
    8 labels (each column in one pass), against the per-value path the service takes for JSON
    rows: seconds, and equality.
 
@@ -30,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -44,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "series.json"
 SMOKE_RESULTS = Path("build") / "bench-smoke" / "series.json"  # under the folder it runs in
 SIZES = (100_000, 1_000_000, 3_000_000)
+INGEST_SIZES = (*SIZES, 10_000_000)  # ingest alone also at 10M (its whole read: ~2 GB)
 SMOKE_SIZES = (2_000,)
 FEATURES, WINDOW, BATCH, BATCHES = 4, 32, 256, 400
 LAYOUTS = ("rows", "copied")
@@ -124,7 +132,54 @@ def encode_seconds(n: int) -> dict:
             "same": bool(np.array_equal(whole, per_value))}  # fmt: skip
 
 
-STEPS = {"store": step_store, "epoch": step_epoch}
+INGEST_MODES = ("memory", "shards")  # ingest.storage: read whole by pandas, or in batches
+
+
+def series_csv(cache: Path, n: int) -> Path:
+    """The series of :func:`_series` as a CSV with a time index column, written once, a block
+    of rows at a time (bounded memory)."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    path = cache / f"series-{n}.csv"
+    if path.is_file():
+        return path
+    cache.mkdir(parents=True, exist_ok=True)
+    rows, _ = _series(n)
+    scratch = path.with_name(f".{path.name}")
+    writer = None
+    try:
+        for lo in range(0, n, 100_000):
+            block = rows[lo : lo + 100_000].astype(np.float64)
+            table = pa.table({"step": np.arange(lo, lo + len(block)),
+                              **{f"f{j}": block[:, j] for j in range(FEATURES)}})  # fmt: skip
+            writer = writer or pcsv.CSVWriter(scratch, table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+    os.replace(scratch, path)
+    return path
+
+
+def step_ingest(work: Path, n: int, storage: str) -> dict:
+    """The ingest stage on the series' CSV, stored as ``storage`` says."""
+    from components import ingest
+    from components.config import parse_params, read_params_file
+
+    raw = read_params_file(ROOT / "params.yaml")
+    root = work / f"ingest-{storage}-{n}"
+    raw["paths"] = {k: str(root / v) for k, v in raw["paths"].items()}
+    raw["paths"]["external_dir"] = str(work / "cache")
+    raw["ingest"].update(source=str(series_csv(work / "cache", n)), kind="sequence",
+                         target="f0", window=WINDOW, horizon=1, storage=storage)  # fmt: skip
+    started = time.perf_counter()
+    result = ingest.run(parse_params(raw))
+    return {"seconds": round(time.perf_counter() - started, 2), "storage": result.storage,
+            "windows": result.split_sizes, "peak_rss_mb": _peak_mb()}  # fmt: skip
+
+
+STEPS = {"store": step_store, "epoch": step_epoch, "ingest": step_ingest}
 
 
 def run_step(step: str, n: int, layout: str, work: Path, here: bool) -> dict:
@@ -158,6 +213,8 @@ def summarise(rows: dict, sizes) -> dict:
             "throughput_rows_over_copied": round(
                 r["epoch"]["samples_per_s"] / c["epoch"]["samples_per_s"], 2
             ),
+            "ingest_peak_mb": {m: rows[f"ingest-{n}"][m]["peak_rss_mb"] for m in INGEST_MODES},
+            "ingest_seconds": {m: rows[f"ingest-{n}"][m]["seconds"] for m in INGEST_MODES},
         }
     return out
 
@@ -170,6 +227,12 @@ def _report(result: dict) -> str:
                          f"{row['one_pass_s']} s, value by "
                          f"value {row['per_value_s']} s (same: {row['same']})")  # fmt: skip
             continue
+        if key.startswith("ingest-"):
+            lines.append(f"  {key:>16}: " + "; ".join(
+                f"{mode} {row[mode]['seconds']} s (peak {row[mode]['peak_rss_mb']} MB)"
+                for mode in INGEST_MODES
+            ))  # fmt: skip
+            continue
         s, e = row["store"], row["epoch"]
         lines.append(
             f"  {key:>16}: file {s['file_mb']:>8} MB, store {s['seconds']:>6} s "
@@ -180,7 +243,9 @@ def _report(result: dict) -> str:
         lines.append(
             f"  N={n}: file {s['file_copied_over_rows']}x smaller as rows; training throughput "
             f"rows/copied {s['throughput_rows_over_copied']}; epoch peak "
-            f"{s['epoch_peak_mb']['rows']} MB against {s['epoch_peak_mb']['copied']} MB"
+            f"{s['epoch_peak_mb']['rows']} MB against {s['epoch_peak_mb']['copied']} MB; ingest "
+            f"peak in batches {s['ingest_peak_mb']['shards']} MB against "
+            f"{s['ingest_peak_mb']['memory']} MB read whole"
         )
     return "\n".join(lines)
 
@@ -191,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sizes", type=int, nargs="+", help="series lengths (steps)")
     parser.add_argument("--child", choices=sorted(STEPS), help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--layout", choices=LAYOUTS, help=argparse.SUPPRESS)
+    parser.add_argument("--layout", choices=LAYOUTS + INGEST_MODES, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -210,8 +275,16 @@ def main(argv: list[str] | None = None) -> dict:
             for f in work.glob(f"{layout}-{n}.npz"):
                 f.unlink()  # up to 1.6 GB each: not kept
         rows[f"encode-{n}"] = encode_seconds(n)
+    for n in args.sizes or (SMOKE_SIZES if args.smoke else INGEST_SIZES):
+        series_csv(work / "cache", n)  # written before either run is timed
+        rows[f"ingest-{n}"] = {
+            mode: run_step("ingest", n, mode, work, args.smoke) for mode in INGEST_MODES
+        }
+        for mode in INGEST_MODES:
+            shutil.rmtree(work / f"ingest-{mode}-{n}", ignore_errors=True)  # not kept
     result = {
-        "what": "a series' split stored as its rows (windows are views) vs its windows copied",
+        "what": "a series' split stored as its rows (windows are views) vs its windows copied; "
+                "ingest of its CSV in batches vs read whole",
         "features": FEATURES, "window": WINDOW, "batch": BATCH, "batches_timed": BATCHES,
         "rows": rows,
         "summary": summarise(rows, sizes),

@@ -330,24 +330,81 @@ def save_series_rows(data: SeriesWindows, directory: Path) -> None:
     """A series split as its rows, one target per row and its window (``storage: shards``),
     written beside ``directory`` and moved in place when complete. A stage that reads it back
     (:func:`load_series_rows`) holds only the pages of rows it touches."""
-    import shutil
+    rows = data.rows
+    with SeriesRowsWriter(directory, len(rows), rows.shape[1], data.window, data.horizon) as out:
+        out.write(rows, data.targets)
 
-    from components.stage import write_text
 
-    directory = Path(directory)
-    scratch = directory.with_name(f".{directory.name}.writing")
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
-    try:
-        for name, array in zip(SERIES_ARRAYS, (data.rows, data.targets), strict=True):
-            np.save(scratch / name, array, allow_pickle=False)
-        described = {"format": SERIES_FORMAT, "window": data.window, "horizon": data.horizon,
-                     "rows": len(data.rows), "features": int(data.rows.shape[1])}  # fmt: skip
-        write_text(scratch / SERIES_FILE, json.dumps(described, indent=2) + "\n")
-        shutil.rmtree(directory, ignore_errors=True)
-        scratch.rename(directory)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+class SeriesRowsWriter:
+    """A series split's rows and targets written batch by batch (:meth:`write`) into ``.npy``
+    files, each header written for the split's known length and the batches appended after
+    it, so that memory holds one batch, not the split (a memory map's dirty pages would count
+    as this process's memory): the form :func:`load_series_rows` reads, byte for byte what
+    ``np.save`` writes. Written into a scratch folder beside ``directory`` and moved in place
+    only when every row came; on an error the folder that was there is kept."""
+
+    def __init__(self, directory: Path, n_rows: int, n_features: int, window: int,
+                 horizon: int) -> None:  # fmt: skip
+        self.directory = Path(directory)
+        self.scratch = self.directory.with_name(f".{self.directory.name}.writing")
+        self.described = {"format": SERIES_FORMAT, "window": int(window), "horizon": int(horizon),
+                          "rows": int(n_rows), "features": int(n_features)}  # fmt: skip
+        self.written = 0
+        self.files: list = []
+
+    def __enter__(self) -> SeriesRowsWriter:
+        import shutil
+
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        self.scratch.mkdir(parents=True)
+        n, width = self.described["rows"], self.described["features"]
+        descr = np.lib.format.dtype_to_descr(np.dtype(np.float32))
+        for name, shape in zip(SERIES_ARRAYS, ((n, width), (n,)), strict=True):
+            fh = open(self.scratch / name, "wb")  # noqa: SIM115 (closed in __exit__)
+            self.files.append(fh)
+            header = {"descr": descr, "fortran_order": False, "shape": shape}
+            np.lib.format.write_array_header_1_0(fh, header)
+        return self
+
+    def write(self, rows: np.ndarray, targets: np.ndarray) -> None:
+        """The next ``len(rows)`` rows of the split ((k, features)) and their targets."""
+        k, width, n = len(rows), self.described["features"], self.described["rows"]
+        if rows.shape[1:] != (width,) or np.shape(targets) != (k,):
+            raise DatasetError(
+                f"{self.directory}: a batch of rows {rows.shape} and targets "
+                f"{np.shape(targets)}, where the split has {width} features"
+            )
+        if self.written + k > n:
+            raise DatasetError(
+                f"{self.directory}: more than the {n} rows planned for this split (did the "
+                "source change while it was read?)"
+            )
+        for fh, array in zip(self.files, (rows, targets), strict=True):
+            fh.write(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+        self.written += k
+
+    def __exit__(self, kind, value, tb) -> None:
+        import shutil
+
+        from components.stage import write_text
+
+        try:
+            for fh in self.files:
+                fh.close()
+            if kind is not None:
+                return
+            if self.written != self.described["rows"]:
+                raise DatasetError(
+                    f"{self.directory}: {self.written} rows came of the "
+                    f"{self.described['rows']} planned for this split (did the source change "
+                    "while it was read?)"
+                )
+            text = json.dumps(self.described, indent=2) + "\n"
+            write_text(self.scratch / SERIES_FILE, text)
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.scratch.rename(self.directory)
+        finally:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 def load_series_rows(directory: Path) -> SeriesWindows:
@@ -407,12 +464,11 @@ def save_split(data: ArraySet, prepared_dir: Path, split: str, storage: str, see
         clear_other_storage(prepared_dir, split, "memory")
 
 
-def stored_as(data: ArraySet | None, storage: str) -> str:
-    """How :func:`save_split` stored a split (``data``: one of them, None for a streamed
-    source), in the words ingest logs."""
+def stored_as(storage: str, series: bool) -> str:
+    """How ingest stored the splits (``series``: a time series' rows), in the words it logs."""
     if storage != "shards":
         return "in memory (.npz)"
-    if isinstance(data, SeriesWindows):
+    if series:
         return "as each split's rows, memory-mapped by the stages that read them (.npy)"
     return "as shards"
 

@@ -9,9 +9,9 @@ snapshot to ``paths.raw_dir``, the splits and ``meta.json`` to ``paths.prepared_
 ``ingest.storage`` says how the splits are stored (components/dataset.py): ``memory`` (.npz,
 loaded whole), ``shards`` (read a shard at a time by every later stage; a time series' split is
 its rows, memory-mapped), or ``auto``: shards when the encoded examples exceed
-``ingest.shard_above_mb``. A kind that can read its source
-incrementally (an image folder, file by file) then never holds the data set in memory; its raw
-snapshot is a manifest of the files read, not a copy.
+``ingest.shard_above_mb``. A kind that can read its source incrementally (an image folder
+file by file, a table or time series in batches) then never holds the data set in memory; its
+raw snapshot is a manifest of what was read, not a copy.
 
 Local sources must lie under ``paths.external_dir``: dvc.yaml declares that folder as a
 dependency, so adding, changing or removing a file there re-runs ingest and what follows.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from components.config import IngestParams, Params
 from components.dataset import (
     SPLITS,
     FrameWriter,
+    SeriesWindows,
     meta_path,
     raw_path,
     save_arrays,
@@ -81,21 +83,27 @@ def _drop_rows(prepared_dir: Path) -> None:
 
 def save_streamed(streamed: kinds.StreamedSplits, raw_dir: Path, prepared_dir: Path,
                   seed: int) -> None:  # fmt: skip
-    """Each split written as shards while its examples are read, one at a time (and, for a kind
-    that keeps them, its rows as read, batch by batch); the manifest of what was read is the
-    raw snapshot."""
+    """Each split written as shards while its examples are read, one at a time, or by the kind
+    itself (a time series: its rows); for a kind that keeps them, its rows as read too, batch by
+    batch. The manifest of what was read is the raw snapshot."""
     for rows in (True, False):
         raw_path(raw_dir, rows=rows).unlink(missing_ok=True)
     write_manifest(Path(raw_dir) / MANIFEST, streamed.manifest)
     if not streamed.keeps_rows:
         _drop_rows(prepared_dir)
-    for split in SPLITS:
-        n = streamed.meta.split_sizes[split]
+    with ExitStack() as stack:
+        kept = {}
         if streamed.keeps_rows:
-            with FrameWriter(table_path(prepared_dir, split)) as rows:
-                write_sharded(streamed.examples(split, rows.write), n, prepared_dir, split, seed)
+            for split in SPLITS:
+                writer = stack.enter_context(FrameWriter(table_path(prepared_dir, split)))
+                kept[split] = writer.write
+        if streamed.write_splits is not None:
+            streamed.write_splits(prepared_dir, kept)
         else:
-            write_sharded(streamed.examples(split), n, prepared_dir, split, seed)
+            for split in SPLITS:
+                n = streamed.meta.split_sizes[split]
+                examples = streamed.examples(split, kept.get(split))
+                write_sharded(examples, n, prepared_dir, split, seed)
     streamed.meta.save(meta_path(prepared_dir))
 
 
@@ -138,14 +146,14 @@ def run(params: Params) -> IngestResult:
         opened = streamed.open()
         save_streamed(opened, raw_dir, prepared_dir, cfg.seed)
         meta, n, summary, storage = opened.meta, streamed.n_examples, opened.summary, "shards"
-        stored = stored_as(None, storage)
+        stored = stored_as(storage, series=opened.write_splits is not None)
     else:
         prepared = kind.prepare(cfg, external)
         nbytes = sum(d.nbytes for d in prepared.splits.values())
         storage = storage_for(cfg, nbytes)
         save(prepared, raw_dir, prepared_dir, storage, cfg.seed)
         meta, n, summary = prepared.meta, prepared.n_examples, prepared.summary
-        stored = stored_as(prepared.splits["train"], storage)
+        stored = stored_as(storage, series=isinstance(prepared.splits["train"], SeriesWindows))
     log.info("%s; stored %s", summary, stored)
     return IngestResult(cfg.source, n, meta.class_names, dict(meta.split_sizes), storage)
 

@@ -155,3 +155,6 @@ def test_series_smoke(tmp_path):
         report["rows"][f"{layout}-2000"]["epoch"]["batches"] for layout in ("rows", "copied")
     } == {8}
     assert report["rows"]["encode-2000"]["same"]  # one pass encodes as value by value does
+    ingested = report["rows"]["ingest-2000"]  # the stage on the CSV: read whole, in batches
+    assert [ingested[m]["storage"] for m in ("memory", "shards")] == ["memory", "shards"]
+    assert ingested["memory"]["windows"] == ingested["shards"]["windows"]

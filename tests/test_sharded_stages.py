@@ -456,3 +456,91 @@ def test_a_stored_series_split_that_is_not_whole_is_refused_by_name(tmp_path):
     (stored / "targets.npy").unlink()
     with pytest.raises(DatasetError, match=r"targets.npy.*re-run ingest"):
         load_split(tmp_path, "val")
+
+
+def _series_params(root: Path, source: Path, storage: str, **sections):
+    raw = params_with(root, str(source), SERIES_OVERRIDES, sections)
+    raw["paths"]["external_dir"] = str(source.parent)
+    raw["ingest"]["storage"] = storage
+    return parse_params(raw)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_series_is_read_in_batches_into_the_same_splits(tmp_path, suffix, monkeypatch, caplog):
+    """`storage: shards` reads a time series in pyarrow batches, never whole: the same windows,
+    targets, rows kept as read and metadata as a whole read (the fitted means and deviations
+    to rounding); a time index is told from a column that only counts within each batch; the
+    raw snapshot is a manifest, not a copy."""
+    import pandas as pd
+
+    from components.kinds import table
+
+    monkeypatch.setattr(table, "BATCH_ROWS", 37)  # batches that cut across every split
+    frame = make_series(n=400)
+    frame.insert(0, "step", np.arange(1000, 1400))  # the time index: not an input
+    frame["lap"] = np.arange(400) % 37  # increasing within each batch, not along the series
+    frame.loc[[5, 250], "temp"] = np.nan  # a missing input in train and in val
+    path = tmp_path / "external" / f"series{suffix}"
+    path.parent.mkdir(parents=True)
+    frame.to_parquet(path) if suffix == ".parquet" else frame.to_csv(path, index=False)
+    allowed = {"validate": {"max_missing_fraction": 0.02}}
+    runs = {s: _series_params(tmp_path / s, path, s, **allowed) for s in ("memory", "shards")}
+    with caplog.at_level("INFO", logger="pipeline.ingest"):
+        results = {s: ingest.run(p) for s, p in runs.items()}
+    assert results["shards"].storage == "shards" and results["memory"].storage == "memory"
+    lines = [r.getMessage() for r in caplog.records]
+    assert all("time index 'step' not an input" in line for line in lines), lines
+    assert "(read in batches of 37)" in lines[1] and "read in batches" not in lines[0]
+    metas = [json.loads((Path(p.paths.prepared_dir) / "meta.json").read_text())
+             for p in runs.values()]  # fmt: skip
+    specs = [m.pop("preprocess") for m in metas]
+    assert metas[0] == metas[1] and metas[0]["feature_names"] == ["load", "temp", "lap"]
+    columns = [s.pop("columns") for s in specs]
+    assert specs[0] == specs[1]
+    for a, b in zip(*columns, strict=True):
+        assert a["name"] == b["name"] and b["mean"] == pytest.approx(a["mean"], rel=1e-12)
+        assert b["std"] == pytest.approx(a["std"], rel=1e-12)
+    for split in ("train", "val", "test"):
+        whole = load_split(runs["memory"].paths.prepared_dir, split)
+        batched = load_split(runs["shards"].paths.prepared_dir, split)
+        assert isinstance(batched.rows.base, np.memmap)
+        np.testing.assert_allclose(batched.rows, whole.rows, rtol=0, atol=1e-6)
+        assert np.array_equal(batched.targets, whole.targets)
+        assert (batched.window, batched.horizon, len(batched)) == (8, 1, len(whole))
+        kept = [pd_read(p, split) for p in runs.values()]
+        pd.testing.assert_frame_equal(kept[0], kept[1], check_dtype=False)
+    raw = Path(runs["shards"].paths.raw_dir)
+    assert not (raw / "dataset.parquet").exists()
+    manifest = json.loads((raw / "manifest.json").read_text())
+    assert manifest == {"source": str(path), "rows": 400, "columns": ["load", "temp", "lap"]}
+    checks = [validate.run(p) for p in runs.values()]
+    assert [c.passed for c in checks[0].checks] == [c.passed for c in checks[1].checks]
+    assert checks[0].stats == checks[1].stats
+
+
+def test_a_series_the_batched_read_refuses_leaves_the_last_good_splits(tmp_path, monkeypatch):
+    """Every refusal of a batched series read comes from its first pass, before anything is
+    written: the message names the problem, and the last good ingest's files are as they were."""
+    from components.kinds import table
+
+    monkeypatch.setattr(table, "BATCH_ROWS", 50)
+    path = tmp_path / "data" / "external" / "series.csv"
+    path.parent.mkdir(parents=True)
+    good = make_series(n=400)
+    good.to_csv(path, index=False)
+    params = _series_params(tmp_path, path, "shards")
+    ingest.run(params)
+    data = tmp_path / "data"
+    before = file_hashes(data, skip=(path.name,))
+    empty = good.copy()
+    empty.loc[[10, 300], "load"] = np.nan  # in the first batch and in the seventh
+    empty.to_csv(path, index=False)
+    with pytest.raises(StageError, match=r"target column 'load' is empty in 2 row\(s\)"):
+        ingest.run(params)
+    assert file_hashes(data, skip=(path.name,)) == before
+    good.to_csv(path, index=False)
+    with open(path, "a") as fh:
+        fh.write("2026-01-17 16:00:00,1.5\n")  # a last row with too few fields
+    with pytest.raises(StageError, match=r"series\.csv: .*Row #402: Expected 3 columns, got 2"):
+        ingest.run(params)
+    assert file_hashes(data, skip=(path.name,)) == before

@@ -61,10 +61,14 @@ class StreamedSplits:
     snapshot of a source too large to copy)."""
 
     meta: DatasetMeta
-    examples: Callable[..., Iterator[tuple[np.ndarray, Any]]]
+    examples: Callable[..., Iterator[tuple[np.ndarray, Any]]] | None  # None: see write_split
     manifest: dict  # JSON values, or ManifestItems for a long list
     summary: str
-    keeps_rows: bool = False  # tables: ``rows`` batches go to prepared/<split>.parquet
+    keeps_rows: bool = False  # tables, series: ``rows`` batches go to prepared/<split>.parquet
+    # A kind whose splits are not streams of examples writes them itself, in one pass,
+    # ``write_splits(prepared_dir, kept)`` (``kept``: each split's ``rows``, for a kind that keeps
+    # them): a time series, its rows (components/dataset.py SeriesRowsWriter).
+    write_splits: Callable[..., None] | None = None
 
 
 @dataclass(frozen=True)

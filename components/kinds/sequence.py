@@ -10,15 +10,26 @@ sequences ``x`` (N,T,F) or (N,T) with labels ``y`` (classification, stratified) 
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
 from components import features
-from components.dataset import ArraySet, DatasetMeta, SeriesWindows
+from components.dataset import (
+    ArraySet,
+    DatasetMeta,
+    SeriesRowsWriter,
+    SeriesWindows,
+    clear_other_storage,
+    sharded_path,
+)
+from components.kinds import table
 from components.kinds.base import (
     DataKind,
     Prepared,
+    Streamed,
+    StreamedSplits,
     labels_to_indices,
     local_source,
     random_split,
@@ -28,10 +39,13 @@ from components.kinds.base import (
 )
 from components.kinds.checks import MISSING_PARAM, Check, Expectation, found, share
 from components.kinds.table import (
+    BUILTIN_TABLES,
     ROWS_SUITE,
+    TABLE_SUFFIXES,
     check_features_servable,
     choose_columns,
     columns_phrase,
+    dataset_head,
     encode_target,
     encode_with,
     encoded_checks,
@@ -39,6 +53,8 @@ from components.kinds.table import (
     feature_card,
     feature_labels,
     fit_spec,
+    open_dataset,
+    read_batches,
     read_frame,
     read_rows,
     rows_expectations,
@@ -71,51 +87,66 @@ def chronological_bounds(n: int, cfg) -> dict[str, tuple[int, int]]:
     return bounds
 
 
-def time_index_columns(frame, columns: list[str]) -> list[str]:
+class TimeIndexFinder:
     """The columns among ``columns`` that count time rather than measure anything: integers
-    that strictly increase row after row (a year, a step number). As an input such a column
-    tells the network only where it is in the series, and every test window lies beyond the
-    range it was trained on. (A date column is text or datetime, never a numeric input.)"""
-    import pandas as pd
+    that strictly increase row after row (a year, a step number), over the whole series fed to
+    :meth:`update` in order, one frame or batch at a time. As an input such a column tells the
+    network only where it is in the series, and every test window lies beyond the range it was
+    trained on. (A date column is text or datetime, never a numeric input.)"""
 
-    return [
-        c
-        for c in columns
-        if pd.api.types.is_integer_dtype(frame[c])
-        and frame[c].is_monotonic_increasing
-        and frame[c].is_unique
-    ]
+    def __init__(self, columns: list[str]) -> None:
+        self.last: dict[str, int | None] = dict.fromkeys(columns)  # a column left: still one
+
+    def update(self, frame) -> None:
+        import pandas as pd
+
+        for c, last in list(self.last.items()):
+            values = frame[c]
+            if not (
+                pd.api.types.is_integer_dtype(values)
+                and values.is_monotonic_increasing
+                and values.is_unique
+                and (last is None or len(values) == 0 or values.iloc[0] > last)
+            ):
+                del self.last[c]
+            elif len(values):
+                self.last[c] = values.iloc[-1]
+
+    @property
+    def found(self) -> list[str]:
+        return list(self.last)
 
 
-def prepare_time_series(kind: str, cfg, external_dir: Path) -> Prepared:
-    """A time series in row order: chronological splits, then windows within each split."""
-    frame = read_frame(cfg, external_dir)
+def time_index_columns(frame, columns: list[str]) -> list[str]:
+    """:class:`TimeIndexFinder`'s columns of a whole frame."""
+    finder = TimeIndexFinder(columns)
+    finder.update(frame)
+    return finder.found
+
+
+def series_columns(frame, cfg) -> tuple[str, list[str], list[str]]:
+    """A time series' target, its candidate inputs (every numeric column, or those asked for)
+    and the candidates to check for a time index (:class:`TimeIndexFinder`), checked against
+    ``frame`` (the series, or its first rows)."""
     target_name, inputs = choose_columns(frame, cfg, numeric_only=True)
-    left_out = []
-    if not cfg.features and not cfg.time_index_as_input:  # features named: taken as asked
-        left_out = [c for c in time_index_columns(frame, inputs) if c != target_name]
-        inputs = [c for c in inputs if c not in left_out]
     if cfg.task == "classification":
         raise StageError("ingest.task classification: forecasting a time series is regression")
-    target_col = frame[target_name]
-    if features.is_categorical(target_col):
+    if features.is_categorical(frame[target_name]):
         raise StageError(f"ingest.target {target_name!r}: a forecast target must be numeric")
-    y, _ = encode_target(target_col, "regression")
-    n = len(frame)
-    bounds = chronological_bounds(n, cfg)
-    frame = frame[list(dict.fromkeys([*inputs, target_name]))]
-    frames = {s: frame.iloc[lo:hi].reset_index(drop=True) for s, (lo, hi) in bounds.items()}
-    spec = fit_spec(frames["train"], inputs)
+    indexed = [] if cfg.features or cfg.time_index_as_input else inputs  # named: taken as asked
+    return target_name, inputs, [c for c in indexed if c != target_name]
+
+
+def series_meta(kind: str, cfg, spec: dict, target_name: str, n: int, inputs: list[str],
+                left_out: list[str]) -> tuple[DatasetMeta, str]:  # fmt: skip
+    """meta.json of a time series and ingest's line for it."""
     spec.update(window=cfg.window, horizon=cfg.horizon, target=target_name)
-    splits = {
-        s: windows(features.encode_frame(frames[s], spec), y[lo:hi], cfg.window, cfg.horizon)
-        for s, (lo, hi) in bounds.items()
-    }
+    split_rows = {s: hi - lo for s, (lo, hi) in chronological_bounds(n, cfg).items()}
     meta = DatasetMeta(
         class_names=(),
         input_shape=(cfg.window, len(spec["features"])),
         source=cfg.source,
-        split_sizes=sizes(splits),
+        split_sizes={s: rows - cfg.window - cfg.horizon + 1 for s, rows in split_rows.items()},
         kind=kind,
         task="regression",
         target=target_name,
@@ -132,7 +163,104 @@ def prepare_time_series(kind: str, cfg, external_dir: Path) -> Prepared:
         f"forecast {target_name!r} {cfg.horizon} step(s) ahead; windows per split "
         f"{meta.split_sizes}"
     )
+    return meta, summary
+
+
+def prepare_time_series(kind: str, cfg, external_dir: Path) -> Prepared:
+    """A time series in row order: chronological splits, then windows within each split."""
+    frame = read_frame(cfg, external_dir)
+    target_name, inputs, indexed = series_columns(frame, cfg)
+    left_out = time_index_columns(frame, indexed)
+    inputs = [c for c in inputs if c not in left_out]
+    y, _ = encode_target(frame[target_name], "regression")
+    n = len(frame)
+    bounds = chronological_bounds(n, cfg)
+    frame = frame[list(dict.fromkeys([*inputs, target_name]))]
+    frames = {s: frame.iloc[lo:hi].reset_index(drop=True) for s, (lo, hi) in bounds.items()}
+    spec = fit_spec(frames["train"], inputs)
+    meta, summary = series_meta(kind, cfg, spec, target_name, n, inputs, left_out)
+    splits = {
+        s: windows(features.encode_frame(frames[s], spec), y[lo:hi], cfg.window, cfg.horizon)
+        for s, (lo, hi) in bounds.items()
+    }
     return Prepared(meta, splits, frame, frames, n, summary)
+
+
+def stream_time_series(path: Path, cfg, kind: str) -> Streamed:
+    """A .csv or .parquet time series read in batches (as a table is:
+    components/kinds/table.py ``read_batches``), so that ingest's memory holds one batch, not
+    the series. One pass checks the target, finds
+    the time index columns and fits the preprocessing on the training rows (the series'
+    first rows, :class:`features.OnePassFit`); a second pass keeps each batch's rows as read
+    in their split's ``prepared/<split>.parquet`` and encodes them into its stored rows
+    (:class:`~components.dataset.SeriesRowsWriter`). The splits, windows and targets are those
+    of a whole read; the fitted means and deviations equal those to rounding (the last bits of
+    a float64 sum depend on its order)."""
+    dataset = open_dataset(path)
+    head, n = dataset_head(dataset, path)
+    target_name, candidates, indexed = series_columns(head, cfg)
+
+    def open_splits() -> StreamedSplits:
+        bounds = chronological_bounds(n, cfg)
+        train_rows = bounds["train"][1]
+        fitter, finder, missing = features.OnePassFit(candidates), TimeIndexFinder(indexed), 0
+        columns = list(dict.fromkeys([*candidates, target_name]))
+        for at, frame in read_batches(dataset, path, columns):
+            target = frame[target_name]
+            if features.is_categorical(target):
+                raise StageError(f"ingest.target {target_name!r}: a forecast target must be "
+                                 f"numeric (rows from {at} hold {target.dtype})")  # fmt: skip
+            missing += int(target.isna().sum())
+            finder.update(frame)
+            if at < train_rows:
+                try:
+                    fitter.update(frame.iloc[: train_rows - at][candidates])
+                except features.FeatureError as exc:
+                    raise StageError(f"ingest.features: {exc}") from None
+        if missing:
+            raise StageError(f"target column {target_name!r} is empty in {missing} row(s): drop "
+                             "or fill them first")  # fmt: skip
+        left_out = finder.found
+        inputs = [c for c in candidates if c not in left_out]
+        try:
+            fitted = [c for c in fitter.spec()["columns"] if c["name"] in inputs]
+        except features.FeatureError as exc:
+            raise StageError(f"ingest.features: {exc}") from None
+        spec = {"version": features.SPEC_VERSION, "columns": fitted,
+                "features": features.feature_names(fitted)}  # fmt: skip
+        meta, summary = series_meta(kind, cfg, spec, target_name, n, inputs, left_out)
+        columns = list(dict.fromkeys([*inputs, target_name]))
+
+        def write_splits(prepared_dir: Path, kept: dict) -> None:
+            """One more pass: each batch's rows go to the split they fall in (the splits are
+            consecutive runs of rows), kept as read (``kept[split]``) and encoded."""
+            with ExitStack() as stack:
+                out = {
+                    s: stack.enter_context(
+                        SeriesRowsWriter(sharded_path(prepared_dir, s), hi - lo,
+                                         len(spec["features"]), cfg.window, cfg.horizon)
+                    )
+                    for s, (lo, hi) in bounds.items()
+                }  # fmt: skip
+                for at, frame in read_batches(dataset, path, columns):
+                    for split, (lo, hi) in bounds.items():
+                        part = frame.iloc[max(lo - at, 0) : max(hi - at, 0)]
+                        if part.empty:
+                            continue
+                        part = part.reset_index(drop=True)
+                        if split in kept:
+                            kept[split](part)
+                        values = part[target_name].astype("float64").to_numpy()
+                        out[split].write(features.encode_frame(part, spec), values)
+            for split in bounds:
+                clear_other_storage(prepared_dir, split, "shards")
+
+        manifest = {"source": cfg.source, "rows": n, "columns": columns}
+        summary += f" (read in batches of {table.BATCH_ROWS})"
+        return StreamedSplits(meta, None, manifest, summary, keeps_rows=True,
+                              write_splits=write_splits)  # fmt: skip
+
+    return Streamed(n, 4 * (len(candidates) + 1), open_splits)
 
 
 def prepare_npz(kind: str, cfg, external_dir: Path) -> Prepared:
@@ -219,6 +347,14 @@ class SequenceKind(DataKind):
         if Path(cfg.source).suffix.lower() == ".npz":
             return prepare_npz(self.name, cfg, external_dir)
         return prepare_time_series(self.name, cfg, external_dir)
+
+    def stream(self, cfg, external_dir: Path) -> Streamed | None:
+        if cfg.source in BUILTIN_TABLES:
+            return None
+        path = local_source(cfg.source, external_dir)
+        if path.suffix.lower() not in TABLE_SUFFIXES:  # per-sample sequences (.npz): read whole
+            return None
+        return stream_time_series(path, cfg, self.name)
 
     def raw_splits(self, prepared_dir: Path, meta: DatasetMeta):
         return read_rows(prepared_dir) if is_time_series(meta) else None
