@@ -18,8 +18,10 @@ process so that its peak resident memory (``VmHWM``) is its own:
 3. **ranks**: two processes' shares of one epoch (rank 0 and 1 of 2), checked disjoint and
    equal, with each one's peak memory.
 4. **stages**: the pipeline's own stages, with ``ingest.storage`` shards against memory, each
-   stage in its own process: ``components.ingest``, ``components.train`` for one epoch (an MLP:
-   the loader's cost, not a CNN's, is what differs) and ``components.evaluate`` (baselines on
+   stage in its own process: ``components.ingest``, ``components.validate`` (sharded: the
+   suites on a seeded sample, the rows as read never whole), ``components.train`` for one
+   epoch (an MLP: the loader's cost, not a CNN's, is what differs) and ``components.evaluate``
+   (baselines on
    their 20,000-example sample), on two sources written once to the cache: a folder of N PNG
    files (one sub-folder per class; read file by file into shards, against read whole into
    ``.npz``), and a table of N rows (``--format parquet``, the default, or ``csv``: four numeric
@@ -218,7 +220,7 @@ def png_folder(cache: Path, n: int) -> Path:
     return folder
 
 
-STAGES = ("ingest", "train", "evaluate")
+STAGES = ("ingest", "validate", "train", "evaluate")
 DATA = ("images", "table")  # the stages run on a PNG folder and on a table of N rows
 TABLE_FORMATS = ("parquet", "csv")
 TABLE_COLOURS = ("red", "green", "blue", "grey", "black")

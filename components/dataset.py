@@ -435,6 +435,13 @@ def load_series_rows(directory: Path) -> SeriesWindows:
     return SeriesWindows(rows, targets, window, horizon)
 
 
+def stored_out_of_memory(prepared_dir: Path, split: str) -> bool:
+    """Whether ingest stored ``split`` for reading in parts (``storage: shards``): as shards,
+    or a series' rows memory-mapped. Such a split is never read whole."""
+    sharded = sharded_path(prepared_dir, split)
+    return (sharded / shards.INDEX_FILE).is_file() or (sharded / SERIES_FILE).is_file()
+
+
 def load_split(prepared_dir: Path, split: str) -> Split:
     """A prepared split as ingest stored it: ``<split>.npz`` in memory, ``<split>/`` sharded
     (a series: its rows, memory-mapped)."""
@@ -507,6 +514,9 @@ def split_digest(prepared_dir: Path, split: str) -> bytes:
     return hashlib.sha256(split_path(prepared_dir, split).read_bytes()).digest()
 
 
+FRAME_BATCH_ROWS = 65_536  # rows of a Parquet file read at a time for a sample (load_frame)
+
+
 def save_frame(frame, path: Path) -> None:
     """Rows as read (a pandas frame) as Parquet, without the index."""
     path = Path(path)
@@ -545,13 +555,75 @@ class FrameWriter:
             self.scratch.unlink(missing_ok=True)
 
 
-def load_frame(path: Path):
+def load_frame(path: Path, max_rows: int | None = None, seed: int = 0):
+    """Rows as :func:`save_frame` wrote them. With ``max_rows``, a file of more rows gives a
+    seeded sample of that many, kept in order, read a batch at a time so that memory holds the
+    sample and one batch, not the file: the rows ``frame.iloc[keep]`` of the whole frame would
+    give, ``keep`` drawn as :meth:`ArraySet.sample` draws it."""
     import pandas as pd
 
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path} not found: run the stage that makes it first")
-    return pd.read_parquet(path)
+    if max_rows is None:
+        return pd.read_parquet(path)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(path, pre_buffer=False)  # pre-buffering held ~80 MB a row group
+    n = file.metadata.num_rows
+    if n <= max_rows:
+        return pd.read_parquet(path)
+    keep = np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False))
+    taken, start = [], 0
+    for batch in file.iter_batches(batch_size=FRAME_BATCH_ROWS):
+        lo, hi = np.searchsorted(keep, (start, start + batch.num_rows))
+        if hi > lo:
+            taken.append(batch.take(pa.array(keep[lo:hi] - start)))
+        start += batch.num_rows
+    return pa.Table.from_batches(taken, schema=file.schema_arrow).to_pandas()
+
+
+def frame_stats(path: Path) -> dict:
+    """Every row of a file :func:`save_frame` wrote, in one pass a batch at a time: the number
+    of rows, and per column the share missing (null or NaN) and, for numbers and times, the
+    smallest and largest value present (None when every value is missing)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path} not found: run the stage that makes it first")
+    file = pq.ParquetFile(path, pre_buffer=False)  # pre-buffering held ~80 MB a row group
+    schema = file.schema_arrow
+    ranged = {f.name for f in schema if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
+              or pa.types.is_temporal(f.type)}  # fmt: skip
+    missing = dict.fromkeys(schema.names, 0)
+    bounds: dict[str, list] = {name: [] for name in ranged}  # each batch's (min, max)
+    rows = 0
+    for batch in file.iter_batches(batch_size=FRAME_BATCH_ROWS):
+        rows += batch.num_rows
+        for name, column in zip(schema.names, batch.columns, strict=True):
+            missing[name] += column.null_count
+            if pa.types.is_floating(column.type):
+                missing[name] += pc.sum(pc.is_nan(column)).as_py() or 0
+            if name in ranged:
+                low, high = (v.as_py() for v in pc.min_max(column).values())
+                if low is not None and low == low:  # None: all null; NaN: all NaN
+                    bounds[name].append((low, high))
+    columns = {name: {"missing": missing[name] / rows if rows else 0.0} for name in schema.names}
+    for name, found in bounds.items():
+        low, high = (min(b[0] for b in found), max(b[1] for b in found)) if found else (None, None)
+        columns[name] |= {"min": _plain(low), "max": _plain(high)}
+    return {"rows": rows, "columns": columns}
+
+
+def _plain(value):
+    """A value for JSON: a number or None as it is, a time as ISO text, a duration as text."""
+    if value is None or isinstance(value, int | float):
+        return value
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
 
 
 def raw_path(raw_dir: Path, rows: bool) -> Path:

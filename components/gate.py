@@ -427,7 +427,7 @@ def run(params: Params) -> GateResult:
         """The test split as read (tables, series), to encode with a champion's own fit;
         None when it was not kept (the champion is then not comparable, and the gate says so)."""
         try:
-            raws = kinds.get(meta.kind).raw_splits(paths.prepared_dir, meta)
+            raws = kinds.get(meta.kind).raw_splits(paths.prepared_dir, meta, ("test",))
         except DatasetError:
             return None
         return raws["test"] if raws else None

@@ -11,7 +11,9 @@ table cannot see, such as the arrays' dtypes.
 
 A sharded split (components/dataset.py) is summarised in one pass, a shard at a time; above
 ``validate.max_summary_rows`` summaries the suites run on a seeded sample of them, while the
-class counts and the reported statistics come from every example.
+class counts and the reported statistics come from every example. The rows as read (tables,
+time series) of a split stored for reading in parts are read as that same seeded sample, a
+batch at a time: validation never holds such a split's rows whole.
 
 GX state lives in an in-memory (ephemeral) context; only the Data Docs HTML is written, to
 ``paths.reports_dir/validation``, next to our own summary in ``paths.metrics_dir/validation.json``.
@@ -22,6 +24,7 @@ are written.
 from __future__ import annotations
 
 import html
+import json
 import logging
 import math
 import os
@@ -43,6 +46,7 @@ from components.dataset import (
     Split,
     load_split,
     meta_path,
+    stored_out_of_memory,
 )
 from components.kinds.checks import MIN_ROWS_PARAM, Check, Detail, Expectation
 from components.records import VALIDATION_FILE, ValidationSummary
@@ -51,6 +55,7 @@ from components.stage import StageError, main, write_json, write_text
 log = logging.getLogger("pipeline.validate")
 
 DOCS_SITE = "validation"
+STATISTICS_FILE = "statistics.json"  # every split's statistics, beside the pages
 COUNTS_SUITE = "class_counts"
 
 __all__ = ["Check", "SuiteRun", "ValidationResult", "check_splits", "class_count_table", "run"]
@@ -227,11 +232,15 @@ def check_splits(
     params: ValidateParams,
     docs_dir: Path | None = None,
     frames: Mapping[str, pd.DataFrame] | None = None,
+    counted: Mapping[str, dict | None] | None = None,
 ) -> ValidationResult:
     """Run every check on every split; build Data Docs into ``docs_dir`` when given.
 
-    ``frames`` are the splits' rows as read, for kinds that keep them (tables, time series).
-    Never raises on bad data: the result's ``success`` and ``failed`` say what is wrong.
+    ``frames`` are the splits' rows as read, for kinds that keep them (tables, time series),
+    and ``counted`` the kind's statistics of every one of those rows (``rows_stats``): where a
+    frame is a sample of its split, the kind's checks on the counts bound what the sample
+    cannot see. Never raises on bad data: the result's ``success`` and ``failed`` say what is
+    wrong.
     """
     gx = _gx()
     from great_expectations.core.run_identifier import RunIdentifier
@@ -308,6 +317,14 @@ def check_splits(
             for i, c in zip(counts["label"], counts["count"], strict=True)
         }
         stats[split] = kind.split_stats(data, tables, meta, class_counts)
+        every_row = (counted or {}).get(split)
+        if every_row is not None:
+            stats[split]["rows_as_read"] = every_row
+            seen = None if frame is None else len(frame)
+            if seen is not None and isinstance(data, ShardedSet):
+                seen = min(seen, params.max_summary_rows)
+            if seen is not None and seen < every_row["rows"]:  # the suites saw a sample
+                checks += kind.counted_checks(split, every_row, meta, params)
 
     docs_index = None
     if docs_dir is not None:
@@ -398,8 +415,52 @@ def summary_html(result: ValidationResult) -> str:
 <a href="index.html">Data Docs</a>.</p>
 <table><tr><th>split</th><th>expectation</th><th>result</th><th>found</th></tr>
 {rows}
-</table></body></html>
+</table>
+{stats_html(result.stats)}</body></html>
 """
+
+
+def stats_html(stats: Mapping[str, dict]) -> str:
+    """Each split's statistics (also in ``statistics.json``), from every example: the kind's
+    figures, then each column of the rows as read with its missing share and range."""
+
+    def shown(value) -> str:
+        return html.escape(value if isinstance(value, str) else json.dumps(value))
+
+    items = "\n".join(
+        f"<li><b>{html.escape(split)}</b>: "
+        + "; ".join(f"{html.escape(k)} {shown(v)}" for k, v in found.items() if k != "rows_as_read")
+        + "</li>"
+        for split, found in stats.items()
+    )
+    columns = "\n".join(
+        f"<tr><td>{html.escape(split)}</td><td>{html.escape(name)}</td>"
+        f"<td>{c['missing']:.2%}</td><td>{shown(c.get('min', ''))}</td>"
+        f"<td>{shown(c.get('max', ''))}</td></tr>"
+        for split, found in stats.items()
+        for name, c in found.get("rows_as_read", {}).get("columns", {}).items()
+    )
+    table = (
+        "<h2>Rows as read, every row</h2>\n<table><tr><th>split</th><th>column</th>"
+        f"<th>missing</th><th>min</th><th>max</th></tr>\n{columns}\n</table>\n"
+        if columns
+        else ""
+    )
+    return f"<h2>Statistics of every example</h2>\n<ul>\n{items}\n</ul>\n{table}"
+
+
+def rows_as_read(kind, prepared_dir: Path, meta: DatasetMeta, max_rows: int):
+    """Each split's rows as read, for the kinds that keep them: whole for a split held in
+    memory, at most ``max_rows`` of them (the seeded sample :func:`sampled` takes, read in
+    batches) for a split stored to be read in parts, whose rows may not fit in memory."""
+    frames = {}
+    for split in SPLITS:
+        bound = max_rows if stored_out_of_memory(prepared_dir, split) else None
+        rows = kind.raw_splits(prepared_dir, meta, (split,), bound)
+        if rows is None:
+            return None
+        frames |= rows
+    return frames
 
 
 def run(params: Params) -> ValidationResult:
@@ -407,12 +468,15 @@ def run(params: Params) -> ValidationResult:
     paths = params.paths
     meta = DatasetMeta.load(meta_path(paths.prepared_dir))
     kind = kinds.get(meta.kind)
-    splits = {split: load_split(paths.prepared_dir, split) for split in SPLITS}
-    frames = kind.raw_splits(Path(paths.prepared_dir), meta)
+    prepared = Path(paths.prepared_dir)
+    splits = {split: load_split(prepared, split) for split in SPLITS}
+    frames = rows_as_read(kind, prepared, meta, params.validate_.max_summary_rows)
     docs_dir = Path(paths.reports_dir) / "validation"
     if docs_dir.exists():
         shutil.rmtree(docs_dir)  # Data Docs keeps one page per run: drop the stale ones
-    result = check_splits(splits, meta, params.validate_, docs_dir, frames)
+    counted = {split: kind.rows_stats(prepared, meta, split) for split in SPLITS}
+    result = check_splits(splits, meta, params.validate_, docs_dir, frames, counted)
+    write_json(docs_dir / STATISTICS_FILE, result.stats)
     write_text(docs_dir / "summary.html", summary_html(result))
     write_json(
         Path(paths.metrics_dir) / VALIDATION_FILE,

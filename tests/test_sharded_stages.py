@@ -544,3 +544,73 @@ def test_a_series_the_batched_read_refuses_leaves_the_last_good_splits(tmp_path,
     with pytest.raises(StageError, match=r"series\.csv: .*Row #402: Expected 3 columns, got 2"):
         ingest.run(params)
     assert file_hashes(data, skip=(path.name,)) == before
+
+
+def test_validation_reads_a_seeded_sample_of_the_rows_of_a_split_stored_in_parts(
+    tmp_path, monkeypatch
+):
+    """Above ``validate.max_summary_rows``, the rows as read of a sharded table are read as the
+    seeded sample the suites run on, a batch at a time, never whole: the checks, their findings
+    and the statistics equal those of the whole rows sampled after reading them."""
+    import pandas as pd
+
+    from components import dataset, kinds
+    from components.dataset import DatasetMeta, load_frame, meta_path
+    from components.kinds import table
+    from tests.conftest import make_table
+
+    monkeypatch.setattr(table, "BATCH_ROWS", 64)
+    monkeypatch.setattr(dataset, "FRAME_BATCH_ROWS", 45)  # samples cut across batches
+    frame = make_table(n=900)
+    frame.loc[frame.index % 23 == 0, "x2"] = np.nan  # 4.3% missing: over the 2% allowed
+    path = tmp_path / "external" / "rows.parquet"
+    path.parent.mkdir(parents=True)
+    frame.to_parquet(path)
+    params = _params(tmp_path / "s", path, "shards", ingest={"target": "kind"},
+                     validate={"max_summary_rows": 100, "max_missing_fraction": 0.02})  # fmt: skip
+    ingest.run(params)
+    prepared = Path(params.paths.prepared_dir)
+    meta = DatasetMeta.load(meta_path(prepared))
+    whole = {s: pd_read(params, s) for s in ("train", "val", "test")}
+    assert len(whole["train"]) > 100 and len(whole["test"]) > 100
+
+    kept = np.sort(np.random.default_rng(0).choice(len(whole["train"]), 100, replace=False))
+    want = whole["train"].iloc[kept].reset_index(drop=True)
+    pd.testing.assert_frame_equal(load_frame(prepared / "train.parquet", 100), want)
+    pd.testing.assert_frame_equal(load_frame(prepared / "train.parquet", 10_000), whole["train"])
+
+    splits = {s: load_split(prepared, s) for s in whole}
+    sampled_after = validate.check_splits(splits, meta, params.validate_, frames=whole)
+    read_whole = []
+    real_read = pd.read_parquet
+    monkeypatch.setattr(pd, "read_parquet", lambda p, *a, **k: read_whole.append(p)
+                        or real_read(p, *a, **k))  # fmt: skip
+    with pytest.raises(StageError, match=r"column 'x2': missing values <= 2\.0%") as failed:
+        validate.run(params)
+    # Every row counted: what the samples of val and test (100 of 225 rows) passed, they fail.
+    for split in whole:
+        share = whole[split]["x2"].isna().mean()
+        assert share > 0.02
+        assert (
+            f"{split}: column 'x2': missing values <= 2.0% (every row) ("
+            f"{whole[split]['x2'].isna().sum()} of {len(whole[split])} rows, {share:.1%}; "
+            "the limit is validate.max_missing_fraction in params.yaml)"
+        ) in str(failed.value)
+    assert not read_whole, f"read whole: {read_whole}"
+    docs = Path(params.paths.reports_dir) / "validation"
+    counted = json.loads((docs / validate.STATISTICS_FILE).read_text())
+    for split, rows in whole.items():  # from every row, in one pass, not from the sample
+        assert counted[split]["rows_as_read"]["rows"] == len(rows)
+        x2 = counted[split]["rows_as_read"]["columns"]["x2"]
+        assert x2["missing"] == pytest.approx(rows["x2"].isna().mean(), abs=1e-15)
+        assert (x2["min"], x2["max"]) == (rows["x2"].min(), rows["x2"].max())
+        assert counted[split]["rows_as_read"]["columns"]["color"] == {"missing": 0.0}
+    share = f"{whole['train']['x2'].isna().mean():.2%}"
+    assert f"<td>train</td><td>x2</td><td>{share}</td>" in (docs / "summary.html").read_text()
+    frames = validate.rows_as_read(kinds.get(meta.kind), prepared, meta, 100)
+    assert {s: len(f) for s, f in frames.items()} == {s: min(len(f), 100) for s, f in whole.items()}
+    result = validate.check_splits(splits, meta, params.validate_, frames=frames)
+    assert [(c.split, c.description, c.passed, c.detail) for c in result.checks] == [
+        (c.split, c.description, c.passed, c.detail) for c in sampled_after.checks
+    ]
+    assert result.stats == sampled_after.stats

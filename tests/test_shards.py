@@ -131,7 +131,7 @@ def test_the_scale_bench_smoke_runs(tmp_path):
         assert row["ranks_disjoint_equal"] is True
         assert row["epoch_streamed"]["samples"] == row["epoch_in_memory"]["samples"] // 64 * 64
     first = result["rows"]["1000"]
-    for stage in ("ingest", "train", "evaluate"):
+    for stage in ("ingest", "validate", "train", "evaluate"):
         for mode in ("streamed", "in_memory"):
             for prefix in ("", "table_"):
                 assert first[f"{prefix}{stage}_{mode}"]["peak_rss_mb"] > 0, (prefix, stage, mode)

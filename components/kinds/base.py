@@ -137,9 +137,30 @@ class DataKind:
 
     # ------------------------------------------------------------ validate
 
-    def raw_splits(self, prepared_dir: Path, meta: DatasetMeta) -> dict[str, pd.DataFrame] | None:
-        """The splits as read, when this kind keeps them for validation (tables, series)."""
+    def raw_splits(
+        self,
+        prepared_dir: Path,
+        meta: DatasetMeta,
+        splits: Sequence[str] = SPLITS,
+        max_rows: int | None = None,
+    ) -> dict[str, pd.DataFrame] | None:
+        """The rows of ``splits`` as read, when this kind keeps them for validation (tables,
+        series); with ``max_rows``, at most that many of each, a seeded sample read without
+        holding the split."""
         return None
+
+    def rows_stats(self, prepared_dir: Path, meta: DatasetMeta, split: str) -> dict | None:
+        """Statistics of every row of ``split`` as read, in one pass that never holds the
+        split (rows, and per column its missing share and range), for the kinds that keep
+        their rows; None for the others."""
+        return None
+
+    def counted_checks(
+        self, split: str, counted: dict, meta: DatasetMeta, params: ValidateParams
+    ) -> list[Check]:
+        """Checks on :meth:`rows_stats` (every row) for a split whose suites saw a sample of
+        its rows: what the sample could pass that the whole split does not."""
+        return []
 
     def expectations(self, meta: DatasetMeta, params: ValidateParams) -> dict[str, list]:
         """The kind's expectation suites, keyed by suite name, as :class:`Expectation` lists."""

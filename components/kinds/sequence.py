@@ -17,6 +17,7 @@ import numpy as np
 
 from components import features
 from components.dataset import (
+    SPLITS,
     ArraySet,
     DatasetMeta,
     SeriesRowsWriter,
@@ -45,6 +46,7 @@ from components.kinds.table import (
     check_features_servable,
     choose_columns,
     columns_phrase,
+    counted_missing,
     dataset_head,
     encode_target,
     encode_with,
@@ -58,6 +60,7 @@ from components.kinds.table import (
     read_frame,
     read_rows,
     rows_expectations,
+    rows_stats,
     spec_columns,
 )
 from components.stage import StageError
@@ -356,8 +359,15 @@ class SequenceKind(DataKind):
             return None
         return stream_time_series(path, cfg, self.name)
 
-    def raw_splits(self, prepared_dir: Path, meta: DatasetMeta):
-        return read_rows(prepared_dir) if is_time_series(meta) else None
+    def raw_splits(self, prepared_dir: Path, meta: DatasetMeta, splits=SPLITS,
+                   max_rows: int | None = None):  # fmt: skip
+        return read_rows(prepared_dir, splits, max_rows) if is_time_series(meta) else None
+
+    def rows_stats(self, prepared_dir: Path, meta: DatasetMeta, split: str):
+        return rows_stats(prepared_dir, split) if is_time_series(meta) else None
+
+    def counted_checks(self, split: str, counted: dict, meta: DatasetMeta, params) -> list:
+        return counted_missing(split, counted, meta, params) if is_time_series(meta) else []
 
     def reencode(self, raw, spec, test: ArraySet, target: str, class_names=()) -> ArraySet:
         x = encode_with(raw, spec)

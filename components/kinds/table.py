@@ -15,7 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from components import features
-from components.dataset import SPLITS, ArraySet, DatasetError, DatasetMeta, load_frame, table_path
+from components.dataset import (
+    SPLITS,
+    ArraySet,
+    DatasetError,
+    DatasetMeta,
+    frame_stats,
+    load_frame,
+    table_path,
+)
 from components.kinds.base import (
     BUILTIN_TABLES,
     DataKind,
@@ -423,13 +431,36 @@ def rows_expectations(meta: DatasetMeta, params) -> list[Expectation]:
     return rows
 
 
-def read_rows(prepared_dir: Path) -> dict:
-    """Each split's rows as ingest read them (``prepared/<split>.parquet``)."""
-    if not table_path(prepared_dir, "train").is_file():
-        raise DatasetError(
-            f"{table_path(prepared_dir, 'train')} not found: run the ingest stage first"
-        )
-    return {s: load_frame(table_path(prepared_dir, s)) for s in SPLITS}
+def read_rows(prepared_dir: Path, splits=SPLITS, max_rows: int | None = None) -> dict:
+    """The rows of ``splits`` as ingest read them (``prepared/<split>.parquet``); with
+    ``max_rows``, at most that many of each, a seeded sample read in batches
+    (:func:`~components.dataset.load_frame`)."""
+    for split in splits:
+        if not table_path(prepared_dir, split).is_file():
+            raise DatasetError(
+                f"{table_path(prepared_dir, split)} not found: run the ingest stage first"
+            )
+    return {s: load_frame(table_path(prepared_dir, s), max_rows) for s in splits}
+
+
+def rows_stats(prepared_dir: Path, split: str) -> dict:
+    """Every row of ``split`` as ingest read it, counted in one streamed pass."""
+    return frame_stats(table_path(prepared_dir, split))
+
+
+def counted_missing(split: str, counted: dict, meta: DatasetMeta, params) -> list[Check]:
+    """Each input column's missing share bounded over every row (:func:`rows_stats`), for a
+    split whose suites saw a sample of its rows."""
+    limit, rows = params.max_missing_fraction, counted["rows"]
+    checks = []
+    for column in (meta.preprocess or {}).get("columns", []):
+        missing = counted["columns"].get(column["name"], {}).get("missing", 0.0)
+        checks.append(
+            Check(split, f"column {column['name']!r}: missing values <= {limit:.1%} (every row)",
+                  missing <= limit, f"{round(missing * rows)} of {rows} rows, {missing:.1%}",
+                  MISSING_PARAM)
+        )  # fmt: skip
+    return checks
 
 
 def encoded_checks(split: str, data: ArraySet, meta: DatasetMeta) -> list[Check]:
@@ -524,8 +555,15 @@ class TableKind(DataKind):
         path = local_source(cfg.source, external_dir)
         return stream_table(path, cfg, self.name) if path.suffix.lower() in TABLE_SUFFIXES else None
 
-    def raw_splits(self, prepared_dir: Path, meta: DatasetMeta) -> dict:
-        return read_rows(prepared_dir)
+    def raw_splits(self, prepared_dir: Path, meta: DatasetMeta, splits=SPLITS,
+                   max_rows: int | None = None) -> dict:  # fmt: skip
+        return read_rows(prepared_dir, splits, max_rows)
+
+    def rows_stats(self, prepared_dir: Path, meta: DatasetMeta, split: str) -> dict:
+        return rows_stats(prepared_dir, split)
+
+    def counted_checks(self, split: str, counted: dict, meta: DatasetMeta, params) -> list:
+        return counted_missing(split, counted, meta, params)
 
     def reencode(self, raw, spec, test: ArraySet, target: str, class_names=()) -> ArraySet:
         # The targets come from the rows themselves: a sharded split's reading order is not the
