@@ -1,6 +1,7 @@
-"""Training gives the same bits on any x86-64 CPU: components/__init__.py pins torch's and
-oneDNN's CPU kernels to AVX2 before torch loads (an AVX-512 machine trained the default run to
-0.965 test accuracy, an AVX2 one to 0.974; pinned, both 0.974 with every metric equal)."""
+"""Training gives the same bits with and without AVX-512: components/__init__.py pins torch's
+and oneDNN's CPU kernels to AVX2 before torch loads (an AVX-512 machine trained the default run
+to 0.965 test accuracy, an AVX2 one to 0.974; pinned, both 0.974 with every metric equal). Not
+on every CPU model: docs/training.md says where it did not hold."""
 
 from __future__ import annotations
 
