@@ -46,6 +46,13 @@ class DatasetError(ValueError):
     """A data file is missing or does not hold what the pipeline expects."""
 
 
+def sample_positions(n: int, k: int, seed: int) -> np.ndarray:
+    """``k`` of the positions ``0..n-1``, a seeded choice in order: the one sample of a split,
+    of its summaries and of its rows as read, so that a sample drawn from a file read in
+    batches is the one drawn from the whole."""
+    return np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
+
+
 @dataclass(frozen=True)
 class ArraySet:
     x: np.ndarray  # (N, *input_shape): uint8 images or float32 features / sequences
@@ -79,7 +86,7 @@ class ArraySet:
         """At most ``n`` examples, a seeded choice kept in order; all of them when fewer."""
         if len(self) <= n:
             return self
-        keep = np.sort(np.random.default_rng(seed).choice(len(self), n, False))
+        keep = sample_positions(len(self), n, seed)
         return ArraySet(self.x[keep], self.y[keep])
 
     def head(self, n: int) -> ArraySet:
@@ -559,7 +566,7 @@ def load_frame(path: Path, max_rows: int | None = None, seed: int = 0):
     """Rows as :func:`save_frame` wrote them. With ``max_rows``, a file of more rows gives a
     seeded sample of that many, kept in order, read a batch at a time so that memory holds the
     sample and one batch, not the file: the rows ``frame.iloc[keep]`` of the whole frame would
-    give, ``keep`` drawn as :meth:`ArraySet.sample` draws it."""
+    give, ``keep`` from :func:`sample_positions`."""
     import pandas as pd
 
     path = Path(path)
@@ -574,7 +581,7 @@ def load_frame(path: Path, max_rows: int | None = None, seed: int = 0):
     n = file.metadata.num_rows
     if n <= max_rows:
         return pd.read_parquet(path)
-    keep = np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False))
+    keep = sample_positions(n, max_rows, seed)
     taken, start = [], 0
     for batch in file.iter_batches(batch_size=FRAME_BATCH_ROWS):
         lo, hi = np.searchsorted(keep, (start, start + batch.num_rows))

@@ -46,6 +46,7 @@ from components.dataset import (
     Split,
     load_split,
     meta_path,
+    sample_positions,
     stored_out_of_memory,
 )
 from components.kinds.checks import MIN_ROWS_PARAM, Check, Detail, Expectation
@@ -222,7 +223,7 @@ def sampled(table, max_rows: int, seed: int):
     a sharded split has more per-example summaries than that)."""
     if table is None or len(table) <= max_rows:
         return table
-    keep = np.sort(np.random.default_rng(seed).choice(len(table), max_rows, replace=False))
+    keep = sample_positions(len(table), max_rows, seed)
     return table.iloc[keep].reset_index(drop=True)
 
 
