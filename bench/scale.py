@@ -123,8 +123,8 @@ def read_source(cache: Path, n: int, block: int = 1024):
         for lo in range(0, n, block):
             count = min(block, n - lo)
             chunk = np.frombuffer(f.read(count * size), np.uint8).reshape(count, *SHAPE)
-            for i in range(count):
-                yield chunk[i], y[lo + i]
+            for i in range(count):  # one image a chunk, as an image folder is read
+                yield chunk[i : i + 1], y[lo + i : lo + i + 1]
 
 
 def step_write(cache: Path, n: int, work: Path, mode: str) -> dict:
@@ -141,7 +141,7 @@ def step_write(cache: Path, n: int, work: Path, mode: str) -> dict:
         x = np.empty((n, *SHAPE), np.uint8)  # today's ingest holds the whole split
         y = np.empty(n, np.int64)
         for i, (image, label) in enumerate(read_source(cache, n)):
-            x[i], y[i] = image, label
+            x[i], y[i] = image[0], label[0]
         save_arrays(ArraySet(x, y), work / f"split-{n}.npz")
         extra = {"bytes_on_disk": (work / f"split-{n}.npz").stat().st_size}
     return {"seconds": time.perf_counter() - started, "peak_rss_mb": _peak_mb(), **extra}
@@ -212,10 +212,10 @@ def png_folder(cache: Path, n: int) -> Path:
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     for i, (image, label) in enumerate(read_source(cache, n)):
-        target = folder / f"class{int(label)}" / f"{i:07d}.png"
+        target = folder / f"class{int(label[0])}" / f"{i:07d}.png"
         if i == 0 or not target.parent.is_dir():
             target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image[0]).save(target, optimize=False, compress_level=1)
+        Image.fromarray(image[0, 0]).save(target, optimize=False, compress_level=1)
     (folder / ".complete").write_text("")
     return folder
 

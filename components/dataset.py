@@ -471,8 +471,7 @@ def save_split(data: ArraySet, prepared_dir: Path, split: str, storage: str, see
         save_series_rows(data, sharded_path(prepared_dir, split))
         clear_other_storage(prepared_dir, split, "shards")
     elif storage == "shards":
-        examples = zip(data.x, data.y, strict=True)
-        write_sharded(examples, len(data), prepared_dir, split, seed)
+        write_sharded(data.chunks(), len(data), prepared_dir, split, seed)
     else:
         save_arrays(data, split_path(prepared_dir, split))
         clear_other_storage(prepared_dir, split, "memory")
@@ -487,10 +486,11 @@ def stored_as(storage: str, series: bool) -> str:
     return "as shards"
 
 
-def write_sharded(examples, n: int, prepared_dir: Path, split: str, seed: int) -> None:
-    """Write ``n`` (x, y) examples of a split as shards, read one at a time from ``examples``."""
+def write_sharded(chunks, n: int, prepared_dir: Path, split: str, seed: int) -> None:
+    """Write ``n`` examples of a split as shards, read a chunk at a time from ``chunks``: (xs,
+    ys) arrays of one example or more (:func:`components.shards.write_shards`)."""
     try:
-        shards.write_shards(examples, sharded_path(prepared_dir, split), n, shuffle_seed=seed)
+        shards.write_shards(chunks, sharded_path(prepared_dir, split), n, shuffle_seed=seed)
     except shards.ShardError as exc:
         raise DatasetError(f"{split} split: {exc}") from None
     clear_other_storage(prepared_dir, split, "shards")

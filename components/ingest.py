@@ -83,7 +83,7 @@ def _drop_rows(prepared_dir: Path) -> None:
 
 def save_streamed(streamed: kinds.StreamedSplits, raw_dir: Path, prepared_dir: Path,
                   seed: int) -> None:  # fmt: skip
-    """Each split written as shards while its examples are read, one at a time, or by the kind
+    """Each split written as shards while its examples are read, a chunk at a time, or by the kind
     itself (a time series: its rows); for a kind that keeps them, its rows as read too, batch by
     batch. The manifest of what was read is the raw snapshot."""
     for rows in (True, False):
@@ -102,8 +102,7 @@ def save_streamed(streamed: kinds.StreamedSplits, raw_dir: Path, prepared_dir: P
         else:
             for split in SPLITS:
                 n = streamed.meta.split_sizes[split]
-                examples = streamed.examples(split, kept.get(split))
-                write_sharded(examples, n, prepared_dir, split, seed)
+                write_sharded(streamed.chunks(split, kept.get(split)), n, prepared_dir, split, seed)
     streamed.meta.save(meta_path(prepared_dir))
 
 

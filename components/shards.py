@@ -1,11 +1,15 @@
 """Sharded splits: a split as a few large WebDataset tar files, read a shard at a time.
 
 A split that does not fit in memory is written once, in one pass over its examples, as tar
-shards in the WebDataset layout (each example is ``<key>.x.npy`` and ``<key>.y.npy``, so
-``webdataset.WebDataset(urls).decode()`` reads them too: tested), with an ``index.json`` that
-holds the count of every shard. The tar files are written and read with the standard library:
-importing ``webdataset`` imports torch (6 s), which the ingest stage has no other need of.
-Knowing the counts lets every reader plan an epoch without reading the data:
+shards in the WebDataset layout, with an ``index.json`` that holds the count of every shard.
+Each member pair ``<key>.x.npy`` / ``<key>.y.npy`` holds a group of examples as one array
+(``(k, *x_shape)``): a tar member a example would cost two 512-byte headers and two .npy
+files padded to 512 bytes, 2,048 bytes for a table row of a few numbers, which turned a
+408 MB Parquet table into 20 GB of shards. ``webdataset.WebDataset(urls).decode()`` reads
+them as grouped samples, and its ``.unbatched()`` gives the examples (tested). The tar files
+are written and read with the standard library: importing ``webdataset`` imports torch (6 s),
+which the ingest stage has no other need of. Knowing the counts lets every reader plan an
+epoch without reading the data:
 
 - **Shuffled writing.** With ``shuffle_seed`` set, the writer sends the example at position
   ``p`` to the shard ``perm[p] // per_shard`` of a seeded permutation: every shard is a uniform
@@ -22,7 +26,8 @@ Knowing the counts lets every reader plan an epoch without reading the data:
   already trained, and a resumed loader starts at exactly the next one.
 
 Memory is one shard (``shard_bytes``, 64 MiB by default) plus one batch, whatever the split's
-size. WebDataset's layout (not LitData's or MosaicML Streaming's): LitData requires torchvision,
+size; writing, one group buffered per shard, at most ``shard_bytes`` in all. WebDataset's
+layout (not LitData's or MosaicML Streaming's): LitData requires torchvision,
 whose PyPI build does not load beside the CPU build of torch we pin; Streaming brings 46
 packages (cloud SDKs, transformers); WebDataset one, and its plain tar files are read by any
 tool.
@@ -47,7 +52,7 @@ import numpy as np
 
 INDEX_FILE = "index.json"
 TARGETS_FILE = "targets.npy"  # every example's y, in reading order (shard by shard)
-FORMAT = "webdataset-npy/1"
+FORMAT = "webdataset-npy/2"  # /1 held one example a member
 SHARD_BYTES = 64 * 1024 * 1024
 
 
@@ -119,26 +124,34 @@ class ShardIndex:
 # ---------------------------------------------------------------- writing
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    # (np.ascontiguousarray would make a 0-d label 1-d)
-    array = array if array.flags.c_contiguous else array.copy(order="C")
-    np.lib.format.write_array(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
+def _member(name: str, array: np.ndarray) -> tuple[bytes, memoryview, bytes]:
+    """One tar member ``name`` holding the C-ordered ``array`` as .npy: its tar and .npy
+    headers, the array's own bytes (not copied) and the padding to a block."""
+    npy_header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        npy_header, np.lib.format.header_data_from_array_1_0(array)
+    )
+    size = npy_header.tell() + array.nbytes
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "", ""
+    header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    data = memoryview(array.reshape(-1).view(np.uint8))
+    return header + npy_header.getvalue(), data, bytes(-size % tarfile.BLOCKSIZE)
 
 
 def write_shards(
-    examples: Iterable[tuple[np.ndarray, Any]],
+    chunks: Iterable[tuple[np.ndarray, np.ndarray]],
     directory: Path,
     n_examples: int,
     *,
     shuffle_seed: int | None = None,
     shard_bytes: int = SHARD_BYTES,
 ) -> ShardIndex:
-    """Write ``n_examples`` (x, y) pairs as shards in ``directory``; return the index.
+    """Write ``n_examples`` examples as shards in ``directory``; return the index.
 
-    ``examples`` is read once, one pair at a time. Every x must have the first one's dtype and
-    shape (and every y the first y's): a different one is refused naming its position. The
+    ``chunks`` is read once: (xs, ys) arrays of one or more examples each (an image folder
+    gives one image a chunk, a table a batch of rows). Every x must have the first one's dtype
+    and shape (and every y the first y's): a different one is refused naming its position. The
     shards are written to a temporary folder beside ``directory`` and moved in place only when
     all are complete, so a failed write leaves an earlier split untouched.
     """
@@ -148,15 +161,16 @@ def write_shards(
     scratch = directory.with_name(f".{directory.name}.writing-{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    files: dict[int, _ShardFile] = {}
     try:
         with ExitStack() as open_shards:
-            layout, targets = _write_all(examples, n_examples, scratch, shuffle_seed,
-                                         shard_bytes, open_shards, files)  # fmt: skip
-        np.save(scratch / TARGETS_FILE, targets, allow_pickle=False)
-        shards = tuple(files[i].shard() for i in sorted(files))
-        index = ShardIndex(shards, str(layout[0]), tuple(layout[1]), str(layout[2]),
-                           tuple(layout[3]))  # fmt: skip
+            writer = _Writer(scratch, n_examples, shuffle_seed, shard_bytes, open_shards)
+            for xs, ys in chunks:
+                writer.add(np.asarray(xs), np.asarray(ys))
+            writer.finish()
+        np.save(scratch / TARGETS_FILE, writer.targets, allow_pickle=False)
+        shards = tuple(writer.files[i].shard() for i in sorted(writer.files))
+        x_dtype, x_shape, y_dtype, y_shape = writer.layout
+        index = ShardIndex(shards, str(x_dtype), x_shape, str(y_dtype), y_shape)
         (scratch / INDEX_FILE).write_text(json.dumps(index.to_json(), indent=1) + "\n")
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
@@ -170,94 +184,146 @@ def write_shards(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-class _ShardFile:
-    """One shard being written: its file, its count and its sha256, hashed as it is written."""
+class _Writer:
+    """Every example into its shard, and every y into ``targets`` in reading order (shard 0's
+    first, each shard's as they arrived): the targets a reader needs whole (metrics, class
+    counts) without reading the shards.
 
-    def __init__(self, path: Path, open_shards: ExitStack) -> None:
+    A shard is a sequence of members of ``group`` examples each, ``<key>.x.npy`` holding their
+    xs as one array ``(group, *x_shape)`` and ``<key>.y.npy`` their ys (the key: the reading
+    position of the group's first example). Per example the tar layout would cost two 512-byte
+    headers and two .npy files padded to 512 bytes: 2,048 bytes for a row of a few numbers,
+    2,560 for a 28x28 image of 784. A group is made as large as the memory allows: each open
+    shard buffers one, and all the buffers together hold at most ``shard_bytes``.
+    """
+
+    def __init__(self, scratch, n_examples, shuffle_seed, shard_bytes, open_shards) -> None:
+        self.scratch, self.open_shards = scratch, open_shards
+        self.n, self.seed, self.shard_bytes = n_examples, shuffle_seed, shard_bytes
+        self.files: dict[int, _ShardFile] = {}
+        self.layout = None
+        self.position = 0
+
+    def _start(self, xs: np.ndarray, ys: np.ndarray) -> None:
+        self.layout = (xs.dtype, xs.shape[1:], ys.dtype, ys.shape[1:])
+        example = xs[0].nbytes + ys[0].nbytes
+        # The shard's file, which a reader holds whole, is what must fit in shard_bytes.
+        self.per_shard = max(1, min(self.n, self.shard_bytes // max(1, example)))
+        n_shards = -(-self.n // self.per_shard)
+        self.group = max(1, min(self.per_shard, self.shard_bytes // (n_shards * max(1, example))))
+        rng = np.random.default_rng(self.seed)
+        self.perm = rng.permutation(self.n) if self.seed is not None else None
+        self.targets = np.empty((self.n, *ys.shape[1:]), ys.dtype)
+
+    def add(self, xs: np.ndarray, ys: np.ndarray) -> None:
+        if xs.ndim == 0 or ys.ndim == 0 or len(xs) != len(ys):
+            raise ShardError(
+                f"examples {self.position}..: a chunk must be (xs, ys) arrays of equal length, "
+                f"got shapes {list(xs.shape)} and {list(ys.shape)}"
+            )
+        if len(xs) == 0:
+            return
+        if self.layout is None:
+            self._start(xs, ys)
+        if (xs.dtype, xs.shape[1:], ys.dtype, ys.shape[1:]) != self.layout:
+            x_dtype, x_shape, y_dtype, y_shape = self.layout
+            raise ShardError(
+                f"example {self.position}: x {xs.dtype}{list(xs.shape[1:])}, y {ys.dtype}"
+                f"{list(ys.shape[1:])}; the first was x {x_dtype}{list(x_shape)}, y {y_dtype}"
+                f"{list(y_shape)}"
+            )
+        end = self.position + len(xs)
+        if end > self.n:
+            raise ShardError(f"the source gave more than the {self.n} examples expected")
+        slots = (
+            self.perm[self.position : end]
+            if self.perm is not None
+            else np.arange(self.position, end)
+        )
+        self.position = end
+        shard_of = slots // self.per_shard
+        if len(xs) == 1:
+            self._to_shard(int(shard_of[0]), xs, ys)
+            return
+        order = np.argsort(shard_of, kind="stable")  # each shard's examples in arrival order
+        sorted_shards = shard_of[order]
+        starts = np.flatnonzero(np.r_[True, sorted_shards[1:] != sorted_shards[:-1]])
+        for lo, hi in zip(starts, np.r_[starts[1:], len(order)], strict=True):
+            rows = order[lo:hi]
+            self._to_shard(int(sorted_shards[lo]), xs[rows], ys[rows])
+
+    def _to_shard(self, shard: int, xs: np.ndarray, ys: np.ndarray) -> None:
+        if shard not in self.files:
+            quota = min(self.per_shard, self.n - shard * self.per_shard)
+            path = self.scratch / f"shard-{shard:06d}.tar"
+            self.files[shard] = _ShardFile(path, self.open_shards, shard * self.per_shard, quota,
+                                           min(self.group, quota), self.layout)  # fmt: skip
+        file = self.files[shard]
+        self.targets[file.first + file.examples : file.first + file.examples + len(ys)] = ys
+        file.add(xs, ys)
+
+    def finish(self) -> None:
+        if self.position != self.n:
+            raise ShardError(f"expected {self.n} examples, the source gave {self.position}")
+        for file in self.files.values():
+            file.close()
+
+
+class _ShardFile:
+    """One shard being written: its file, its buffered group, its count and its sha256."""
+
+    def __init__(self, path: Path, open_shards: ExitStack, first: int, quota: int, group: int,
+                 layout) -> None:  # fmt: skip
         self.name = path.name
         # ExitStack is the context manager: one file open per shard, all closed at once
         self.file = open_shards.enter_context(open(path, "wb"))  # noqa: SIM115
         self.digest = hashlib.sha256()
-        self.examples = 0
+        self.first, self.quota = first, quota  # reading position of its first example, count
+        x_dtype, x_shape, y_dtype, y_shape = layout
+        self.xs = np.empty((group, *x_shape), x_dtype)
+        self.ys = np.empty((group, *y_shape), y_dtype)
+        self.buffered = 0
+        self.examples = 0  # added, buffered ones included
 
-    def write(self, data: bytes) -> None:
+    def add(self, xs: np.ndarray, ys: np.ndarray) -> None:
+        if self.examples + len(xs) > self.quota:  # only a broken permutation could do this
+            raise AssertionError(f"{self.name}: more than its {self.quota} examples")
+        at = 0
+        while at < len(xs):
+            take = min(len(self.xs) - self.buffered, len(xs) - at)
+            self.xs[self.buffered : self.buffered + take] = xs[at : at + take]
+            self.ys[self.buffered : self.buffered + take] = ys[at : at + take]
+            self.buffered += take
+            self.examples += take
+            at += take
+            if self.buffered == len(self.xs):
+                self._flush()
+        if self.examples == self.quota:  # complete: its buffer is not needed any more
+            self._flush()
+            self.xs = self.ys = None
+
+    def _flush(self) -> None:
+        if self.buffered:
+            n = self.buffered
+            key = f"{self.first + self.examples - n:010d}"
+            for part in (
+                *_member(f"{key}.x.npy", self.xs[:n]),
+                *_member(f"{key}.y.npy", self.ys[:n]),
+            ):
+                self._write(part)
+            self.buffered = 0
+
+    def _write(self, data: bytes) -> None:
         self.file.write(data)
         self.digest.update(data)
 
+    def close(self) -> None:
+        if self.xs is not None:
+            self._flush()
+        self._write(bytes(2 * tarfile.BLOCKSIZE))  # the end-of-archive marker
+
     def shard(self) -> Shard:
         return Shard(self.name, self.examples, self.digest.hexdigest())
-
-
-def _write_all(examples, n_examples, scratch, shuffle_seed, shard_bytes, open_shards, writers):
-    """Every example into its shard's tar file (``writers``, opened on ``open_shards``);
-    returns the layout and every y in reading order (shard 0's first, as each was written):
-    the targets a reader needs whole (metrics, class counts) without reading the shards."""
-    iterator = iter(examples)
-    layout = per_shard = perm = members = targets = None
-    for position in range(n_examples + 1):
-        try:
-            x, y = next(iterator)
-        except StopIteration:
-            if position != n_examples:
-                raise ShardError(f"expected {n_examples} examples, the source gave "
-                                 f"{position}") from None  # fmt: skip
-            for writer in writers.values():
-                writer.write(bytes(2 * tarfile.BLOCKSIZE))  # the end-of-archive marker
-            return layout, targets
-        if position == n_examples:
-            raise ShardError(f"the source gave more than the {n_examples} examples expected")
-        x, y = np.asarray(x), np.asarray(y)
-        if layout is None:
-            layout = (x.dtype, x.shape, y.dtype, y.shape)
-            members = (_Member(x, "x.npy"), _Member(y, "y.npy"))
-            # On disk an example is two 512-byte headers and its padded .npy files: 2,560
-            # bytes for a 28x28 image of 784. The shard's file, which a reader holds whole,
-            # is what must fit in shard_bytes.
-            record = sum(m.size for m in members)
-            per_shard = max(1, min(n_examples, shard_bytes // record))
-            rng = np.random.default_rng(shuffle_seed)
-            perm = rng.permutation(n_examples) if shuffle_seed is not None else None
-            targets = np.empty((n_examples, *y.shape), y.dtype)
-        elif (x.dtype, x.shape, y.dtype, y.shape) != layout:
-            raise ShardError(
-                f"example {position}: x {x.dtype}{list(x.shape)}, y {y.dtype}{list(y.shape)}; "
-                f"the first was x {layout[0]}{list(layout[1])}, y {layout[2]}{list(layout[3])}"
-            )
-        slot = int(perm[position]) if perm is not None else position
-        shard = slot // per_shard
-        if shard not in writers:
-            writers[shard] = _ShardFile(scratch / f"shard-{shard:06d}.tar", open_shards)
-        # The key is the slot: unique, and a shard's keys say nothing of the source order.
-        key = b"%010d" % slot
-        writers[shard].write(members[0].record(key, x) + members[1].record(key, y))
-        targets[shard * per_shard + writers[shard].examples] = y
-        writers[shard].examples += 1
-    raise AssertionError("unreachable: the loop returns or raises")
-
-
-class _Member:
-    """One of an example's two tar members, ``<key>.<ext>``: its 512-byte header made once by
-    tarfile (USTAR, owner, mode 0444, time 0), then per example only the 10 key digits and the
-    checksum patched in, and the .npy header before the array's bytes also made once (every
-    example has the first one's dtype and shape). tarfile member by member wrote ~2,500
-    examples a second; this, tens of thousands."""
-
-    def __init__(self, first: np.ndarray, ext: str) -> None:
-        npy = _npy(first)
-        self.npy_header = npy[: len(npy) - first.nbytes]
-        info = tarfile.TarInfo(f"{0:010d}.{ext}")
-        info.size, info.mtime, info.mode, info.uname, info.gname = len(npy), 0, 0o444, "", ""
-        self.header = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
-        self.header[148:156] = b" " * 8  # the checksum counts its own field as spaces
-        self.base_sum = sum(self.header) - sum(self.header[:10])
-        self.padding = bytes(-len(npy) % tarfile.BLOCKSIZE)
-        self.size = len(self.header) + len(npy) + len(self.padding)  # bytes on disk
-
-    def record(self, key: bytes, array: np.ndarray) -> bytes:
-        header = self.header
-        header[:10] = key
-        header[148:156] = b"%06o\0 " % (self.base_sum + sum(key))
-        return bytes(header) + self.npy_header + array.tobytes() + self.padding  # C order
 
 
 # ---------------------------------------------------------------- reading
@@ -266,95 +332,76 @@ class _Member:
 def read_shard(path: Path, index: ShardIndex, expected: int) -> tuple[np.ndarray, np.ndarray]:
     """One whole shard as (x, y) arrays, in the order written; checked against the index.
 
-    The shards we write are regular: every example is the same two members of the same sizes,
-    so the whole file is ``expected`` records of one length, and the arrays are strided views
-    of it, checked header by header (``_read_regular``; 5-10x faster than tarfile's member by
-    member reading). A shard of another shape (another tool wrote it) is read member by member.
+    The file is read whole and walked header by header; each member's array is a view of it
+    (``np.frombuffer``, no copy) until the xs and the ys are each joined into one array. A
+    member may hold one example (``x_shape``) or a group of them (``(k, *x_shape)``), so a
+    shard another WebDataset writer made one example at a time reads too.
     """
     data = Path(path).read_bytes()
-    regular = _read_regular(data, index, expected)
-    if regular is not None:
-        return regular
-    return _read_members(path, index, expected)
-
-
-def _read_regular(data: bytes, index: ShardIndex, n: int):
-    """(x, y) of a shard of ``n`` equal records, or None when the file is not laid out so."""
-    block = tarfile.BLOCKSIZE
+    xs, ys, key = [], [], None
+    block, at = tarfile.BLOCKSIZE, 0
     try:
-        first_x = tarfile.TarInfo.frombuf(data[:block], "utf-8", "surrogateescape")
-        x_size = first_x.size
-        x_pad = -(-x_size // block) * block
-        first_y = tarfile.TarInfo.frombuf(data[block + x_pad : 2 * block + x_pad], "utf-8",
-                                          "surrogateescape")  # fmt: skip
-    except tarfile.TarError:
-        return None
-    y_size = first_y.size
-    record = 2 * block + x_pad + -(-y_size // block) * block
-    if (
-        n < 1
-        or len(data) < n * record + 2 * block
-        or any(data[n * record : n * record + 2 * block])
-    ):
-        return None
-    rows = np.frombuffer(data, np.uint8, n * record).reshape(n, record)
-    x_at, y_at = block, 2 * block + x_pad
-    headers = (rows[:, :block], rows[:, x_at + x_pad : y_at])
-    for header, first, suffix in zip(headers, (first_x, first_y), (b".x.npy", b".y.npy"),
-                                     strict=True):  # fmt: skip
-        name = first.name.encode()
-        if not name.endswith(suffix) or len(name) != 10 + len(suffix):
-            return None
-        # Every header: the same name suffix, mode, owner, size, time and type as the first
-        # (the key and the checksum differ from member to member).
-        fixed = np.r_[10 : len(name), len(name) : 100, 100:148, 156]
-        if not (header[:, fixed] == header[0, fixed]).all():
-            return None
-    x_bytes = int(np.prod(index.x_shape, dtype=np.int64)) * np.dtype(index.x_dtype).itemsize
-    y_bytes = int(np.prod(index.y_shape, dtype=np.int64)) * np.dtype(index.y_dtype).itemsize
-    x_header, y_header = x_size - x_bytes, y_size - y_bytes
-    out = []
-    for at, head, size, dtype, shape in (
-        (x_at, x_header, x_bytes, index.x_dtype, index.x_shape),
-        (y_at, y_header, y_bytes, index.y_dtype, index.y_shape),
-    ):
-        npy_head = rows[:, at : at + head]
-        if head <= 0 or not (npy_head == npy_head[0]).all():  # one dtype and shape for all
-            return None
-        array = np.load(io.BytesIO(npy_head[0].tobytes() + bytes(size)), allow_pickle=False)
-        if array.dtype != np.dtype(dtype) or array.shape != tuple(shape):
-            return None
-        flat = np.ascontiguousarray(rows[:, at + head : at + head + size])
-        out.append(flat.view(dtype).reshape(n, *shape))
-    return out[0], out[1]
-
-
-def _read_members(path: Path, index: ShardIndex, expected: int):
-    x = np.empty((expected, *index.x_shape), dtype=index.x_dtype)
-    y = np.empty((expected, *index.y_shape), dtype=index.y_dtype)
-    n, key, parts = 0, None, {}
-    try:
-        with tarfile.open(path, "r|") as tar:
-            for member in tar:
-                name, _, ext = member.name.partition(".")
-                if ext not in ("x.npy", "y.npy") or not member.isfile():
-                    raise ShardError(f"{path}: unexpected member {member.name!r}")
-                if name != key:
-                    key, parts = name, {}
-                parts[ext] = np.load(io.BytesIO(tar.extractfile(member).read()), allow_pickle=False)
-                if len(parts) == 2:
-                    if n == expected:
-                        raise ShardError(f"{path}: more examples than the index's {expected}")
-                    x[n], y[n] = parts["x.npy"], parts["y.npy"]
-                    n += 1
-                tar.members = []
-    except (tarfile.TarError, OSError, ValueError) as exc:
-        if isinstance(exc, ShardError):
-            raise
+        while at + block <= len(data) and any(data[at : at + block]):
+            info = tarfile.TarInfo.frombuf(data[at : at + block], "utf-8", "surrogateescape")
+            body, at = at + block, at + block + -(-info.size // block) * block
+            name, _, ext = info.name.partition(".")
+            if ext not in ("x.npy", "y.npy") or not info.isfile():
+                raise ShardError(f"{path}: unexpected member {info.name!r}")
+            if at > len(data):
+                raise ShardError(f"{path}: member {info.name!r} is cut short")
+            x_part = ext == "x.npy"
+            dtype, shape = (
+                (index.x_dtype, index.x_shape) if x_part else (index.y_dtype, index.y_shape)
+            )
+            array = _npy_view(data, body, info.size, dtype, shape, f"{path}: {info.name}")
+            if x_part:
+                if key is not None:
+                    raise ShardError(f"{path}: {key}.x.npy has no y.npy after it")
+                key = name
+                xs.append(array)
+            else:
+                if name != key or len(array) != len(xs[-1]):
+                    raise ShardError(f"{path}: {info.name} does not match the x.npy before it")
+                key = None
+                ys.append(array)
+    except tarfile.TarError as exc:
         raise ShardError(f"{path}: unreadable shard ({exc})") from exc
+    if key is not None:
+        raise ShardError(f"{path}: {key}.x.npy has no y.npy after it")
+    n = sum(len(y) for y in ys)
     if n != expected:
         raise ShardError(f"{path}: {n} examples, the index says {expected}")
-    return x, y
+    if not ys:
+        return np.empty((0, *index.x_shape), index.x_dtype), np.empty(
+            (0, *index.y_shape), index.y_dtype
+        )
+    return np.concatenate(xs), np.concatenate(ys)  # copies: the file's bytes are let go
+
+
+def _npy_view(data: bytes, at: int, size: int, dtype: str, shape: tuple, where: str) -> np.ndarray:
+    """The .npy file at ``data[at : at + size]`` as an array of one or more examples of
+    ``dtype`` and ``shape``, viewing ``data``."""
+    head = io.BytesIO(data[at : at + min(size, 1 << 16)])
+    try:
+        version = np.lib.format.read_magic(head)
+        if version == (1, 0):
+            stored, fortran, stored_dtype = np.lib.format.read_array_header_1_0(head)
+        elif version == (2, 0):
+            stored, fortran, stored_dtype = np.lib.format.read_array_header_2_0(head)
+        else:
+            raise ValueError(f".npy version {version[0]}.{version[1]} (1.0 and 2.0 are read)")
+    except ValueError as exc:
+        raise ShardError(f"{where}: not a .npy file we read ({exc})") from None
+    one = tuple(stored) == tuple(shape)
+    if stored_dtype != np.dtype(dtype) or fortran or not (one or tuple(stored[1:]) == tuple(shape)):
+        order = " (Fortran order)" if fortran else ""
+        raise ShardError(f"{where}: {stored_dtype}{list(stored)}{order}, expected {dtype}"
+                         f"{list(shape)} or a group of them")  # fmt: skip
+    count = int(np.prod(stored, dtype=np.int64))
+    if head.tell() + count * stored_dtype.itemsize != size:
+        raise ShardError(f"{where}: {size} bytes do not hold a {stored_dtype}{list(stored)} array")
+    array = np.frombuffer(data, stored_dtype, count, at + head.tell())
+    return array.reshape((1, *shape) if one else stored)
 
 
 def iter_in_order(directory: Path, index: ShardIndex) -> Iterator[tuple[np.ndarray, np.ndarray]]:

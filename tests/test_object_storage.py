@@ -78,7 +78,7 @@ def _remote(repo: Path, url: str, endpoint: str | None) -> None:
 
 def _examples(n: int):
     for i in range(n):
-        yield np.full((2, 3), i, np.float32), np.int64(i % 3)
+        yield np.full((1, 2, 3), i, np.float32), np.array([i % 3])
 
 
 def _ids(directory: Path) -> list[int]:
@@ -100,8 +100,8 @@ def test_a_run_pushed_to_s3_is_pulled_into_a_fresh_clone(tmp_path, s3_endpoint):
     work = tmp_path / "work"
     repo = _new_repo(work)
     split = work / "data" / "shards" / "train"
-    written = write_shards(_examples(300), split, 300, shuffle_seed=0, shard_bytes=37 * 2048)
-    assert len(written.shards) == 9  # 37 examples of 2,048 bytes on disk in each shard
+    written = write_shards(_examples(300), split, 300, shuffle_seed=0, shard_bytes=37 * 32)
+    assert len(written.shards) == 9  # 37 examples of 32 bytes (6 float32, an int64) a shard
     repo.add(str(work / "data" / "shards"))
     repo.close()
     _remote(work, f"s3://{BUCKET}/dvc", s3_endpoint)

@@ -219,8 +219,8 @@ def test_two_ddp_ranks_read_disjoint_halves_of_every_epoch(tmp_path):
 
     n = 101
     ids = np.arange(n, dtype=np.int64)
-    examples = ((np.full((4,), i, np.float32), i) for i in ids)
-    write_shards(examples, tmp_path / "split", n, shuffle_seed=0, shard_bytes=20 * 1024)
+    examples = ((np.full((1, 4), i, np.float32), ids[i : i + 1]) for i in ids)
+    write_shards(examples, tmp_path / "split", n, shuffle_seed=0, shard_bytes=10 * 24)
     script = tmp_path / "rank.py"
     script.write_text(_RANK_SCRIPT)
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
@@ -386,7 +386,7 @@ def test_a_sample_of_a_class_by_class_split_holds_every_class(tmp_path):
     calibration set, the baselines' rows) must still be a random one, not one class."""
     n = 3000
     labels = np.repeat(np.arange(3), n // 3)  # sorted, as a folder is read
-    examples = ((np.zeros(4, np.float32), label) for label in labels)
+    examples = [(np.zeros((n, 4), np.float32), labels)]
     write_shards(examples, tmp_path / "train", n, shuffle_seed=0, shard_bytes=8 << 20)
     split = ShardedSet.open(tmp_path / "train")
     assert len(split.index.shards) == 1  # the case where a prefix would be one class

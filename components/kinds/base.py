@@ -56,12 +56,12 @@ class ManifestItems:
 @dataclass(frozen=True)
 class StreamedSplits:
     """A source being read incrementally: the data set's metadata, and each split's examples
-    one at a time (``examples(split, rows)``; ``rows``, when given, gets each batch of that
-    split's rows as read, for kinds that keep them), with a manifest of what was read (the raw
-    snapshot of a source too large to copy)."""
+    a chunk at a time (``chunks(split, rows)``: (xs, ys) arrays of one example or more; ``rows``,
+    when given, gets each batch of that split's rows as read, for kinds that keep them), with a
+    manifest of what was read (the raw snapshot of a source too large to copy)."""
 
     meta: DatasetMeta
-    examples: Callable[..., Iterator[tuple[np.ndarray, Any]]] | None  # None: see write_split
+    chunks: Callable[..., Iterator[tuple[np.ndarray, np.ndarray]]] | None  # None: write_splits
     manifest: dict  # JSON values, or ManifestItems for a long list
     summary: str
     keeps_rows: bool = False  # tables, series: ``rows`` batches go to prepared/<split>.parquet

@@ -244,13 +244,13 @@ def stream_image_folder(root: Path, cfg, kind: str) -> Streamed:
         idx = stratified_split(y, cfg.test_fraction, cfg.val_fraction, cfg.seed, class_names)
         width, height = first
 
-        def examples(split: str, rows=None):
+        def chunks(split: str, rows=None):  # one image a chunk, as each file is read
             for i in idx[split]:
                 path = files.path(int(i))
                 pixels = np.asarray(_open_image(path).convert(mode), dtype=np.uint8)
                 _check_size(path, (pixels.shape[1], pixels.shape[0]), first)  # changed since?
                 chw = pixels[None] if mode == "L" else pixels.transpose(2, 0, 1)
-                yield np.ascontiguousarray(chw), y[i]
+                yield chw[None], y[i : i + 1]
 
         meta = DatasetMeta(
             class_names=class_names,
@@ -270,7 +270,7 @@ def stream_image_folder(root: Path, cfg, kind: str) -> Streamed:
             f"{len(files)} images, {len(class_names)} classes, splits {meta.split_sizes} (read "
             "file by file)"
         )
-        return StreamedSplits(meta, examples, manifest, summary)
+        return StreamedSplits(meta, chunks, manifest, summary)
 
     return Streamed(len(files), channels * first[0] * first[1], open_splits)
 

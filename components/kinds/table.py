@@ -356,7 +356,7 @@ def stream_table(path: Path, cfg, kind: str) -> Streamed:
         except features.FeatureError as exc:
             raise StageError(f"ingest.features: {exc}") from None
 
-        def examples(split: str, rows=None):
+        def chunks(split: str, rows=None):  # a batch of the source's rows a chunk
             code = SPLITS.index(split)
             for at, frame in read_batches(dataset, path, columns):
                 mine = membership[at : at + len(frame)] == code
@@ -366,13 +366,13 @@ def stream_table(path: Path, cfg, kind: str) -> Streamed:
                 if rows is not None:
                     rows(part)
                 x = features.encode_frame(part, spec)
-                yield from zip(x, y[at : at + len(frame)][mine], strict=True)
+                yield x, y[at : at + len(frame)][mine]
 
         sizes_ = {s: len(i) for s, i in idx.items()}
         meta = table_meta(cfg, kind, spec, class_names, task, target_name, sizes_)
         summary = table_summary(meta, n, inputs) + f" (read in batches of {BATCH_ROWS})"
         manifest = {"source": cfg.source, "rows": n, "columns": columns}
-        return StreamedSplits(meta, examples, manifest, summary, keeps_rows=True)
+        return StreamedSplits(meta, chunks, manifest, summary, keeps_rows=True)
 
     return Streamed(n, 4 * width, open_splits)
 
