@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PACKAGES = ("components", "deploy", "flows")
+REFERENCE = re.compile(r"^((?:components|deploy|flows)(?:\.\w+)+):\w+$")
 ROOT = Path(__file__).resolve().parents[1]
 # Modules a stage ships rather than imports: the package stage copies the services into the
 # bentos, so a change to them must re-build the bentos.
@@ -32,6 +34,10 @@ class ImportGraph:
     files: dict[str, Path]  # module name -> file
     edges: dict[str, set[str]]  # module -> project modules it imports
     private: list[str]  # "a imports b._name"
+    # module -> project modules it names as "package.module:Name", imported by name when first
+    # used (the built-in data kinds in components/kinds/registry.py, a leaf module so that it
+    # can name them): in the closure, since a stage runs them, but not an import cycle.
+    references: dict[str, set[str]] = field(default_factory=dict)
 
     def closure(self, module: str) -> set[str]:
         seen, todo = set(), [module]
@@ -41,6 +47,7 @@ class ImportGraph:
                 continue
             seen.add(name)
             todo.extend(self.edges.get(name, ()))
+            todo.extend(self.references.get(name, ()))
             # Importing a.b.c runs a/__init__.py and a/b/__init__.py first.
             parts = name.split(".")
             todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))
@@ -93,9 +100,11 @@ def import_graph(root: Path = ROOT) -> ImportGraph:
         for f in sorted((root / package).rglob("*.py"))
     }
     edges: dict[str, set[str]] = {}
+    references: dict[str, set[str]] = {}
     private: list[str] = []
     for name, path in files.items():
         out: set[str] = set()
+        named: set[str] = set()
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom):
@@ -117,8 +126,13 @@ def import_graph(root: Path = ROOT) -> ImportGraph:
                 for alias in node.names:
                     if alias.name in files:
                         out.add(alias.name)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                reference = REFERENCE.match(node.value)
+                if reference and reference[1] in files and reference[1] != name:
+                    named.add(reference[1])
         edges[name] = {t for t in out if t in files and t != name}
-    return ImportGraph(files, edges, private)
+        references[name] = named
+    return ImportGraph(files, edges, private, references)
 
 
 def stage_module(cmd) -> str | None:
