@@ -332,76 +332,81 @@ class _ShardFile:
 def read_shard(path: Path, index: ShardIndex, expected: int) -> tuple[np.ndarray, np.ndarray]:
     """One whole shard as (x, y) arrays, in the order written; checked against the index.
 
-    The file is read whole and walked header by header; each member's array is a view of it
-    (``np.frombuffer``, no copy) until the xs and the ys are each joined into one array. A
-    member may hold one example (``x_shape``) or a group of them (``(k, *x_shape)``), so a
-    shard another WebDataset writer made one example at a time reads too.
+    The file is walked member by member, each member's array read straight into its place in
+    the two arrays (``readinto``): memory holds the shard's examples once, not its bytes and
+    then the arrays made of them. A member may hold one example (``x_shape``) or a group of
+    them (``(k, *x_shape)``), so a shard another WebDataset writer made one example at a time
+    reads too.
     """
-    data = Path(path).read_bytes()
-    xs, ys, key = [], [], None
-    block, at = tarfile.BLOCKSIZE, 0
+    x = np.empty((expected, *index.x_shape), index.x_dtype)
+    y = np.empty((expected, *index.y_shape), index.y_dtype)
+    n_x = n_y = 0  # examples read into x and y
+    key = None  # of the x.npy member whose y.npy comes next
     try:
-        while at + block <= len(data) and any(data[at : at + block]):
-            info = tarfile.TarInfo.frombuf(data[at : at + block], "utf-8", "surrogateescape")
-            body, at = at + block, at + block + -(-info.size // block) * block
-            name, _, ext = info.name.partition(".")
-            if ext not in ("x.npy", "y.npy") or not info.isfile():
-                raise ShardError(f"{path}: unexpected member {info.name!r}")
-            if at > len(data):
-                raise ShardError(f"{path}: member {info.name!r} is cut short")
-            x_part = ext == "x.npy"
-            dtype, shape = (
-                (index.x_dtype, index.x_shape) if x_part else (index.y_dtype, index.y_shape)
-            )
-            array = _npy_view(data, body, info.size, dtype, shape, f"{path}: {info.name}")
-            if x_part:
-                if key is not None:
-                    raise ShardError(f"{path}: {key}.x.npy has no y.npy after it")
-                key = name
-                xs.append(array)
-            else:
-                if name != key or len(array) != len(xs[-1]):
-                    raise ShardError(f"{path}: {info.name} does not match the x.npy before it")
-                key = None
-                ys.append(array)
+        with open(path, "rb") as file:
+            while True:
+                header = file.read(tarfile.BLOCKSIZE)
+                if len(header) < tarfile.BLOCKSIZE or not any(header):
+                    break  # the end-of-archive marker (or the file's end)
+                info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+                name, _, ext = info.name.partition(".")
+                if ext not in ("x.npy", "y.npy") or not info.isfile():
+                    raise ShardError(f"{path}: unexpected member {info.name!r}")
+                if ext == "x.npy":
+                    if key is not None:
+                        raise ShardError(f"{path}: {key}.x.npy has no y.npy after it")
+                    key, got = name, _read_npy(file, info, x, n_x, f"{path}: {info.name}")
+                    n_x += got
+                else:
+                    if name != key:
+                        raise ShardError(f"{path}: {info.name} does not match the x.npy before it")
+                    got = _read_npy(file, info, y, n_y, f"{path}: {info.name}")
+                    n_y += got
+                    if n_y != n_x:
+                        raise ShardError(f"{path}: {info.name} holds {got} examples, its x.npy "
+                                         f"{n_x - n_y + got}")  # fmt: skip
+                    key = None
     except tarfile.TarError as exc:
         raise ShardError(f"{path}: unreadable shard ({exc})") from exc
+    except OSError as exc:
+        raise ShardError(f"{path}: unreadable ({exc})") from exc
     if key is not None:
         raise ShardError(f"{path}: {key}.x.npy has no y.npy after it")
-    n = sum(len(y) for y in ys)
-    if n != expected:
-        raise ShardError(f"{path}: {n} examples, the index says {expected}")
-    if not ys:
-        return np.empty((0, *index.x_shape), index.x_dtype), np.empty(
-            (0, *index.y_shape), index.y_dtype
-        )
-    return np.concatenate(xs), np.concatenate(ys)  # copies: the file's bytes are let go
+    if n_y != expected:
+        raise ShardError(f"{path}: {n_y} examples, the index says {expected}")
+    return x, y
 
 
-def _npy_view(data: bytes, at: int, size: int, dtype: str, shape: tuple, where: str) -> np.ndarray:
-    """The .npy file at ``data[at : at + size]`` as an array of one or more examples of
-    ``dtype`` and ``shape``, viewing ``data``."""
-    head = io.BytesIO(data[at : at + min(size, 1 << 16)])
+def _read_npy(file, info: tarfile.TarInfo, out: np.ndarray, at: int, where: str) -> int:
+    """The member ``info`` (an .npy file, ``file`` at its first byte) read into ``out[at:]``;
+    ``file`` left at the next member's header. Returns the number of examples it held."""
+    start = file.tell()
     try:
-        version = np.lib.format.read_magic(head)
+        version = np.lib.format.read_magic(file)
         if version == (1, 0):
-            stored, fortran, stored_dtype = np.lib.format.read_array_header_1_0(head)
+            stored, fortran, dtype = np.lib.format.read_array_header_1_0(file)
         elif version == (2, 0):
-            stored, fortran, stored_dtype = np.lib.format.read_array_header_2_0(head)
+            stored, fortran, dtype = np.lib.format.read_array_header_2_0(file)
         else:
             raise ValueError(f".npy version {version[0]}.{version[1]} (1.0 and 2.0 are read)")
     except ValueError as exc:
         raise ShardError(f"{where}: not a .npy file we read ({exc})") from None
-    one = tuple(stored) == tuple(shape)
-    if stored_dtype != np.dtype(dtype) or fortran or not (one or tuple(stored[1:]) == tuple(shape)):
+    shape = out.shape[1:]
+    one = tuple(stored) == shape
+    if dtype != out.dtype or fortran or not (one or tuple(stored[1:]) == shape):
         order = " (Fortran order)" if fortran else ""
-        raise ShardError(f"{where}: {stored_dtype}{list(stored)}{order}, expected {dtype}"
+        raise ShardError(f"{where}: {dtype}{list(stored)}{order}, expected {out.dtype}"
                          f"{list(shape)} or a group of them")  # fmt: skip
-    count = int(np.prod(stored, dtype=np.int64))
-    if head.tell() + count * stored_dtype.itemsize != size:
-        raise ShardError(f"{where}: {size} bytes do not hold a {stored_dtype}{list(stored)} array")
-    array = np.frombuffer(data, stored_dtype, count, at + head.tell())
-    return array.reshape((1, *shape) if one else stored)
+    count = 1 if one else int(stored[0])
+    nbytes = count * (out[0].nbytes if len(out) else 0)
+    if file.tell() - start + nbytes != info.size:
+        raise ShardError(f"{where}: {info.size} bytes do not hold a {dtype}{list(stored)} array")
+    if at + count > len(out):
+        raise ShardError(f"{where}: more examples than the index's {len(out)}")
+    if file.readinto(memoryview(out[at : at + count].reshape(-1).view(np.uint8))) != nbytes:
+        raise ShardError(f"{where}: member {info.name!r} is cut short")
+    file.seek(start + info.size + -info.size % tarfile.BLOCKSIZE)
+    return count
 
 
 def iter_in_order(directory: Path, index: ShardIndex) -> Iterator[tuple[np.ndarray, np.ndarray]]:
