@@ -177,11 +177,7 @@ def open_study(url: str, tune: TuneParams, create: bool = False, sampler=None):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = sampler or make_sampler(tune)
-    with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.9
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = open_storage(
-            url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS
-        )
+    storage = open_storage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
     pruner = pruner_from(tune.pruning.model_dump())
     if create:
         study = optuna.create_study(
